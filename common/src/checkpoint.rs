@@ -1,0 +1,344 @@
+//! Checkpoint IO without libtorch: safetensors files (memory-mapped, read lazily) holding the
+//! MLP layout, and the small JSON config beside each file. Every error names the file and, where
+//! there is one, the tensor.
+
+use crate::{fsio, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A dense f32 tensor in host memory (row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self { shape, data }
+    }
+}
+
+/// The JSON config of one original MLP (`<task>.json` beside `<task>.safetensors`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    pub format: String,
+    pub input_dim: usize,
+    pub hidden: Vec<usize>,
+    pub task: String,
+    /// Dataset labels this model's head predicts, in head order.
+    pub classes: Vec<usize>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+pub const MLP_FORMAT: &str = "fsmerge-mlp-v1";
+pub const MERGED_FORMAT: &str = "fsmerge-merged-mlp-v1";
+
+/// The JSON config of a merged MLP: one body, one head per task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergedConfig {
+    pub format: String,
+    pub input_dim: usize,
+    pub hidden: Vec<usize>,
+    pub tasks: Vec<MergedTask>,
+    pub method: String,
+    pub variant: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergedTask {
+    pub name: String,
+    pub classes: Vec<usize>,
+}
+
+/// Tensor names of the MLP layout.
+pub fn body_weight(l: usize) -> String {
+    format!("body.{l}.weight")
+}
+pub fn body_bias(l: usize) -> String {
+    format!("body.{l}.bias")
+}
+pub fn head_weight(task: Option<&str>) -> String {
+    task.map_or("head.weight".to_string(), |t| format!("heads.{t}.weight"))
+}
+pub fn head_bias(task: Option<&str>) -> String {
+    task.map_or("head.bias".to_string(), |t| format!("heads.{t}.bias"))
+}
+
+/// Paths of one model inside a models directory.
+pub fn model_paths(dir: &Path, task: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("{task}.safetensors")),
+        dir.join(format!("{task}.json")),
+    )
+}
+
+/// Read every named tensor from a safetensors file (memory-mapped; only these tensors are copied).
+pub fn read_tensors(file: &Path, names: &[String]) -> Result<BTreeMap<String, HostTensor>> {
+    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    // SAFETY: the file is opened read-only and not modified while mapped by this process.
+    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Checkpoint {
+        file: file.to_path_buf(),
+        msg: format!("not a valid safetensors file ({e})"),
+    })?;
+    let mut out = BTreeMap::new();
+    for name in names {
+        let view = st.tensor(name).map_err(|_| Error::Tensor {
+            file: file.to_path_buf(),
+            tensor: name.clone(),
+            msg: "missing".into(),
+        })?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(Error::Tensor {
+                file: file.to_path_buf(),
+                tensor: name.clone(),
+                msg: format!("dtype {:?}, expected F32", view.dtype()),
+            });
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(name.clone(), HostTensor::new(view.shape().to_vec(), data));
+    }
+    Ok(out)
+}
+
+/// Write named tensors to a safetensors file atomically.
+pub fn write_tensors(file: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Tensor {
+                    file: file.to_path_buf(),
+                    tensor: n.clone(),
+                    msg: e.to_string(),
+                })
+        })
+        .collect::<Result<_>>()?;
+    let serialized =
+        safetensors::tensor::serialize(views, &None).map_err(|e| Error::Checkpoint {
+            file: file.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+    fsio::write_atomic(file, &serialized)
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        file: file.to_path_buf(),
+        msg: format!("bad JSON config: {e}"),
+    })
+}
+
+pub fn write_json<T: Serialize>(file: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Compute(e.to_string()))?;
+    fsio::write_atomic(file, text.as_bytes())
+}
+
+/// One original MLP as read from disk, shapes checked against its JSON config.
+#[derive(Debug, Clone)]
+pub struct MlpCheckpoint {
+    pub config: MlpConfig,
+    pub file: PathBuf,
+    /// (weight [out, in], bias [out]) per body layer.
+    pub body: Vec<(HostTensor, HostTensor)>,
+    pub head: (HostTensor, HostTensor),
+}
+
+impl MlpCheckpoint {
+    pub fn load(dir: &Path, task: &str) -> Result<Self> {
+        let (st, js) = model_paths(dir, task);
+        let config: MlpConfig = read_json(&js)?;
+        if config.format != MLP_FORMAT {
+            return Err(Error::Checkpoint {
+                file: js,
+                msg: format!("format `{}`, expected `{MLP_FORMAT}`", config.format),
+            });
+        }
+        let mut names = Vec::new();
+        for l in 0..config.hidden.len() {
+            names.push(body_weight(l));
+            names.push(body_bias(l));
+        }
+        names.push(head_weight(None));
+        names.push(head_bias(None));
+        let mut t = read_tensors(&st, &names)?;
+        let mut take = |name: String, shape: Vec<usize>| -> Result<HostTensor> {
+            let v = t.remove(&name).ok_or_else(|| Error::Tensor {
+                file: st.clone(),
+                tensor: name.clone(),
+                msg: "missing".into(),
+            })?;
+            if v.shape != shape {
+                return Err(Error::Tensor {
+                    file: st.clone(),
+                    tensor: name,
+                    msg: format!("shape {:?}, but {} says {:?}", v.shape, js.display(), shape),
+                });
+            }
+            Ok(v)
+        };
+        let mut body = Vec::new();
+        let mut fan_in = config.input_dim;
+        for (l, &w) in config.hidden.iter().enumerate() {
+            body.push((
+                take(body_weight(l), vec![w, fan_in])?,
+                take(body_bias(l), vec![w])?,
+            ));
+            fan_in = w;
+        }
+        let c = config.classes.len();
+        let head = (
+            take(head_weight(None), vec![c, fan_in])?,
+            take(head_bias(None), vec![c])?,
+        );
+        Ok(Self {
+            config,
+            file: st,
+            body,
+            head,
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let (st, js) = model_paths(dir, &self.config.task);
+        let mut t = BTreeMap::new();
+        for (l, (w, b)) in self.body.iter().enumerate() {
+            t.insert(body_weight(l), w.clone());
+            t.insert(body_bias(l), b.clone());
+        }
+        t.insert(head_weight(None), self.head.0.clone());
+        t.insert(head_bias(None), self.head.1.clone());
+        write_tensors(&st, &t)?;
+        write_json(&js, &self.config)
+    }
+}
+
+/// Check that every model has the same body architecture, naming the first file and tensor that
+/// differ. Heads may differ (each task has its own classes).
+pub fn check_same_architecture(models: &[MlpCheckpoint]) -> Result<()> {
+    let Some(first) = models.first() else {
+        return Err(Error::Mismatch("no models".into()));
+    };
+    for m in &models[1..] {
+        if m.config.input_dim != first.config.input_dim {
+            return Err(Error::Mismatch(format!(
+                "{} has input_dim {}, {} has {} (tensor `{}`)",
+                m.file.display(),
+                m.config.input_dim,
+                first.file.display(),
+                first.config.input_dim,
+                body_weight(0)
+            )));
+        }
+        if m.body.len() != first.body.len() {
+            return Err(Error::Mismatch(format!(
+                "{} has {} body layers, {} has {}",
+                m.file.display(),
+                m.body.len(),
+                first.file.display(),
+                first.body.len()
+            )));
+        }
+        for (l, ((w, _), (w0, _))) in m.body.iter().zip(&first.body).enumerate() {
+            if w.shape != w0.shape {
+                return Err(Error::Mismatch(format!(
+                    "tensor `{}` is {:?} in {} but {:?} in {}",
+                    body_weight(l),
+                    w.shape,
+                    m.file.display(),
+                    w0.shape,
+                    first.file.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(task: &str, hidden: Vec<usize>) -> MlpCheckpoint {
+        let input_dim = 4;
+        let mut body = Vec::new();
+        let mut fan_in = input_dim;
+        for &w in &hidden {
+            body.push((
+                HostTensor::new(vec![w, fan_in], vec![0.5; w * fan_in]),
+                HostTensor::new(vec![w], vec![0.1; w]),
+            ));
+            fan_in = w;
+        }
+        MlpCheckpoint {
+            config: MlpConfig {
+                format: MLP_FORMAT.into(),
+                input_dim,
+                hidden,
+                task: task.into(),
+                classes: vec![0, 1],
+                seed: 0,
+            },
+            file: PathBuf::new(),
+            body,
+            head: (
+                HostTensor::new(vec![2, fan_in], vec![1.0; 2 * fan_in]),
+                HostTensor::new(vec![2], vec![0.0; 2]),
+            ),
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = tiny("a", vec![3, 3]);
+        m.save(dir.path()).unwrap();
+        let r = MlpCheckpoint::load(dir.path(), "a").unwrap();
+        assert_eq!(r.body, m.body);
+        assert_eq!(r.head, m.head);
+    }
+
+    #[test]
+    fn truncated_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        tiny("a", vec![3]).save(dir.path()).unwrap();
+        let (st, _) = model_paths(dir.path(), "a");
+        let bytes = std::fs::read(&st).unwrap();
+        std::fs::write(&st, &bytes[..bytes.len() - 7]).unwrap();
+        let e = MlpCheckpoint::load(dir.path(), "a")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn shape_mismatch_names_tensor() {
+        let a = tiny("a", vec![3, 3]);
+        let b = tiny("b", vec![3, 5]);
+        let e = check_same_architecture(&[a, b]).unwrap_err().to_string();
+        assert!(e.contains("body.1.weight"), "{e}");
+    }
+}

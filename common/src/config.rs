@@ -1,0 +1,660 @@
+//! The job config (TOML). Unknown keys are errors; `JobConfig::load` validates every value that
+//! can be checked without data and names the offending field.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Job name; output goes to `runs/<name>/`. Defaults to the config file's stem.
+    #[serde(default)]
+    pub name: String,
+    /// Changes the originals' inits, the merge data and the M/U init.
+    #[serde(default)]
+    pub seed: u64,
+    /// Intra-op threads of libtorch; 0 = all cores. Results are deterministic for a fixed value.
+    #[serde(default)]
+    pub threads: usize,
+    pub data: DataConfig,
+    pub tasks: Vec<TaskConfig>,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub merge: MergeConfig,
+    #[serde(default)]
+    pub baselines: BaselinesConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataset {
+    FashionMnist,
+    Digits,
+}
+
+impl Dataset {
+    pub fn num_classes(self) -> usize {
+        10
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub dataset: Dataset,
+    /// Directory (fashion-mnist: the IDX .gz files) or file (digits: digits.csv.gz). Relative
+    /// paths are relative to the working directory. Defaults per dataset (see README).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Share of the training split held out as validation.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// digits only: share of the data used as the test split (it has no official one).
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+}
+
+fn default_val_fraction() -> f64 {
+    0.15
+}
+fn default_test_fraction() -> f64 {
+    0.2
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub name: String,
+    pub classes: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Widths of the body's hidden layers (ReLU after each).
+    #[serde(default = "default_hidden")]
+    pub hidden: Vec<usize>,
+}
+
+fn default_hidden() -> Vec<usize> {
+    vec![256, 256, 256]
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            hidden: default_hidden(),
+        }
+    }
+}
+
+/// How the original models are trained (`fsmerge train`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    #[serde(default = "default_train_epochs")]
+    pub epochs: usize,
+    #[serde(default = "default_train_lr")]
+    pub lr: f64,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Where the originals live; default `<output>/originals`.
+    #[serde(default)]
+    pub models_dir: Option<PathBuf>,
+}
+
+fn default_train_epochs() -> usize {
+    5
+}
+fn default_train_lr() -> f64 {
+    1e-3
+}
+fn default_batch() -> usize {
+    128
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: default_train_epochs(),
+            lr: default_train_lr(),
+            batch_size: default_batch(),
+            models_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Local,
+    Global,
+    LocalThenGlobal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MuType {
+    Diagonal,
+    LowRank,
+    DiagonalAndLowRank,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    First,
+    Average,
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Targets {
+    /// Each input supervises only its own task's model (the authors' code).
+    Own,
+    /// Every model's features on every input (the paper's figure).
+    All,
+}
+
+/// How the global step is computed: `fold` forms W* = Σ M W U and runs one plain network
+/// (architecture.md §5); `literal` runs the n-branch SuperNet. Same function and gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepForm {
+    Fold,
+    Literal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Random shift: reflect-pad by this many pixels, then crop back.
+    #[serde(default = "default_shift")]
+    pub shift: usize,
+    /// Horizontal flips (meaningful for clothes, not for digits).
+    #[serde(default)]
+    pub flip: bool,
+    /// Std of additive Gaussian noise, in normalized units.
+    #[serde(default = "default_noise")]
+    pub noise_std: f64,
+    #[serde(default = "default_mixup")]
+    pub mixup_alpha: f64,
+    #[serde(default = "default_cutmix")]
+    pub cutmix_alpha: f64,
+    /// Probability of cutmix instead of mixup for a batch.
+    #[serde(default = "default_switch")]
+    pub switch_prob: f64,
+    /// Images mixed together per mixup/cutmix batch (same task).
+    #[serde(default = "default_batch")]
+    pub mix_batch: usize,
+}
+
+fn default_shift() -> usize {
+    2
+}
+fn default_noise() -> f64 {
+    0.1
+}
+fn default_mixup() -> f64 {
+    0.8
+}
+fn default_cutmix() -> f64 {
+    1.0
+}
+fn default_switch() -> f64 {
+    0.5
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            shift: default_shift(),
+            flip: false,
+            noise_std: default_noise(),
+            mixup_alpha: default_mixup(),
+            cutmix_alpha: default_cutmix(),
+            switch_prob: default_switch(),
+            mix_batch: default_batch(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeConfig {
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    #[serde(default = "default_mu_type")]
+    pub mu_type: MuType,
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    #[serde(default = "default_init")]
+    pub init: Init,
+    #[serde(default = "default_targets")]
+    pub targets: Targets,
+    /// Epochs of the main phase (local or global).
+    #[serde(default = "default_merge_epochs")]
+    pub epochs: usize,
+    /// Epochs of the global phase after local in `local-then-global`.
+    #[serde(default = "default_global_epochs")]
+    pub global_epochs: usize,
+    #[serde(default = "default_merge_lr")]
+    pub lr: f64,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Original (unaugmented) merge inputs per task, from the training split.
+    #[serde(default = "default_n_originals")]
+    pub n_originals: usize,
+    /// Augmented copies per task.
+    #[serde(default = "default_n_augmented")]
+    pub n_augmented: usize,
+    #[serde(default = "default_step_form")]
+    pub step_form: StepForm,
+    #[serde(default)]
+    pub augment: AugmentConfig,
+}
+
+fn default_mode() -> Mode {
+    Mode::LocalThenGlobal
+}
+fn default_mu_type() -> MuType {
+    MuType::DiagonalAndLowRank
+}
+fn default_rank() -> usize {
+    12
+}
+fn default_init() -> Init {
+    Init::First
+}
+fn default_targets() -> Targets {
+    Targets::All
+}
+fn default_merge_epochs() -> usize {
+    40
+}
+fn default_global_epochs() -> usize {
+    20
+}
+fn default_merge_lr() -> f64 {
+    1e-3
+}
+fn default_wd() -> f64 {
+    1e-3
+}
+fn default_n_originals() -> usize {
+    100
+}
+fn default_n_augmented() -> usize {
+    800
+}
+fn default_step_form() -> StepForm {
+    StepForm::Fold
+}
+
+impl Default for MergeConfig {
+    fn default() -> Self {
+        Self {
+            mode: default_mode(),
+            mu_type: default_mu_type(),
+            rank: default_rank(),
+            init: default_init(),
+            targets: default_targets(),
+            epochs: default_merge_epochs(),
+            global_epochs: default_global_epochs(),
+            lr: default_merge_lr(),
+            weight_decay: default_wd(),
+            batch_size: default_batch(),
+            n_originals: default_n_originals(),
+            n_augmented: default_n_augmented(),
+            step_form: default_step_form(),
+            augment: AugmentConfig::default(),
+        }
+    }
+}
+
+impl MergeConfig {
+    /// Total training epochs of the FS-Merge run (KD gets the same).
+    pub fn total_epochs(&self) -> usize {
+        match self.mode {
+            Mode::LocalThenGlobal => self.epochs + self.global_epochs,
+            _ => self.epochs,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    Ensemble,
+    First,
+    Average,
+    Regmean,
+    Kd,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselinesConfig {
+    #[serde(default = "default_baselines")]
+    pub methods: Vec<Baseline>,
+    #[serde(default = "default_regmean_alpha")]
+    pub regmean_alpha: f64,
+    /// KD rescales each task's targets to this mean |value| (method.md §13).
+    #[serde(default = "default_kd_scale")]
+    pub kd_target_scale: f64,
+}
+
+fn default_baselines() -> Vec<Baseline> {
+    vec![
+        Baseline::Ensemble,
+        Baseline::First,
+        Baseline::Average,
+        Baseline::Regmean,
+        Baseline::Kd,
+    ]
+}
+fn default_regmean_alpha() -> f64 {
+    0.7
+}
+fn default_kd_scale() -> f64 {
+    0.5
+}
+
+impl Default for BaselinesConfig {
+    fn default() -> Self {
+        Self {
+            methods: default_baselines(),
+            regmean_alpha: default_regmean_alpha(),
+            kd_target_scale: default_kd_scale(),
+        }
+    }
+}
+
+impl JobConfig {
+    /// Read, parse and validate a config file; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &[])
+    }
+
+    /// Like `load`, with `key.path=value` overrides (values in TOML syntax; bare words are
+    /// strings) applied before validation, e.g. `merge.lr=3e-3` or `merge.mode=global`.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let err = |msg: String| Error::Config {
+            file: path.to_path_buf(),
+            msg,
+        };
+        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut doc, o).map_err(err)?;
+        }
+        let mut cfg: JobConfig = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| err(e.to_string()))?;
+        if cfg.name.is_empty() {
+            cfg.name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("job")
+                .to_string();
+        }
+        cfg.validate().map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Ok(cfg)
+    }
+
+    /// Check every value that can be checked without data.
+    pub fn validate(&self) -> Result<()> {
+        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
+            return Err(Error::field(
+                "name",
+                format!("`{}` is not a usable directory name", self.name),
+            ));
+        }
+        if self.tasks.len() < 2 {
+            return Err(Error::field(
+                "tasks",
+                format!("merging needs at least 2 tasks, got {}", self.tasks.len()),
+            ));
+        }
+        let classes = self.data.dataset.num_classes();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if t.name.is_empty() || t.name.contains(['/', '\\', ':']) {
+                return Err(Error::field(
+                    format!("tasks[{i}].name"),
+                    format!("`{}` is not a usable task name", t.name),
+                ));
+            }
+            if self.tasks[..i].iter().any(|o| o.name == t.name) {
+                return Err(Error::field(
+                    format!("tasks[{i}].name"),
+                    format!("task name `{}` is used twice", t.name),
+                ));
+            }
+            if t.classes.len() < 2 {
+                return Err(Error::field(
+                    format!("tasks[{i}].classes"),
+                    "a task needs at least 2 classes",
+                ));
+            }
+            if let Some(c) = t.classes.iter().find(|&&c| c >= classes) {
+                return Err(Error::field(
+                    format!("tasks[{i}].classes"),
+                    format!("class {c} does not exist (dataset has {classes})"),
+                ));
+            }
+            let mut sorted = t.classes.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if sorted.len() != t.classes.len() {
+                return Err(Error::field(
+                    format!("tasks[{i}].classes"),
+                    "a class is listed twice",
+                ));
+            }
+        }
+        if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
+            return Err(Error::field(
+                "data.val_fraction",
+                format!("must be in (0, 1), got {}", self.data.val_fraction),
+            ));
+        }
+        if !(self.data.test_fraction > 0.0 && self.data.test_fraction < 1.0) {
+            return Err(Error::field(
+                "data.test_fraction",
+                format!("must be in (0, 1), got {}", self.data.test_fraction),
+            ));
+        }
+        if self.model.hidden.is_empty() || self.model.hidden.contains(&0) {
+            return Err(Error::field(
+                "model.hidden",
+                "needs at least one layer, every width ≥ 1",
+            ));
+        }
+        positive(self.train.epochs as f64, "train.epochs")?;
+        positive(self.train.lr, "train.lr")?;
+        positive(self.train.batch_size as f64, "train.batch_size")?;
+        let m = &self.merge;
+        positive(m.lr, "merge.lr")?;
+        positive(m.batch_size as f64, "merge.batch_size")?;
+        positive(m.n_originals as f64, "merge.n_originals")?;
+        if !(m.weight_decay >= 0.0) {
+            return Err(Error::field(
+                "merge.weight_decay",
+                format!("must be ≥ 0, got {}", m.weight_decay),
+            ));
+        }
+        let width = *self.model.hidden.iter().min().unwrap_or(&0);
+        if matches!(m.mu_type, MuType::LowRank | MuType::DiagonalAndLowRank)
+            && (m.rank == 0 || m.rank > width)
+        {
+            return Err(Error::field(
+                "merge.rank",
+                format!(
+                    "must be between 1 and the layer width {width}, got {}",
+                    m.rank
+                ),
+            ));
+        }
+        if m.mu_type == MuType::LowRank && m.init != Init::Random {
+            return Err(Error::field(
+                "merge.init",
+                format!("a pure low_rank M/U cannot express `{:?}` init (it needs a full-rank block); use `random` or mu_type `diagonal_and_low_rank`", m.init).to_lowercase(),
+            ));
+        }
+        let a = &m.augment;
+        if !(a.noise_std >= 0.0) || !(a.mixup_alpha >= 0.0) || !(a.cutmix_alpha >= 0.0) {
+            return Err(Error::field(
+                "merge.augment",
+                "noise_std, mixup_alpha and cutmix_alpha must be ≥ 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&a.switch_prob) {
+            return Err(Error::field(
+                "merge.augment.switch_prob",
+                format!("must be in [0, 1], got {}", a.switch_prob),
+            ));
+        }
+        if a.mix_batch < 2 || a.mix_batch % 2 != 0 {
+            return Err(Error::field(
+                "merge.augment.mix_batch",
+                format!("must be an even number ≥ 2, got {}", a.mix_batch),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.baselines.regmean_alpha) {
+            return Err(Error::field(
+                "baselines.regmean_alpha",
+                format!("must be in [0, 1], got {}", self.baselines.regmean_alpha),
+            ));
+        }
+        positive(self.baselines.kd_target_scale, "baselines.kd_target_scale")?;
+        Ok(())
+    }
+}
+
+fn apply_override(doc: &mut toml::Table, o: &str) -> std::result::Result<(), String> {
+    let (key, raw) = o
+        .split_once('=')
+        .ok_or_else(|| format!("override `{o}` is not KEY=VALUE"))?;
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        table = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("override `{o}`: `{p}` is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn positive(v: f64, field: &str) -> Result<()> {
+    if v > 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::field(field, format!("must be > 0, got {v}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [data]
+        dataset = "digits"
+        [[tasks]]
+        name = "a"
+        classes = [0, 1, 2, 3, 4]
+        [[tasks]]
+        name = "b"
+        classes = [5, 6, 7, 8, 9]
+    "#;
+
+    fn load(extra: &str) -> Result<JobConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("job.toml");
+        std::fs::write(&p, format!("{BASE}\n{extra}")).unwrap();
+        JobConfig::load(&p)
+    }
+
+    #[test]
+    fn defaults_and_name_from_file() {
+        let c = load("").unwrap();
+        assert_eq!(c.name, "job");
+        assert_eq!(c.merge.mu_type, MuType::DiagonalAndLowRank);
+        assert_eq!(c.merge.n_originals, 100);
+        assert_eq!(c.merge.n_augmented, 800);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load("[merge]\nrnak = 3").unwrap_err().to_string();
+        assert!(e.contains("rnak") && e.contains("job.toml"), "{e}");
+    }
+
+    #[test]
+    fn rank_larger_than_width() {
+        let e = load("[merge]\nrank = 300").unwrap_err().to_string();
+        assert!(e.contains("merge.rank") && e.contains("256"), "{e}");
+    }
+
+    #[test]
+    fn low_rank_first_is_refused() {
+        let e = load("[merge]\nmu_type = \"low_rank\"\ninit = \"first\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("merge.init") && e.contains("low_rank"), "{e}");
+        assert!(load("[merge]\nmu_type = \"low_rank\"\ninit = \"random\"").is_ok());
+    }
+
+    #[test]
+    fn overrides_apply_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("job.toml");
+        std::fs::write(&p, BASE).unwrap();
+        let c = JobConfig::load_with(
+            &p,
+            &[
+                "merge.lr=3e-3".into(),
+                "merge.mode=global".into(),
+                "seed=4".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.merge.lr, c.merge.mode, c.seed), (3e-3, Mode::Global, 4));
+        let e = JobConfig::load_with(&p, &["merge.bogus=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_class_and_duplicate_task() {
+        let e = load("[[tasks]]\nname = \"a\"\nclasses = [1, 2]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tasks[2].name"), "{e}");
+        let e = load("[[tasks]]\nname = \"c\"\nclasses = [1, 12]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tasks[2].classes") && e.contains("12"), "{e}");
+    }
+}

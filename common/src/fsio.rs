@@ -1,0 +1,126 @@
+//! Atomic output: files are written to a temporary name, fsynced and renamed, and a job's output
+//! is staged in a hidden directory that is removed unless the job commits it, so a failed job
+//! leaves nothing half-written behind.
+
+use crate::{Error, Result};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// A directory that collects a job's outputs and moves them into the final directory only on
+/// `commit`. Dropped without commit, it deletes itself and, if the final directory did not
+/// exist before, that too.
+pub struct Staging {
+    staging: PathBuf,
+    target: PathBuf,
+    target_existed: bool,
+    committed: bool,
+}
+
+impl Staging {
+    pub fn new(target: &Path) -> Result<Self> {
+        let target_existed = target.exists();
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        }
+        fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        Ok(Self {
+            staging,
+            target: target.to_path_buf(),
+            target_existed,
+            committed: false,
+        })
+    }
+
+    /// Where to write a file that will appear as `target/name` on commit.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.staging.join(name)
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Move every staged entry into the target directory (each move is a rename).
+    pub fn commit(mut self) -> Result<PathBuf> {
+        fs::create_dir_all(&self.target).map_err(|e| Error::io(&self.target, e))?;
+        let entries = fs::read_dir(&self.staging).map_err(|e| Error::io(&self.staging, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&self.staging, e))?;
+            let dest = self.target.join(entry.file_name());
+            if dest.is_dir() {
+                fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+            }
+            fs::rename(entry.path(), &dest).map_err(|e| Error::io(&dest, e))?;
+        }
+        fs::remove_dir_all(&self.staging).map_err(|e| Error::io(&self.staging, e))?;
+        self.committed = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.staging);
+            if !self.target_existed {
+                let _ = fs::remove_dir(&self.target);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncommitted_staging_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("run");
+        {
+            let s = Staging::new(&target).unwrap();
+            write_atomic(&s.path("a.json"), b"{}").unwrap();
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn commit_moves_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("run");
+        let s = Staging::new(&target).unwrap();
+        write_atomic(&s.path("a.json"), b"{}").unwrap();
+        s.commit().unwrap();
+        assert_eq!(fs::read(target.join("a.json")).unwrap(), b"{}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

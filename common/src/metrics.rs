@@ -1,0 +1,108 @@
+//! Results of a job: one entry per method, written as `metrics.json` and a Markdown table.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodResult {
+    /// `original:<task>`, `ensemble`, `first`, `average`, `regmean`, `kd` or `fs-merge`.
+    pub method: String,
+    /// Mode, M/U type, rank, init, targets (FS-Merge); empty for baselines without options.
+    pub variant: BTreeMap<String, serde_json::Value>,
+    /// Test accuracy per task, each task read out through its own head.
+    pub per_task_acc: BTreeMap<String, f64>,
+    pub mean_task_acc: f64,
+    /// Argmax over all heads' concatenated logits (labels offset per task); None for a single
+    /// original model, which has only its own head.
+    pub joint_acc: Option<f64>,
+    /// Validation-split mean task accuracy (used to choose defaults).
+    pub val_mean_task_acc: f64,
+    /// Wall time of the method (merge/training, not evaluation).
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    pub job: String,
+    pub seed: u64,
+    pub n_originals: usize,
+    pub n_augmented: usize,
+    pub plan: serde_json::Value,
+    pub results: Vec<MethodResult>,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+    pub total_seconds: f64,
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.2}", 100.0 * v)
+}
+
+impl Metrics {
+    /// The Markdown results table: one row per method, accuracies in percent.
+    pub fn markdown(&self, tasks: &[String]) -> String {
+        let mut s = format!(
+            "# fsmerge results: {}\n\nseed {}, merge data {} originals + {} augmented per task; test accuracy (%).\n\n",
+            self.job, self.seed, self.n_originals, self.n_augmented
+        );
+        s.push_str("| method | variant |");
+        for t in tasks {
+            s.push_str(&format!(" {t} |"));
+        }
+        s.push_str(" mean task | joint | val mean | seconds |\n|---|---|");
+        for _ in tasks {
+            s.push_str("---:|");
+        }
+        s.push_str("---:|---:|---:|---:|\n");
+        for r in &self.results {
+            let variant: Vec<String> = r
+                .variant
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    )
+                })
+                .collect();
+            s.push_str(&format!("| {} | {} |", r.method, variant.join(" ")));
+            for t in tasks {
+                s.push_str(&format!(
+                    " {} |",
+                    r.per_task_acc
+                        .get(t)
+                        .map(|&v| pct(v))
+                        .unwrap_or_else(|| "–".into())
+                ));
+            }
+            s.push_str(&format!(
+                " {} | {} | {} | {:.1} |\n",
+                pct(r.mean_task_acc),
+                r.joint_acc.map(pct).unwrap_or_else(|| "–".into()),
+                pct(r.val_mean_task_acc),
+                r.seconds
+            ));
+        }
+        s.push_str(&format!(
+            "\npeak RSS {:.0} MiB, total {:.1} s\n",
+            self.peak_rss_mib, self.total_seconds
+        ));
+        s
+    }
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 where unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -1,0 +1,172 @@
+//! The partition plan: the SuperNet's units (one per MLP layer) are cut into S contiguous stages
+//! of near-equal cost, each with R data-parallel replicas. The single-machine job uses one stage
+//! and one replica through the same types the distributed runtime uses.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+/// Cost of one SuperNet unit for n models, per training sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnitCost {
+    pub name: String,
+    /// Multiply-adds of the n frozen branches (forward).
+    pub flops: u64,
+    /// Bytes of the n models' frozen tensors of this unit.
+    pub bytes: u64,
+}
+
+/// MLP units: layer l costs n · in · out multiply-adds and holds n · (in · out + out) floats.
+pub fn mlp_unit_costs(input_dim: usize, hidden: &[usize], n_models: usize) -> Vec<UnitCost> {
+    let mut fan_in = input_dim;
+    hidden
+        .iter()
+        .enumerate()
+        .map(|(l, &w)| {
+            let c = UnitCost {
+                name: format!("layer{l}"),
+                flops: (n_models * fan_in * w) as u64,
+                bytes: (n_models * (fan_in * w + w) * 4) as u64,
+            };
+            fan_in = w;
+            c
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StagePlan {
+    pub index: usize,
+    pub units: Range<usize>,
+    pub flops: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub units: Vec<UnitCost>,
+    pub stages: Vec<StagePlan>,
+    pub replicas: usize,
+}
+
+impl Plan {
+    /// Cut `units` into `stages` contiguous stages minimising the largest stage's FLOPs.
+    pub fn balanced(units: Vec<UnitCost>, stages: usize, replicas: usize) -> Result<Plan> {
+        if stages == 0 || replicas == 0 {
+            return Err(Error::Plan(format!(
+                "stages ({stages}) and replicas ({replicas}) must be ≥ 1"
+            )));
+        }
+        if stages > units.len() {
+            return Err(Error::Plan(format!(
+                "{stages} stages requested but the SuperNet has only {} units",
+                units.len()
+            )));
+        }
+        // Binary search on the bottleneck cost; greedy packing checks feasibility.
+        let costs: Vec<u64> = units.iter().map(|u| u.flops.max(1)).collect();
+        let fits = |cap: u64| {
+            let mut count = 1;
+            let mut acc = 0;
+            for &c in &costs {
+                if c > cap {
+                    return false;
+                }
+                if acc + c > cap {
+                    count += 1;
+                    acc = 0;
+                }
+                acc += c;
+            }
+            count <= stages
+        };
+        let (mut lo, mut hi) = (*costs.iter().max().unwrap_or(&1), costs.iter().sum::<u64>());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                hi = mid
+            } else {
+                lo = mid + 1
+            }
+        }
+        // Pack with cap `lo`, keeping at least one unit for every remaining stage.
+        let mut bounds = vec![0];
+        let mut acc = 0;
+        for (i, &c) in costs.iter().enumerate() {
+            let stages_left = stages - bounds.len();
+            let units_left = costs.len() - i;
+            if i > bounds[bounds.len() - 1]
+                && (acc + c > lo || units_left == stages_left)
+                && stages_left > 0
+            {
+                bounds.push(i);
+                acc = 0;
+            }
+            acc += c;
+        }
+        bounds.push(costs.len());
+        let stages = bounds
+            .windows(2)
+            .enumerate()
+            .map(|(index, w)| StagePlan {
+                index,
+                units: w[0]..w[1],
+                flops: units[w[0]..w[1]].iter().map(|u| u.flops).sum(),
+                bytes: units[w[0]..w[1]].iter().map(|u| u.bytes).sum(),
+            })
+            .collect();
+        Ok(Plan {
+            units,
+            stages,
+            replicas,
+        })
+    }
+
+    /// The single-machine plan: one stage holding every unit, one replica.
+    pub fn single(units: Vec<UnitCost>) -> Plan {
+        Plan::balanced(units, 1, 1).expect("one stage always fits")
+    }
+
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} stage(s) × {} replica(s)",
+            self.stages.len(),
+            self.replicas
+        );
+        for st in &self.stages {
+            let names: Vec<&str> = self.units[st.units.clone()]
+                .iter()
+                .map(|u| u.name.as_str())
+                .collect();
+            s.push_str(&format!(
+                "\n  stage {}: {} ({:.2} MFLOP/sample, {:.2} MB frozen)",
+                st.index,
+                names.join(", "),
+                st.flops as f64 / 1e6,
+                st.bytes as f64 / 1e6
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_stage_holds_everything() {
+        let p = Plan::single(mlp_unit_costs(784, &[256, 256, 256], 2));
+        assert_eq!(p.stages.len(), 1);
+        assert_eq!(p.stages[0].units, 0..3);
+    }
+
+    #[test]
+    fn balanced_splits_contiguously() {
+        let p = Plan::balanced(mlp_unit_costs(784, &[256, 256, 256], 2), 2, 1).unwrap();
+        assert_eq!(p.stages.len(), 2);
+        assert_eq!(p.stages[0].units, 0..1);
+        assert_eq!(p.stages[1].units, 1..3);
+        assert!(Plan::balanced(mlp_unit_costs(784, &[256], 2), 2, 1).is_err());
+    }
+}

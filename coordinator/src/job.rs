@@ -1,0 +1,54 @@
+//! A job: its validated config and where its files go.
+
+use crate::JobArgs;
+use anyhow::Result;
+use fsmerge_common::config::JobConfig;
+use std::path::PathBuf;
+
+pub struct Job {
+    pub cfg: JobConfig,
+    /// Output directory of the merge (metrics, merged model, report).
+    pub out: PathBuf,
+    /// Directory of the original models.
+    pub models_dir: PathBuf,
+}
+
+impl Job {
+    pub fn open(args: &JobArgs) -> Result<Self> {
+        let mut overrides = args.set.clone();
+        if let Some(seed) = args.seed {
+            overrides.push(format!("seed={seed}"));
+        }
+        if let Some(threads) = args.threads {
+            overrides.push(format!("threads={threads}"));
+        }
+        let cfg = JobConfig::load_with(&args.config, &overrides)?;
+        let out = args.out.clone().unwrap_or_else(|| match args.seed {
+            Some(s) => PathBuf::from("runs").join(format!("{}-seed{s}", cfg.name)),
+            None => PathBuf::from("runs").join(&cfg.name),
+        });
+        let models_dir = cfg
+            .train
+            .models_dir
+            .clone()
+            .unwrap_or_else(|| out.join("originals"));
+        fsmerge_worker::set_threads(cfg.threads);
+        tracing::info!(
+            "job `{}`: seed {}, {} threads, output {}, originals {}",
+            cfg.name,
+            cfg.seed,
+            tch::get_num_threads(),
+            out.display(),
+            models_dir.display()
+        );
+        Ok(Self {
+            cfg,
+            out,
+            models_dir,
+        })
+    }
+
+    pub fn task_names(&self) -> Vec<String> {
+        self.cfg.tasks.iter().map(|t| t.name.clone()).collect()
+    }
+}

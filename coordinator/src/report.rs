@@ -1,0 +1,81 @@
+//! The job's output, staged and committed atomically: merged model (safetensors + JSON config),
+//! metrics.json, results.md, plan.json and the training log (JSON lines).
+
+use crate::job::Job;
+use anyhow::Result;
+use fsmerge_common::checkpoint::{
+    body_bias, body_weight, head_bias, head_weight, write_json, write_tensors, MergedConfig,
+    MergedTask, MERGED_FORMAT,
+};
+use fsmerge_common::fsio::{write_atomic, Staging};
+use fsmerge_common::metrics::{peak_rss_mib, MethodResult, Metrics};
+use fsmerge_common::plan::Plan;
+use fsmerge_worker::eval::MergedModel;
+use fsmerge_worker::tensor::to_host;
+use fsmerge_worker::train_merge::LogRow;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+pub fn write(
+    job: &Job,
+    plan: &Plan,
+    merged: &MergedModel,
+    variant: &BTreeMap<String, serde_json::Value>,
+    results: Vec<MethodResult>,
+    log: &[LogRow],
+    started: Instant,
+) -> Result<()> {
+    let cfg = &job.cfg;
+    let staging = Staging::new(&job.out)?;
+    let mut tensors = BTreeMap::new();
+    for (l, layer) in merged.body.iter().enumerate() {
+        tensors.insert(body_weight(l), to_host(&layer.w)?);
+        tensors.insert(body_bias(l), to_host(&layer.b)?);
+    }
+    for (task, head) in cfg.tasks.iter().zip(&merged.heads) {
+        tensors.insert(head_weight(Some(&task.name)), to_host(&head.w)?);
+        tensors.insert(head_bias(Some(&task.name)), to_host(&head.b)?);
+    }
+    write_tensors(&staging.path("merged.safetensors"), &tensors)?;
+    let config = MergedConfig {
+        format: MERGED_FORMAT.into(),
+        input_dim: merged.body[0].w.size()[1] as usize,
+        hidden: merged.body.iter().map(|l| l.w.size()[0] as usize).collect(),
+        tasks: cfg
+            .tasks
+            .iter()
+            .map(|t| MergedTask {
+                name: t.name.clone(),
+                classes: t.classes.clone(),
+            })
+            .collect(),
+        method: "fs-merge".into(),
+        variant: serde_json::to_value(variant)?,
+    };
+    write_json(&staging.path("merged.json"), &config)?;
+    write_json(&staging.path("plan.json"), plan)?;
+    write_json(&staging.path("config.json"), cfg)?;
+    let mut lines = String::new();
+    for row in log {
+        lines.push_str(&serde_json::to_string(row)?);
+        lines.push('\n');
+    }
+    write_atomic(&staging.path("train_log.jsonl"), lines.as_bytes())?;
+    let metrics = Metrics {
+        job: cfg.name.clone(),
+        seed: cfg.seed,
+        n_originals: cfg.merge.n_originals,
+        n_augmented: cfg.merge.n_augmented,
+        plan: serde_json::to_value(plan)?,
+        results,
+        peak_rss_mib: peak_rss_mib(),
+        total_seconds: started.elapsed().as_secs_f64(),
+    };
+    write_json(&staging.path("metrics.json"), &metrics)?;
+    let table = metrics.markdown(&job.task_names());
+    write_atomic(&staging.path("results.md"), table.as_bytes())?;
+    let dir = staging.commit()?;
+    println!("{table}");
+    tracing::info!("results written to {}", dir.display());
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! `fsmerge summarize`: mean and standard deviation of each method's accuracies over runs.
+
+use anyhow::{Context, Result};
+use fsmerge_common::checkpoint::read_json;
+use fsmerge_common::metrics::Metrics;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+fn cell(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    let (m, s) = mean_std(v);
+    format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
+}
+
+pub fn run(runs: &[PathBuf]) -> Result<()> {
+    anyhow::ensure!(
+        !runs.is_empty(),
+        "summarize needs at least one run directory"
+    );
+    let mut order: Vec<String> = Vec::new();
+    let mut per: BTreeMap<String, (Vec<f64>, Vec<f64>, BTreeMap<String, Vec<f64>>)> =
+        BTreeMap::new();
+    let mut tasks: Vec<String> = Vec::new();
+    for dir in runs {
+        let m: Metrics = read_json(&dir.join("metrics.json"))
+            .with_context(|| format!("run {}", dir.display()))?;
+        for r in m.results {
+            let key = r.method.clone();
+            if !order.contains(&key) {
+                order.push(key.clone());
+            }
+            let e = per.entry(key).or_default();
+            e.0.push(r.mean_task_acc);
+            if let Some(j) = r.joint_acc {
+                e.1.push(j);
+            }
+            for (t, a) in r.per_task_acc {
+                if !tasks.contains(&t) {
+                    tasks.push(t.clone());
+                }
+                e.2.entry(t).or_default().push(a);
+            }
+        }
+    }
+    let mut s = format!(
+        "{} run(s); test accuracy %, mean ± std\n\n| method |",
+        runs.len()
+    );
+    for t in &tasks {
+        s.push_str(&format!(" {t} |"));
+    }
+    s.push_str(" mean task | joint |\n|---|");
+    s.push_str(&"---:|".repeat(tasks.len() + 2));
+    s.push('\n');
+    for key in &order {
+        let (mean, joint, pt) = &per[key];
+        s.push_str(&format!("| {key} |"));
+        for t in &tasks {
+            s.push_str(&format!(" {} |", pt.get(t).map_or("–".into(), |v| cell(v))));
+        }
+        s.push_str(&format!(" {} | {} |\n", cell(mean), cell(joint)));
+    }
+    println!("{s}");
+    Ok(())
+}

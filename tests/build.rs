@@ -1,0 +1,1 @@
+include!("../deploy/torch_link.rs");

@@ -1,0 +1,216 @@
+//! The original models: an MLP body of ReLU layers and a linear head per task, their training
+//! (`fsmerge train`) and their conversion to and from checkpoints.
+
+use crate::optim::{AdamW, Schedule};
+use crate::progress::Progress;
+use crate::tensor::{to_host, to_tch, F32};
+use fsmerge_common::checkpoint::{MlpCheckpoint, MlpConfig, MLP_FORMAT};
+use fsmerge_common::Result;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::{Kind, Tensor};
+
+/// A linear layer, PyTorch layout: weight [out, in], bias [out].
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
+impl Linear {
+    /// PyTorch's default init: U(-1/√in, 1/√in) for weight and bias.
+    pub fn init(input: usize, output: usize) -> Self {
+        let bound = 1.0 / (input as f64).sqrt();
+        let w = Tensor::rand([output as i64, input as i64], F32) * (2.0 * bound) - bound;
+        let b = Tensor::rand([output as i64], F32) * (2.0 * bound) - bound;
+        Self { w, b }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.w, Some(&self.b))
+    }
+    pub fn copy(&self) -> Self {
+        Self {
+            w: self.w.detach().copy(),
+            b: self.b.detach().copy(),
+        }
+    }
+}
+
+pub struct Mlp {
+    pub body: Vec<Linear>,
+    pub head: Linear,
+}
+
+impl Mlp {
+    pub fn init(input_dim: usize, hidden: &[usize], classes: usize) -> Self {
+        let mut fan_in = input_dim;
+        let body = hidden
+            .iter()
+            .map(|&w| {
+                let l = Linear::init(fan_in, w);
+                fan_in = w;
+                l
+            })
+            .collect();
+        Self {
+            body,
+            head: Linear::init(fan_in, classes),
+        }
+    }
+
+    /// Body output (features before the head).
+    pub fn body_forward(&self, x: &Tensor) -> Tensor {
+        body_forward(&self.body, x)
+    }
+
+    /// The activation after every body layer (f_1 … f_L).
+    pub fn features(&self, x: &Tensor) -> Vec<Tensor> {
+        let mut h = x.shallow_clone();
+        self.body
+            .iter()
+            .map(|l| {
+                h = l.forward(&h).relu();
+                h.shallow_clone()
+            })
+            .collect()
+    }
+
+    pub fn logits(&self, x: &Tensor) -> Tensor {
+        self.head.forward(&self.body_forward(x))
+    }
+
+    pub fn from_checkpoint(ck: &MlpCheckpoint) -> Self {
+        Self {
+            body: ck
+                .body
+                .iter()
+                .map(|(w, b)| Linear {
+                    w: to_tch(w),
+                    b: to_tch(b),
+                })
+                .collect(),
+            head: Linear {
+                w: to_tch(&ck.head.0),
+                b: to_tch(&ck.head.1),
+            },
+        }
+    }
+
+    pub fn to_checkpoint(&self, config: MlpConfig) -> Result<MlpCheckpoint> {
+        Ok(MlpCheckpoint {
+            config,
+            file: Default::default(),
+            body: self
+                .body
+                .iter()
+                .map(|l| Ok((to_host(&l.w)?, to_host(&l.b)?)))
+                .collect::<Result<_>>()?,
+            head: (to_host(&self.head.w)?, to_host(&self.head.b)?),
+        })
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        self.body
+            .iter()
+            .chain(std::iter::once(&self.head))
+            .flat_map(|l| [l.w.shallow_clone(), l.b.shallow_clone()])
+            .collect()
+    }
+}
+
+pub fn body_forward(body: &[Linear], x: &Tensor) -> Tensor {
+    body.iter()
+        .fold(x.shallow_clone(), |h, l| l.forward(&h).relu())
+}
+
+/// Share of rows where argmax(logits) equals the label.
+pub fn accuracy(logits: &Tensor, labels: &Tensor) -> f64 {
+    if labels.size()[0] == 0 {
+        return 0.0;
+    }
+    logits
+        .argmax(1, false)
+        .eq_tensor(labels)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[])
+}
+
+/// Settings for training one original model.
+pub struct TrainSpec<'a> {
+    pub input_dim: usize,
+    pub hidden: &'a [usize],
+    pub task: &'a str,
+    pub classes: &'a [usize],
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+/// Train one original MLP from its own seed with Adam and cross-entropy; returns the model's
+/// checkpoint and its validation accuracy.
+pub fn train_original(
+    spec: &TrainSpec,
+    train: (&Tensor, &Tensor),
+    val: (&Tensor, &Tensor),
+    progress: &dyn Progress,
+) -> Result<(MlpCheckpoint, f64)> {
+    tch::manual_seed(spec.seed as i64);
+    let model = Mlp::init(spec.input_dim, spec.hidden, spec.classes.len());
+    let params: Vec<Tensor> = model
+        .params()
+        .into_iter()
+        .map(|p| p.set_requires_grad(true))
+        .collect();
+    let model = Mlp {
+        body: params
+            .chunks(2)
+            .take(spec.hidden.len())
+            .map(|c| Linear {
+                w: c[0].shallow_clone(),
+                b: c[1].shallow_clone(),
+            })
+            .collect(),
+        head: Linear {
+            w: params[params.len() - 2].shallow_clone(),
+            b: params[params.len() - 1].shallow_clone(),
+        },
+    };
+    let n = train.0.size()[0] as usize;
+    let steps_per_epoch = n.div_ceil(spec.batch_size);
+    let total = (steps_per_epoch * spec.epochs) as u64;
+    let mut opt = AdamW::new(&params, 0.0);
+    let schedule = Schedule::Constant(spec.lr);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed ^ 0xabcd);
+    let phase = format!("train {}", spec.task);
+    progress.start(&phase, total);
+    let mut step = 0u64;
+    for _ in 0..spec.epochs {
+        let mut order: Vec<i64> = (0..n as i64).collect();
+        order.shuffle(&mut rng);
+        for chunk in order.chunks(spec.batch_size) {
+            let idx = Tensor::from_slice(chunk);
+            let (x, y) = (train.0.index_select(0, &idx), train.1.index_select(0, &idx));
+            let loss = model.logits(&x).cross_entropy_for_logits(&y);
+            let (lr, beta1) = schedule.at(step);
+            opt.step(&loss, lr, beta1)?;
+            step += 1;
+            progress.step(&phase, step, loss.double_value(&[]), lr);
+        }
+    }
+    progress.finish(&phase);
+    let frozen = Mlp {
+        body: model.body.iter().map(Linear::copy).collect(),
+        head: model.head.copy(),
+    };
+    let val_acc = tch::no_grad(|| accuracy(&frozen.logits(val.0), val.1));
+    let config = MlpConfig {
+        format: MLP_FORMAT.into(),
+        input_dim: spec.input_dim,
+        hidden: spec.hidden.to_vec(),
+        task: spec.task.to_string(),
+        classes: spec.classes.to_vec(),
+        seed: spec.seed,
+    };
+    Ok((frozen.to_checkpoint(config)?, val_acc))
+}

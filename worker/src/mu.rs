@@ -1,0 +1,289 @@
+//! Merge (M) and unmerge (U) matrices in the parametrisations of method.md §3.2, in the code's
+//! row-vector convention: a merge maps per-model vectors [n, R, k] to merged [R, k'] as
+//! Σ_i y_i M_i, an unmerge maps merged [R, k'] to per-model [n, R, k] as x U_i. Here k' = k.
+//!
+//! Shapes of the trainable tensors:
+//! - merge: diag [n, k]; low-rank a [n·k, r], b [r, k]; full [n·k, k]
+//! - unmerge: diag [n, k]; low-rank a [k, r], b [r, n·k]; full [k, n·k]
+
+use crate::tensor::F32;
+use fsmerge_common::config::{Init, MuType};
+use fsmerge_common::{Error, Result};
+use tch::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Merge,
+    Unmerge,
+}
+
+/// Low-rank factors' scale for the zero/random (LoRA-style) init (`LOW_RANK_FACTOR`).
+const LOW_RANK_FACTOR: f64 = 0.1;
+
+pub struct MuMatrix {
+    pub role: Role,
+    pub n: usize,
+    pub k: usize,
+    pub rank: usize,
+    pub diag: Option<Tensor>,
+    pub lr: Option<(Tensor, Tensor)>,
+    pub full: Option<Tensor>,
+}
+
+impl MuMatrix {
+    /// Create and initialise (method.md §3.3). `first` and `average` need a full-rank part, so
+    /// a pure low-rank matrix only takes `random`.
+    pub fn new(
+        role: Role,
+        mu_type: MuType,
+        init: Init,
+        n: usize,
+        k: usize,
+        rank: usize,
+    ) -> Result<Self> {
+        let (ni, ki, ri) = (n as i64, k as i64, rank as i64);
+        let s = 1.0 / (k as f64).sqrt();
+        let diag_init = |init: Init| -> Tensor {
+            match (role, init) {
+                (Role::Merge, Init::First) => {
+                    let d = Tensor::zeros([ni, ki], F32);
+                    let _ = d.get(0).fill_(1.0);
+                    d
+                }
+                (Role::Merge, Init::Average) => Tensor::full([ni, ki], 1.0 / n as f64, F32),
+                (Role::Merge, Init::Random) => {
+                    Tensor::randn([ni, ki], F32) * (s / (n as f64).sqrt())
+                }
+                (Role::Unmerge, Init::First | Init::Average) => Tensor::ones([ni, ki], F32),
+                (Role::Unmerge, Init::Random) => Tensor::randn([ni, ki], F32) * s,
+            }
+        };
+        let lr_shapes = match role {
+            Role::Merge => ([ni * ki, ri], [ri, ki]),
+            Role::Unmerge => ([ki, ri], [ri, ni * ki]),
+        };
+        let random_factors = || {
+            let scale = s / (rank as f64).sqrt();
+            (
+                Tensor::randn(lr_shapes.0, F32) * scale,
+                Tensor::randn(lr_shapes.1, F32) * scale,
+            )
+        };
+        let mut m = Self {
+            role,
+            n,
+            k,
+            rank,
+            diag: None,
+            lr: None,
+            full: None,
+        };
+        match mu_type {
+            MuType::Diagonal => m.diag = Some(diag_init(init)),
+            MuType::DiagonalAndLowRank => match init {
+                Init::Random => {
+                    m.diag = Some(Tensor::zeros([ni, ki], F32));
+                    m.lr = Some(random_factors());
+                }
+                _ => {
+                    m.diag = Some(diag_init(init));
+                    let b = Tensor::randn(lr_shapes.1, F32) * (LOW_RANK_FACTOR * s / rank as f64);
+                    m.lr = Some((Tensor::zeros(lr_shapes.0, F32), b));
+                }
+            },
+            MuType::LowRank => {
+                if init != Init::Random {
+                    return Err(Error::field(
+                        "merge.init",
+                        format!("a pure low_rank M/U cannot express `{init:?}` init; use `random`")
+                            .to_lowercase(),
+                    ));
+                }
+                m.lr = Some(random_factors());
+            }
+            MuType::Full => {
+                let eye = Tensor::eye(ki, F32);
+                m.full = Some(match (role, init) {
+                    (Role::Merge, Init::First) => Tensor::cat(
+                        &std::iter::once(eye)
+                            .chain((1..n).map(|_| Tensor::zeros([ki, ki], F32)))
+                            .collect::<Vec<_>>(),
+                        0,
+                    ),
+                    (Role::Merge, Init::Average) => {
+                        Tensor::cat(&(0..n).map(|_| &eye / n as f64).collect::<Vec<_>>(), 0)
+                    }
+                    (Role::Merge, Init::Random) => {
+                        Tensor::randn([ni * ki, ki], F32) * (s / n as f64)
+                    }
+                    (Role::Unmerge, Init::First | Init::Average) => {
+                        Tensor::cat(&(0..n).map(|_| eye.shallow_clone()).collect::<Vec<_>>(), 1)
+                    }
+                    (Role::Unmerge, Init::Random) => Tensor::randn([ki, ni * ki], F32) * s,
+                });
+            }
+        }
+        for p in m.params() {
+            let _ = p.set_requires_grad(true);
+        }
+        Ok(m)
+    }
+
+    /// The trainable tensors (shallow handles).
+    pub fn params(&self) -> Vec<Tensor> {
+        let mut v: Vec<Tensor> = Vec::new();
+        if let Some(d) = &self.diag {
+            v.push(d.shallow_clone());
+        }
+        if let Some((a, b)) = &self.lr {
+            v.push(a.shallow_clone());
+            v.push(b.shallow_clone());
+        }
+        if let Some(f) = &self.full {
+            v.push(f.shallow_clone());
+        }
+        v
+    }
+
+    fn dims(&self) -> (i64, i64, i64) {
+        (self.n as i64, self.k as i64, self.rank as i64)
+    }
+
+    /// Per-model blocks of a full matrix: merge [n, k, k'] (M_i), unmerge [n, k', k] (U_i).
+    fn full_blocks(&self, f: &Tensor) -> Tensor {
+        let (n, k, _) = self.dims();
+        match self.role {
+            Role::Merge => f.view([n, k, k]),
+            Role::Unmerge => f.view([k, n, k]).permute([1, 0, 2]),
+        }
+    }
+
+    /// Per-model low-rank factor blocks: merge a_i [n, k, r]; unmerge b_i [n, r, k].
+    fn lr_blocks(&self, t: &Tensor) -> Tensor {
+        let (n, k, r) = self.dims();
+        match self.role {
+            Role::Merge => t.view([n, k, r]),
+            Role::Unmerge => t.view([r, n, k]).permute([1, 0, 2]),
+        }
+    }
+
+    /// Merge: Σ_i y_i M_i for y [n, R, k] → [R, k'].
+    pub fn merge(&self, y: &Tensor) -> Tensor {
+        debug_assert_eq!(self.role, Role::Merge);
+        let mut out: Option<Tensor> = None;
+        let mut add = |t: Tensor| {
+            out = Some(match out.take() {
+                Some(o) => o + t,
+                None => t,
+            })
+        };
+        if let Some(d) = &self.diag {
+            add((y * d.unsqueeze(1)).sum_dim_intlist(0, false, None));
+        }
+        if let Some((a, b)) = &self.lr {
+            add(y
+                .bmm(&self.lr_blocks(a))
+                .sum_dim_intlist(0, false, None)
+                .matmul(b));
+        }
+        if let Some(f) = &self.full {
+            add(y.bmm(&self.full_blocks(f)).sum_dim_intlist(0, false, None));
+        }
+        out.unwrap_or_else(|| y.sum_dim_intlist(0, false, None))
+    }
+
+    /// Per-model products p_i M_i for p [n, R, k] → [n, R, k'] (no sum; used when folding).
+    pub fn right_apply(&self, p: &Tensor) -> Tensor {
+        debug_assert_eq!(self.role, Role::Merge);
+        let mut out: Option<Tensor> = None;
+        let mut add = |t: Tensor| {
+            out = Some(match out.take() {
+                Some(o) => o + t,
+                None => t,
+            })
+        };
+        if let Some(d) = &self.diag {
+            add(p * d.unsqueeze(1));
+        }
+        if let Some((a, b)) = &self.lr {
+            add(p.bmm(&self.lr_blocks(a)).matmul(b));
+        }
+        if let Some(f) = &self.full {
+            add(p.bmm(&self.full_blocks(f)));
+        }
+        out.unwrap_or_else(|| p.shallow_clone())
+    }
+
+    /// Unmerge: x U_i for x [R, k'] → [n, R, k].
+    pub fn unmerge(&self, x: &Tensor) -> Tensor {
+        debug_assert_eq!(self.role, Role::Unmerge);
+        let mut out: Option<Tensor> = None;
+        let mut add = |t: Tensor| {
+            out = Some(match out.take() {
+                Some(o) => o + t,
+                None => t,
+            })
+        };
+        if let Some(d) = &self.diag {
+            add(x.unsqueeze(0) * d.unsqueeze(1));
+        }
+        if let Some((a, b)) = &self.lr {
+            add(x.matmul(a).unsqueeze(0).matmul(&self.lr_blocks(b)));
+        }
+        if let Some(f) = &self.full {
+            add(x.unsqueeze(0).matmul(&self.full_blocks(f)));
+        }
+        out.unwrap_or_else(|| x.unsqueeze(0).repeat([self.n as i64, 1, 1]))
+    }
+
+    /// Σ_i U_i p_i for p [n, k, C] → [k', C] (used when folding).
+    pub fn fold_left(&self, p: &Tensor) -> Tensor {
+        debug_assert_eq!(self.role, Role::Unmerge);
+        let mut out: Option<Tensor> = None;
+        let mut add = |t: Tensor| {
+            out = Some(match out.take() {
+                Some(o) => o + t,
+                None => t,
+            })
+        };
+        if let Some(d) = &self.diag {
+            add((d.unsqueeze(2) * p).sum_dim_intlist(0, false, None));
+        }
+        if let Some((a, b)) = &self.lr {
+            add(a.matmul(&self.lr_blocks(b).bmm(p).sum_dim_intlist(0, false, None)));
+        }
+        if let Some(f) = &self.full {
+            add(self.full_blocks(f).bmm(p).sum_dim_intlist(0, false, None));
+        }
+        out.unwrap_or_else(|| p.sum_dim_intlist(0, false, None))
+    }
+
+    /// Dense block of model i: merge M_i [k, k'], unmerge U_i [k', k].
+    pub fn block(&self, i: usize) -> Tensor {
+        let i = i as i64;
+        let mut out = Tensor::zeros([self.k as i64, self.k as i64], F32);
+        if let Some(d) = &self.diag {
+            out = out + d.get(i).diag_embed(0, -2, -1);
+        }
+        if let Some((a, b)) = &self.lr {
+            out = out
+                + match self.role {
+                    Role::Merge => self.lr_blocks(a).get(i).matmul(b),
+                    Role::Unmerge => a.matmul(&self.lr_blocks(b).get(i)),
+                };
+        }
+        if let Some(f) = &self.full {
+            out = out + self.full_blocks(f).get(i);
+        }
+        out
+    }
+
+    /// The whole matrix in code layout: merge [n·k, k'], unmerge [k', n·k].
+    pub fn dense(&self) -> Tensor {
+        let blocks: Vec<Tensor> = (0..self.n).map(|i| self.block(i)).collect();
+        match self.role {
+            Role::Merge => Tensor::cat(&blocks, 0),
+            Role::Unmerge => Tensor::cat(&blocks, 1),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The FS-Merge SuperNet of n MLPs (method.md §6). Layer l holds the n frozen linear maps
+//! (W_i, b_i), a merge M_l of their outputs and an unmerge U_l of its merged, ReLU'd output:
+//!
+//!   h*_l = relu( Σ_i M_l⁽ⁱ⁾ (W_i U_{l-1}⁽ⁱ⁾ h*_{l-1} + b_i) ),  h*_0 = x (shared input, no U)
+//!   ŷ = U_L h*_L ≈ [f_L¹(x); …; f_Lⁿ(x)]
+//!
+//! Folding W*_l = Σ_i M_l⁽ⁱ⁾ W_i U_{l-1}⁽ⁱ⁾, b*_l = Σ_i M_l⁽ⁱ⁾ b_i is exact, so a global step can
+//! run the plain folded network instead of the n branches (`forward_fold`, architecture.md §5).
+//! In local mode, layer l is its own problem: original features in, original features out.
+
+use crate::mlp::{Linear, Mlp};
+use crate::mu::{MuMatrix, Role};
+use fsmerge_common::config::{Init, MuType};
+use fsmerge_common::{Error, Result};
+use tch::Tensor;
+
+/// Layer l of every model: W_iᵀ stacked [n, in, out] and biases [n, out].
+pub struct FrozenLayer {
+    pub wt: Tensor,
+    pub b: Tensor,
+}
+
+impl FrozenLayer {
+    pub fn from_models(models: &[&Mlp], l: usize) -> Self {
+        let wt: Vec<Tensor> = models.iter().map(|m| m.body[l].w.detach().tr()).collect();
+        let b: Vec<Tensor> = models.iter().map(|m| m.body[l].b.detach()).collect();
+        Self {
+            wt: Tensor::stack(&wt, 0).contiguous(),
+            b: Tensor::stack(&b, 0),
+        }
+    }
+    pub fn out_dim(&self) -> usize {
+        self.wt.size()[2] as usize
+    }
+    /// Branch outputs W_i v_i + b_i for v [n, B, in], or for a shared input [B, in].
+    pub fn branches(&self, v: &Tensor) -> Tensor {
+        let y = if v.dim() == 2 {
+            v.matmul(&self.wt)
+        } else {
+            v.bmm(&self.wt)
+        };
+        y + self.b.unsqueeze(1)
+    }
+}
+
+/// The merge and unmerge of one layer (one local problem).
+pub struct LayerMu {
+    pub m: MuMatrix,
+    pub u: MuMatrix,
+}
+
+impl LayerMu {
+    pub fn new(mu_type: MuType, init: Init, n: usize, width: usize, rank: usize) -> Result<Self> {
+        Ok(Self {
+            m: MuMatrix::new(Role::Merge, mu_type, init, n, width, rank)?,
+            u: MuMatrix::new(Role::Unmerge, mu_type, init, n, width, rank)?,
+        })
+    }
+    pub fn params(&self) -> Vec<Tensor> {
+        self.m.params().into_iter().chain(self.u.params()).collect()
+    }
+}
+
+/// Folded layer, row convention: h*_l = relu(h*_{l-1} · wt + b). `u_prev` is None for layer 0,
+/// whose input is shared.
+pub fn fold_layer(
+    layer: &FrozenLayer,
+    m: &MuMatrix,
+    u_prev: Option<&MuMatrix>,
+) -> (Tensor, Tensor) {
+    let wt = match u_prev {
+        None => m.merge(&layer.wt),
+        Some(u) => u.fold_left(&m.right_apply(&layer.wt)),
+    };
+    let b = m.merge(&layer.b.unsqueeze(1)).squeeze_dim(0);
+    (wt, b)
+}
+
+pub struct SuperNet {
+    pub layers: Vec<FrozenLayer>,
+    pub mu: Vec<LayerMu>,
+    pub n: usize,
+}
+
+impl SuperNet {
+    pub fn new(models: &[&Mlp], mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
+        let n = models.len();
+        let depth = models.first().map_or(0, |m| m.body.len());
+        if n < 2 || depth == 0 {
+            return Err(Error::Compute(format!(
+                "a SuperNet needs ≥ 2 models with ≥ 1 layer, got {n} × {depth}"
+            )));
+        }
+        let layers: Vec<FrozenLayer> = (0..depth)
+            .map(|l| FrozenLayer::from_models(models, l))
+            .collect();
+        let mu = layers
+            .iter()
+            .map(|l| LayerMu::new(mu_type, init, n, l.out_dim(), rank))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, mu, n })
+    }
+
+    pub fn params(&self) -> Vec<Tensor> {
+        self.mu.iter().flat_map(LayerMu::params).collect()
+    }
+
+    /// The literal n-branch SuperNet: returns ŷ [n, B, k_L].
+    pub fn forward_literal(&self, x: &Tensor) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let v = if l == 0 {
+                h.shallow_clone()
+            } else {
+                self.mu[l - 1].u.unmerge(&h)
+            };
+            h = self.mu[l].m.merge(&layer.branches(&v)).relu();
+        }
+        self.mu[self.layers.len() - 1].u.unmerge(&h)
+    }
+
+    /// Folded weights of every layer, differentiable in M/U.
+    pub fn folded(&self) -> Vec<(Tensor, Tensor)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| fold_layer(layer, &self.mu[l].m, (l > 0).then(|| &self.mu[l - 1].u)))
+            .collect()
+    }
+
+    /// Same function and gradients as `forward_literal`, through the folded network.
+    pub fn forward_fold(&self, x: &Tensor) -> Tensor {
+        let h = self
+            .folded()
+            .iter()
+            .fold(x.shallow_clone(), |h, (wt, b)| h.matmul(wt).g_add(b).relu());
+        self.mu[self.layers.len() - 1].u.unmerge(&h)
+    }
+
+    /// Local problem l: original per-model inputs f_{l-1} [n, B, in] (or the shared x [B, in]
+    /// for l = 0) → reconstruction of f_l [n, B, out]. Reads only layer l's M/U.
+    pub fn local_forward(&self, l: usize, input: &Tensor) -> Tensor {
+        let h = self.mu[l].m.merge(&self.layers[l].branches(input)).relu();
+        self.mu[l].u.unmerge(&h)
+    }
+
+    /// The folded plain MLP body, and each task's head with its read-out U_L⁽ᵗ⁾ folded in
+    /// (logits_t = W_t U_L⁽ᵗ⁾ h* + b_t).
+    pub fn fold_to_mlp(&self, heads: &[&Linear]) -> (Vec<Linear>, Vec<Linear>) {
+        tch::no_grad(|| {
+            let body = self
+                .folded()
+                .into_iter()
+                .map(|(wt, b)| Linear {
+                    w: wt.tr().contiguous(),
+                    b,
+                })
+                .collect();
+            let u_last = &self.mu[self.layers.len() - 1].u;
+            let heads = heads
+                .iter()
+                .enumerate()
+                .map(|(t, h)| Linear {
+                    w: h.w.matmul(&u_last.block(t).tr()),
+                    b: h.b.detach().copy(),
+                })
+                .collect();
+            (body, heads)
+        })
+    }
+}
+
+/// Reconstruction loss of per-model predictions [n, B, k] against targets [n, B, k].
+/// `own`: only the slice of each input's own task (mean over B·k); `all`: every slice (mean).
+pub fn reconstruction_loss(pred: &Tensor, target: &Tensor, own_mask: Option<&Tensor>) -> Tensor {
+    let sq = (pred - target).square();
+    match own_mask {
+        None => sq.mean(None),
+        Some(mask) => {
+            let size = pred.size();
+            (sq * mask.unsqueeze(2)).sum(None) / (size[1] * size[2]) as f64
+        }
+    }
+}
+
+/// One-hot mask [n, B] of each input's task.
+pub fn own_mask(task: &Tensor, n: usize) -> Tensor {
+    task.one_hot(n as i64).to_kind(tch::Kind::Float).tr()
+}

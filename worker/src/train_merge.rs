@@ -1,0 +1,203 @@
+//! Training of the M/U matrices: teacher features, the local layer problems, the global
+//! end-to-end phase, and the shared optimisation loop (AdamW + OneCycle over shuffled,
+//! task-mixed batches).
+
+use crate::merge_data::MergeSet;
+use crate::mlp::Mlp;
+use crate::optim::{AdamW, Schedule};
+use crate::progress::Progress;
+use crate::supernet::{own_mask, reconstruction_loss, SuperNet};
+use fsmerge_common::config::{StepForm, Targets};
+use fsmerge_common::Result;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::Tensor;
+
+/// Every model's features at every layer boundary on every merge input: `[l]` is [n, N, k_l].
+/// Cross features (model i on task j's inputs) are included; `own` targets simply ignore them.
+pub fn teacher_features(models: &[&Mlp], x: &Tensor) -> Vec<Tensor> {
+    tch::no_grad(|| {
+        let per_model: Vec<Vec<Tensor>> = models.iter().map(|m| m.features(x)).collect();
+        (0..per_model[0].len())
+            .map(|l| {
+                Tensor::stack(
+                    &per_model
+                        .iter()
+                        .map(|f| f[l].shallow_clone())
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+            })
+            .collect()
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSettings {
+    pub epochs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub batch_size: usize,
+    pub targets: Targets,
+    pub form: StepForm,
+    pub seed: u64,
+}
+
+/// One row of the training log (JSON lines).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogRow {
+    pub phase: String,
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+}
+
+/// Optimise `params` with AdamW + OneCycle over `n` samples in shuffled batches; `loss_of`
+/// computes the loss of a batch of sample indices. Returns the log rows.
+pub fn optimise(
+    phase: &str,
+    params: &[Tensor],
+    n: usize,
+    s: &TrainSettings,
+    progress: &dyn Progress,
+    mut loss_of: impl FnMut(&Tensor) -> Tensor,
+) -> Result<Vec<LogRow>> {
+    let steps_per_epoch = n.div_ceil(s.batch_size);
+    let total = (steps_per_epoch * s.epochs) as u64;
+    let schedule = Schedule::OneCycle {
+        max_lr: s.lr,
+        total_steps: total.max(1),
+    };
+    let mut opt = AdamW::new(params, s.weight_decay);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
+    let mut log = Vec::with_capacity(total as usize);
+    progress.start(phase, total);
+    let mut step = 0u64;
+    for _ in 0..s.epochs {
+        let mut order: Vec<i64> = (0..n as i64).collect();
+        order.shuffle(&mut rng);
+        for chunk in order.chunks(s.batch_size) {
+            let loss = loss_of(&Tensor::from_slice(chunk));
+            let (lr, beta1) = schedule.at(step);
+            opt.step(&loss, lr, beta1)?;
+            step += 1;
+            let loss = loss.double_value(&[]);
+            progress.step(phase, step, loss, lr);
+            log.push(LogRow {
+                phase: phase.to_string(),
+                step,
+                loss,
+                lr,
+            });
+        }
+    }
+    progress.finish(phase);
+    Ok(log)
+}
+
+fn mask_for(set: &MergeSet, idx: &Tensor, n: usize, targets: Targets) -> Option<Tensor> {
+    (targets == Targets::Own).then(|| own_mask(&set.task.index_select(0, idx), n))
+}
+
+/// Reconstruction loss of local problem l on the samples `idx`.
+pub fn local_loss(
+    sn: &SuperNet,
+    l: usize,
+    set: &MergeSet,
+    feats: &[Tensor],
+    idx: &Tensor,
+    targets: Targets,
+) -> Tensor {
+    let input = if l == 0 {
+        set.x.index_select(0, idx)
+    } else {
+        feats[l - 1].index_select(1, idx)
+    };
+    let pred = sn.local_forward(l, &input);
+    reconstruction_loss(
+        &pred,
+        &feats[l].index_select(1, idx),
+        mask_for(set, idx, sn.n, targets).as_ref(),
+    )
+}
+
+/// Reconstruction loss of the whole SuperNet's output on the samples `idx`.
+pub fn global_loss(
+    sn: &SuperNet,
+    set: &MergeSet,
+    feats: &[Tensor],
+    idx: &Tensor,
+    targets: Targets,
+    form: StepForm,
+) -> Tensor {
+    let x = set.x.index_select(0, idx);
+    let pred = match form {
+        StepForm::Fold => sn.forward_fold(&x),
+        StepForm::Literal => sn.forward_literal(&x),
+    };
+    let last = feats.len() - 1;
+    reconstruction_loss(
+        &pred,
+        &feats[last].index_select(1, idx),
+        mask_for(set, idx, sn.n, targets).as_ref(),
+    )
+}
+
+fn all_indices(set: &MergeSet) -> Tensor {
+    Tensor::arange(set.len() as i64, (tch::Kind::Int64, tch::Device::Cpu))
+}
+
+/// Loss of local problem l on the whole merge set (no gradient).
+pub fn local_loss_full(
+    sn: &SuperNet,
+    l: usize,
+    set: &MergeSet,
+    feats: &[Tensor],
+    targets: Targets,
+) -> f64 {
+    tch::no_grad(|| local_loss(sn, l, set, feats, &all_indices(set), targets).double_value(&[]))
+}
+
+/// Global loss on the whole merge set (no gradient).
+pub fn global_loss_full(sn: &SuperNet, set: &MergeSet, feats: &[Tensor], targets: Targets) -> f64 {
+    tch::no_grad(|| {
+        global_loss(sn, set, feats, &all_indices(set), targets, StepForm::Fold).double_value(&[])
+    })
+}
+
+/// Train local problem l alone: only layer l's M/U, original features in and out. Problems
+/// share nothing, so they can run in any order or in parallel.
+pub fn train_local_layer(
+    sn: &SuperNet,
+    l: usize,
+    set: &MergeSet,
+    feats: &[Tensor],
+    s: &TrainSettings,
+    progress: &dyn Progress,
+) -> Result<Vec<LogRow>> {
+    let settings = TrainSettings {
+        seed: s.seed.wrapping_add(1 + l as u64),
+        ..s.clone()
+    };
+    optimise(
+        &format!("local layer{l}"),
+        &sn.mu[l].params(),
+        set.len(),
+        &settings,
+        progress,
+        |idx| local_loss(sn, l, set, feats, idx, s.targets),
+    )
+}
+
+/// Train the whole SuperNet end to end on the last layer's features.
+pub fn train_global(
+    sn: &SuperNet,
+    set: &MergeSet,
+    feats: &[Tensor],
+    s: &TrainSettings,
+    progress: &dyn Progress,
+) -> Result<Vec<LogRow>> {
+    optimise("global", &sn.params(), set.len(), s, progress, |idx| {
+        global_loss(sn, set, feats, idx, s.targets, s.form)
+    })
+}
