@@ -488,7 +488,7 @@ impl JobConfig {
         positive(m.lr, "merge.lr")?;
         positive(m.batch_size as f64, "merge.batch_size")?;
         positive(m.n_originals as f64, "merge.n_originals")?;
-        if !(m.weight_decay >= 0.0) {
+        if m.weight_decay.is_nan() || m.weight_decay < 0.0 {
             return Err(Error::field(
                 "merge.weight_decay",
                 format!("must be ≥ 0, got {}", m.weight_decay),
@@ -513,7 +513,10 @@ impl JobConfig {
             ));
         }
         let a = &m.augment;
-        if !(a.noise_std >= 0.0) || !(a.mixup_alpha >= 0.0) || !(a.cutmix_alpha >= 0.0) {
+        if [a.noise_std, a.mixup_alpha, a.cutmix_alpha]
+            .iter()
+            .any(|v| v.is_nan() || *v < 0.0)
+        {
             return Err(Error::field(
                 "merge.augment",
                 "noise_std, mixup_alpha and cutmix_alpha must be ≥ 0",
@@ -525,7 +528,7 @@ impl JobConfig {
                 format!("must be in [0, 1], got {}", a.switch_prob),
             ));
         }
-        if a.mix_batch < 2 || a.mix_batch % 2 != 0 {
+        if a.mix_batch < 2 || !a.mix_batch.is_multiple_of(2) {
             return Err(Error::field(
                 "merge.augment.mix_batch",
                 format!("must be an even number ≥ 2, got {}", a.mix_batch),

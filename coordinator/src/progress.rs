@@ -70,7 +70,7 @@ impl Progress for Reporter {
         let Ok(mut s) = self.state.lock() else { return };
         if let Some(bar) = &s.bar {
             bar.set_position(step);
-            if step % 10 == 0 || step == s.total {
+            if step.is_multiple_of(10) || step == s.total {
                 bar.set_message(format!("loss {loss:.4e} lr {lr:.2e}"));
             }
         } else if s.last_line.elapsed() >= LINE_EVERY {

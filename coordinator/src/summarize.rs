@@ -6,6 +6,14 @@ use fsmerge_common::metrics::Metrics;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// Per method: mean task accuracies, joint accuracies, per-task accuracies (one per run).
+#[derive(Default)]
+struct Collected {
+    mean: Vec<f64>,
+    joint: Vec<f64>,
+    per_task: BTreeMap<String, Vec<f64>>,
+}
+
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -27,8 +35,7 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
         "summarize needs at least one run directory"
     );
     let mut order: Vec<String> = Vec::new();
-    let mut per: BTreeMap<String, (Vec<f64>, Vec<f64>, BTreeMap<String, Vec<f64>>)> =
-        BTreeMap::new();
+    let mut per: BTreeMap<String, Collected> = BTreeMap::new();
     let mut tasks: Vec<String> = Vec::new();
     for dir in runs {
         let m: Metrics = read_json(&dir.join("metrics.json"))
@@ -39,15 +46,15 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
                 order.push(key.clone());
             }
             let e = per.entry(key).or_default();
-            e.0.push(r.mean_task_acc);
+            e.mean.push(r.mean_task_acc);
             if let Some(j) = r.joint_acc {
-                e.1.push(j);
+                e.joint.push(j);
             }
             for (t, a) in r.per_task_acc {
                 if !tasks.contains(&t) {
                     tasks.push(t.clone());
                 }
-                e.2.entry(t).or_default().push(a);
+                e.per_task.entry(t).or_default().push(a);
             }
         }
     }
@@ -62,7 +69,11 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
     s.push_str(&"---:|".repeat(tasks.len() + 2));
     s.push('\n');
     for key in &order {
-        let (mean, joint, pt) = &per[key];
+        let Collected {
+            mean,
+            joint,
+            per_task: pt,
+        } = &per[key];
         s.push_str(&format!("| {key} |"));
         for t in &tasks {
             s.push_str(&format!(" {} |", pt.get(t).map_or("–".into(), |v| cell(v))));

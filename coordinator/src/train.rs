@@ -19,7 +19,8 @@ pub fn ensure_originals(job: &Job, force: bool) -> Result<()> {
     let missing: Vec<usize> = (0..job.cfg.tasks.len())
         .filter(|&t| {
             let (st, js) = model_paths(&job.models_dir, &job.cfg.tasks[t].name);
-            force || !st.exists() || !js.exists()
+            // Only a model with neither file is missing; a lone file is an error for the loader.
+            force || (!st.exists() && !js.exists())
         })
         .collect();
     if missing.is_empty() {

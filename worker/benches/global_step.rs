@@ -1,1 +1,148 @@
-fn main() {}
+//! Benchmark: one global FS-Merge training step of the MLP SuperNet (n = 2, batch 128,
+//! 784-256-256-256, diagonal_and_low_rank rank 12, AdamW + OneCycle), fsmerge's literal branch
+//! form and its default (training through the fold) against the same step in PyTorch eager
+//! (bench/reference_step.py), side by side in one run with the same thread count.
+//!
+//! `cargo bench -p fsmerge-worker --bench global_step` (after `source deploy/env.sh`).
+//! Environment: FSMERGE_BENCH_THREADS (default 1), FSMERGE_BENCH_STEPS (default 200),
+//! FSMERGE_BENCH_N (models, default 2), FSMERGE_PYTHON (default: python of the active venv).
+
+use fsmerge_common::config::{Init, MuType, StepForm};
+use fsmerge_worker::mlp::Mlp;
+use fsmerge_worker::optim::{AdamW, Schedule};
+use fsmerge_worker::supernet::SuperNet;
+use fsmerge_worker::tensor::F32;
+use std::process::Command;
+use std::time::Instant;
+use tch::Tensor;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const DIMS: [usize; 4] = [784, 256, 256, 256];
+const BATCH: i64 = 128;
+const RANK: usize = 12;
+const WARMUP: usize = 20;
+
+/// Median milliseconds of a full step (forward, backward, AdamW, schedule) in `form`.
+fn time_form(n: usize, form: StepForm, steps: usize) -> f64 {
+    tch::manual_seed(0);
+    let models: Vec<Mlp> = (0..n).map(|_| Mlp::init(DIMS[0], &DIMS[1..], 5)).collect();
+    let refs: Vec<&Mlp> = models.iter().collect();
+    let sn = SuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::First, RANK).expect("supernet");
+    let x = Tensor::randn([BATCH, DIMS[0] as i64], F32);
+    let target = Tensor::randn([n as i64, BATCH, DIMS[3] as i64], F32);
+    let params = sn.params();
+    let mut opt = AdamW::new(&params, 1e-3);
+    let total = (steps + WARMUP) as u64;
+    let schedule = Schedule::OneCycle {
+        max_lr: 1e-3,
+        total_steps: total,
+    };
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..total {
+        let t0 = Instant::now();
+        let pred = match form {
+            StepForm::Fold => sn.forward_fold(&x),
+            StepForm::Literal => sn.forward_literal(&x),
+        };
+        let loss = (pred - &target).square().mean(None);
+        let (lr, beta1) = schedule.at(step);
+        opt.step(&loss, lr, beta1).expect("step");
+        if step as usize >= WARMUP {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+fn python() -> String {
+    if let Ok(p) = std::env::var("FSMERGE_PYTHON") {
+        return p;
+    }
+    if std::env::var_os("VIRTUAL_ENV").is_some() {
+        "python".into()
+    } else {
+        "python3".into()
+    }
+}
+
+fn time_pytorch(n: usize, threads: usize, steps: usize) -> Result<f64, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/reference_step.py");
+    let dims = DIMS
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = Command::new(python())
+        .args([
+            script,
+            "--n",
+            &n.to_string(),
+            "--batch",
+            &BATCH.to_string(),
+            "--rank",
+            &RANK.to_string(),
+        ])
+        .args([
+            "--dims",
+            &dims,
+            "--threads",
+            &threads.to_string(),
+            "--steps",
+            &steps.to_string(),
+            "--warmup",
+            &WARMUP.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("running {}: {e}", python()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "reference script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("bad output `{line}`: {e}"))?;
+    v["step_ms"]
+        .as_f64()
+        .ok_or_else(|| format!("no step_ms in `{line}`"))
+}
+
+fn main() {
+    // `cargo test --benches` runs this with --bench absent; keep that cheap.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("global_step: run with `cargo bench` to measure");
+        return;
+    }
+    let threads = env_usize("FSMERGE_BENCH_THREADS", 1);
+    let steps = env_usize("FSMERGE_BENCH_STEPS", 200);
+    let n = env_usize("FSMERGE_BENCH_N", 2);
+    tch::set_num_threads(threads as i32);
+    println!("global FS-Merge step: n={n}, batch {BATCH}, dims {DIMS:?}, diagonal_and_low_rank r={RANK}, {threads} thread(s), median of {steps}");
+    let py = match time_pytorch(n, threads, steps) {
+        Ok(ms) => ms,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let literal = time_form(n, StepForm::Literal, steps);
+    let fold = time_form(n, StepForm::Fold, steps);
+    println!("pytorch eager (literal n-branch): {py:8.3} ms/step");
+    println!(
+        "fsmerge literal branch form:      {literal:8.3} ms/step  ratio {:.3} (target ≤ 1.0)",
+        literal / py
+    );
+    println!(
+        "fsmerge through the fold:         {fold:8.3} ms/step  ratio {:.3} (target ≤ 0.5)",
+        fold / py
+    );
+}

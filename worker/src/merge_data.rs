@@ -68,7 +68,10 @@ pub fn build(
         for r in originals.iter().chain(&augmented) {
             rows.extend_from_slice(r);
         }
-        task_ids.extend(std::iter::repeat(t as i64).take(originals.len() + augmented.len()));
+        task_ids.extend(std::iter::repeat_n(
+            t as i64,
+            originals.len() + augmented.len(),
+        ));
         per_task.push(originals.len() + augmented.len());
     }
     let n = task_ids.len() as i64;

@@ -20,14 +20,15 @@ pub enum Role {
 /// Low-rank factors' scale for the zero/random (LoRA-style) init (`LOW_RANK_FACTOR`).
 const LOW_RANK_FACTOR: f64 = 0.1;
 
+/// One M or U; which parts (diagonal, low-rank factors, full) it has follows its type.
 pub struct MuMatrix {
-    pub role: Role,
-    pub n: usize,
-    pub k: usize,
-    pub rank: usize,
-    pub diag: Option<Tensor>,
-    pub lr: Option<(Tensor, Tensor)>,
-    pub full: Option<Tensor>,
+    role: Role,
+    n: usize,
+    k: usize,
+    rank: usize,
+    diag: Option<Tensor>,
+    lr: Option<(Tensor, Tensor)>,
+    full: Option<Tensor>,
 }
 
 impl MuMatrix {
@@ -167,115 +168,78 @@ impl MuMatrix {
         }
     }
 
+    /// Sum of the parts' contributions: `diag(d)`, `low_rank(a, b)` and `full(f)` for the
+    /// parts this matrix has (the constructor guarantees at least one).
+    fn combine(
+        &self,
+        diag: impl Fn(&Tensor) -> Tensor,
+        low_rank: impl Fn(&Tensor, &Tensor) -> Tensor,
+        full: impl Fn(&Tensor) -> Tensor,
+    ) -> Tensor {
+        [
+            self.diag.as_ref().map(diag),
+            self.lr.as_ref().map(|(a, b)| low_rank(a, b)),
+            self.full.as_ref().map(full),
+        ]
+        .into_iter()
+        .flatten()
+        .reduce(|acc, t| acc + t)
+        .unwrap_or_else(|| Tensor::zeros([0], F32))
+    }
+
     /// Merge: Σ_i y_i M_i for y [n, R, k] → [R, k'].
     pub fn merge(&self, y: &Tensor) -> Tensor {
         debug_assert_eq!(self.role, Role::Merge);
-        let mut out: Option<Tensor> = None;
-        let mut add = |t: Tensor| {
-            out = Some(match out.take() {
-                Some(o) => o + t,
-                None => t,
-            })
-        };
-        if let Some(d) = &self.diag {
-            add((y * d.unsqueeze(1)).sum_dim_intlist(0, false, None));
-        }
-        if let Some((a, b)) = &self.lr {
-            add(y
-                .bmm(&self.lr_blocks(a))
-                .sum_dim_intlist(0, false, None)
-                .matmul(b));
-        }
-        if let Some(f) = &self.full {
-            add(y.bmm(&self.full_blocks(f)).sum_dim_intlist(0, false, None));
-        }
-        out.unwrap_or_else(|| y.sum_dim_intlist(0, false, None))
+        let sum0 = |t: Tensor| t.sum_dim_intlist(0, false, None);
+        self.combine(
+            |d| sum0(y * d.unsqueeze(1)),
+            |a, b| sum0(y.bmm(&self.lr_blocks(a))).matmul(b),
+            |f| sum0(y.bmm(&self.full_blocks(f))),
+        )
     }
 
     /// Per-model products p_i M_i for p [n, R, k] → [n, R, k'] (no sum; used when folding).
     pub fn right_apply(&self, p: &Tensor) -> Tensor {
         debug_assert_eq!(self.role, Role::Merge);
-        let mut out: Option<Tensor> = None;
-        let mut add = |t: Tensor| {
-            out = Some(match out.take() {
-                Some(o) => o + t,
-                None => t,
-            })
-        };
-        if let Some(d) = &self.diag {
-            add(p * d.unsqueeze(1));
-        }
-        if let Some((a, b)) = &self.lr {
-            add(p.bmm(&self.lr_blocks(a)).matmul(b));
-        }
-        if let Some(f) = &self.full {
-            add(p.bmm(&self.full_blocks(f)));
-        }
-        out.unwrap_or_else(|| p.shallow_clone())
+        self.combine(
+            |d| p * d.unsqueeze(1),
+            |a, b| p.bmm(&self.lr_blocks(a)).matmul(b),
+            |f| p.bmm(&self.full_blocks(f)),
+        )
     }
 
     /// Unmerge: x U_i for x [R, k'] → [n, R, k].
     pub fn unmerge(&self, x: &Tensor) -> Tensor {
         debug_assert_eq!(self.role, Role::Unmerge);
-        let mut out: Option<Tensor> = None;
-        let mut add = |t: Tensor| {
-            out = Some(match out.take() {
-                Some(o) => o + t,
-                None => t,
-            })
-        };
-        if let Some(d) = &self.diag {
-            add(x.unsqueeze(0) * d.unsqueeze(1));
-        }
-        if let Some((a, b)) = &self.lr {
-            add(x.matmul(a).unsqueeze(0).matmul(&self.lr_blocks(b)));
-        }
-        if let Some(f) = &self.full {
-            add(x.unsqueeze(0).matmul(&self.full_blocks(f)));
-        }
-        out.unwrap_or_else(|| x.unsqueeze(0).repeat([self.n as i64, 1, 1]))
+        self.combine(
+            |d| x.unsqueeze(0) * d.unsqueeze(1),
+            |a, b| x.matmul(a).unsqueeze(0).matmul(&self.lr_blocks(b)),
+            |f| x.unsqueeze(0).matmul(&self.full_blocks(f)),
+        )
     }
 
     /// Σ_i U_i p_i for p [n, k, C] → [k', C] (used when folding).
     pub fn fold_left(&self, p: &Tensor) -> Tensor {
         debug_assert_eq!(self.role, Role::Unmerge);
-        let mut out: Option<Tensor> = None;
-        let mut add = |t: Tensor| {
-            out = Some(match out.take() {
-                Some(o) => o + t,
-                None => t,
-            })
-        };
-        if let Some(d) = &self.diag {
-            add((d.unsqueeze(2) * p).sum_dim_intlist(0, false, None));
-        }
-        if let Some((a, b)) = &self.lr {
-            add(a.matmul(&self.lr_blocks(b).bmm(p).sum_dim_intlist(0, false, None)));
-        }
-        if let Some(f) = &self.full {
-            add(self.full_blocks(f).bmm(p).sum_dim_intlist(0, false, None));
-        }
-        out.unwrap_or_else(|| p.sum_dim_intlist(0, false, None))
+        let sum0 = |t: Tensor| t.sum_dim_intlist(0, false, None);
+        self.combine(
+            |d| sum0(d.unsqueeze(2) * p),
+            |a, b| a.matmul(&sum0(self.lr_blocks(b).bmm(p))),
+            |f| sum0(self.full_blocks(f).bmm(p)),
+        )
     }
 
     /// Dense block of model i: merge M_i [k, k'], unmerge U_i [k', k].
     pub fn block(&self, i: usize) -> Tensor {
         let i = i as i64;
-        let mut out = Tensor::zeros([self.k as i64, self.k as i64], F32);
-        if let Some(d) = &self.diag {
-            out = out + d.get(i).diag_embed(0, -2, -1);
-        }
-        if let Some((a, b)) = &self.lr {
-            out = out
-                + match self.role {
-                    Role::Merge => self.lr_blocks(a).get(i).matmul(b),
-                    Role::Unmerge => a.matmul(&self.lr_blocks(b).get(i)),
-                };
-        }
-        if let Some(f) = &self.full {
-            out = out + self.full_blocks(f).get(i);
-        }
-        out
+        self.combine(
+            |d| d.get(i).diag_embed(0, -2, -1),
+            |a, b| match self.role {
+                Role::Merge => self.lr_blocks(a).get(i).matmul(b),
+                Role::Unmerge => a.matmul(&self.lr_blocks(b).get(i)),
+            },
+            |f| self.full_blocks(f).get(i),
+        )
     }
 
     /// The whole matrix in code layout: merge [n·k, k'], unmerge [k', n·k].

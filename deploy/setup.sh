@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Sets up everything fsmerge needs on a fresh machine, then builds it (release):
+#   - Debian's dataset-fashion-mnist (the benchmark data), checked against known sha256 sums;
+#   - a project-local venv (.venv) with torch==2.11.0 from PyPI: libtorch for tch, and the
+#     PyTorch reference of the benchmark;
+#   - data/digits.csv.gz (sklearn's 8x8 digits, from the scikit-learn wheel) for the fast tests.
+# Idempotent: steps already done are skipped. Needs root (or sudo) for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+SKLEARN_VERSION=1.9.1
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+
+say() { echo "[setup] $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+  say "installing dataset-fashion-mnist (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+(cd "$FMNIST_DIR" && sha256sum -c --quiet) <<'SUMS'
+b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7  train-images-idx3-ubyte.gz
+0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056  train-labels-idx1-ubyte.gz
+cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa  t10k-images-idx3-ubyte.gz
+8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05  t10k-labels-idx1-ubyte.gz
+SUMS
+
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  say "creating .venv with torch==$TORCH_VERSION (PyPI, a few GB)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+
+mkdir -p data
+if [ ! -f data/digits.csv.gz ]; then
+  say "extracting digits.csv.gz from scikit-learn==$SKLEARN_VERSION"
+  tmp=$(mktemp -d)
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps -d "$tmp" "scikit-learn==$SKLEARN_VERSION"
+  .venv/bin/python - "$tmp" <<'PY'
+import glob, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/scikit_learn-*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    data = z.read("sklearn/datasets/data/digits.csv.gz")
+open("data/digits.csv.gz.tmp", "wb").write(data)
+PY
+  mv data/digits.csv.gz.tmp data/digits.csv.gz
+  rm -rf "$tmp"
+fi
+echo "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22  data/digits.csv.gz" | sha256sum -c --quiet
+
+source deploy/env.sh
+say "building fsmerge (release; the first build compiles libtorch's C++ wrapper, ~4 min)"
+cargo build --release --workspace
+say "ready: target/release/fsmerge"
