@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/env.sh
 config=$1; shift
+extra=("$@")
 name=$(basename "$config" .toml)
 bin=target/release/fsmerge
 models="runs/$name/originals"
@@ -14,13 +15,13 @@ $bin train "$config" --set "train.models_dir=\"$models\"" >/dev/null 2>&1 || tru
 for mode in local-then-global global local; do
   for lr in 1e-3 3e-3 1e-2; do
     for epochs in "40 20" "100 50"; do
-      set -- $epochs
+      read -r local_epochs global_epochs <<<"$epochs"
       for targets in all own; do
-        out="runs/sweep-$name/$mode-$lr-$1-$targets"
+        out="runs/sweep-$name/$mode-$lr-$local_epochs-$targets"
         $bin merge "$config" --out "$out" --set "train.models_dir=\"$models\"" --set 'baselines.methods=[]' \
-          --set merge.mode=$mode --set merge.lr=$lr --set merge.epochs=$1 --set merge.global_epochs=$2 \
-          --set merge.targets=$targets "${@:3}" >/dev/null 2>&1
-        python3 - "$out/metrics.json" "$mode lr=$lr epochs=$1+$2 targets=$targets" <<'PY'
+          --set merge.mode=$mode --set merge.lr=$lr --set merge.epochs=$local_epochs --set merge.global_epochs=$global_epochs \
+          --set merge.targets=$targets "${extra[@]}" >/dev/null 2>&1 || { echo "failed  $mode lr=$lr epochs=$epochs targets=$targets"; continue; }
+        python3 - "$out/metrics.json" "$mode lr=$lr epochs=$local_epochs+$global_epochs targets=$targets" <<'PY'
 import json, sys
 r = [x for x in json.load(open(sys.argv[1]))["results"] if x["method"] == "fs-merge"][0]
 print(f'{100*r["val_mean_task_acc"]:.2f} {100*r["mean_task_acc"]:.2f} {100*r["joint_acc"]:.2f}  {sys.argv[2]}', flush=True)

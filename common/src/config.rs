@@ -278,13 +278,13 @@ fn default_targets() -> Targets {
     Targets::All
 }
 fn default_merge_epochs() -> usize {
-    40
+    100
 }
 fn default_global_epochs() -> usize {
-    20
+    50
 }
 fn default_merge_lr() -> f64 {
-    1e-3
+    3e-3
 }
 fn default_wd() -> f64 {
     1e-3

@@ -5,6 +5,7 @@
 //!
 //! `cargo bench -p fsmerge-worker --bench global_step` (after `source deploy/env.sh`).
 //! Environment: FSMERGE_BENCH_THREADS (default 1), FSMERGE_BENCH_STEPS (default 200),
+//! FSMERGE_BENCH_ROUNDS (alternating rounds, default 3),
 //! FSMERGE_BENCH_N (models, default 2), FSMERGE_PYTHON (default: python of the active venv).
 
 use fsmerge_common::config::{Init, MuType, StepForm};
@@ -127,15 +128,26 @@ fn main() {
     let n = env_usize("FSMERGE_BENCH_N", 2);
     tch::set_num_threads(threads as i32);
     println!("global FS-Merge step: n={n}, batch {BATCH}, dims {DIMS:?}, diagonal_and_low_rank r={RANK}, {threads} thread(s), median of {steps}");
-    let py = match time_pytorch(n, threads, steps) {
-        Ok(ms) => ms,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1);
+    // This machine is noisy: alternate the three measurements in rounds and report the median
+    // of each, so that a slow spell hits every form alike.
+    let rounds = env_usize("FSMERGE_BENCH_ROUNDS", 3);
+    let (mut py, mut literal, mut fold) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        match time_pytorch(n, threads, steps) {
+            Ok(ms) => py.push(ms),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
         }
-    };
-    let literal = time_form(n, StepForm::Literal, steps);
-    let fold = time_form(n, StepForm::Fold, steps);
+        literal.push(time_form(n, StepForm::Literal, steps));
+        fold.push(time_form(n, StepForm::Fold, steps));
+        println!(
+            "round {round}: pytorch {:.3} ms, literal {:.3} ms, fold {:.3} ms",
+            py[round], literal[round], fold[round]
+        );
+    }
+    let (py, literal, fold) = (median(py), median(literal), median(fold));
     println!("pytorch eager (literal n-branch): {py:8.3} ms/step");
     println!(
         "fsmerge literal branch form:      {literal:8.3} ms/step  ratio {:.3} (target ≤ 1.0)",
@@ -145,4 +157,9 @@ fn main() {
         "fsmerge through the fold:         {fold:8.3} ms/step  ratio {:.3} (target ≤ 0.5)",
         fold / py
     );
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }

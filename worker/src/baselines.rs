@@ -21,29 +21,21 @@ pub fn first(models: &[&Mlp]) -> MergedModel {
     }
 }
 
+/// Element-wise mean of one tensor across the models.
+fn mean_over(models: &[&Mlp], pick: impl Fn(&Mlp) -> &Tensor) -> Tensor {
+    let stacked = Tensor::stack(
+        &models.iter().map(|m| pick(m).detach()).collect::<Vec<_>>(),
+        0,
+    );
+    stacked.mean_dim(0, false, None)
+}
+
 /// Uniform average of the bodies' weights and biases.
 pub fn average(models: &[&Mlp]) -> MergedModel {
-    let n = models.len() as f64;
     let body = (0..models[0].body.len())
         .map(|l| Linear {
-            w: Tensor::stack(
-                &models
-                    .iter()
-                    .map(|m| m.body[l].w.detach())
-                    .collect::<Vec<_>>(),
-                0,
-            )
-            .sum_dim_intlist(0, false, None)
-                / n,
-            b: Tensor::stack(
-                &models
-                    .iter()
-                    .map(|m| m.body[l].b.detach())
-                    .collect::<Vec<_>>(),
-                0,
-            )
-            .sum_dim_intlist(0, false, None)
-                / n,
+            w: mean_over(models, |m| &m.body[l].w),
+            b: mean_over(models, |m| &m.body[l].b),
         })
         .collect();
     MergedModel {

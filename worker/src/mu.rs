@@ -198,16 +198,6 @@ impl MuMatrix {
         )
     }
 
-    /// Per-model products p_i M_i for p [n, R, k] → [n, R, k'] (no sum; used when folding).
-    pub fn right_apply(&self, p: &Tensor) -> Tensor {
-        debug_assert_eq!(self.role, Role::Merge);
-        self.combine(
-            |d| p * d.unsqueeze(1),
-            |a, b| p.bmm(&self.lr_blocks(a)).matmul(b),
-            |f| p.bmm(&self.full_blocks(f)),
-        )
-    }
-
     /// Unmerge: x U_i for x [R, k'] → [n, R, k].
     pub fn unmerge(&self, x: &Tensor) -> Tensor {
         debug_assert_eq!(self.role, Role::Unmerge);
@@ -218,15 +208,28 @@ impl MuMatrix {
         )
     }
 
-    /// Σ_i U_i p_i for p [n, k, C] → [k', C] (used when folding).
-    pub fn fold_left(&self, p: &Tensor) -> Tensor {
+    /// The unmerge pushed into per-model weights wt [n, k, C] (W_iᵀ), as a sum of parts
+    /// `(left, P)` with x U_i wt_i = Σ_parts (x·left) P_i, `left` None meaning identity:
+    /// diagonal → (I, u_i ⊙ wt_i); low-rank → (A, B_i wt_i); full → (I, U_i wt_i).
+    /// Folding never forms the k×k products A·B_i, so a low-rank unmerge costs n·r·k·C.
+    pub fn push_into(&self, wt: &Tensor) -> Vec<(Option<Tensor>, Tensor)> {
         debug_assert_eq!(self.role, Role::Unmerge);
-        let sum0 = |t: Tensor| t.sum_dim_intlist(0, false, None);
-        self.combine(
-            |d| sum0(d.unsqueeze(2) * p),
-            |a, b| a.matmul(&sum0(self.lr_blocks(b).bmm(p))),
-            |f| sum0(self.full_blocks(f).bmm(p)),
-        )
+        let mut parts = Vec::new();
+        if let Some(d) = &self.diag {
+            parts.push((None, wt * d.unsqueeze(2)));
+        }
+        if let Some((a, b)) = &self.lr {
+            parts.push((Some(a.shallow_clone()), self.lr_blocks(b).bmm(wt)));
+        }
+        if let Some(f) = &self.full {
+            parts.push((None, self.full_blocks(f).bmm(wt)));
+        }
+        parts
+    }
+
+    /// Whether this matrix has a dense (full) part, whose fold costs n·k³.
+    pub fn is_full(&self) -> bool {
+        self.full.is_some()
     }
 
     /// Dense block of model i: merge M_i [k, k'], unmerge U_i [k', k].

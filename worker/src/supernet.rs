@@ -61,18 +61,39 @@ impl LayerMu {
     }
 }
 
-/// Folded layer, row convention: h*_l = relu(h*_{l-1} · wt + b). `u_prev` is None for layer 0,
-/// whose input is shared.
+/// Layer l with its merge and its input unmerge pushed into the frozen weights, as parts
+/// `(left, Q)`: W*ᵀ = Σ_parts left·Q (left None = identity), each Q = Σ_i P_i M_i. `u_prev` is
+/// None for layer 0, whose input is shared. Also returns the folded bias b* = Σ_i b_i M_i.
+fn folded_parts(
+    layer: &FrozenLayer,
+    m: &MuMatrix,
+    u_prev: Option<&MuMatrix>,
+) -> (Vec<(Option<Tensor>, Tensor)>, Tensor) {
+    let parts = match u_prev {
+        None => vec![(None, layer.wt.shallow_clone())],
+        Some(u) => u.push_into(&layer.wt),
+    };
+    let parts = parts
+        .into_iter()
+        .map(|(left, p)| (left, m.merge(&p)))
+        .collect();
+    let b = m.merge(&layer.b.unsqueeze(1)).squeeze_dim(0);
+    (parts, b)
+}
+
+/// Folded layer, row convention: h*_l = relu(h*_{l-1} · wt + b) with
+/// wt = W*ᵀ = Σ_i U_{l-1}⁽ⁱ⁾ W_iᵀ M_l⁽ⁱ⁾ and b = Σ_i b_i M_l⁽ⁱ⁾.
 pub fn fold_layer(
     layer: &FrozenLayer,
     m: &MuMatrix,
     u_prev: Option<&MuMatrix>,
 ) -> (Tensor, Tensor) {
-    let wt = match u_prev {
-        None => m.merge(&layer.wt),
-        Some(u) => u.fold_left(&m.right_apply(&layer.wt)),
-    };
-    let b = m.merge(&layer.b.unsqueeze(1)).squeeze_dim(0);
+    let (parts, b) = folded_parts(layer, m, u_prev);
+    let wt = parts
+        .into_iter()
+        .map(|(left, q)| left.map_or(q.shallow_clone(), |a| a.matmul(&q)))
+        .reduce(|acc, t| acc + t)
+        .unwrap_or_else(|| Tensor::zeros([0], crate::tensor::F32));
     (wt, b)
 }
 
@@ -128,12 +149,30 @@ impl SuperNet {
             .collect()
     }
 
-    /// Same function and gradients as `forward_literal`, through the folded network.
+    /// Same function and gradients as `forward_literal`, through the fold: each layer is one
+    /// plain matmul with W* (its low-rank parts kept factored, so no k×k low-rank product is
+    /// formed). Layers whose M/U are `full` run their branches instead: their fold costs n·k³.
     pub fn forward_fold(&self, x: &Tensor) -> Tensor {
-        let h = self
-            .folded()
-            .iter()
-            .fold(x.shallow_clone(), |h, (wt, b)| h.matmul(wt).g_add(b).relu());
+        let mut h = x.shallow_clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let m = &self.mu[l].m;
+            let u_prev = (l > 0).then(|| &self.mu[l - 1].u);
+            let z = if m.is_full() || u_prev.is_some_and(MuMatrix::is_full) {
+                let v = u_prev.map_or(h.shallow_clone(), |u| u.unmerge(&h));
+                m.merge(&layer.branches(&v))
+            } else {
+                let (parts, b) = folded_parts(layer, m, u_prev);
+                parts
+                    .iter()
+                    .map(|(left, q)| {
+                        left.as_ref()
+                            .map_or(h.shallow_clone(), |a| h.matmul(a))
+                            .matmul(q)
+                    })
+                    .fold(b.shallow_clone(), |acc, t| acc + t)
+            };
+            h = z.relu();
+        }
         self.mu[self.layers.len() - 1].u.unmerge(&h)
     }
 

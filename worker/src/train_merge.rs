@@ -8,7 +8,7 @@ use crate::optim::{AdamW, Schedule};
 use crate::progress::Progress;
 use crate::supernet::{own_mask, reconstruction_loss, SuperNet};
 use fsmerge_common::config::{StepForm, Targets};
-use fsmerge_common::Result;
+use fsmerge_common::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::Tensor;
@@ -78,10 +78,17 @@ pub fn optimise(
         order.shuffle(&mut rng);
         for chunk in order.chunks(s.batch_size) {
             let loss = loss_of(&Tensor::from_slice(chunk));
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                return Err(Error::Compute(format!(
+                    "{phase}: training diverged at step {step} (loss {value}); lower the learning rate (`merge.lr` = {})",
+                    s.lr
+                )));
+            }
             let (lr, beta1) = schedule.at(step);
             opt.step(&loss, lr, beta1)?;
             step += 1;
-            let loss = loss.double_value(&[]);
+            let loss = value;
             progress.step(phase, step, loss, lr);
             log.push(LogRow {
                 phase: phase.to_string(),
