@@ -127,43 +127,102 @@ fn digits_pipeline_end_to_end() {
     }
 }
 
+/// Phases of a run's train_log.jsonl, in order.
+fn phases(run: &std::path::Path) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in std::fs::read_to_string(run.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let p = v["phase"].as_str().unwrap().to_string();
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Mean loss of the first and last tenth of a phase's steps in a run's train_log.jsonl.
+fn loss_ends(run: &std::path::Path, phase: &str) -> (f64, f64) {
+    let text = std::fs::read_to_string(run.join("train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["phase"].as_str().unwrap() == phase)
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    let tenth = (losses.len() / 10).max(1);
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    (
+        mean(&losses[..tenth]),
+        mean(&losses[losses.len() - tenth..]),
+    )
+}
+
 #[test]
 fn every_mode_type_and_target_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let combos = [
-        [
-            "merge.mode=local",
-            "merge.mu_type=diagonal",
-            "merge.targets=own",
-            "merge.init=average",
-        ],
-        [
-            "merge.mode=global",
-            "merge.mu_type=full",
-            "merge.targets=all",
-            "merge.init=first",
-        ],
-        [
-            "merge.mode=global",
-            "merge.mu_type=low_rank",
-            "merge.targets=own",
-            "merge.init=random",
-        ],
-        [
-            "merge.mode=local-then-global",
-            "merge.mu_type=diagonal_and_low_rank",
-            "merge.targets=all",
-            "merge.init=random",
-        ],
+    // (overrides, whether the init starts from the originals and must beat chance clearly)
+    let combos: [(&[&str], bool); 4] = [
+        (
+            &[
+                "merge.mode=local",
+                "merge.mu_type=diagonal",
+                "merge.targets=own",
+                "merge.init=average",
+            ],
+            true,
+        ),
+        (
+            &[
+                "merge.mode=global",
+                "merge.mu_type=full",
+                "merge.targets=all",
+                "merge.init=first",
+            ],
+            true,
+        ),
+        (
+            &[
+                "merge.mode=global",
+                "merge.mu_type=low_rank",
+                "merge.rank=64",
+                "merge.targets=own",
+                "merge.init=random",
+            ],
+            false,
+        ),
+        (
+            &[
+                "merge.mode=local-then-global",
+                "merge.mu_type=diagonal_and_low_rank",
+                "merge.targets=all",
+                "merge.init=random",
+            ],
+            false,
+        ),
     ];
-    for (i, c) in combos.iter().enumerate() {
+    for (i, (sets, from_originals)) in combos.iter().enumerate() {
         let mut extra = vec!["--set", "baselines.methods=[]"];
-        for s in c {
+        for s in sets.iter() {
             extra.push("--set");
             extra.push(s);
         }
         let m = run(dir.path(), &format!("run{i}"), &extra);
         let fs = m.results.iter().find(|r| r.method == "fs-merge").unwrap();
-        assert!(fs.mean_task_acc > 0.3, "{c:?}: {}", fs.mean_task_acc);
+        assert!(fs.mean_task_acc.is_finite() && fs.joint_acc.unwrap().is_finite());
+        if *from_originals {
+            assert!(fs.mean_task_acc > 0.5, "{sets:?}: {}", fs.mean_task_acc);
+        }
+        // Random inits start from chance and need far more steps than a test affords; what
+        // must hold is that every phase lowers its loss.
+        let run = dir.path().join(format!("run{i}"));
+        let phases = phases(&run);
+        assert!(!phases.is_empty());
+        for phase in phases {
+            let (first, last) = loss_ends(&run, &phase);
+            assert!(last < first, "{sets:?} {phase}: loss {first} → {last}");
+        }
     }
 }
