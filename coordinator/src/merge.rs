@@ -303,6 +303,13 @@ fn fs_merge(
         );
         let after = train_merge::global_loss_full(&sn, set, feats, targets);
         tracing::info!("global: reconstruction loss {before:.4e} → {after:.4e}");
+        if after > before {
+            tracing::warn!(
+                "global training ended with a higher loss than it started ({before:.4e} → {after:.4e}): \
+                 the OneCycle peak lr is too high for this job; lower `merge.lr` (now {})",
+                m.lr
+            );
+        }
     } else {
         tracing::info!(
             "local SuperNet, global reconstruction loss {:.4e}",
