@@ -141,19 +141,30 @@ fn local_problems_are_independent() {
         form: StepForm::Fold,
         seed: 5,
     };
-    let train_layer1 = |poison: bool| {
-        tch::manual_seed(9);
+    // Both runs start layer 1 from the same values (copied, since tests share the global RNG).
+    let init: Vec<Tensor> = {
         let sn = SuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::First, 4).unwrap();
-        if poison {
-            // Other problems' state is garbage: layer 1's result must not change.
-            tch::no_grad(|| {
+        sn.mu[1]
+            .params()
+            .iter()
+            .map(|p| p.detach().copy())
+            .collect()
+    };
+    let train_layer1 = |poison: bool| {
+        let sn = SuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::First, 4).unwrap();
+        tch::no_grad(|| {
+            for (mut p, v) in sn.mu[1].params().into_iter().zip(&init) {
+                p.copy_(v);
+            }
+            if poison {
+                // Other problems' state is garbage: layer 1's result must not change.
                 for l in [0, 2] {
                     for mut p in sn.mu[l].params() {
                         let _ = p.fill_(f64::NAN);
                     }
                 }
-            });
-        }
+            }
+        });
         train_merge::train_local_layer(&sn, 1, &data, &feats, &s, &Silent).unwrap();
         sn.mu[1].params()
     };
