@@ -55,12 +55,7 @@ pub fn write(
     write_json(&staging.path("merged.json"), &config)?;
     write_json(&staging.path("plan.json"), plan)?;
     write_json(&staging.path("config.json"), cfg)?;
-    let mut lines = String::new();
-    for row in log {
-        lines.push_str(&serde_json::to_string(row)?);
-        lines.push('\n');
-    }
-    write_atomic(&staging.path("train_log.jsonl"), lines.as_bytes())?;
+    write_jsonl(&staging.path("train_log.jsonl"), log)?;
     let metrics = Metrics {
         job: cfg.name.clone(),
         seed: cfg.seed,
@@ -77,5 +72,16 @@ pub fn write(
     let dir = staging.commit()?;
     println!("{table}");
     tracing::info!("results written to {}", dir.display());
+    Ok(())
+}
+
+/// Write training-log rows as JSON lines, atomically.
+pub fn write_jsonl(path: &std::path::Path, rows: &[LogRow]) -> Result<()> {
+    let mut lines = String::new();
+    for row in rows {
+        lines.push_str(&serde_json::to_string(row)?);
+        lines.push('\n');
+    }
+    write_atomic(path, lines.as_bytes())?;
     Ok(())
 }

@@ -35,6 +35,7 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
     let cfg = &job.cfg;
     let staging = Staging::new(&job.models_dir)?;
     let reporter = Reporter::new();
+    let mut log = Vec::new();
     for &t in missing {
         let task = &cfg.tasks[t];
         let train = splits.train.task_tensors(&task.classes);
@@ -49,7 +50,7 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
             batch_size: cfg.train.batch_size,
             seed: model_seed(cfg.seed, t),
         };
-        let (ck, val_acc) =
+        let (ck, val_acc, rows) =
             train_original(&spec, (&train.0, &train.1), (&val.0, &val.1), &reporter)?;
         tracing::info!(
             "original `{}` (seed {}): validation accuracy {:.2}%",
@@ -58,7 +59,9 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
             100.0 * val_acc
         );
         ck.save(&staging.path(""))?;
+        log.extend(rows);
     }
+    crate::report::write_jsonl(&staging.path("train_log.jsonl"), &log)?;
     let dir = staging.commit()?;
     tracing::info!("originals written to {}", dir.display());
     Ok(())

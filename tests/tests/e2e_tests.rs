@@ -73,6 +73,10 @@ fn digits_pipeline_end_to_end() {
         assert!(dir.path().join("run").join(f).exists(), "{f} missing");
     }
     assert!(m.peak_rss_mib > 0.0);
+    assert!(
+        dir.path().join("models/train_log.jsonl").exists(),
+        "originals' training log missing"
+    );
 
     // The merged model on disk reproduces the reported accuracies.
     let cfg: MergedConfig = read_json(&dir.path().join("run/merged.json")).unwrap();

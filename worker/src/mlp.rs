@@ -2,7 +2,7 @@
 //! (`fsmerge train`) and their conversion to and from checkpoints.
 
 use crate::optim::{AdamW, Schedule};
-use crate::progress::Progress;
+use crate::progress::{LogRow, Progress};
 use crate::tensor::{to_host, to_tch, F32};
 use fsmerge_common::checkpoint::{MlpCheckpoint, MlpConfig, MLP_FORMAT};
 use fsmerge_common::Result;
@@ -148,13 +148,13 @@ pub struct TrainSpec<'a> {
 }
 
 /// Train one original MLP from its own seed with Adam and cross-entropy; returns the model's
-/// checkpoint and its validation accuracy.
+/// checkpoint, its validation accuracy and the training log.
 pub fn train_original(
     spec: &TrainSpec,
     train: (&Tensor, &Tensor),
     val: (&Tensor, &Tensor),
     progress: &dyn Progress,
-) -> Result<(MlpCheckpoint, f64)> {
+) -> Result<(MlpCheckpoint, f64, Vec<LogRow>)> {
     tch::manual_seed(spec.seed as i64);
     let model = Mlp::init(spec.input_dim, spec.hidden, spec.classes.len());
     let params: Vec<Tensor> = model
@@ -185,6 +185,7 @@ pub fn train_original(
     let phase = format!("train {}", spec.task);
     progress.start(&phase, total);
     let mut step = 0u64;
+    let mut log = Vec::with_capacity(total as usize);
     for _ in 0..spec.epochs {
         let mut order: Vec<i64> = (0..n as i64).collect();
         order.shuffle(&mut rng);
@@ -195,7 +196,14 @@ pub fn train_original(
             let (lr, beta1) = schedule.at(step);
             opt.step(&loss, lr, beta1)?;
             step += 1;
-            progress.step(&phase, step, loss.double_value(&[]), lr);
+            let loss = loss.double_value(&[]);
+            progress.step(&phase, step, loss, lr);
+            log.push(LogRow {
+                phase: phase.clone(),
+                step,
+                loss,
+                lr,
+            });
         }
     }
     progress.finish(&phase);
@@ -212,5 +220,5 @@ pub fn train_original(
         classes: spec.classes.to_vec(),
         seed: spec.seed,
     };
-    Ok((frozen.to_checkpoint(config)?, val_acc))
+    Ok((frozen.to_checkpoint(config)?, val_acc, log))
 }

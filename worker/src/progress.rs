@@ -17,3 +17,12 @@ impl Progress for Silent {
     fn step(&self, _: &str, _: u64, _: f64, _: f64) {}
     fn finish(&self, _: &str) {}
 }
+
+/// One row of a training log (written as JSON lines).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogRow {
+    pub phase: String,
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+}

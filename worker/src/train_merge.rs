@@ -5,6 +5,7 @@
 use crate::merge_data::MergeSet;
 use crate::mlp::Mlp;
 use crate::optim::{AdamW, Schedule};
+pub use crate::progress::LogRow;
 use crate::progress::Progress;
 use crate::supernet::{own_mask, reconstruction_loss, SuperNet};
 use fsmerge_common::config::{StepForm, Targets};
@@ -41,15 +42,6 @@ pub struct TrainSettings {
     pub targets: Targets,
     pub form: StepForm,
     pub seed: u64,
-}
-
-/// One row of the training log (JSON lines).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LogRow {
-    pub phase: String,
-    pub step: u64,
-    pub loss: f64,
-    pub lr: f64,
 }
 
 /// Optimise `params` with AdamW + OneCycle over `n` samples in shuffled batches; `loss_of`
