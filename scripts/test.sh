@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
 source deploy/env.sh
-cargo test --release --workspace --all-targets
+cargo test --release --workspace
