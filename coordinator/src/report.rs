@@ -11,8 +11,8 @@ use fsmerge_common::fsio::{write_atomic, Staging};
 use fsmerge_common::metrics::{peak_rss_mib, MethodResult, Metrics};
 use fsmerge_common::plan::Plan;
 use fsmerge_worker::eval::MergedModel;
+use fsmerge_worker::progress::LogRow;
 use fsmerge_worker::tensor::to_host;
-use fsmerge_worker::train_merge::LogRow;
 use std::collections::BTreeMap;
 use std::time::Instant;
 

@@ -4,8 +4,9 @@
 use crate::eval::{mean_abs, MergedModel};
 use crate::merge_data::MergeSet;
 use crate::mlp::{body_forward, Linear, Mlp};
+use crate::progress::LogRow;
 use crate::progress::Progress;
-use crate::train_merge::{optimise, LogRow, TrainSettings};
+use crate::train_merge::{optimise, TrainSettings};
 use fsmerge_common::{Error, Result};
 use tch::Tensor;
 

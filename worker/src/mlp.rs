@@ -1,13 +1,11 @@
 //! The original models: an MLP body of ReLU layers and a linear head per task, their training
 //! (`fsmerge train`) and their conversion to and from checkpoints.
 
-use crate::optim::{AdamW, Schedule};
+use crate::optim::{Run, Schedule};
 use crate::progress::{LogRow, Progress};
 use crate::tensor::{to_host, to_tch, F32};
 use fsmerge_common::checkpoint::{MlpCheckpoint, MlpConfig, MLP_FORMAT};
 use fsmerge_common::Result;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use tch::{Kind, Tensor};
 
 /// A linear layer, PyTorch layout: weight [out, in], bias [out].
@@ -157,56 +155,23 @@ pub fn train_original(
 ) -> Result<(MlpCheckpoint, f64, Vec<LogRow>)> {
     tch::manual_seed(spec.seed as i64);
     let model = Mlp::init(spec.input_dim, spec.hidden, spec.classes.len());
-    let params: Vec<Tensor> = model
-        .params()
-        .into_iter()
-        .map(|p| p.set_requires_grad(true))
-        .collect();
-    let model = Mlp {
-        body: params
-            .chunks(2)
-            .take(spec.hidden.len())
-            .map(|c| Linear {
-                w: c[0].shallow_clone(),
-                b: c[1].shallow_clone(),
-            })
-            .collect(),
-        head: Linear {
-            w: params[params.len() - 2].shallow_clone(),
-            b: params[params.len() - 1].shallow_clone(),
-        },
-    };
-    let n = train.0.size()[0] as usize;
-    let steps_per_epoch = n.div_ceil(spec.batch_size);
-    let total = (steps_per_epoch * spec.epochs) as u64;
-    let mut opt = AdamW::new(&params, 0.0);
-    let schedule = Schedule::Constant(spec.lr);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed ^ 0xabcd);
-    let phase = format!("train {}", spec.task);
-    progress.start(&phase, total);
-    let mut step = 0u64;
-    let mut log = Vec::with_capacity(total as usize);
-    for _ in 0..spec.epochs {
-        let mut order: Vec<i64> = (0..n as i64).collect();
-        order.shuffle(&mut rng);
-        for chunk in order.chunks(spec.batch_size) {
-            let idx = Tensor::from_slice(chunk);
-            let (x, y) = (train.0.index_select(0, &idx), train.1.index_select(0, &idx));
-            let loss = model.logits(&x).cross_entropy_for_logits(&y);
-            let (lr, beta1) = schedule.at(step);
-            opt.step(&loss, lr, beta1)?;
-            step += 1;
-            let loss = loss.double_value(&[]);
-            progress.step(&phase, step, loss, lr);
-            log.push(LogRow {
-                phase: phase.clone(),
-                step,
-                loss,
-                lr,
-            });
-        }
+    let params = model.params();
+    for p in &params {
+        let _ = p.set_requires_grad(true);
     }
-    progress.finish(&phase);
+    let run = Run {
+        phase: &format!("train {}", spec.task),
+        epochs: spec.epochs,
+        batch_size: spec.batch_size,
+        seed: spec.seed ^ 0xabcd,
+        schedule: Schedule::Constant(spec.lr),
+        weight_decay: 0.0,
+        lr_field: "train.lr",
+    };
+    let log = run.optimise(&params, train.0.size()[0] as usize, progress, |idx| {
+        let (x, y) = (train.0.index_select(0, idx), train.1.index_select(0, idx));
+        model.logits(&x).cross_entropy_for_logits(&y)
+    })?;
     let frozen = Mlp {
         body: model.body.iter().map(Linear::copy).collect(),
         head: model.head.copy(),

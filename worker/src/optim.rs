@@ -1,7 +1,11 @@
-//! AdamW over trainable tensors only, and the OneCycle schedule (PyTorch's `OneCycleLR` with
-//! linear annealing and β1 cycling 0.95 → 0.85 → 0.95), as the authors' trainer uses them.
+//! AdamW over trainable tensors only, the OneCycle schedule (PyTorch's `OneCycleLR` with
+//! linear annealing and β1 cycling 0.95 → 0.85 → 0.95), as the authors' trainer uses them, and
+//! the one training loop (`Run`) that the originals, the M/U matrices and KD all go through.
 
+use crate::progress::{LogRow, Progress};
 use fsmerge_common::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use tch::Tensor;
 
 /// Learning rate (and Adam β1) as a function of the step.
@@ -20,6 +24,14 @@ const BETA1_BASE: f64 = 0.85;
 const BETA1: f64 = 0.9;
 
 impl Schedule {
+    /// The largest learning rate of the schedule.
+    pub fn peak(&self) -> f64 {
+        match *self {
+            Schedule::Constant(lr) => lr,
+            Schedule::OneCycle { max_lr, .. } => max_lr,
+        }
+    }
+
     /// (lr, β1) for 0-based `step`, matching torch.optim.lr_scheduler.OneCycleLR.
     pub fn at(&self, step: u64) -> (f64, f64) {
         match *self {
@@ -105,6 +117,71 @@ impl AdamW {
                 let _ = p.addcdiv_(&(m.shallow_clone() * (-lr / bc1)), &denom);
             }
         });
+    }
+}
+
+/// One training run over `n` samples: epochs of shuffled batches, one AdamW step each.
+pub struct Run<'a> {
+    pub phase: &'a str,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Seeds the batch order.
+    pub seed: u64,
+    pub schedule: Schedule,
+    pub weight_decay: f64,
+    /// The config field that sets the learning rate, named when training diverges.
+    pub lr_field: &'a str,
+}
+
+/// Optimiser steps of `epochs` over `n` samples in batches of `batch_size`.
+pub fn total_steps(n: usize, batch_size: usize, epochs: usize) -> u64 {
+    (n.div_ceil(batch_size) * epochs) as u64
+}
+
+impl Run<'_> {
+    /// Optimise `params`; `loss_of` computes the loss of a batch of sample indices. A non-finite
+    /// loss is an error naming the learning-rate field. Returns the log rows.
+    pub fn optimise(
+        &self,
+        params: &[Tensor],
+        n: usize,
+        progress: &dyn Progress,
+        mut loss_of: impl FnMut(&Tensor) -> Tensor,
+    ) -> Result<Vec<LogRow>> {
+        let phase = self.phase;
+        let total = total_steps(n, self.batch_size, self.epochs);
+        let mut opt = AdamW::new(params, self.weight_decay);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let mut log = Vec::with_capacity(total as usize);
+        progress.start(phase, total);
+        let mut step = 0u64;
+        for _ in 0..self.epochs {
+            let mut order: Vec<i64> = (0..n as i64).collect();
+            order.shuffle(&mut rng);
+            for chunk in order.chunks(self.batch_size) {
+                let loss = loss_of(&Tensor::from_slice(chunk));
+                let value = loss.double_value(&[]);
+                if !value.is_finite() {
+                    return Err(Error::Compute(format!(
+                        "{phase}: training diverged at step {step} (loss {value}); lower the learning rate (`{}` = {})",
+                        self.lr_field,
+                        self.schedule.peak()
+                    )));
+                }
+                let (lr, beta1) = self.schedule.at(step);
+                opt.step(&loss, lr, beta1)?;
+                step += 1;
+                progress.step(phase, step, value, lr);
+                log.push(LogRow {
+                    phase: phase.to_string(),
+                    step,
+                    loss: value,
+                    lr,
+                });
+            }
+        }
+        progress.finish(phase);
+        Ok(log)
     }
 }
 

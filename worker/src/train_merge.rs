@@ -1,17 +1,14 @@
-//! Training of the M/U matrices: teacher features, the local layer problems, the global
-//! end-to-end phase, and the shared optimisation loop (AdamW + OneCycle over shuffled,
-//! task-mixed batches).
+//! Training of the M/U matrices: teacher features, the local layer problems and the global
+//! end-to-end phase, each run by `optim::Run` with AdamW + OneCycle over shuffled, task-mixed
+//! batches.
 
 use crate::merge_data::MergeSet;
 use crate::mlp::Mlp;
-use crate::optim::{AdamW, Schedule};
-pub use crate::progress::LogRow;
-use crate::progress::Progress;
+use crate::optim::{total_steps, Run, Schedule};
+use crate::progress::{LogRow, Progress};
 use crate::supernet::{own_mask, reconstruction_loss, SuperNet};
 use fsmerge_common::config::{StepForm, Targets};
-use fsmerge_common::{Error, Result};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use fsmerge_common::Result;
 use tch::Tensor;
 
 /// Every model's features at every layer boundary on every merge input: `[l]` is [n, N, k_l].
@@ -44,54 +41,29 @@ pub struct TrainSettings {
     pub seed: u64,
 }
 
-/// Optimise `params` with AdamW + OneCycle over `n` samples in shuffled batches; `loss_of`
-/// computes the loss of a batch of sample indices. Returns the log rows.
+/// Optimise `params` with AdamW + OneCycle (the merge settings `s`) over `n` samples in
+/// shuffled batches; `loss_of` computes the loss of a batch of sample indices.
 pub fn optimise(
     phase: &str,
     params: &[Tensor],
     n: usize,
     s: &TrainSettings,
     progress: &dyn Progress,
-    mut loss_of: impl FnMut(&Tensor) -> Tensor,
+    loss_of: impl FnMut(&Tensor) -> Tensor,
 ) -> Result<Vec<LogRow>> {
-    let steps_per_epoch = n.div_ceil(s.batch_size);
-    let total = (steps_per_epoch * s.epochs) as u64;
-    let schedule = Schedule::OneCycle {
-        max_lr: s.lr,
-        total_steps: total.max(1),
+    let run = Run {
+        phase,
+        epochs: s.epochs,
+        batch_size: s.batch_size,
+        seed: s.seed,
+        schedule: Schedule::OneCycle {
+            max_lr: s.lr,
+            total_steps: total_steps(n, s.batch_size, s.epochs).max(1),
+        },
+        weight_decay: s.weight_decay,
+        lr_field: "merge.lr",
     };
-    let mut opt = AdamW::new(params, s.weight_decay);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
-    let mut log = Vec::with_capacity(total as usize);
-    progress.start(phase, total);
-    let mut step = 0u64;
-    for _ in 0..s.epochs {
-        let mut order: Vec<i64> = (0..n as i64).collect();
-        order.shuffle(&mut rng);
-        for chunk in order.chunks(s.batch_size) {
-            let loss = loss_of(&Tensor::from_slice(chunk));
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                return Err(Error::Compute(format!(
-                    "{phase}: training diverged at step {step} (loss {value}); lower the learning rate (`merge.lr` = {})",
-                    s.lr
-                )));
-            }
-            let (lr, beta1) = schedule.at(step);
-            opt.step(&loss, lr, beta1)?;
-            step += 1;
-            let loss = value;
-            progress.step(phase, step, loss, lr);
-            log.push(LogRow {
-                phase: phase.to_string(),
-                step,
-                loss,
-                lr,
-            });
-        }
-    }
-    progress.finish(phase);
-    Ok(log)
+    run.optimise(params, n, progress, loss_of)
 }
 
 fn mask_for(set: &MergeSet, idx: &Tensor, n: usize, targets: Targets) -> Option<Tensor> {
