@@ -61,9 +61,10 @@ fn main() -> ExitCode {
     progress::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => {
-            job::Job::open(&args).and_then(|j| train::ensure_originals(&j, true).map(|_| ()))
-        }
+        Command::Train(args) => job::Job::open(&args).and_then(|j| {
+            let splits = fsmerge_worker::data::load(&j.cfg.data)?;
+            train::ensure_originals(&j, &splits, true)
+        }),
         Command::Merge(args) => job::Job::open(&args).and_then(|j| merge::run(&j)),
         Command::Summarize { runs } => summarize::run(&runs),
     };

@@ -134,7 +134,7 @@ pub fn run(job: &Job) -> Result<()> {
         set.len(),
         set.per_task[0]
     );
-    train::ensure_originals(job, false)?;
+    train::ensure_originals(job, &splits, false)?;
     let models = load_models(job, splits.train.dim)?;
     let refs: Vec<&Mlp> = models.iter().collect();
     let hidden: Vec<usize> = models[0]

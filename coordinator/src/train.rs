@@ -5,7 +5,7 @@ use crate::progress::Reporter;
 use anyhow::Result;
 use fsmerge_common::checkpoint::model_paths;
 use fsmerge_common::fsio::Staging;
-use fsmerge_worker::data::{self, Splits};
+use fsmerge_worker::data::Splits;
 use fsmerge_worker::mlp::{train_original, TrainSpec};
 
 /// Seed of task t's original model: distinct per task and per job seed.
@@ -15,7 +15,7 @@ pub fn model_seed(job_seed: u64, t: usize) -> u64 {
 
 /// Train the originals that are missing (all of them with `force`), written atomically into the
 /// models directory.
-pub fn ensure_originals(job: &Job, force: bool) -> Result<()> {
+pub fn ensure_originals(job: &Job, splits: &Splits, force: bool) -> Result<()> {
     let missing: Vec<usize> = (0..job.cfg.tasks.len())
         .filter(|&t| {
             let (st, js) = model_paths(&job.models_dir, &job.cfg.tasks[t].name);
@@ -27,8 +27,7 @@ pub fn ensure_originals(job: &Job, force: bool) -> Result<()> {
         tracing::info!("originals present in {}", job.models_dir.display());
         return Ok(());
     }
-    let splits = data::load(&job.cfg.data)?;
-    train_missing(job, &splits, &missing)
+    train_missing(job, splits, &missing)
 }
 
 fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
