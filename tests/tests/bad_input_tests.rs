@@ -16,6 +16,17 @@ fn train(models: &Path, extra: &[&str]) {
     assert!(o.status.success(), "train failed: {}", stderr(&o));
 }
 
+/// A copy of the digits config, edited, written as `dir/name`; returns its path.
+fn config_variant(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> String {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        edit(std::fs::read_to_string(digits_config()).unwrap()),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
 /// Run a merge expected to fail; return its stderr after checking exit code and output.
 fn merge_fails(dir: &Path, config: &str, extra: &[&str]) -> String {
     let out = dir.join("out");
@@ -91,12 +102,10 @@ fn different_architectures_name_the_tensor() {
 fn head_task_count_mismatch_is_named() {
     let dir = tempfile::tempdir().unwrap();
     train(&dir.path().join("models"), &[]);
-    let cfg = dir.path().join("four.toml");
-    let text = std::fs::read_to_string(digits_config())
-        .unwrap()
-        .replace("classes = [5, 6, 7, 8, 9]", "classes = [5, 6, 7, 8]");
-    std::fs::write(&cfg, text).unwrap();
-    let err = merge_fails(dir.path(), cfg.to_str().unwrap(), &[]);
+    let cfg = config_variant(dir.path(), "four.toml", |t| {
+        t.replace("classes = [5, 6, 7, 8, 9]", "classes = [5, 6, 7, 8]")
+    });
+    let err = merge_fails(dir.path(), &cfg, &[]);
     assert!(
         err.contains("head.weight") && err.contains("digits-5-9"),
         "{err}"
@@ -116,13 +125,8 @@ fn config_errors_name_the_field() {
         let err = merge_fails(dir.path(), &digits_config(), extra);
         assert!(err.contains(needle), "{extra:?}: {err}");
     }
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        std::fs::read_to_string(digits_config()).unwrap() + "\nunknown_key = 1\n",
-    )
-    .unwrap();
-    let err = merge_fails(dir.path(), bad.to_str().unwrap(), &[]);
+    let bad = config_variant(dir.path(), "bad.toml", |t| t + "\nunknown_key = 1\n");
+    let err = merge_fails(dir.path(), &bad, &[]);
     assert!(
         err.contains("unknown_key") && err.contains("bad.toml"),
         "{err}"
