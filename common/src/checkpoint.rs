@@ -167,8 +167,25 @@ pub struct MlpCheckpoint {
     pub head: (HostTensor, HostTensor),
 }
 
-impl MlpCheckpoint {
-    pub fn load(dir: &Path, task: &str) -> Result<Self> {
+/// The layers `layers` (and, if asked, the head) of one original MLP: what a worker of one stage
+/// reads. Only those tensors are read from the memory-mapped file.
+#[derive(Debug, Clone)]
+pub struct MlpPart {
+    pub config: MlpConfig,
+    pub file: PathBuf,
+    pub layers: std::ops::Range<usize>,
+    /// (weight [out, in], bias [out]) per body layer of `layers`.
+    pub body: Vec<(HostTensor, HostTensor)>,
+    pub head: Option<(HostTensor, HostTensor)>,
+}
+
+impl MlpPart {
+    pub fn load(
+        dir: &Path,
+        task: &str,
+        layers: std::ops::Range<usize>,
+        head: bool,
+    ) -> Result<Self> {
         let (st, js) = model_paths(dir, task);
         let config: MlpConfig = read_json(&js)?;
         if config.format != MLP_FORMAT {
@@ -177,13 +194,24 @@ impl MlpCheckpoint {
                 msg: format!("format `{}`, expected `{MLP_FORMAT}`", config.format),
             });
         }
+        if layers.end > config.hidden.len() || layers.start > layers.end {
+            return Err(Error::Checkpoint {
+                file: js,
+                msg: format!(
+                    "layers {layers:?} requested but the model has {} layers",
+                    config.hidden.len()
+                ),
+            });
+        }
         let mut names = Vec::new();
-        for l in 0..config.hidden.len() {
+        for l in layers.clone() {
             names.push(body_weight(l));
             names.push(body_bias(l));
         }
-        names.push(head_weight(None));
-        names.push(head_bias(None));
+        if head {
+            names.push(head_weight(None));
+            names.push(head_bias(None));
+        }
         let mut t = read_tensors(&st, &names)?;
         let mut take = |name: String, shape: Vec<usize>| -> Result<HostTensor> {
             let v = t.remove(&name).ok_or_else(|| Error::Tensor {
@@ -200,24 +228,65 @@ impl MlpCheckpoint {
             }
             Ok(v)
         };
+        let fan_in = |l: usize| {
+            if l == 0 {
+                config.input_dim
+            } else {
+                config.hidden[l - 1]
+            }
+        };
         let mut body = Vec::new();
-        let mut fan_in = config.input_dim;
-        for (l, &w) in config.hidden.iter().enumerate() {
+        for l in layers.clone() {
+            let w = config.hidden[l];
             body.push((
-                take(body_weight(l), vec![w, fan_in])?,
+                take(body_weight(l), vec![w, fan_in(l)])?,
                 take(body_bias(l), vec![w])?,
             ));
-            fan_in = w;
         }
-        let c = config.classes.len();
-        let head = (
-            take(head_weight(None), vec![c, fan_in])?,
-            take(head_bias(None), vec![c])?,
-        );
+        let head = if head {
+            let c = config.classes.len();
+            let last = *config.hidden.last().unwrap_or(&config.input_dim);
+            Some((
+                take(head_weight(None), vec![c, last])?,
+                take(head_bias(None), vec![c])?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             config,
             file: st,
+            layers,
             body,
+            head,
+        })
+    }
+
+    /// Bytes of the tensors held.
+    pub fn bytes(&self) -> u64 {
+        let n: usize = self
+            .body
+            .iter()
+            .chain(self.head.iter())
+            .map(|(w, b)| w.data.len() + b.data.len())
+            .sum();
+        (n * 4) as u64
+    }
+}
+
+impl MlpCheckpoint {
+    pub fn load(dir: &Path, task: &str) -> Result<Self> {
+        let (_, js) = model_paths(dir, task);
+        let config: MlpConfig = read_json(&js)?;
+        let part = MlpPart::load(dir, task, 0..config.hidden.len(), true)?;
+        let head = part.head.ok_or_else(|| Error::Checkpoint {
+            file: part.file.clone(),
+            msg: "no head".into(),
+        })?;
+        Ok(Self {
+            config: part.config,
+            file: part.file,
+            body: part.body,
             head,
         })
     }

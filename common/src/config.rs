@@ -27,6 +27,93 @@ pub struct JobConfig {
     pub merge: MergeConfig,
     #[serde(default)]
     pub baselines: BaselinesConfig,
+    /// How the SuperNet is laid out over workers (one stage, one replica by default).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// Collective backend of the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// CPU ring all-reduce and point-to-point over QUIC between workers.
+    #[default]
+    Quic,
+    /// NCCL on CUDA tensors (one GPU per worker).
+    Nccl,
+}
+
+/// The `[cluster]` section: stages × replicas workers, where the coordinator is, liveness.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Contiguous groups of layers, trained by different workers (model parallel).
+    #[serde(default = "one")]
+    pub stages: usize,
+    /// Data-parallel copies of each stage; they split every batch and sum gradients.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// Micro-batches per step of the global pipeline (used when stages > 1).
+    #[serde(default = "default_micro_batches")]
+    pub micro_batches: usize,
+    /// `host:port` workers dial; the coordinator listens on its port. Default: from torchrun or
+    /// Slurm variables, else the coordinator picks a free port and writes it to
+    /// `<work dir>/rendezvous.json`.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    #[serde(default)]
+    pub backend: Backend,
+    /// Seconds between heartbeats.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: f64,
+    /// A peer silent this long is dead and fails the job (naming it).
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout_secs: f64,
+    /// How long the coordinator waits for every worker to register.
+    #[serde(default = "default_register_timeout")]
+    pub register_timeout_secs: f64,
+    /// libtorch threads per worker (0 = the job's `threads`).
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_micro_batches() -> usize {
+    4
+}
+fn default_heartbeat() -> f64 {
+    1.0
+}
+fn default_peer_timeout() -> f64 {
+    8.0
+}
+fn default_register_timeout() -> f64 {
+    300.0
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            stages: 1,
+            replicas: 1,
+            micro_batches: default_micro_batches(),
+            coordinator: None,
+            backend: Backend::Quic,
+            heartbeat_secs: default_heartbeat(),
+            peer_timeout_secs: default_peer_timeout(),
+            register_timeout_secs: default_register_timeout(),
+            worker_threads: 0,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Workers of the job: stages × replicas.
+    pub fn world(&self) -> usize {
+        self.stages * self.replicas
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -510,6 +597,31 @@ impl JobConfig {
             return Err(Error::field(
                 "merge.init",
                 format!("a pure low_rank M/U cannot express `{:?}` init (it needs a full-rank block); use `random` or mu_type `diagonal_and_low_rank`", m.init).to_lowercase(),
+            ));
+        }
+        let c = &self.cluster;
+        positive(c.stages as f64, "cluster.stages")?;
+        positive(c.replicas as f64, "cluster.replicas")?;
+        positive(c.micro_batches as f64, "cluster.micro_batches")?;
+        if c.stages > self.model.hidden.len() {
+            return Err(Error::field(
+                "cluster.stages",
+                format!(
+                    "{} stages but the model has only {} layers",
+                    c.stages,
+                    self.model.hidden.len()
+                ),
+            ));
+        }
+        positive(c.heartbeat_secs, "cluster.heartbeat_secs")?;
+        positive(c.register_timeout_secs, "cluster.register_timeout_secs")?;
+        if c.peer_timeout_secs.is_nan() || c.peer_timeout_secs < 2.0 * c.heartbeat_secs {
+            return Err(Error::field(
+                "cluster.peer_timeout_secs",
+                format!(
+                    "must be at least twice `cluster.heartbeat_secs` ({}), got {}",
+                    c.heartbeat_secs, c.peer_timeout_secs
+                ),
             ));
         }
         let a = &m.augment;

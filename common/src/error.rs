@@ -28,6 +28,18 @@ pub enum Error {
     Plan(String),
     #[error("{0}")]
     Compute(String),
+    /// Rank, world size or coordinator address could not be resolved, or sources disagree.
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    /// A malformed, oversized or wrong-version message on the wire.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// A connection to a named peer (coordinator or worker rank/host) failed or was refused.
+    #[error("peer {peer}: {msg}")]
+    Peer { peer: String, msg: String },
+    /// A collective backend (NCCL, CUDA) is unavailable or failed.
+    #[error("collective: {0}")]
+    Collective(String),
 }
 
 impl Error {

@@ -21,6 +21,35 @@ pub struct MethodResult {
     pub seconds: f64,
 }
 
+/// One row of a training log (written as JSON lines, sent by workers to the coordinator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRow {
+    pub phase: String,
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+}
+
+/// What one worker of a distributed run measured about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub rank: u32,
+    pub host: String,
+    pub stage: u32,
+    pub replica: u32,
+    /// Peak resident memory of the worker process (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+    /// Bytes of the original models' frozen tensors the worker holds.
+    pub weight_bytes: u64,
+    /// Wall time per training phase (`local`, `global`).
+    pub phase_seconds: std::collections::BTreeMap<String, f64>,
+    /// Time spent inside replica all-reduces, and how many there were.
+    pub allreduce_seconds: f64,
+    pub allreduce_calls: u64,
+    /// Time spent in optimizer steps (compute + communication), for the all-reduce share.
+    pub step_seconds: f64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Metrics {
     pub job: String,
@@ -32,6 +61,9 @@ pub struct Metrics {
     /// Peak resident memory of the process (VmHWM), MiB.
     pub peak_rss_mib: f64,
     pub total_seconds: f64,
+    /// Per-worker measurements (one entry per worker process or embedded worker).
+    #[serde(default)]
+    pub workers: Vec<WorkerStats>,
 }
 
 fn pct(v: f64) -> String {

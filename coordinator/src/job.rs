@@ -48,6 +48,23 @@ impl Job {
         })
     }
 
+    /// The config as workers get it: the data path made absolute (workers may run elsewhere,
+    /// with another working directory, on a shared file system).
+    pub fn absolute_config(&self) -> Result<JobConfig> {
+        let mut cfg = self.cfg.clone();
+        let path = cfg
+            .data
+            .path
+            .clone()
+            .unwrap_or_else(|| fsmerge_worker::data::default_path(cfg.data.dataset));
+        cfg.data.path = Some(if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir()?.join(path)
+        });
+        Ok(cfg)
+    }
+
     pub fn task_names(&self) -> Vec<String> {
         self.cfg.tasks.iter().map(|t| t.name.clone()).collect()
     }

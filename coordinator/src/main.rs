@@ -1,17 +1,23 @@
 //! `fsmerge`: merge neural networks trained from different initializations on different tasks
-//! with FS-Merge. Subcommands: `train` (the original models), `merge` (the whole job: originals
-//! if missing, baselines, FS-Merge, report) and `summarize` (mean ± spread over runs).
+//! with FS-Merge. Subcommands: `train` (the original models), `merge` (the whole job with
+//! embedded workers), `coordinator` and `worker` (the same job over worker processes, on one
+//! machine or a cluster), `summarize` (mean ± spread over runs) and `doctor` (what this machine
+//! and launch environment provide).
 
 use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod cluster;
+mod doctor;
 mod job;
 mod merge;
 mod progress;
 mod report;
 mod summarize;
 mod train;
+mod worker_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -38,7 +44,7 @@ pub struct JobArgs {
     /// Override the config's libtorch thread count (0 = all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Override any config value: `--set merge.lr=3e-3 --set merge.mode=global`.
+    /// Override any config value: `--set merge.lr=3e-3 --set cluster.stages=2`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
 }
@@ -47,14 +53,39 @@ pub struct JobArgs {
 enum Command {
     /// Train the original models of the config's tasks (each from its own seed).
     Train(JobArgs),
-    /// Run the merge job: train missing originals, run the baselines and FS-Merge, write the
-    /// merged model, metrics.json and results.md.
-    Merge(JobArgs),
+    /// Run the merge job with its workers inside this process: train missing originals, run the
+    /// baselines and FS-Merge, write the merged model, metrics.json and results.md.
+    Merge {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Continue an interrupted job: finished stages and phases are restored from
+        /// `<out>.work/`, not retrained.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Run the merge job as the coordinator of `cluster.stages × cluster.replicas` worker
+    /// processes (`fsmerge worker`), writing the same outputs as `merge`.
+    Coordinator {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Address to listen on [default: the port of `cluster.coordinator`, torchrun's
+        /// MASTER_PORT or Slurm's job port, on all interfaces; else a free port]. The address
+        /// workers should dial is written to `<out>.work/rendezvous.json`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Join a job as a worker.
+    Worker(worker_cmd::WorkerArgs),
     /// Mean and spread of the results of several runs (e.g. seeds) of the same job.
     Summarize {
         /// Run directories holding metrics.json.
         runs: Vec<PathBuf>,
     },
+    /// Print libtorch, CUDA and NCCL status, the resolved rank/world/coordinator, and whether
+    /// the coordinator answers.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,8 +96,23 @@ fn main() -> ExitCode {
             let splits = fsmerge_worker::data::load(&j.cfg.data)?;
             train::ensure_originals(&j, &splits, true)
         }),
-        Command::Merge(args) => job::Job::open(&args).and_then(|j| merge::run(&j)),
+        Command::Merge { job, resume } => {
+            job::Job::open(&job).and_then(|j| merge::run(&j, &cluster::Launch::Embedded, resume))
+        }
+        Command::Coordinator {
+            job,
+            listen,
+            resume,
+        } => job::Job::open(&job).and_then(|j| {
+            let listen = match listen {
+                Some(l) => l,
+                None => cluster::default_listen(&j.cfg)?,
+            };
+            merge::run(&j, &cluster::Launch::External { listen }, resume)
+        }),
+        Command::Worker(args) => worker_cmd::run(&args),
         Command::Summarize { runs } => summarize::run(&runs),
+        Command::Doctor(args) => doctor::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

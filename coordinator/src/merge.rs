@@ -1,22 +1,27 @@
-//! `fsmerge merge`: the whole job of architecture.md §2 on one machine (one stage, one replica):
-//! validate → plan → teacher features → baselines → train M/U → fold → evaluate → report.
+//! The whole job of architecture.md §2: validate → plan → baselines → FS-Merge on the workers
+//! (teacher features, train M/U, fold; `cluster`) → assemble → evaluate → report. `fsmerge
+//! merge` runs it with embedded workers, `fsmerge coordinator` with worker processes.
 
+use crate::cluster::{self, Launch};
 use crate::job::Job;
 use crate::progress::Reporter;
 use crate::{report, train};
 use anyhow::{bail, Context, Result};
-use fsmerge_common::checkpoint::{check_same_architecture, MlpCheckpoint};
-use fsmerge_common::config::{Baseline, Mode, Targets};
+use fsmerge_common::checkpoint::{
+    body_bias, body_weight, check_same_architecture, head_bias, head_weight, HostTensor,
+    MlpCheckpoint,
+};
+use fsmerge_common::config::Baseline;
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{mlp_unit_costs, Plan};
 use fsmerge_common::Error;
 use fsmerge_worker::baselines;
 use fsmerge_worker::data;
 use fsmerge_worker::eval::{ensemble_logits, evaluate, original_accuracy, EvalSet, MergedModel};
-use fsmerge_worker::merge_data::{self, MergeSet};
-use fsmerge_worker::mlp::Mlp;
+use fsmerge_worker::merge_data;
+use fsmerge_worker::mlp::{Linear, Mlp};
 use fsmerge_worker::progress::LogRow;
-use fsmerge_worker::supernet::SuperNet;
+use fsmerge_worker::tensor::to_tch;
 use fsmerge_worker::train_merge::{self, TrainSettings};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -116,7 +121,7 @@ impl Evaluator<'_> {
     }
 }
 
-pub fn run(job: &Job) -> Result<()> {
+pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let started = Instant::now();
     let cfg = &job.cfg;
     let m = &cfg.merge;
@@ -154,7 +159,11 @@ pub fn run(job: &Job) -> Result<()> {
         }
     }
 
-    let plan = Plan::single(mlp_unit_costs(splits.train.dim, &hidden, models.len()));
+    let plan = Plan::balanced(
+        mlp_unit_costs(splits.train.dim, &hidden, models.len()),
+        cfg.cluster.stages,
+        cfg.cluster.replicas,
+    )?;
     tracing::info!("plan: {}", plan.describe());
 
     let feats = train_merge::teacher_features(&refs, &set.x);
@@ -182,15 +191,7 @@ pub fn run(job: &Job) -> Result<()> {
             seconds: 0.0,
         });
     }
-    let settings = TrainSettings {
-        epochs: m.epochs,
-        lr: m.lr,
-        weight_decay: m.weight_decay,
-        batch_size: m.batch_size,
-        targets: m.targets,
-        form: m.step_form,
-        seed: cfg.seed,
-    };
+    let settings = TrainSettings::of(m, cfg.seed);
     for b in &cfg.baselines.methods {
         let clock = Instant::now();
         let r = match b {
@@ -238,11 +239,10 @@ pub fn run(job: &Job) -> Result<()> {
     }
 
     let clock = Instant::now();
-    let (sn, rows) = fs_merge(job, &plan, &refs, &set, &feats, &settings, &reporter)?;
-    log.extend(rows);
-    let heads: Vec<&fsmerge_worker::mlp::Linear> = refs.iter().map(|m| &m.head).collect();
-    let (body, heads) = sn.fold_to_mlp(&heads);
-    let merged = MergedModel { body, heads };
+    let outcome = cluster::run(job, &plan, launch, resume)?;
+    warn_if_global_rose(&outcome.log, m.lr);
+    log.extend(outcome.log);
+    let merged = assemble(job, &outcome.tensors, hidden.len())?;
     let seconds = clock.elapsed().as_secs_f64();
     let v = variant(&[
         ("mode", json!(m.mode)),
@@ -253,69 +253,70 @@ pub fn run(job: &Job) -> Result<()> {
     ]);
     results.push(ev.merged("fs-merge", v.clone(), seconds, &merged));
 
-    report::write(job, &plan, &merged, &v, results, &log, started)
+    report::write(
+        job,
+        &plan,
+        &merged,
+        &v,
+        results,
+        &log,
+        started,
+        outcome.workers,
+    )
 }
 
-/// Train the SuperNet's M/U in the configured mode. Local problems are run stage by stage, each
-/// stage's layers independently; global runs on the single stage holding every layer.
-fn fs_merge(
+/// The merged model from the stages' folded tensors.
+fn assemble(
     job: &Job,
-    plan: &Plan,
-    models: &[&Mlp],
-    set: &MergeSet,
-    feats: &[Tensor],
-    settings: &TrainSettings,
-    reporter: &Reporter,
-) -> Result<(SuperNet, Vec<LogRow>)> {
-    let m = &job.cfg.merge;
-    tch::manual_seed(job.cfg.seed.wrapping_add(0x4d55) as i64);
-    let sn = SuperNet::new(models, m.mu_type, m.init, m.rank)?;
-    let mut log = Vec::new();
-    let targets: Targets = m.targets;
-    if matches!(m.mode, Mode::Local | Mode::LocalThenGlobal) {
-        for stage in &plan.stages {
-            for l in stage.units.clone() {
-                let before = train_merge::local_loss_full(&sn, l, set, feats, targets);
-                log.extend(train_merge::train_local_layer(
-                    &sn, l, set, feats, settings, reporter,
-                )?);
-                let after = train_merge::local_loss_full(&sn, l, set, feats, targets);
-                tracing::info!("local layer{l}: reconstruction loss {before:.4e} → {after:.4e}");
-            }
-        }
+    tensors: &BTreeMap<String, HostTensor>,
+    depth: usize,
+) -> Result<MergedModel> {
+    let get = |name: String| -> Result<Tensor> {
+        tensors
+            .get(&name)
+            .map(to_tch)
+            .with_context(|| format!("no worker sent the folded tensor `{name}`"))
+    };
+    let body = (0..depth)
+        .map(|l| {
+            Ok(Linear {
+                w: get(body_weight(l))?,
+                b: get(body_bias(l))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let heads = job
+        .cfg
+        .tasks
+        .iter()
+        .map(|t| {
+            Ok(Linear {
+                w: get(head_weight(Some(&t.name)))?,
+                b: get(head_bias(Some(&t.name)))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(MergedModel { body, heads })
+}
+
+/// Warn when the global phase ended with a higher batch loss than it began with (the OneCycle
+/// peak was too high for the job).
+fn warn_if_global_rose(log: &[LogRow], lr: f64) {
+    let global: Vec<f64> = log
+        .iter()
+        .filter(|r| r.phase == "global")
+        .map(|r| r.loss)
+        .collect();
+    let k = (global.len() / 20).max(1);
+    if global.len() < 2 * k {
+        return;
     }
-    if matches!(m.mode, Mode::Global | Mode::LocalThenGlobal) {
-        if plan.stages.len() != 1 {
-            bail!(
-                "global training across {} stages needs the distributed runtime",
-                plan.stages.len()
-            );
-        }
-        let before = train_merge::global_loss_full(&sn, set, feats, targets);
-        let s = match m.mode {
-            Mode::LocalThenGlobal => TrainSettings {
-                epochs: m.global_epochs,
-                ..settings.clone()
-            },
-            _ => settings.clone(),
-        };
-        log.extend(
-            train_merge::train_global(&sn, set, feats, &s, reporter).context("global training")?,
-        );
-        let after = train_merge::global_loss_full(&sn, set, feats, targets);
-        tracing::info!("global: reconstruction loss {before:.4e} → {after:.4e}");
-        if after > before {
-            tracing::warn!(
-                "global training ended with a higher loss than it started ({before:.4e} → {after:.4e}): \
-                 the OneCycle peak lr is too high for this job; lower `merge.lr` (now {})",
-                m.lr
-            );
-        }
-    } else {
-        tracing::info!(
-            "local SuperNet, global reconstruction loss {:.4e}",
-            train_merge::global_loss_full(&sn, set, feats, targets)
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (before, after) = (mean(&global[..k]), mean(&global[global.len() - k..]));
+    if after > before {
+        tracing::warn!(
+            "global training ended with a higher loss than it started ({before:.4e} → {after:.4e}): \
+             the OneCycle peak lr is too high for this job; lower `merge.lr` (now {lr})"
         );
     }
-    Ok((sn, log))
 }

@@ -8,7 +8,7 @@ use fsmerge_common::checkpoint::{
     MergedTask, MERGED_FORMAT,
 };
 use fsmerge_common::fsio::{write_atomic, Staging};
-use fsmerge_common::metrics::{peak_rss_mib, MethodResult, Metrics};
+use fsmerge_common::metrics::{peak_rss_mib, MethodResult, Metrics, WorkerStats};
 use fsmerge_common::plan::Plan;
 use fsmerge_worker::eval::MergedModel;
 use fsmerge_worker::progress::LogRow;
@@ -16,6 +16,7 @@ use fsmerge_worker::tensor::to_host;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+#[allow(clippy::too_many_arguments)]
 pub fn write(
     job: &Job,
     plan: &Plan,
@@ -24,6 +25,7 @@ pub fn write(
     results: Vec<MethodResult>,
     log: &[LogRow],
     started: Instant,
+    workers: Vec<WorkerStats>,
 ) -> Result<()> {
     let cfg = &job.cfg;
     let staging = Staging::new(&job.out)?;
@@ -65,6 +67,7 @@ pub fn write(
         results,
         peak_rss_mib: peak_rss_mib(),
         total_seconds: started.elapsed().as_secs_f64(),
+        workers,
     };
     write_json(&staging.path("metrics.json"), &metrics)?;
     let table = metrics.markdown(&job.task_names());

@@ -53,3 +53,158 @@ pub fn fast(models: &Path) -> Vec<String> {
     .flat_map(|s| ["--set".to_string(), s])
     .collect()
 }
+
+/// Largest relative difference (max |a−b| / max |b|) over the tensors of two merged models.
+pub fn max_rel_diff(a: &Path, b: &Path) -> f64 {
+    use fsmerge_common::checkpoint::{read_json, read_tensors, MergedConfig};
+    let names = |p: &Path| -> Vec<String> {
+        let cfg: MergedConfig = read_json(&p.with_file_name("merged.json")).unwrap();
+        let mut n: Vec<String> = (0..cfg.hidden.len())
+            .flat_map(|l| {
+                [
+                    fsmerge_common::checkpoint::body_weight(l),
+                    fsmerge_common::checkpoint::body_bias(l),
+                ]
+            })
+            .collect();
+        for t in &cfg.tasks {
+            n.push(fsmerge_common::checkpoint::head_weight(Some(&t.name)));
+            n.push(fsmerge_common::checkpoint::head_bias(Some(&t.name)));
+        }
+        n
+    };
+    let ta = read_tensors(a, &names(a)).unwrap();
+    let tb = read_tensors(b, &names(b)).unwrap();
+    assert_eq!(ta.len(), tb.len());
+    ta.iter()
+        .map(|(k, x)| {
+            let y = &tb[k];
+            assert_eq!(x.shape, y.shape, "{k}");
+            let diff = x
+                .data
+                .iter()
+                .zip(&y.data)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            let scale = y.data.iter().map(|q| q.abs()).fold(1e-12f32, f32::max);
+            (diff / scale) as f64
+        })
+        .fold(0.0, f64::max)
+}
+
+/// A coordinator and its worker processes on loopback.
+pub struct Launched {
+    pub coordinator: std::process::Child,
+    pub workers: Vec<std::process::Child>,
+    /// The coordinator's stderr (log) file.
+    pub log: PathBuf,
+    pub out: PathBuf,
+}
+
+/// Start `fsmerge coordinator` on the digits config with `stages × replicas` workers, each a
+/// process of its own (`fsmerge worker --rendezvous …`), logs in `dir`.
+pub fn launch(
+    dir: &Path,
+    name: &str,
+    stages: usize,
+    replicas: usize,
+    sets: &[String],
+    resume: bool,
+) -> Launched {
+    use std::fs::File;
+    use std::process::Stdio;
+    let out = dir.join(name);
+    let log = dir.join(format!("{name}.coordinator.log"));
+    let mut args: Vec<String> = vec![
+        "coordinator".into(),
+        digits_config(),
+        "--out".into(),
+        out.display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--set".into(),
+        format!("cluster.stages={stages}"),
+        "--set".into(),
+        format!("cluster.replicas={replicas}"),
+    ];
+    if resume {
+        args.push("--resume".into());
+    }
+    args.extend(sets.iter().cloned());
+    let rendezvous = dir.join(format!("{name}.work/rendezvous.json"));
+    let _ = std::fs::remove_file(&rendezvous);
+    let coordinator = Command::new(fsmerge_bin())
+        .args(&args)
+        .current_dir(root())
+        .env("RUST_LOG", "info")
+        .env_remove("FSMERGE_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let workers = (0..stages * replicas)
+        .map(|r| {
+            Command::new(fsmerge_bin())
+                .args([
+                    "worker",
+                    "--rendezvous",
+                    &rendezvous.display().to_string(),
+                    "--rank",
+                    &r.to_string(),
+                    "--wait",
+                    "60",
+                ])
+                .current_dir(root())
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(File::create(dir.join(format!("{name}.worker{r}.log"))).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    Launched {
+        coordinator,
+        workers,
+        log,
+        out,
+    }
+}
+
+/// Wait for a child up to `limit`; kill it and panic past that (tests never hang).
+pub fn wait_for(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+impl Launched {
+    /// Wait for the coordinator and every worker; returns whether all of them succeeded.
+    pub fn finish(mut self, limit: std::time::Duration) -> bool {
+        let mut ok = wait_for(&mut self.coordinator, limit, "the coordinator").success();
+        for (r, w) in self.workers.iter_mut().enumerate() {
+            ok &= wait_for(
+                w,
+                std::time::Duration::from_secs(30),
+                &format!("worker {r}"),
+            )
+            .success();
+        }
+        ok
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

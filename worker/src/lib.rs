@@ -5,13 +5,17 @@
 
 pub mod augment;
 pub mod baselines;
+pub mod collective;
 pub mod data;
+pub mod dist_train;
 pub mod eval;
 pub mod merge_data;
 pub mod mlp;
 pub mod mu;
 pub mod optim;
 pub mod progress;
+pub mod runtime;
+pub mod stage;
 pub mod supernet;
 pub mod tensor;
 pub mod train_merge;

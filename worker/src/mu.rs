@@ -227,6 +227,21 @@ impl MuMatrix {
         parts
     }
 
+    /// Move the trainable tensors to `device` (they stay leaves that require grad).
+    pub fn to_device(&mut self, device: tch::Device) {
+        let mv = |t: &mut Tensor| *t = t.detach().to_device(device).set_requires_grad(true);
+        if let Some(d) = &mut self.diag {
+            mv(d);
+        }
+        if let Some((a, b)) = &mut self.lr {
+            mv(a);
+            mv(b);
+        }
+        if let Some(f) = &mut self.full {
+            mv(f);
+        }
+    }
+
     /// Whether this matrix has a dense (full) part, whose fold costs n·k³.
     pub fn is_full(&self) -> bool {
         self.full.is_some()

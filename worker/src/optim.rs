@@ -87,8 +87,7 @@ impl AdamW {
 
     /// Backpropagate `loss` into the parameters and apply one update.
     pub fn step(&mut self, loss: &Tensor, lr: f64, beta1: f64) -> Result<()> {
-        let grads = Tensor::f_run_backward(&[loss], &self.params, false, false)
-            .map_err(|e| Error::Compute(format!("backward: {e}")))?;
+        let grads = gradients(loss, &self.params)?;
         self.apply(&grads, lr, beta1);
         Ok(())
     }
@@ -148,6 +147,26 @@ impl Run<'_> {
         progress: &dyn Progress,
         mut loss_of: impl FnMut(&Tensor) -> Tensor,
     ) -> Result<Vec<LogRow>> {
+        self.optimise_with(params, n, progress, |chunk| {
+            let loss = loss_of(&Tensor::from_slice(chunk));
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                return Ok((value, Vec::new()));
+            }
+            Ok((value, gradients(&loss, params)?))
+        })
+    }
+
+    /// The loop itself: `step_of(batch)` returns the batch's loss and the gradient of every
+    /// parameter (a distributed stage computes them across workers). Every worker running the
+    /// same `Run` sees the same batches in the same order.
+    pub fn optimise_with(
+        &self,
+        params: &[Tensor],
+        n: usize,
+        progress: &dyn Progress,
+        mut step_of: impl FnMut(&[i64]) -> Result<(f64, Vec<Tensor>)>,
+    ) -> Result<Vec<LogRow>> {
         let phase = self.phase;
         let total = total_steps(n, self.batch_size, self.epochs);
         let mut opt = AdamW::new(params, self.weight_decay);
@@ -159,8 +178,7 @@ impl Run<'_> {
             let mut order: Vec<i64> = (0..n as i64).collect();
             order.shuffle(&mut rng);
             for chunk in order.chunks(self.batch_size) {
-                let loss = loss_of(&Tensor::from_slice(chunk));
-                let value = loss.double_value(&[]);
+                let (value, grads) = step_of(chunk)?;
                 if !value.is_finite() {
                     return Err(Error::Compute(format!(
                         "{phase}: training diverged at step {step} (loss {value}); lower the learning rate (`{}` = {})",
@@ -169,7 +187,7 @@ impl Run<'_> {
                     )));
                 }
                 let (lr, beta1) = self.schedule.at(step);
-                opt.step(&loss, lr, beta1)?;
+                opt.apply(&grads, lr, beta1);
                 step += 1;
                 progress.step(phase, step, value, lr);
                 log.push(LogRow {
@@ -183,6 +201,12 @@ impl Run<'_> {
         progress.finish(phase);
         Ok(log)
     }
+}
+
+/// Gradients of `loss` with respect to `params` (one per parameter).
+pub fn gradients(loss: &Tensor, params: &[Tensor]) -> Result<Vec<Tensor>> {
+    Tensor::f_run_backward(&[loss], params, false, false)
+        .map_err(|e| Error::Compute(format!("backward: {e}")))
 }
 
 #[cfg(test)]

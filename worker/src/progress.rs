@@ -18,11 +18,4 @@ impl Progress for Silent {
     fn finish(&self, _: &str) {}
 }
 
-/// One row of a training log (written as JSON lines).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LogRow {
-    pub phase: String,
-    pub step: u64,
-    pub loss: f64,
-    pub lr: f64,
-}
+pub use fsmerge_common::metrics::LogRow;

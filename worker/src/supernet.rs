@@ -10,7 +10,7 @@
 
 use crate::mlp::{Linear, Mlp};
 use crate::mu::{MuMatrix, Role};
-use fsmerge_common::config::{Init, MuType};
+use fsmerge_common::config::{Init, MuType, StepForm};
 use fsmerge_common::{Error, Result};
 use tch::Tensor;
 
@@ -97,6 +97,77 @@ pub fn fold_layer(
     (wt, b)
 }
 
+/// One layer of the merged stream: h*_l = relu(Σ_i M_l⁽ⁱ⁾ (W_i U_{l-1}⁽ⁱ⁾ h*_{l-1} + b_i)), as
+/// n branches (`Literal`) or through the fold (`Fold`); `u_prev` None means a shared input.
+/// Layers whose M/U are `full` always run their branches: their fold costs n·k³.
+pub fn layer_forward(
+    layer: &FrozenLayer,
+    m: &MuMatrix,
+    u_prev: Option<&MuMatrix>,
+    h: &Tensor,
+    form: StepForm,
+) -> Tensor {
+    let branchwise =
+        form == StepForm::Literal || m.is_full() || u_prev.is_some_and(MuMatrix::is_full);
+    let z = if branchwise {
+        let v = u_prev.map_or(h.shallow_clone(), |u| u.unmerge(h));
+        m.merge(&layer.branches(&v))
+    } else {
+        let (parts, b) = folded_parts(layer, m, u_prev);
+        parts
+            .iter()
+            .map(|(left, q)| {
+                left.as_ref()
+                    .map_or(h.shallow_clone(), |a| h.matmul(a))
+                    .matmul(q)
+            })
+            .fold(b.shallow_clone(), |acc, t| acc + t)
+    };
+    z.relu()
+}
+
+/// A local problem: per-model inputs [n, B, in] (or a shared [B, in]) → the reconstruction of
+/// the layer's per-model outputs [n, B, out] through its own M and U.
+pub fn local_layer_forward(layer: &FrozenLayer, mu: &LayerMu, input: &Tensor) -> Tensor {
+    let h = mu.m.merge(&layer.branches(input)).relu();
+    mu.u.unmerge(&h)
+}
+
+/// The M/U of every layer (widths `widths`), drawn from libtorch's global generator in layer
+/// order.
+pub fn new_mu(
+    mu_type: MuType,
+    init: Init,
+    n: usize,
+    widths: &[usize],
+    rank: usize,
+) -> Result<Vec<LayerMu>> {
+    widths
+        .iter()
+        .map(|&w| LayerMu::new(mu_type, init, n, w, rank))
+        .collect()
+}
+
+/// The job's M/U init, the same values in every process: seeds libtorch's global generator from
+/// the job seed and draws every layer's M/U, holding a lock so that workers sharing a process
+/// (the embedded default) cannot interleave their draws.
+pub fn seeded_mu(
+    seed: u64,
+    mu_type: MuType,
+    init: Init,
+    n: usize,
+    widths: &[usize],
+    rank: usize,
+) -> Result<Vec<LayerMu>> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed.wrapping_add(MU_SEED_OFFSET) as i64);
+    new_mu(mu_type, init, n, widths, rank)
+}
+
+/// Offset of the M/U init's seed from the job seed (keeps it apart from the originals' seeds).
+pub const MU_SEED_OFFSET: u64 = 0x4d55;
+
 pub struct SuperNet {
     pub layers: Vec<FrozenLayer>,
     pub mu: Vec<LayerMu>,
@@ -115,10 +186,8 @@ impl SuperNet {
         let layers: Vec<FrozenLayer> = (0..depth)
             .map(|l| FrozenLayer::from_models(models, l))
             .collect();
-        let mu = layers
-            .iter()
-            .map(|l| LayerMu::new(mu_type, init, n, l.out_dim(), rank))
-            .collect::<Result<_>>()?;
+        let widths: Vec<usize> = layers.iter().map(FrozenLayer::out_dim).collect();
+        let mu = new_mu(mu_type, init, n, &widths, rank)?;
         Ok(Self { layers, mu, n })
     }
 
@@ -130,12 +199,8 @@ impl SuperNet {
     pub fn forward_literal(&self, x: &Tensor) -> Tensor {
         let mut h = x.shallow_clone();
         for (l, layer) in self.layers.iter().enumerate() {
-            let v = if l == 0 {
-                h.shallow_clone()
-            } else {
-                self.mu[l - 1].u.unmerge(&h)
-            };
-            h = self.mu[l].m.merge(&layer.branches(&v)).relu();
+            let u_prev = (l > 0).then(|| &self.mu[l - 1].u);
+            h = layer_forward(layer, &self.mu[l].m, u_prev, &h, StepForm::Literal);
         }
         self.mu[self.layers.len() - 1].u.unmerge(&h)
     }
@@ -155,23 +220,8 @@ impl SuperNet {
     pub fn forward_fold(&self, x: &Tensor) -> Tensor {
         let mut h = x.shallow_clone();
         for (l, layer) in self.layers.iter().enumerate() {
-            let m = &self.mu[l].m;
             let u_prev = (l > 0).then(|| &self.mu[l - 1].u);
-            let z = if m.is_full() || u_prev.is_some_and(MuMatrix::is_full) {
-                let v = u_prev.map_or(h.shallow_clone(), |u| u.unmerge(&h));
-                m.merge(&layer.branches(&v))
-            } else {
-                let (parts, b) = folded_parts(layer, m, u_prev);
-                parts
-                    .iter()
-                    .map(|(left, q)| {
-                        left.as_ref()
-                            .map_or(h.shallow_clone(), |a| h.matmul(a))
-                            .matmul(q)
-                    })
-                    .fold(b.shallow_clone(), |acc, t| acc + t)
-            };
-            h = z.relu();
+            h = layer_forward(layer, &self.mu[l].m, u_prev, &h, StepForm::Fold);
         }
         self.mu[self.layers.len() - 1].u.unmerge(&h)
     }
@@ -179,8 +229,7 @@ impl SuperNet {
     /// Local problem l: original per-model inputs f_{l-1} [n, B, in] (or the shared x [B, in]
     /// for l = 0) → reconstruction of f_l [n, B, out]. Reads only layer l's M/U.
     pub fn local_forward(&self, l: usize, input: &Tensor) -> Tensor {
-        let h = self.mu[l].m.merge(&self.layers[l].branches(input)).relu();
-        self.mu[l].u.unmerge(&h)
+        local_layer_forward(&self.layers[l], &self.mu[l], input)
     }
 
     /// The folded plain MLP body, and each task's head with its read-out U_L⁽ᵗ⁾ folded in

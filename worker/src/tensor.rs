@@ -25,3 +25,46 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let scale = b.abs().max().double_value(&[]).max(1e-12);
     diff / scale
 }
+
+/// Overwrite `params` in place with `values` (same shapes), outside autograd.
+pub fn assign(params: &[Tensor], values: &[Tensor]) -> Result<()> {
+    if params.len() != values.len() {
+        return Err(Error::Compute(format!(
+            "{} values for {} parameters",
+            values.len(),
+            params.len()
+        )));
+    }
+    tch::no_grad(|| {
+        for (p, v) in params.iter().zip(values) {
+            if p.size() != v.size() {
+                return Err(Error::Compute(format!(
+                    "value of shape {:?} for a parameter of shape {:?}",
+                    v.size(),
+                    p.size()
+                )));
+            }
+            let mut p = p.shallow_clone();
+            p.copy_(v);
+        }
+        Ok(())
+    })
+}
+
+/// All tensors flattened into one f32 buffer (one all-reduce per step).
+pub fn flatten_all(ts: &[Tensor]) -> Tensor {
+    Tensor::cat(&ts.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0)
+}
+
+/// Split a flat buffer back into tensors shaped like `like`.
+pub fn unflatten_like(flat: &Tensor, like: &[Tensor]) -> Vec<Tensor> {
+    let mut at = 0i64;
+    like.iter()
+        .map(|t| {
+            let n = t.numel() as i64;
+            let part = flat.narrow(0, at, n).view(t.size().as_slice());
+            at += n;
+            part
+        })
+        .collect()
+}

@@ -41,6 +41,21 @@ pub struct TrainSettings {
     pub seed: u64,
 }
 
+impl TrainSettings {
+    /// The main phase's settings of a job's `[merge]` section.
+    pub fn of(m: &fsmerge_common::config::MergeConfig, seed: u64) -> Self {
+        Self {
+            epochs: m.epochs,
+            lr: m.lr,
+            weight_decay: m.weight_decay,
+            batch_size: m.batch_size,
+            targets: m.targets,
+            form: m.step_form,
+            seed,
+        }
+    }
+}
+
 /// Optimise `params` with AdamW + OneCycle (the merge settings `s`) over `n` samples in
 /// shuffled batches; `loss_of` computes the loss of a batch of sample indices.
 pub fn optimise(

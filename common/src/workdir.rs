@@ -1,0 +1,131 @@
+//! A job's work directory (`<output>.work/`), beside its output: what a distributed run shares
+//! through the file system and what `--resume` needs. Holds the rendezvous file (coordinator
+//! address, certificate fingerprint, job token; readable by the owner only), the teacher-feature
+//! cache per stage, one checkpoint per finished (stage, phase), and the manifest that lists
+//! them. Every file is written atomically.
+
+use crate::fsio::write_atomic;
+use crate::metrics::LogRow;
+use crate::plan::Plan;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct WorkDir {
+    pub root: PathBuf,
+}
+
+/// How workers find and trust the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RendezvousFile {
+    /// `host:port` the coordinator listens on.
+    pub coordinator: String,
+    /// SHA-256 of the coordinator's certificate.
+    pub fingerprint: String,
+    pub token: String,
+}
+
+/// One finished phase of one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DoneEntry {
+    pub stage: usize,
+    pub phase: String,
+    /// Which start of the job (1 = first, 2 = first resume, …) trained it.
+    pub run: u32,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub job: String,
+    pub seed: u64,
+    pub plan: Plan,
+    /// Starts of the job so far.
+    pub runs: u32,
+    /// Every stage's teacher features are cached.
+    pub features: bool,
+    pub done: Vec<DoneEntry>,
+}
+
+impl Manifest {
+    pub fn is_done(&self, stage: usize, phase: &str) -> bool {
+        self.done
+            .iter()
+            .any(|d| d.stage == stage && d.phase == phase)
+    }
+}
+
+/// Log and timing of a finished phase, stored beside its checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    pub stage: usize,
+    pub phase: String,
+    pub seconds: f64,
+    pub log: Vec<LogRow>,
+}
+
+impl WorkDir {
+    /// The work directory of the output directory `out`.
+    pub fn of_output(out: &Path) -> Self {
+        let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("job");
+        Self {
+            root: out.with_file_name(format!("{name}.work")),
+        }
+    }
+
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn rendezvous(&self) -> PathBuf {
+        self.root.join("rendezvous.json")
+    }
+    pub fn manifest(&self) -> PathBuf {
+        self.root.join("manifest.json")
+    }
+    pub fn features(&self, stage: usize) -> PathBuf {
+        self.root
+            .join("features")
+            .join(format!("stage{stage}.safetensors"))
+    }
+    /// (tensors, record) of a stage's finished phase.
+    pub fn checkpoint(&self, stage: usize, phase: &str) -> (PathBuf, PathBuf) {
+        let dir = self.root.join("checkpoints");
+        (
+            dir.join(format!("stage{stage}-{phase}.safetensors")),
+            dir.join(format!("stage{stage}-{phase}.json")),
+        )
+    }
+
+    pub fn read_manifest(&self) -> Result<Option<Manifest>> {
+        let p = self.manifest();
+        if !p.exists() {
+            return Ok(None);
+        }
+        crate::checkpoint::read_json(&p).map(Some)
+    }
+
+    pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        crate::checkpoint::write_json(&self.manifest(), m)
+    }
+
+    /// Write the rendezvous file, readable by its owner only (it holds the job token).
+    pub fn write_rendezvous(&self, r: &RendezvousFile) -> Result<()> {
+        let path = self.rendezvous();
+        let bytes =
+            serde_json::to_vec_pretty(r).map_err(|e| Error::Compute(format!("rendezvous: {e}")))?;
+        write_atomic(&path, &bytes)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn read_rendezvous(path: &Path) -> Result<RendezvousFile> {
+        crate::checkpoint::read_json(path)
+    }
+}

@@ -1,0 +1,347 @@
+//! The distributed runtime for real: a coordinator and 2 or 4 worker processes on loopback
+//! QUIC, against the single-process job (`fsmerge merge`, the same coordinator and worker code
+//! in one process), plus faults: a SIGKILLed worker, `--resume`, bad credentials and messages.
+
+use fsmerge_common::checkpoint::read_json;
+use fsmerge_common::metrics::Metrics;
+use fsmerge_common::workdir::{Manifest, RendezvousFile, WorkDir};
+use fsmerge_tests::{digits_config, fsmerge, launch, max_rel_diff, stderr, wait_for};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Overrides shared by every run here: a short job, no baselines, originals in `models`.
+fn sets(dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        format!("train.models_dir=\"{}\"", dir.join("models").display()),
+        "baselines.methods=[]".to_string(),
+        "merge.epochs=10".to_string(),
+        "merge.global_epochs=10".to_string(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+}
+
+fn single_process(dir: &Path, name: &str, extra: &[&str]) -> Metrics {
+    let out = dir.join(name);
+    let mut args = vec![
+        "merge".to_string(),
+        digits_config(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    args.extend(sets(dir, extra));
+    let o = fsmerge(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "merge failed: {}", stderr(&o));
+    read_json(&out.join("metrics.json")).unwrap()
+}
+
+fn fs_merge_scores(m: &Metrics) -> (String, String) {
+    let r = m.results.iter().find(|r| r.method == "fs-merge").unwrap();
+    (
+        format!("{:.2}", 100.0 * r.mean_task_acc),
+        format!("{:.2}", 100.0 * r.joint_acc.unwrap()),
+    )
+}
+
+#[test]
+fn distributed_runs_equal_the_single_process_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    for mode in ["local", "global"] {
+        let mode_set = format!("merge.mode=\"{mode}\"");
+        let reference = single_process(dir, &format!("single-{mode}"), &[&mode_set]);
+        for (stages, replicas) in [(2, 1), (1, 2), (2, 2)] {
+            let name = format!("{mode}-{stages}x{replicas}");
+            let run = launch(
+                dir,
+                &name,
+                stages,
+                replicas,
+                &sets(dir, &[&mode_set]),
+                false,
+            );
+            let out = run.out.clone();
+            let log = run.log.clone();
+            assert!(
+                run.finish(Duration::from_secs(180)),
+                "{name}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            let diff = max_rel_diff(
+                &out.join("merged.safetensors"),
+                &dir.join(format!("single-{mode}/merged.safetensors")),
+            );
+            println!("{name}: folded weights differ by {diff:.2e} (relative)");
+            assert!(diff <= 1e-4, "{name}: folded weights differ by {diff:e}");
+            let m: Metrics = read_json(&out.join("metrics.json")).unwrap();
+            assert_eq!(fs_merge_scores(&m), fs_merge_scores(&reference), "{name}");
+            assert_eq!(m.workers.len(), stages * replicas, "{name}: worker stats");
+            let plan = &m.plan;
+            assert_eq!(plan["stages"].as_array().unwrap().len(), stages);
+            assert_eq!(plan["replicas"].as_u64().unwrap() as usize, replicas);
+        }
+    }
+}
+
+#[test]
+fn killed_worker_fails_the_job_fast_and_resume_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let long = ["merge.epochs=60", "merge.global_epochs=60"];
+    // The uninterrupted reference (same plan, embedded workers).
+    single_process(dir, "reference", &[long[0], long[1], "cluster.stages=2"]);
+    let s = sets(dir, &long);
+    let mut run = launch(dir, "job", 2, 1, &s, false);
+    let work = WorkDir::new(dir.join("job.work"));
+    // Kill stage 1's worker once some phase has been checkpointed.
+    let until = Instant::now() + Duration::from_secs(120);
+    let finished_before = loop {
+        if let Ok(Some(m)) = work.read_manifest() {
+            if !m.done.is_empty() {
+                break m.done;
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "no phase finished: {}",
+            run.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    run.workers[1].kill().unwrap();
+    let killed = Instant::now();
+    let status = wait_for(&mut run.coordinator, Duration::from_secs(60), "coordinator");
+    let took = killed.elapsed();
+    let log = run.log_text();
+    assert!(
+        !status.success(),
+        "the coordinator succeeded without worker 1"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "failure took {took:?}: {log}"
+    );
+    assert!(
+        log.contains("worker rank 1 (host") && log.contains("phase"),
+        "the error must name the worker and its phase: {log}"
+    );
+    let _ = run.workers[0].wait();
+    assert!(!run.out.exists(), "a failed job left an output directory");
+
+    let resumed = launch(dir, "job", 2, 1, &s, true);
+    let resumed_log_path = resumed.log.clone();
+    assert!(resumed.finish(Duration::from_secs(180)));
+    let log = std::fs::read_to_string(resumed_log_path).unwrap();
+    let manifest: Manifest = work.read_manifest().unwrap().unwrap();
+    assert_eq!(manifest.runs, 2);
+    for d in &finished_before {
+        assert!(
+            manifest.done.contains(d),
+            "{d:?} was retrained: {:?}",
+            manifest.done
+        );
+        assert!(
+            log.contains(&format!(
+                "stage {}: phase `{}` restored from its checkpoint",
+                d.stage, d.phase
+            )),
+            "{log}"
+        );
+    }
+    let diff = max_rel_diff(
+        &dir.join("job/merged.safetensors"),
+        &dir.join("reference/merged.safetensors"),
+    );
+    assert!(diff <= 1e-6, "resumed output differs by {diff:e}");
+    let a: Metrics = read_json(&dir.join("job/metrics.json")).unwrap();
+    let b: Metrics = read_json(&dir.join("reference/metrics.json")).unwrap();
+    assert_eq!(fs_merge_scores(&a), fs_merge_scores(&b));
+}
+
+/// Send raw bytes on a fresh QUIC connection to the coordinator.
+async fn raw_client(rdv: &RendezvousFile, payload: Vec<u8>) {
+    use fsmerge_common::transport::{self, Timeouts};
+    let t = Timeouts {
+        idle: Duration::from_secs(5),
+        keep_alive: Duration::from_secs(1),
+    };
+    let ep = transport::client().unwrap();
+    let addr = transport::resolve_addr(&rdv.coordinator).unwrap();
+    let conn = transport::connect(&ep, addr, &rdv.fingerprint, t)
+        .await
+        .unwrap();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    let _ = tx.write_all(&payload).await;
+    let _ = tx.finish();
+    // Whatever the coordinator answers (a refusal or nothing), it must not crash.
+    let _ = tokio::time::timeout(Duration::from_secs(2), rx.read_to_end(1 << 20)).await;
+    conn.close(0u32.into(), b"test");
+    ep.wait_idle().await;
+}
+
+#[test]
+fn bad_clients_are_refused_and_the_job_still_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // Originals first, so the coordinator starts listening at once.
+    single_process(dir, "warmup", &["merge.mode=\"local\""]);
+    let work = WorkDir::new(dir.join("job.work"));
+    let mut coordinator = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+        .args(["coordinator", &digits_config(), "--out"])
+        .arg(dir.join("job"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(sets(dir, &["merge.mode=\"local\"", "cluster.stages=2"]))
+        .current_dir(fsmerge_tests::root())
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while !work.rendezvous().exists() {
+        assert!(Instant::now() < until, "no rendezvous file");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let rdv = WorkDir::read_rendezvous(&work.rendezvous()).unwrap();
+
+    // A worker with a wrong token is refused and says so.
+    let o = fsmerge(&[
+        "worker",
+        "--coordinator",
+        &rdv.coordinator,
+        "--fingerprint",
+        &rdv.fingerprint,
+        "--token",
+        "0123456789abcdef0123456789abcdef",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("wrong job token"), "{}", stderr(&o));
+    // A worker expecting another certificate refuses the coordinator.
+    let o = fsmerge(&[
+        "worker",
+        "--coordinator",
+        &rdv.coordinator,
+        "--fingerprint",
+        &"ab".repeat(32),
+        "--token",
+        &rdv.token,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("fingerprint"), "{}", stderr(&o));
+    // Garbage, an oversized length, a truncated frame and a wrong version.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut wrong_version = vec![20, 0, 0, 0, 99, 0];
+    wrong_version.extend([0u8; 18]);
+    for payload in [
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        u32::MAX.to_le_bytes().to_vec(),
+        vec![100, 0, 0, 0, 1, 0, 7],
+        wrong_version,
+    ] {
+        rt.block_on(raw_client(&rdv, payload));
+    }
+    assert!(
+        coordinator.try_wait().unwrap().is_none(),
+        "the coordinator died"
+    );
+    // The real workers still get in and the job completes.
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            std::process::Command::new(fsmerge_tests::fsmerge_bin())
+                .args(["worker", "--rendezvous"])
+                .arg(work.rendezvous())
+                .current_dir(fsmerge_tests::root())
+                .env("RUST_LOG", "info")
+                .stderr(std::fs::File::create(dir.join(format!("worker{i}.log"))).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let status = wait_for(&mut coordinator, Duration::from_secs(120), "coordinator");
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
+    let worker_logs: Vec<String> = (0..2)
+        .map(|i| std::fs::read_to_string(dir.join(format!("worker{i}.log"))).unwrap_or_default())
+        .collect();
+    assert!(status.success(), "{log}\n{worker_logs:#?}");
+    assert!(log.contains("refused"), "{log}");
+    for mut w in workers {
+        assert!(wait_for(&mut w, Duration::from_secs(30), "worker").success());
+    }
+}
+
+#[test]
+fn nccl_backend_without_gpu_or_library_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = vec![
+        "merge".to_string(),
+        digits_config(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    args.extend(sets(dir.path(), &["cluster.backend=\"nccl\""]));
+    let o = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+        .args(&args)
+        .current_dir(fsmerge_tests::root())
+        .env("FSMERGE_NCCL_LIB", "/nonexistent/libnccl.so.2")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    if tch::Cuda::is_available() {
+        return; // A GPU machine: deploy/gpu-check.sh covers the real backend.
+    }
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("needs a CUDA device") || err.contains("cannot load NCCL"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let o = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+        .arg("doctor")
+        .env("FSMERGE_NCCL_LIB", "/nonexistent/libnccl.so.2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        text.contains("NCCL: not usable: collective: cannot load NCCL `/nonexistent/libnccl.so.2`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn doctor_resolves_slurm_and_torchrun_variables() {
+    let o = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+        .arg("doctor")
+        .env("SLURM_PROCID", "5")
+        .env("SLURM_NTASKS", "8")
+        .env("SLURM_LOCALID", "1")
+        .env("SLURM_JOB_NODELIST", "gpu[07-08,11]")
+        .env("SLURM_JOB_ID", "4242")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(text.contains("libtorch: 2.11.0"), "{text}");
+    assert!(
+        text.contains("rank 5 (slurm)") && text.contains("world 8 (slurm)"),
+        "{text}"
+    );
+    assert!(text.contains("coordinator gpu07:19242 (slurm)"), "{text}");
+    let o = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+        .args(["doctor", "--rank", "2"])
+        .env("RANK", "3")
+        .env("WORLD_SIZE", "4")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "9")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("rank 2 (cli)") && text.contains("world 4 (torchrun)"),
+        "{text}"
+    );
+    assert!(text.contains("coordinator 127.0.0.1:9"), "{text}");
+}

@@ -1,0 +1,304 @@
+//! Training of one stage's M/U across workers, through `optim::Run` like the single-process
+//! path: the same batches in the same order on every worker, split between replicas, with the
+//! gradients (and the batch loss) summed over the replicas in one flat buffer per step.
+//!
+//! - `local`: the stage's layer problems need nothing from other stages.
+//! - `global`: a pipeline over stages (GPipe schedule): each micro-batch's merged stream goes
+//!   forward stage to stage; the last stage computes the loss; gradients of the stream come
+//!   back, each carrying the micro-batch's loss so every stage knows the step's loss.
+//!
+//! Each replica scales its part's loss by its share of the batch, so the summed gradient is the
+//! full batch's gradient, as in the single-process run.
+
+use crate::collective::Collective;
+use crate::optim::{gradients, total_steps, Run, Schedule};
+use crate::progress::{LogRow, Progress};
+use crate::stage::StageNet;
+use crate::supernet::{own_mask, reconstruction_loss};
+use crate::tensor::{flatten_all, unflatten_like};
+use crate::train_merge::TrainSettings;
+use fsmerge_common::config::Targets;
+use fsmerge_common::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+/// What a stage trains on.
+pub struct StageData {
+    /// Stage input: x [N, D] on stage 0, else every model's features before the stage [n, N, k].
+    pub input: Tensor,
+    /// Every model's features after each of the stage's layers: `[j]` is [n, N, k_j].
+    pub feats: Vec<Tensor>,
+    /// Task of each sample [N] (i64).
+    pub task: Tensor,
+}
+
+impl StageData {
+    pub fn len(&self) -> usize {
+        self.task.size()[0] as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn to_device(&self, device: Device) -> Self {
+        Self {
+            input: self.input.to_device(device),
+            feats: self.feats.iter().map(|f| f.to_device(device)).collect(),
+            task: self.task.to_device(device),
+        }
+    }
+}
+
+/// Member `r` of `n`'s contiguous share of a batch.
+pub fn share(batch: &[i64], r: usize, n: usize) -> &[i64] {
+    &batch[r * batch.len() / n..(r + 1) * batch.len() / n]
+}
+
+fn index(ids: &[i64], device: Device) -> Tensor {
+    Tensor::from_slice(ids).to_device(device)
+}
+
+fn mask(stage: &StageNet, data: &StageData, idx: &Tensor, targets: Targets) -> Option<Tensor> {
+    (targets == Targets::Own).then(|| own_mask(&data.task.index_select(0, idx), stage.n))
+}
+
+fn run<'a>(phase: &'a str, s: &TrainSettings, n: usize, seed: u64) -> Run<'a> {
+    Run {
+        phase,
+        epochs: s.epochs,
+        batch_size: s.batch_size,
+        seed,
+        schedule: Schedule::OneCycle {
+            max_lr: s.lr,
+            total_steps: total_steps(n, s.batch_size, s.epochs).max(1),
+        },
+        weight_decay: s.weight_decay,
+        lr_field: "merge.lr",
+    }
+}
+
+/// Sum gradients and the loss over the replicas (one buffer); identity for one replica.
+fn reduce(
+    replicas: &mut dyn Collective,
+    grads: Vec<Tensor>,
+    loss: f64,
+) -> Result<(f64, Vec<Tensor>)> {
+    if replicas.size() == 1 {
+        return Ok((loss, grads));
+    }
+    let device = replicas.device();
+    let loss_t = Tensor::from_slice(&[loss as f32]).to_device(device);
+    let mut flat = Tensor::cat(&[flatten_all(&grads).to_device(device), loss_t], 0);
+    replicas.all_reduce_sum(&mut flat)?;
+    let total = flat.double_value(&[flat.numel() as i64 - 1]);
+    let summed = unflatten_like(&flat, &grads)
+        .into_iter()
+        .zip(&grads)
+        .map(|(g, like)| g.to_device(like.device()))
+        .collect();
+    Ok((total, summed))
+}
+
+/// A part's mean loss weighted by its share of the batch (unchanged for the whole batch, so
+/// one worker computes exactly what the single-process job does).
+fn scaled(loss: Tensor, part: usize, batch: usize) -> Tensor {
+    if part == batch {
+        loss
+    } else {
+        loss * (part as f64 / batch as f64)
+    }
+}
+
+fn zero_grads(params: &[Tensor]) -> Vec<Tensor> {
+    params.iter().map(Tensor::zeros_like).collect()
+}
+
+/// Train every local problem of the stage (layers in order, each its own `Run`, seeded by its
+/// global layer index as in the single-process job).
+pub fn train_local(
+    stage: &StageNet,
+    data: &StageData,
+    s: &TrainSettings,
+    replicas: &mut dyn Collective,
+    progress: &dyn Progress,
+) -> Result<Vec<LogRow>> {
+    let device = data.task.device();
+    let mut log = Vec::new();
+    for j in 0..stage.mu.len() {
+        let l = stage.units.start + j;
+        let params = stage.local_params(j);
+        let phase = format!("local layer{l}");
+        let rows = run(&phase, s, data.len(), s.seed.wrapping_add(1 + l as u64)).optimise_with(
+            &params,
+            data.len(),
+            progress,
+            |batch| {
+                let part = share(batch, replicas.rank(), replicas.size());
+                if part.is_empty() {
+                    return reduce(replicas, zero_grads(&params), 0.0);
+                }
+                let idx = index(part, device);
+                let input = match j {
+                    0 if stage.units.start == 0 => data.input.index_select(0, &idx),
+                    0 => data.input.index_select(1, &idx),
+                    _ => data.feats[j - 1].index_select(1, &idx),
+                };
+                let target = data.feats[j].index_select(1, &idx);
+                let m = mask(stage, data, &idx, s.targets);
+                let loss = stage.local_loss(j, &input, &target, m.as_ref());
+                let loss = scaled(loss, part.len(), batch.len());
+                let value = loss.double_value(&[]);
+                let grads = gradients(&loss, &params)?;
+                reduce(replicas, grads, value)
+            },
+        )?;
+        log.extend(rows);
+    }
+    Ok(log)
+}
+
+/// Train the global SuperNet's parameters of this stage in the pipeline `pipe` (member s is
+/// stage s of this replica index) with `micro_batches` micro-batches per replica share.
+pub fn train_global(
+    stage: &StageNet,
+    data: &StageData,
+    s: &TrainSettings,
+    pipe: &mut dyn Collective,
+    replicas: &mut dyn Collective,
+    micro_batches: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<LogRow>> {
+    let device = data.task.device();
+    let params = stage.global_params();
+    let me = pipe.rank();
+    let first = me == 0;
+    let last = stage.last;
+    if last != (me + 1 == pipe.size()) {
+        return Err(Error::Plan(format!(
+            "stage {me} of {} disagrees with its layers {:?} about being last",
+            pipe.size(),
+            stage.units
+        )));
+    }
+    let out_dim = stage.out_dim() as i64;
+    let f32_on = (Kind::Float, device);
+    run("global", s, data.len(), s.seed).optimise_with(&params, data.len(), progress, |batch| {
+        let part = share(batch, replicas.rank(), replicas.size());
+        let mbs: Vec<&[i64]> = (0..micro_batches)
+            .map(|k| share(part, k, micro_batches))
+            .filter(|mb| !mb.is_empty())
+            .collect();
+        let whole = mbs.len() == 1 && part.len() == batch.len();
+        // Forward: keep each micro-batch's input and output (or loss) for its backward.
+        let mut saved = Vec::with_capacity(mbs.len());
+        for mb in &mbs {
+            let idx = index(mb, device);
+            let input = if first {
+                data.input.index_select(0, &idx)
+            } else {
+                let mut t = Tensor::zeros([mb.len() as i64, stage.in_dim as i64], f32_on);
+                pipe.recv(&mut t, me - 1)?;
+                t.set_requires_grad(true)
+            };
+            let out = stage.forward(&input, s.form);
+            if last {
+                let target = data.feats[data.feats.len() - 1].index_select(1, &idx);
+                let m = mask(stage, data, &idx, s.targets);
+                let loss = reconstruction_loss(&out, &target, m.as_ref());
+                let loss = if whole {
+                    loss
+                } else {
+                    scaled(loss, mb.len(), batch.len())
+                };
+                saved.push((input, loss));
+            } else {
+                pipe.send(&out.detach().contiguous(), me + 1)?;
+                saved.push((input, out));
+            }
+        }
+        // Backward, last micro-batch first.
+        let mut grads = zero_grads(&params);
+        let mut loss_sum = 0.0;
+        for (k, (input, out)) in saved.into_iter().enumerate().rev() {
+            let mb_len = mbs[k].len() as i64;
+            let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+            if !first {
+                wrt.push(input.shallow_clone());
+            }
+            let (mut g, loss) = if last {
+                let value = out.double_value(&[]);
+                (gradients(&out, &wrt)?, value)
+            } else {
+                let mut back = Tensor::zeros([mb_len * out_dim + 1], f32_on);
+                pipe.recv(&mut back, me + 1)?;
+                let g_out = back.narrow(0, 0, mb_len * out_dim).view([mb_len, out_dim]);
+                let value = back.double_value(&[mb_len * out_dim]);
+                let surrogate = (&out * &g_out).sum(Kind::Float);
+                (gradients(&surrogate, &wrt)?, value)
+            };
+            loss_sum += loss;
+            if !first {
+                let g_in = g.pop().unwrap_or_else(|| Tensor::zeros([0], f32_on));
+                let loss_t = Tensor::from_slice(&[loss as f32]).to_device(device);
+                pipe.send(&Tensor::cat(&[g_in.reshape([-1]), loss_t], 0), me - 1)?;
+            }
+            grads = if whole {
+                g
+            } else {
+                grads.iter().zip(&g).map(|(a, b)| a + b).collect()
+            };
+        }
+        reduce(replicas, grads, loss_sum)
+    })
+}
+
+/// Move teacher features down the pipeline: stage 0 starts from the merge inputs, every later
+/// stage receives the previous stage's last features; each computes its own and forwards its
+/// last layer's. `start` is (x, task) on stage 0.
+pub fn flow_features(
+    stage: &StageNet,
+    pipe: &mut dyn Collective,
+    start: Option<(Tensor, Tensor)>,
+) -> Result<StageData> {
+    let me = pipe.rank();
+    let device = pipe.device();
+    let (input, task) = match start {
+        Some(s) => s,
+        None => {
+            let mut header = Tensor::zeros([1], (Kind::Float, device));
+            pipe.recv(&mut header, me - 1)?;
+            let len = header.double_value(&[0]) as i64;
+            let mut input = Tensor::zeros(
+                [stage.n as i64, len, stage.in_dim as i64],
+                (Kind::Float, device),
+            );
+            pipe.recv(&mut input, me - 1)?;
+            let mut task = Tensor::zeros([len], (Kind::Float, device));
+            pipe.recv(&mut task, me - 1)?;
+            (input, task.to_kind(Kind::Int64))
+        }
+    };
+    let feats = stage.teacher(&input);
+    if !stage.last {
+        let out = &feats[feats.len() - 1];
+        let len = task.size()[0];
+        pipe.send(&Tensor::from_slice(&[len as f32]).to_device(device), me + 1)?;
+        pipe.send(&out.contiguous(), me + 1)?;
+        pipe.send(&task.to_kind(Kind::Float), me + 1)?;
+    }
+    Ok(StageData { input, feats, task })
+}
+
+/// After local training: stage s hands its last U to stage s+1 (as `u_in`), through the
+/// pipeline group, so the global phase and the fold see every U where it is consumed.
+pub fn hand_over_boundary(stage: &mut StageNet, pipe: &mut dyn Collective) -> Result<()> {
+    let me = pipe.rank();
+    if let Some(u) = stage.boundary_u() {
+        pipe.send(&flatten_all(&u.params()).detach(), me + 1)?;
+    }
+    if let Some(u) = &stage.u_in {
+        let params = u.params();
+        let mut flat = flatten_all(&params).detach().zeros_like();
+        pipe.recv(&mut flat, me - 1)?;
+        crate::tensor::assign(&params, &unflatten_like(&flat, &params))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,610 @@
+//! A worker: registers with the coordinator over QUIC, receives its stage, links to the peers
+//! it exchanges data with, computes or restores the stage's teacher features, trains its phases
+//! (checkpointing each), folds its layers and sends them back.
+//!
+//! Two tokio tasks run beside the compute thread: one sends heartbeats (with the current phase
+//! and step), one reads the coordinator's messages (abort, shutdown, relayed NCCL ids). A worker
+//! that loses the coordinator, or is told to abort, exits at once with an error.
+
+use crate::collective::nccl::{self, NcclGroup};
+use crate::collective::quic::{connect_mesh, QuicGroup};
+use crate::collective::{Collective, Solo};
+use crate::dist_train::{self, StageData};
+use crate::progress::{LogRow, Progress};
+use crate::stage::StageNet;
+use crate::tensor::{assign, to_host, to_tch};
+use crate::train_merge::TrainSettings;
+use fsmerge_common::checkpoint::{read_json, read_tensors, write_json, write_tensors, HostTensor};
+use fsmerge_common::config::{Backend, JobConfig, Mode};
+use fsmerge_common::metrics::{peak_rss_mib, WorkerStats};
+use fsmerge_common::plan::Plan;
+use fsmerge_common::transport::{self, Identity, Timeouts};
+use fsmerge_common::wire::{self, Assignment, Hello, Message, NamedTensor};
+use fsmerge_common::workdir::{PhaseRecord, WorkDir};
+use fsmerge_common::{Error, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// How to reach and trust the coordinator, and what this worker knows about itself.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `host:port` of the coordinator.
+    pub coordinator: String,
+    pub token: String,
+    pub fingerprint: String,
+    /// Rank and world size from the CLI, torchrun or Slurm (None: the coordinator assigns).
+    pub rank: Option<u32>,
+    pub world: Option<u32>,
+    /// Local rank (selects the GPU of an NCCL worker).
+    pub local_rank: usize,
+    /// Runs inside the coordinator's process (`fsmerge merge`): failures are reported, the
+    /// process is not exited.
+    pub embedded: bool,
+    /// Liveness of the control connection.
+    pub timeouts: Timeouts,
+}
+
+/// Where the worker is, for heartbeats and failure messages.
+#[derive(Debug, Clone, Default)]
+struct Beat {
+    phase: String,
+    step: u64,
+    total: u64,
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct BeatProgress(Shared<Beat>);
+
+impl Progress for BeatProgress {
+    fn start(&self, phase: &str, total: u64) {
+        *lock(&self.0) = Beat {
+            phase: phase.to_string(),
+            step: 0,
+            total,
+        };
+        tracing::debug!("{phase}: {total} steps");
+    }
+    fn step(&self, _: &str, step: u64, _: f64, _: f64) {
+        lock(&self.0).step = step;
+    }
+    fn finish(&self, phase: &str) {
+        tracing::debug!("{phase}: done");
+    }
+}
+
+/// The control connection's sending half, shared by the compute thread and the heartbeat task.
+#[derive(Clone)]
+struct Control {
+    tx: Arc<tokio::sync::Mutex<quinn::SendStream>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Control {
+    fn send(&self, msg: &Message) -> Result<()> {
+        let tx = self.tx.clone();
+        self.rt
+            .block_on(async move { wire::send(&mut *tx.lock().await, msg).await })
+    }
+}
+
+/// Run one worker to the end of the job.
+pub fn run(opts: &WorkerOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Compute(format!("tokio runtime: {e}")))?;
+    let id = Identity::generate()?;
+    let endpoint = rt.block_on(async {
+        transport::server("0.0.0.0:0".parse().expect("literal"), &id, opts.timeouts)
+    })?;
+    let coord = transport::resolve_addr(&opts.coordinator)?;
+    let conn = rt
+        .block_on(transport::connect(
+            &endpoint,
+            coord,
+            &opts.fingerprint,
+            opts.timeouts,
+        ))
+        .map_err(|e| Error::Peer {
+            peer: format!("coordinator {}", opts.coordinator),
+            msg: e.to_string(),
+        })?;
+    let local_ip = conn
+        .local_ip()
+        .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    let port = endpoint
+        .local_addr()
+        .map_err(|e| Error::Compute(format!("data endpoint: {e}")))?
+        .port();
+    let host = fsmerge_common::discovery::this_host();
+    let hello = Message::Hello(Hello {
+        token: opts.token.clone(),
+        rank: opts.rank,
+        world: opts.world,
+        host: host.clone(),
+        pid: std::process::id(),
+        data_addr: std::net::SocketAddr::new(local_ip, port).to_string(),
+        data_fingerprint: id.fingerprint.clone(),
+    });
+    let coordinator = |msg: String| Error::Peer {
+        peer: format!("coordinator {}", opts.coordinator),
+        msg,
+    };
+    let (tx, mut rx) = rt.block_on(async {
+        let (mut tx, rx) = conn
+            .open_bi()
+            .await
+            .map_err(|e| coordinator(e.to_string()))?;
+        wire::send(&mut tx, &hello).await?;
+        Ok::<_, Error>((tx, rx))
+    })?;
+    let assignment = match rt.block_on(wire::recv(&mut rx))? {
+        Some(Message::Assign(a)) => *a,
+        Some(Message::Refused { reason }) => return Err(coordinator(format!("refused: {reason}"))),
+        Some(other) => return Err(coordinator(format!("unexpected first message {other:?}"))),
+        None => return Err(coordinator("closed the connection".into())),
+    };
+    let control = Control {
+        tx: Arc::new(tokio::sync::Mutex::new(tx)),
+        rt: rt.handle().clone(),
+    };
+    let beat: Shared<Beat> = Arc::new(Mutex::new(Beat {
+        phase: "setup".into(),
+        ..Beat::default()
+    }));
+    let (nccl_tx, nccl_rx) = std::sync::mpsc::channel::<(u32, Vec<u8>)>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let rank = assignment.rank;
+    let job: JobConfig = serde_json::from_str(&assignment.job_json)
+        .map_err(|e| Error::Protocol(format!("job config from the coordinator: {e}")))?;
+    let heartbeat = Duration::from_secs_f64(job.cluster.heartbeat_secs);
+    {
+        let control = control.clone();
+        let beat = beat.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(heartbeat).await;
+                let b = lock(&beat).clone();
+                let msg = Message::Heartbeat {
+                    phase: b.phase,
+                    step: b.step,
+                    total: b.total,
+                };
+                if wire::send(&mut *control.tx.lock().await, &msg)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    let embedded = opts.embedded;
+    rt.spawn(async move {
+        loop {
+            match wire::recv(&mut rx).await {
+                Ok(Some(Message::Abort { reason })) => {
+                    tracing::error!("worker rank {rank}: aborted by the coordinator: {reason}");
+                    if !embedded {
+                        std::process::exit(1);
+                    }
+                    break;
+                }
+                Ok(Some(Message::Shutdown)) => {
+                    let _ = done_tx.send(());
+                    break;
+                }
+                Ok(Some(Message::NcclId { group, id })) => {
+                    let _ = nccl_tx.send((group, id));
+                }
+                Ok(Some(other)) => {
+                    tracing::warn!("worker rank {rank}: ignoring unexpected message {other:?}")
+                }
+                Ok(None) | Err(_) => {
+                    tracing::error!(
+                        "worker rank {rank}: lost the connection to the coordinator; stopping"
+                    );
+                    if !embedded {
+                        std::process::exit(1);
+                    }
+                    break;
+                }
+            }
+        }
+    });
+    let ctx = Ctx {
+        a: &assignment,
+        job: &job,
+        control: &control,
+        beat: &beat,
+        rt: rt.handle(),
+        endpoint: &endpoint,
+        opts,
+        host,
+    };
+    match ctx.work(&nccl_rx) {
+        Ok(()) => {
+            // Wait for the coordinator to confirm the job is complete (it may still need us
+            // alive, e.g. as the owner of an NCCL id).
+            let _ = done_rx.recv_timeout(Duration::from_secs(120));
+            endpoint.close(0u32.into(), b"done");
+            // Let the close reach the peers before the runtime goes away.
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            });
+            Ok(())
+        }
+        Err(e) => {
+            let phase = lock(&beat).phase.clone();
+            let _ = control.send(&Message::Failed {
+                phase,
+                msg: e.to_string(),
+            });
+            // Make sure the report leaves before the process does.
+            rt.block_on(async {
+                let _ = control.tx.lock().await.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            });
+            Err(e)
+        }
+    }
+}
+
+struct Ctx<'a> {
+    a: &'a Assignment,
+    job: &'a JobConfig,
+    control: &'a Control,
+    beat: &'a Shared<Beat>,
+    rt: &'a tokio::runtime::Handle,
+    endpoint: &'a quinn::Endpoint,
+    opts: &'a WorkerOptions,
+    host: String,
+}
+
+impl Ctx<'_> {
+    fn set_phase(&self, phase: &str) {
+        *lock(self.beat) = Beat {
+            phase: phase.to_string(),
+            ..Beat::default()
+        };
+    }
+
+    fn work(&self, nccl_ids: &std::sync::mpsc::Receiver<(u32, Vec<u8>)>) -> Result<()> {
+        let a = self.a;
+        let job = self.job;
+        let plan: Plan = serde_json::from_str(&a.plan_json)
+            .map_err(|e| Error::Protocol(format!("plan from the coordinator: {e}")))?;
+        crate::set_threads(a.threads as usize);
+        let (stage_i, replica) = (a.stage as usize, a.replica as usize);
+        let (stages, replicas) = (plan.stages.len(), plan.replicas);
+        let rank_of = |s: usize, r: usize| (s * replicas + r) as u32;
+        let pipe_members: Vec<u32> = (0..stages).map(|s| rank_of(s, replica)).collect();
+        let replica_members: Vec<u32> = (0..replicas).map(|r| rank_of(stage_i, r)).collect();
+        let work = WorkDir::new(&a.work_dir);
+        tracing::info!(
+            "worker rank {} of {} on {}: stage {stage_i} (layers {:?}), replica {replica}, {} backend",
+            a.rank,
+            a.world,
+            self.host,
+            plan.stages[stage_i].units,
+            a.backend
+        );
+
+        self.set_phase("connect");
+        let (mut pipe, mut reps, device) =
+            self.groups(&pipe_members, &replica_members, nccl_ids)?;
+        pipe.barrier()?;
+        reps.barrier()?;
+
+        self.set_phase("load");
+        let tasks: Vec<String> = job.tasks.iter().map(|t| t.name.clone()).collect();
+        let mut stage = StageNet::load(
+            Path::new(&a.models_dir),
+            &tasks,
+            plan.stages[stage_i].units.clone(),
+            &job.merge,
+            job.seed,
+        )?;
+        stage.to_device(device);
+
+        self.set_phase("features");
+        let data = if a.features_cached {
+            load_features(&work.features(stage_i), stage.mu.len())?
+        } else {
+            let start = (stage_i == 0).then(|| merge_inputs(job)).transpose()?;
+            let d = dist_train::flow_features(&stage, pipe.as_mut(), start)?;
+            if replica == 0 {
+                save_features(&work.features(stage_i), &d)?;
+            }
+            d
+        }
+        .to_device(device);
+
+        let m = &job.merge;
+        let settings = TrainSettings::of(m, job.seed);
+        let progress = BeatProgress(self.beat.clone());
+        let mut phase_seconds = BTreeMap::new();
+        if matches!(m.mode, Mode::Local | Mode::LocalThenGlobal) {
+            self.phase(&work, &stage, "local", &mut phase_seconds, || {
+                dist_train::train_local(&stage, &data, &settings, reps.as_mut(), &progress)
+            })?;
+            self.set_phase("hand-over");
+            dist_train::hand_over_boundary(&mut stage, pipe.as_mut())?;
+        }
+        if matches!(m.mode, Mode::Global | Mode::LocalThenGlobal) {
+            let s = TrainSettings {
+                epochs: match m.mode {
+                    Mode::LocalThenGlobal => m.global_epochs,
+                    _ => m.epochs,
+                },
+                ..settings.clone()
+            };
+            let micro = if stages > 1 {
+                job.cluster.micro_batches
+            } else {
+                1
+            };
+            self.phase(&work, &stage, "global", &mut phase_seconds, || {
+                dist_train::train_global(
+                    &stage,
+                    &data,
+                    &s,
+                    pipe.as_mut(),
+                    reps.as_mut(),
+                    micro,
+                    &progress,
+                )
+            })?;
+        }
+
+        self.set_phase("fold");
+        if replica == 0 {
+            let folded = stage.fold()?;
+            let count = folded.len() as u32;
+            for (name, t) in folded {
+                self.control.send(&Message::Folded {
+                    stage: a.stage,
+                    tensor: NamedTensor {
+                        name,
+                        shape: t.shape.iter().map(|&d| d as u64).collect(),
+                        data: t.data,
+                    },
+                })?;
+            }
+            self.control.send(&Message::FoldedDone {
+                stage: a.stage,
+                count,
+            })?;
+        }
+        let (pa, pc) = pipe.allreduce_time();
+        let (ra, rc) = reps.allreduce_time();
+        self.control.send(&Message::Stats(WorkerStats {
+            rank: a.rank,
+            host: self.host.clone(),
+            stage: a.stage,
+            replica: a.replica,
+            peak_rss_mib: peak_rss_mib(),
+            weight_bytes: stage.weight_bytes,
+            step_seconds: phase_seconds.values().sum(),
+            phase_seconds,
+            allreduce_seconds: pa + ra,
+            allreduce_calls: pc + rc,
+        }))?;
+        self.set_phase("done");
+        Ok(())
+    }
+
+    /// Run phase `phase` of the stage, or restore it from its checkpoint if the coordinator says
+    /// it is finished; replica 0 checkpoints it and reports it.
+    fn phase(
+        &self,
+        work: &WorkDir,
+        stage: &StageNet,
+        phase: &str,
+        seconds: &mut BTreeMap<String, f64>,
+        train: impl FnOnce() -> Result<Vec<LogRow>>,
+    ) -> Result<()> {
+        let a = self.a;
+        let (st, js) = work.checkpoint(a.stage as usize, phase);
+        self.set_phase(phase);
+        let (record, restored) = if a.done_phases.iter().any(|p| p == phase) {
+            let names: Vec<String> = stage.named_mu().into_iter().map(|(n, _)| n).collect();
+            let mut t = read_tensors(&st, &names)?;
+            let mut values = Vec::new();
+            let mut params = Vec::new();
+            for (name, p) in stage.named_mu() {
+                let v = t.remove(&name).ok_or_else(|| Error::Tensor {
+                    file: st.clone(),
+                    tensor: name.clone(),
+                    msg: "missing from the checkpoint".into(),
+                })?;
+                values.push(to_tch(&v).to_device(p.device()));
+                params.push(p);
+            }
+            assign(&params, &values)?;
+            let record: PhaseRecord = read_json(&js)?;
+            tracing::info!(
+                "worker rank {}: stage {} {phase} restored from {} (not retrained)",
+                a.rank,
+                a.stage,
+                st.display()
+            );
+            (record, true)
+        } else {
+            let clock = Instant::now();
+            let log = train()?;
+            let record = PhaseRecord {
+                stage: a.stage as usize,
+                phase: phase.to_string(),
+                seconds: clock.elapsed().as_secs_f64(),
+                log,
+            };
+            if a.replica == 0 {
+                let mut tensors = BTreeMap::new();
+                for (name, p) in stage.named_mu() {
+                    tensors.insert(name, to_host(&p)?);
+                }
+                write_json(&js, &record)?;
+                write_tensors(&st, &tensors)?;
+            }
+            (record, false)
+        };
+        seconds.insert(phase.to_string(), record.seconds);
+        if a.replica == 0 {
+            self.control.send(&Message::PhaseDone {
+                stage: a.stage,
+                phase: phase.to_string(),
+                seconds: record.seconds,
+                restored,
+                log: record.log,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The pipeline group (same replica index, every stage) and the replica group (same stage),
+    /// on the configured backend, and the device tensors live on.
+    #[allow(clippy::type_complexity)]
+    fn groups(
+        &self,
+        pipe_members: &[u32],
+        replica_members: &[u32],
+        nccl_ids: &std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
+    ) -> Result<(Box<dyn Collective>, Box<dyn Collective>, Device)> {
+        let a = self.a;
+        let job = self.job;
+        match job.cluster.backend {
+            Backend::Quic => {
+                let needed: BTreeSet<u32> = pipe_members
+                    .iter()
+                    .chain(replica_members)
+                    .copied()
+                    .filter(|&r| r != a.rank)
+                    .collect();
+                // Longer than the coordinator's heartbeat deadline, so that when a worker dies
+                // the coordinator names it before its peers report a broken link.
+                let peer_timeouts = Timeouts {
+                    idle: Duration::from_secs_f64(1.5 * job.cluster.peer_timeout_secs),
+                    keep_alive: Duration::from_secs_f64(job.cluster.heartbeat_secs),
+                };
+                let links = self.rt.block_on(connect_mesh(
+                    self.endpoint,
+                    a.rank,
+                    &self.opts.token,
+                    &a.peers,
+                    &needed,
+                    peer_timeouts,
+                    Duration::from_secs_f64(job.cluster.register_timeout_secs),
+                ))?;
+                let group = |members: &[u32]| -> Result<Box<dyn Collective>> {
+                    if members.len() == 1 {
+                        Ok(Box::new(Solo))
+                    } else {
+                        Ok(Box::new(QuicGroup::new(
+                            a.rank,
+                            members,
+                            &links,
+                            self.rt.clone(),
+                        )?))
+                    }
+                };
+                Ok((group(pipe_members)?, group(replica_members)?, Device::Cpu))
+            }
+            Backend::Nccl => {
+                let device = nccl::device_for(self.opts.local_rank)?;
+                let replicas = replica_members.len() as u32;
+                // Group ids: pipelines 0..R (by replica), replica groups R.. (by stage).
+                let pipe_id = a.replica;
+                let rep_id = replicas + a.stage;
+                let mut ids: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+                for (gid, members) in [(pipe_id, pipe_members), (rep_id, replica_members)] {
+                    if members[0] == a.rank {
+                        let id = nccl::unique_id()?;
+                        self.control.send(&Message::NcclId {
+                            group: gid,
+                            id: id.clone(),
+                        })?;
+                        ids.insert(gid, id);
+                    }
+                }
+                let deadline =
+                    Instant::now() + Duration::from_secs_f64(job.cluster.register_timeout_secs);
+                while !(ids.contains_key(&pipe_id) && ids.contains_key(&rep_id)) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let (g, id) = nccl_ids.recv_timeout(left).map_err(|_| {
+                        Error::Collective("no NCCL unique id arrived from the coordinator".into())
+                    })?;
+                    ids.entry(g).or_insert(id);
+                }
+                let group = |gid: u32, members: &[u32]| -> Result<Box<dyn Collective>> {
+                    let me = members.iter().position(|&r| r == a.rank).unwrap_or(0);
+                    Ok(Box::new(NcclGroup::new(
+                        &ids[&gid],
+                        me,
+                        members.len(),
+                        device,
+                    )?))
+                };
+                Ok((
+                    group(pipe_id, pipe_members)?,
+                    group(rep_id, replica_members)?,
+                    device,
+                ))
+            }
+        }
+    }
+}
+
+/// Stage 0's start: the merge inputs and their tasks, built from the data exactly as the
+/// single-process job builds them.
+fn merge_inputs(job: &JobConfig) -> Result<(Tensor, Tensor)> {
+    let m = &job.merge;
+    let splits = crate::data::load(&job.data)?;
+    let set = crate::merge_data::build(
+        &splits,
+        &job.tasks,
+        m.n_originals,
+        m.n_augmented,
+        &m.augment,
+        job.seed,
+    )?;
+    Ok((set.x, set.task))
+}
+
+fn save_features(path: &Path, d: &StageData) -> Result<()> {
+    let mut t = BTreeMap::new();
+    t.insert("input".to_string(), to_host(&d.input)?);
+    t.insert("task".to_string(), to_host(&d.task.to_kind(Kind::Float))?);
+    for (j, f) in d.feats.iter().enumerate() {
+        t.insert(format!("feat{j}"), to_host(f)?);
+    }
+    write_tensors(path, &t)
+}
+
+fn load_features(path: &Path, layers: usize) -> Result<StageData> {
+    let mut names = vec!["input".to_string(), "task".to_string()];
+    names.extend((0..layers).map(|j| format!("feat{j}")));
+    let mut t = read_tensors(path, &names)?;
+    let mut take = |name: &str| -> Result<HostTensor> {
+        t.remove(name).ok_or_else(|| Error::Tensor {
+            file: path.to_path_buf(),
+            tensor: name.to_string(),
+            msg: "missing from the feature cache".into(),
+        })
+    };
+    let input = to_tch(&take("input")?);
+    let task = to_tch(&take("task")?).to_kind(Kind::Int64);
+    let feats = (0..layers)
+        .map(|j| take(&format!("feat{j}")).map(|h| to_tch(&h)))
+        .collect::<Result<_>>()?;
+    Ok(StageData { input, feats, task })
+}

@@ -1,0 +1,271 @@
+//! One stage of the plan as a worker holds it: the frozen layers `units` of every original model
+//! (and the heads, on the last stage), their M/U, and the stage's teacher features.
+//!
+//! Which M/U a stage trains depends on the phase. Local problem l trains (M_l, U_l). The global
+//! SuperNet's layer l reads U_{l−1} (it folds into W*_l), so in the global phase and when folding
+//! a stage owns M_l of its layers, U_{l−1} of its layers (`u_in` for the first) and U_L on the
+//! last stage; after local training the previous stage hands its last U over
+//! (`boundary_u` → `u_in`). Every U is owned by exactly one stage, so the stages' global
+//! parameters together are the single-process SuperNet's.
+
+use crate::mlp::Linear;
+use crate::mu::MuMatrix;
+use crate::supernet::{
+    fold_layer, layer_forward, local_layer_forward, reconstruction_loss, seeded_mu, FrozenLayer,
+    LayerMu,
+};
+use crate::tensor::{to_host, to_tch};
+use fsmerge_common::checkpoint::{body_bias, body_weight, head_bias, head_weight, MlpPart};
+use fsmerge_common::config::{MergeConfig, StepForm};
+use fsmerge_common::{Error, Result};
+use std::ops::Range;
+use std::path::Path;
+use tch::{Device, Tensor};
+
+pub struct StageNet {
+    /// Global indices of this stage's layers.
+    pub units: Range<usize>,
+    pub layers: Vec<FrozenLayer>,
+    pub mu: Vec<LayerMu>,
+    /// U of the layer before the stage (None on stage 0, whose input is shared).
+    pub u_in: Option<MuMatrix>,
+    /// Each task's head (last stage only).
+    pub heads: Vec<Linear>,
+    pub task_names: Vec<String>,
+    pub n: usize,
+    pub last: bool,
+    /// Bytes of the original models' tensors this stage holds.
+    pub weight_bytes: u64,
+    /// Width of the stage's input (data dimension on stage 0).
+    pub in_dim: usize,
+}
+
+impl StageNet {
+    /// Read the stage's tensors of every task's model from `models_dir` and draw the job's M/U
+    /// init (the same values as the single-process SuperNet).
+    pub fn load(
+        models_dir: &Path,
+        tasks: &[String],
+        units: Range<usize>,
+        merge: &MergeConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut parts = Vec::new();
+        let mut last = false;
+        for t in tasks {
+            let probe = MlpPart::load(models_dir, t, units.start..units.start, false)?;
+            last = units.end == probe.config.hidden.len();
+            parts.push(MlpPart::load(models_dir, t, units.clone(), last)?);
+        }
+        let config = parts[0].config.clone();
+        for p in &parts[1..] {
+            if p.config.hidden != config.hidden || p.config.input_dim != config.input_dim {
+                return Err(Error::Mismatch(format!(
+                    "{} has layers {:?} (input {}), {} has {:?} (input {})",
+                    parts[0].file.display(),
+                    config.hidden,
+                    config.input_dim,
+                    p.file.display(),
+                    p.config.hidden,
+                    p.config.input_dim
+                )));
+            }
+        }
+        let weight_bytes = parts.iter().map(MlpPart::bytes).sum();
+        let layers = (0..units.len())
+            .map(|j| FrozenLayer {
+                wt: Tensor::stack(
+                    &parts
+                        .iter()
+                        .map(|p| to_tch(&p.body[j].0).tr())
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+                .contiguous(),
+                b: Tensor::stack(
+                    &parts
+                        .iter()
+                        .map(|p| to_tch(&p.body[j].1))
+                        .collect::<Vec<_>>(),
+                    0,
+                ),
+            })
+            .collect();
+        let heads = parts
+            .iter()
+            .filter_map(|p| p.head.as_ref())
+            .map(|(w, b)| Linear {
+                w: to_tch(w),
+                b: to_tch(b),
+            })
+            .collect();
+        drop(parts);
+        let n = tasks.len();
+        let mut all = seeded_mu(
+            seed,
+            merge.mu_type,
+            merge.init,
+            n,
+            &config.hidden,
+            merge.rank,
+        )?;
+        let mu: Vec<LayerMu> = all.drain(units.clone()).collect();
+        let u_in = units.start.checked_sub(1).map(|l| all.swap_remove(l).u);
+        let in_dim = match units.start {
+            0 => config.input_dim,
+            a => config.hidden[a - 1],
+        };
+        Ok(Self {
+            units,
+            layers,
+            mu,
+            u_in,
+            heads,
+            task_names: tasks.to_vec(),
+            n,
+            last,
+            weight_bytes,
+            in_dim,
+        })
+    }
+
+    /// Move everything to `device` (tensors of a CUDA worker).
+    pub fn to_device(&mut self, device: Device) {
+        for l in &mut self.layers {
+            l.wt = l.wt.to_device(device);
+            l.b = l.b.to_device(device);
+        }
+        for m in &mut self.mu {
+            m.m.to_device(device);
+            m.u.to_device(device);
+        }
+        if let Some(u) = &mut self.u_in {
+            u.to_device(device);
+        }
+        for h in &mut self.heads {
+            h.w = h.w.to_device(device);
+            h.b = h.b.to_device(device);
+        }
+    }
+
+    /// Width of the stage's output stream.
+    pub fn out_dim(&self) -> usize {
+        self.layers.last().map_or(self.in_dim, FrozenLayer::out_dim)
+    }
+
+    /// Teacher features of the stage's layers: every model's activation after each layer,
+    /// `[j]` is [n, N, k], from the stage input (x [N, D] on stage 0, else [n, N, k_in]).
+    pub fn teacher(&self, input: &Tensor) -> Vec<Tensor> {
+        tch::no_grad(|| {
+            let mut h = input.shallow_clone();
+            self.layers
+                .iter()
+                .map(|l| {
+                    h = l.branches(&h).relu();
+                    h.shallow_clone()
+                })
+                .collect()
+        })
+    }
+
+    /// Parameters of local problem j (the stage's j-th layer): its M and U.
+    pub fn local_params(&self, j: usize) -> Vec<Tensor> {
+        self.mu[j].params()
+    }
+
+    /// Parameters the stage trains in the global phase (see the module doc).
+    pub fn global_params(&self) -> Vec<Tensor> {
+        let mut p: Vec<Tensor> = self.u_in.iter().flat_map(MuMatrix::params).collect();
+        let depth = self.mu.len();
+        for (j, mu) in self.mu.iter().enumerate() {
+            p.extend(mu.m.params());
+            if j + 1 < depth || self.last {
+                p.extend(mu.u.params());
+            }
+        }
+        p
+    }
+
+    /// The U this stage hands to the next one after local training.
+    pub fn boundary_u(&self) -> Option<&MuMatrix> {
+        (!self.last).then(|| &self.mu[self.mu.len() - 1].u)
+    }
+
+    /// Local problem j's reconstruction loss: `input` [n, B, k] (or x [B, D]) → `target`.
+    pub fn local_loss(
+        &self,
+        j: usize,
+        input: &Tensor,
+        target: &Tensor,
+        own_mask: Option<&Tensor>,
+    ) -> Tensor {
+        let pred = local_layer_forward(&self.layers[j], &self.mu[j], input);
+        reconstruction_loss(&pred, target, own_mask)
+    }
+
+    /// The stage's part of the global SuperNet on the merged stream h [B, k_in] (x on stage
+    /// 0): the next merged stream, or on the last stage the per-model outputs [n, B, k_L].
+    pub fn forward(&self, h: &Tensor, form: StepForm) -> Tensor {
+        let mut h = h.shallow_clone();
+        for (j, layer) in self.layers.iter().enumerate() {
+            let u_prev = if j == 0 {
+                self.u_in.as_ref()
+            } else {
+                Some(&self.mu[j - 1].u)
+            };
+            h = layer_forward(layer, &self.mu[j].m, u_prev, &h, form);
+        }
+        if self.last {
+            self.mu[self.mu.len() - 1].u.unmerge(&h)
+        } else {
+            h
+        }
+    }
+
+    /// Every M/U the stage holds, named, for checkpoints.
+    pub fn named_mu(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        let mut push = |prefix: String, m: &MuMatrix| {
+            for (i, p) in m.params().into_iter().enumerate() {
+                v.push((format!("{prefix}.{i}"), p));
+            }
+        };
+        if let Some(u) = &self.u_in {
+            push(format!("layer{}.u", self.units.start - 1), u);
+        }
+        for (j, mu) in self.mu.iter().enumerate() {
+            let l = self.units.start + j;
+            push(format!("layer{l}.m"), &mu.m);
+            push(format!("layer{l}.u"), &mu.u);
+        }
+        v
+    }
+
+    /// The folded stage: W*_l, b*_l of its layers (PyTorch layout) and, on the last stage, each
+    /// task's head with its read-out U_L⁽ᵗ⁾ folded in; named as in the merged checkpoint.
+    pub fn fold(&self) -> Result<Vec<(String, fsmerge_common::checkpoint::HostTensor)>> {
+        tch::no_grad(|| {
+            let mut out = Vec::new();
+            for (j, layer) in self.layers.iter().enumerate() {
+                let l = self.units.start + j;
+                let u_prev = if j == 0 {
+                    self.u_in.as_ref()
+                } else {
+                    Some(&self.mu[j - 1].u)
+                };
+                let (wt, b) = fold_layer(layer, &self.mu[j].m, u_prev);
+                out.push((body_weight(l), to_host(&wt.tr())?));
+                out.push((body_bias(l), to_host(&b)?));
+            }
+            if self.last {
+                let u_last = &self.mu[self.mu.len() - 1].u;
+                for (t, (name, h)) in self.task_names.iter().zip(&self.heads).enumerate() {
+                    let w = h.w.matmul(&u_last.block(t).tr());
+                    out.push((head_weight(Some(name)), to_host(&w)?));
+                    out.push((head_bias(Some(name)), to_host(&h.b)?));
+                }
+            }
+            Ok(out)
+        })
+    }
+}
