@@ -37,6 +37,10 @@ pub struct WorkerStats {
     pub host: String,
     pub stage: u32,
     pub replica: u32,
+    /// Where the worker's tensors lived (`cpu`, `cuda:0`, …).
+    pub device: String,
+    /// Optimizer steps per training phase (for step times).
+    pub phase_steps: std::collections::BTreeMap<String, u64>,
     /// Peak resident memory of the worker process (VmHWM), MiB.
     pub peak_rss_mib: f64,
     /// Bytes of the original models' frozen tensors the worker holds.

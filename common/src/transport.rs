@@ -92,6 +92,29 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// UDP socket buffer size requested (bytes).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// A UDP endpoint on `bind` with large socket buffers.
+fn endpoint(bind: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
+    let err = |msg: String| Error::Peer {
+        peer: bind.to_string(),
+        msg,
+    };
+    let cfg = quinn::EndpointConfig::default();
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| err(format!("cannot bind: {e}")))?;
+    // A gradient exchange is a burst of hundreds of KB; with the default ~200 KB socket buffers
+    // the burst overflows them and QUIC's loss recovery costs milliseconds. The kernel caps the
+    // request at net.core.{r,w}mem_max.
+    let sock = socket2::SockRef::from(&socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| err("no async runtime (QUIC needs tokio)".into()))?;
+    quinn::Endpoint::new(cfg, server, socket, runtime)
+        .map_err(|e| err(format!("cannot open a QUIC endpoint: {e}")))
+}
+
 /// An endpoint that accepts connections (and can also dial out) on `bind`.
 pub fn server(bind: SocketAddr, id: &Identity, t: Timeouts) -> Result<quinn::Endpoint> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -108,19 +131,12 @@ pub fn server(bind: SocketAddr, id: &Identity, t: Timeouts) -> Result<quinn::End
         .map_err(|e| Error::Protocol(format!("QUIC server config: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(t)?);
-    quinn::Endpoint::server(cfg, bind).map_err(|e| Error::Peer {
-        peer: bind.to_string(),
-        msg: format!("cannot listen: {e}"),
-    })
+    endpoint(bind, Some(cfg))
 }
 
 /// An endpoint that only dials out.
 pub fn client() -> Result<quinn::Endpoint> {
-    let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-    quinn::Endpoint::client(bind).map_err(|e| Error::Peer {
-        peer: bind.to_string(),
-        msg: format!("cannot open a UDP socket: {e}"),
-    })
+    endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None)
 }
 
 /// Dial `addr` from `endpoint`, accepting only a server whose certificate has `fingerprint`.

@@ -231,7 +231,14 @@ pub async fn recv<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> {
 }
 
 fn io_err(e: std::io::Error) -> Error {
-    Error::Protocol(format!("connection: {e}"))
+    // quinn puts the reason (timed out, closed by the peer, reset…) in the error's source.
+    let mut msg = e.to_string();
+    let mut cause = e.get_ref().and_then(|inner| inner.source());
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    Error::Protocol(format!("connection: {msg}"))
 }
 
 #[cfg(test)]

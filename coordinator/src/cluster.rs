@@ -547,6 +547,10 @@ impl Session<'_> {
         let mut stats: BTreeMap<u32, WorkerStats> = BTreeMap::new();
         let mut last_report = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        // A worker's failure usually breaks its peers' links too; collect reports for a moment
+        // and name the root cause (a failure that is not a broken link) first.
+        let mut failures: Vec<String> = Vec::new();
+        let mut failing_since: Option<Instant> = None;
         while folded_stages.len() < stages || stats.len() < self.world {
             tokio::select! {
                 ev = events.recv() => {
@@ -558,7 +562,8 @@ impl Session<'_> {
                         }
                         Event::Lost(r, why) => {
                             if !seen.get(&r).is_some_and(|s| s.finished) {
-                                bail!("lost {}: {why}", name(r, &seen));
+                                failures.push(format!("lost {}: {why}", name(r, &seen)));
+                                failing_since.get_or_insert_with(Instant::now);
                             }
                         }
                         Event::Msg(r, msg) => {
@@ -617,7 +622,8 @@ impl Session<'_> {
                                     if let Some(s) = seen.get_mut(&r) {
                                         s.phase = phase;
                                     }
-                                    bail!("{} failed: {msg}", name(r, &seen));
+                                    failures.push(format!("{} failed: {msg}", name(r, &seen)));
+                                    failing_since.get_or_insert_with(Instant::now);
                                 }
                                 other => tracing::warn!("{}: unexpected message {other:?}", name(r, &seen)),
                             }
@@ -625,6 +631,9 @@ impl Session<'_> {
                     }
                 }
                 _ = tick.tick() => {
+                    if failing_since.is_some_and(|t| t.elapsed() > FAILURE_GRACE) {
+                        bail!(root_cause_first(failures));
+                    }
                     if let Some((&r, s)) = seen.iter().find(|(_, s)| !s.finished && s.at.elapsed() > timeout) {
                         bail!(
                             "{} has been silent for {:.1} s (limit `cluster.peer_timeout_secs` = {}): it died or was cut off",
@@ -651,6 +660,21 @@ impl Session<'_> {
     }
 }
 
+/// How long the coordinator gathers failure reports before failing the job.
+const FAILURE_GRACE: Duration = Duration::from_secs(1);
+
+/// One message from several failure reports: the first that is not a broken link to a peer
+/// (the likely cause), then the others.
+fn root_cause_first(mut failures: Vec<String>) -> String {
+    let secondary = |f: &String| f.contains(": peer worker rank");
+    failures.sort_by_key(secondary);
+    let mut msg = failures.first().cloned().unwrap_or_default();
+    for other in &failures[1..] {
+        msg.push_str(&format!("\n  also: {other}"));
+    }
+    msg
+}
+
 fn absolute(p: &std::path::Path) -> Result<PathBuf> {
     Ok(if p.is_absolute() {
         p.to_path_buf()
@@ -663,6 +687,17 @@ fn absolute(p: &std::path::Path) -> Result<PathBuf> {
 mod tests {
     use super::*;
     use fsmerge_common::plan::mlp_unit_costs;
+
+    #[test]
+    fn root_cause_comes_first() {
+        let m = root_cause_first(vec![
+            "worker rank 1 (host a, phase global) failed: peer worker rank 0 (a): connection lost"
+                .into(),
+            "worker rank 0 (host a, phase global) failed: training diverged".into(),
+        ]);
+        assert!(m.starts_with("worker rank 0"), "{m}");
+        assert!(m.contains("also: worker rank 1"), "{m}");
+    }
 
     #[test]
     fn global_is_restored_only_when_every_stage_finished_it() {

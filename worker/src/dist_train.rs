@@ -11,7 +11,7 @@
 //! full batch's gradient, as in the single-process run.
 
 use crate::collective::Collective;
-use crate::optim::{gradients, total_steps, Run, Schedule};
+use crate::optim::{gradients, lockstep, total_steps, Run, Schedule};
 use crate::progress::{LogRow, Progress};
 use crate::stage::StageNet;
 use crate::supernet::{own_mask, reconstruction_loss};
@@ -81,20 +81,40 @@ fn reduce(
     grads: Vec<Tensor>,
     loss: f64,
 ) -> Result<(f64, Vec<Tensor>)> {
+    let (grads, losses) = reduce_many(replicas, grads, &[loss])?;
+    Ok((losses[0], grads))
+}
+
+/// Sum gradients and several losses over the replicas in one flat buffer.
+fn reduce_many(
+    replicas: &mut dyn Collective,
+    grads: Vec<Tensor>,
+    losses: &[f64],
+) -> Result<(Vec<Tensor>, Vec<f64>)> {
     if replicas.size() == 1 {
-        return Ok((loss, grads));
+        return Ok((grads, losses.to_vec()));
     }
     let device = replicas.device();
-    let loss_t = Tensor::from_slice(&[loss as f32]).to_device(device);
-    let mut flat = Tensor::cat(&[flatten_all(&grads).to_device(device), loss_t], 0);
+    let tail: Vec<f32> = losses.iter().map(|&l| l as f32).collect();
+    let mut flat = Tensor::cat(
+        &[
+            flatten_all(&grads).to_device(device),
+            Tensor::from_slice(&tail).to_device(device),
+        ],
+        0,
+    );
     replicas.all_reduce_sum(&mut flat)?;
-    let total = flat.double_value(&[flat.numel() as i64 - 1]);
+    let total = flat.numel() as i64;
+    let k = losses.len() as i64;
+    let summed_losses: Vec<f64> = (total - k..total)
+        .map(|i| flat.double_value(&[i]))
+        .collect();
     let summed = unflatten_like(&flat, &grads)
         .into_iter()
         .zip(&grads)
         .map(|(g, like)| g.to_device(like.device()))
         .collect();
-    Ok((total, summed))
+    Ok((summed, summed_losses))
 }
 
 /// A part's mean loss weighted by its share of the batch (unchanged for the whole batch, so
@@ -111,8 +131,9 @@ fn zero_grads(params: &[Tensor]) -> Vec<Tensor> {
     params.iter().map(Tensor::zeros_like).collect()
 }
 
-/// Train every local problem of the stage (layers in order, each its own `Run`, seeded by its
-/// global layer index as in the single-process job).
+/// Train every local problem of the stage. Each layer is its own `Run` (seeded by its global
+/// layer index, as in the single-process job); they advance in lockstep so that one all-reduce
+/// per step carries the gradients of all the stage's layers.
 pub fn train_local(
     stage: &StageNet,
     data: &StageData,
@@ -121,38 +142,55 @@ pub fn train_local(
     progress: &dyn Progress,
 ) -> Result<Vec<LogRow>> {
     let device = data.task.device();
-    let mut log = Vec::new();
-    for j in 0..stage.mu.len() {
-        let l = stage.units.start + j;
-        let params = stage.local_params(j);
-        let phase = format!("local layer{l}");
-        let rows = run(&phase, s, data.len(), s.seed.wrapping_add(1 + l as u64)).optimise_with(
-            &params,
-            data.len(),
-            progress,
-            |batch| {
-                let part = share(batch, replicas.rank(), replicas.size());
-                if part.is_empty() {
-                    return reduce(replicas, zero_grads(&params), 0.0);
-                }
-                let idx = index(part, device);
-                let input = match j {
-                    0 if stage.units.start == 0 => data.input.index_select(0, &idx),
-                    0 => data.input.index_select(1, &idx),
-                    _ => data.feats[j - 1].index_select(1, &idx),
-                };
-                let target = data.feats[j].index_select(1, &idx);
-                let m = mask(stage, data, &idx, s.targets);
-                let loss = stage.local_loss(j, &input, &target, m.as_ref());
-                let loss = scaled(loss, part.len(), batch.len());
-                let value = loss.double_value(&[]);
-                let grads = gradients(&loss, &params)?;
-                reduce(replicas, grads, value)
-            },
-        )?;
-        log.extend(rows);
-    }
-    Ok(log)
+    let layers = stage.mu.len();
+    let phases: Vec<String> = stage
+        .units
+        .clone()
+        .map(|l| format!("local layer{l}"))
+        .collect();
+    let runs: Vec<Run> = stage
+        .units
+        .clone()
+        .zip(&phases)
+        .map(|(l, phase)| run(phase, s, data.len(), s.seed.wrapping_add(1 + l as u64)))
+        .collect();
+    let params: Vec<Vec<Tensor>> = (0..layers).map(|j| stage.local_params(j)).collect();
+    let label = format!("local layers {}..{}", stage.units.start, stage.units.end);
+    let logs = lockstep(&runs, &params, data.len(), &label, progress, |batches| {
+        let mut losses = Vec::with_capacity(layers);
+        let mut grads = Vec::with_capacity(layers);
+        for (j, batch) in batches.iter().enumerate() {
+            let part = share(batch, replicas.rank(), replicas.size());
+            if part.is_empty() {
+                losses.push(0.0);
+                grads.push(zero_grads(&params[j]));
+                continue;
+            }
+            let idx = index(part, device);
+            let input = match j {
+                0 if stage.units.start == 0 => data.input.index_select(0, &idx),
+                0 => data.input.index_select(1, &idx),
+                _ => data.feats[j - 1].index_select(1, &idx),
+            };
+            let target = data.feats[j].index_select(1, &idx);
+            let m = mask(stage, data, &idx, s.targets);
+            let loss = stage.local_loss(j, &input, &target, m.as_ref());
+            let loss = scaled(loss, part.len(), batch.len());
+            losses.push(loss.double_value(&[]));
+            grads.push(gradients(&loss, &params[j])?);
+        }
+        // One buffer for the whole round: every layer's gradients, then every layer's loss.
+        let counts: Vec<usize> = grads.iter().map(Vec::len).collect();
+        let flat: Vec<Tensor> = grads.into_iter().flatten().collect();
+        let (summed, losses) = reduce_many(replicas, flat, &losses)?;
+        let mut it = summed.into_iter();
+        Ok(counts
+            .iter()
+            .zip(losses)
+            .map(|(&c, loss)| (loss, it.by_ref().take(c).collect()))
+            .collect())
+    })?;
+    Ok(logs.into_iter().flatten().collect())
 }
 
 /// Train the global SuperNet's parameters of this stage in the pipeline `pipe` (member s is

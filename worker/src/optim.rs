@@ -167,40 +167,91 @@ impl Run<'_> {
         progress: &dyn Progress,
         mut step_of: impl FnMut(&[i64]) -> Result<(f64, Vec<Tensor>)>,
     ) -> Result<Vec<LogRow>> {
-        let phase = self.phase;
-        let total = total_steps(n, self.batch_size, self.epochs);
-        let mut opt = AdamW::new(params, self.weight_decay);
+        let params = [params.iter().map(Tensor::shallow_clone).collect()];
+        let mut logs = lockstep(
+            std::slice::from_ref(self),
+            &params,
+            n,
+            self.phase,
+            progress,
+            |batches| Ok(vec![step_of(batches[0])?]),
+        )?;
+        Ok(logs.pop().unwrap_or_default())
+    }
+
+    /// Every batch of the run, in order: `epochs` seeded shuffles of 0..n, cut into batches.
+    pub fn batches(&self, n: usize) -> Vec<Vec<i64>> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
-        let mut log = Vec::with_capacity(total as usize);
-        progress.start(phase, total);
-        let mut step = 0u64;
+        let mut out = Vec::with_capacity(total_steps(n, self.batch_size, self.epochs) as usize);
         for _ in 0..self.epochs {
             let mut order: Vec<i64> = (0..n as i64).collect();
             order.shuffle(&mut rng);
-            for chunk in order.chunks(self.batch_size) {
-                let (value, grads) = step_of(chunk)?;
-                if !value.is_finite() {
-                    return Err(Error::Compute(format!(
-                        "{phase}: training diverged at step {step} (loss {value}); lower the learning rate (`{}` = {})",
-                        self.lr_field,
-                        self.schedule.peak()
-                    )));
-                }
-                let (lr, beta1) = self.schedule.at(step);
-                opt.apply(&grads, lr, beta1);
-                step += 1;
-                progress.step(phase, step, value, lr);
-                log.push(LogRow {
-                    phase: phase.to_string(),
-                    step,
-                    loss: value,
-                    lr,
-                });
-            }
+            out.extend(order.chunks(self.batch_size).map(<[i64]>::to_vec));
         }
-        progress.finish(phase);
-        Ok(log)
+        out
     }
+}
+
+/// Independent runs advanced together, one step of each per round: `step_of` gets every run's
+/// batch of the round and returns every run's (loss, gradients). Each run keeps its own batches,
+/// schedule and optimizer, so the result equals running them one after another; a distributed
+/// stage uses it to sum a round's gradients of all its layer problems in one all-reduce.
+/// `label` names the whole for progress reports. Returns each run's log.
+pub fn lockstep(
+    runs: &[Run],
+    params: &[Vec<Tensor>],
+    n: usize,
+    label: &str,
+    progress: &dyn Progress,
+    mut step_of: impl FnMut(&[&[i64]]) -> Result<Vec<(f64, Vec<Tensor>)>>,
+) -> Result<Vec<Vec<LogRow>>> {
+    let batches: Vec<Vec<Vec<i64>>> = runs.iter().map(|r| r.batches(n)).collect();
+    let total = batches.first().map_or(0, Vec::len);
+    if batches.iter().any(|b| b.len() != total) || params.len() != runs.len() {
+        return Err(Error::Compute(format!(
+            "{label}: runs in lockstep need the same number of steps and one parameter list each"
+        )));
+    }
+    let mut opts: Vec<AdamW> = runs
+        .iter()
+        .zip(params)
+        .map(|(r, p)| AdamW::new(p, r.weight_decay))
+        .collect();
+    let mut logs: Vec<Vec<LogRow>> = runs.iter().map(|_| Vec::with_capacity(total)).collect();
+    progress.start(label, total as u64);
+    for step in 0..total {
+        let round: Vec<&[i64]> = batches.iter().map(|b| b[step].as_slice()).collect();
+        let results = step_of(&round)?;
+        for (((run, opt), log), (value, grads)) in
+            runs.iter().zip(&mut opts).zip(&mut logs).zip(results)
+        {
+            if !value.is_finite() {
+                return Err(Error::Compute(format!(
+                    "{}: training diverged at step {step} (loss {value}); lower the learning rate (`{}` = {})",
+                    run.phase,
+                    run.lr_field,
+                    run.schedule.peak()
+                )));
+            }
+            let (lr, beta1) = run.schedule.at(step as u64);
+            opt.apply(&grads, lr, beta1);
+            log.push(LogRow {
+                phase: run.phase.to_string(),
+                step: step as u64 + 1,
+                loss: value,
+                lr,
+            });
+        }
+        let last = logs.first().and_then(|l| l.last());
+        progress.step(
+            label,
+            step as u64 + 1,
+            last.map_or(0.0, |r| r.loss),
+            last.map_or(0.0, |r| r.lr),
+        );
+    }
+    progress.finish(label);
+    Ok(logs)
 }
 
 /// Gradients of `loss` with respect to `params` (one per parameter).

@@ -232,7 +232,9 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
         host,
     };
     match ctx.work(&nccl_rx) {
-        Ok(()) => {
+        Ok(_links) => {
+            // `_links` (the collectives) stay open until the coordinator's shutdown: closing a
+            // QUIC connection discards data still in flight to a peer that has not read it yet.
             // Wait for the coordinator to confirm the job is complete (it may still need us
             // alive, e.g. as the owner of an NCCL id).
             let _ = done_rx.recv_timeout(Duration::from_secs(120));
@@ -245,6 +247,7 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
         }
         Err(e) => {
             let phase = lock(&beat).phase.clone();
+            tracing::error!("worker rank {rank} failed in phase {phase}: {e}");
             let _ = control.send(&Message::Failed {
                 phase,
                 msg: e.to_string(),
@@ -278,7 +281,11 @@ impl Ctx<'_> {
         };
     }
 
-    fn work(&self, nccl_ids: &std::sync::mpsc::Receiver<(u32, Vec<u8>)>) -> Result<()> {
+    /// The worker's job; returns its collectives, which must outlive the job (see `run`).
+    fn work(
+        &self,
+        nccl_ids: &std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
+    ) -> Result<[Box<dyn Collective>; 2]> {
         let a = self.a;
         let job = self.job;
         let plan: Plan = serde_json::from_str(&a.plan_json)
@@ -320,7 +327,10 @@ impl Ctx<'_> {
         let data = if a.features_cached {
             load_features(&work.features(stage_i), stage.mu.len())?
         } else {
-            let start = (stage_i == 0).then(|| merge_inputs(job)).transpose()?;
+            let start = (stage_i == 0)
+                .then(|| merge_inputs(job))
+                .transpose()?
+                .map(|(x, task)| (x.to_device(device), task.to_device(device)));
             let d = dist_train::flow_features(&stage, pipe.as_mut(), start)?;
             if replica == 0 {
                 save_features(&work.features(stage_i), &d)?;
@@ -333,10 +343,16 @@ impl Ctx<'_> {
         let settings = TrainSettings::of(m, job.seed);
         let progress = BeatProgress(self.beat.clone());
         let mut phase_seconds = BTreeMap::new();
+        let mut phase_steps = BTreeMap::new();
         if matches!(m.mode, Mode::Local | Mode::LocalThenGlobal) {
-            self.phase(&work, &stage, "local", &mut phase_seconds, || {
-                dist_train::train_local(&stage, &data, &settings, reps.as_mut(), &progress)
-            })?;
+            self.phase(
+                &work,
+                &stage,
+                "local",
+                &mut phase_seconds,
+                &mut phase_steps,
+                || dist_train::train_local(&stage, &data, &settings, reps.as_mut(), &progress),
+            )?;
             self.set_phase("hand-over");
             dist_train::hand_over_boundary(&mut stage, pipe.as_mut())?;
         }
@@ -353,17 +369,24 @@ impl Ctx<'_> {
             } else {
                 1
             };
-            self.phase(&work, &stage, "global", &mut phase_seconds, || {
-                dist_train::train_global(
-                    &stage,
-                    &data,
-                    &s,
-                    pipe.as_mut(),
-                    reps.as_mut(),
-                    micro,
-                    &progress,
-                )
-            })?;
+            self.phase(
+                &work,
+                &stage,
+                "global",
+                &mut phase_seconds,
+                &mut phase_steps,
+                || {
+                    dist_train::train_global(
+                        &stage,
+                        &data,
+                        &s,
+                        pipe.as_mut(),
+                        reps.as_mut(),
+                        micro,
+                        &progress,
+                    )
+                },
+            )?;
         }
 
         self.set_phase("fold");
@@ -392,6 +415,11 @@ impl Ctx<'_> {
             host: self.host.clone(),
             stage: a.stage,
             replica: a.replica,
+            device: match device {
+                Device::Cuda(i) => format!("cuda:{i}"),
+                _ => "cpu".into(),
+            },
+            phase_steps,
             peak_rss_mib: peak_rss_mib(),
             weight_bytes: stage.weight_bytes,
             step_seconds: phase_seconds.values().sum(),
@@ -400,7 +428,7 @@ impl Ctx<'_> {
             allreduce_calls: pc + rc,
         }))?;
         self.set_phase("done");
-        Ok(())
+        Ok([pipe, reps])
     }
 
     /// Run phase `phase` of the stage, or restore it from its checkpoint if the coordinator says
@@ -411,6 +439,7 @@ impl Ctx<'_> {
         stage: &StageNet,
         phase: &str,
         seconds: &mut BTreeMap<String, f64>,
+        steps: &mut BTreeMap<String, u64>,
         train: impl FnOnce() -> Result<Vec<LogRow>>,
     ) -> Result<()> {
         let a = self.a;
@@ -459,6 +488,7 @@ impl Ctx<'_> {
             (record, false)
         };
         seconds.insert(phase.to_string(), record.seconds);
+        steps.insert(phase.to_string(), record.log.len() as u64);
         if a.replica == 0 {
             self.control.send(&Message::PhaseDone {
                 stage: a.stage,

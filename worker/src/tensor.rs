@@ -12,7 +12,11 @@ pub fn to_tch(t: &HostTensor) -> Tensor {
 }
 
 pub fn to_host(t: &Tensor) -> Result<HostTensor> {
-    let t = t.detach().to_kind(Kind::Float).contiguous();
+    let t = t
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
     let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
     let data = Vec::<f32>::try_from(t.flatten(0, -1))
         .map_err(|e| Error::Compute(format!("tensor to host: {e}")))?;

@@ -54,6 +54,12 @@ impl Link {
     }
 }
 
+impl Drop for Link {
+    fn drop(&mut self) {
+        tracing::debug!("link to {} closed", self.name);
+    }
+}
+
 fn peer_name(p: &PeerInfo) -> String {
     format!("worker rank {} ({})", p.rank, p.host)
 }
@@ -93,6 +99,12 @@ pub async fn connect_mesh(
             rank: me,
         };
         wire::send(&mut tx, &hello).await?;
+        tracing::debug!(
+            "rank {me}: dialed {} at {} (connection {})",
+            peer_name(p),
+            conn.remote_address(),
+            conn.stable_id()
+        );
         links.insert(
             r,
             Arc::new(Link {
@@ -130,6 +142,12 @@ pub async fn connect_mesh(
         match tokio::time::timeout(left, accepted).await {
             Ok(Ok((conn, tx, rx, rank))) if waiting.remove(&rank) => {
                 let p = info(rank)?;
+                tracing::debug!(
+                    "rank {me}: accepted {} from {} (connection {})",
+                    peer_name(p),
+                    conn.remote_address(),
+                    conn.stable_id()
+                );
                 links.insert(
                     rank,
                     Arc::new(Link {
@@ -167,6 +185,9 @@ pub struct QuicGroup {
     links: Vec<Option<Arc<Link>>>,
     rt: tokio::runtime::Handle,
     pub time: CommTime,
+    /// All-reduces up to this many bytes per member use one all-to-all round, larger ones the
+    /// ring.
+    pub direct_bytes: usize,
 }
 
 impl QuicGroup {
@@ -197,6 +218,7 @@ impl QuicGroup {
             links,
             rt,
             time: CommTime::default(),
+            direct_bytes: DIRECT_BYTES,
         })
     }
 
@@ -236,6 +258,42 @@ fn chunk(len: usize, parts: usize, c: usize) -> std::ops::Range<usize> {
     (c * len / parts)..((c + 1) * len / parts)
 }
 
+/// Largest all-reduce (bytes sent per member) done as one all-to-all round instead of a ring.
+const DIRECT_BYTES: usize = 4 << 20;
+
+impl QuicGroup {
+    /// Send `buf` to every other member and receive theirs, concurrently; returns every
+    /// member's buffer in member order (this member's own included).
+    fn exchange(&self, buf: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let bytes = Arc::new(to_bytes(buf));
+        let len = buf.len() * 4;
+        let got = self.rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for (m, link) in self.links.iter().enumerate() {
+                let Some(link) = link else { continue };
+                let (l, b) = (link.clone(), bytes.clone());
+                set.spawn(async move { l.send(&b).await.map(|()| None) });
+                let l = link.clone();
+                set.spawn(async move { l.recv(len).await.map(|v| Some((m, v))) });
+            }
+            let mut got = Vec::new();
+            while let Some(done) = set.join_next().await {
+                let r = done.map_err(|e| Error::Collective(format!("exchange task: {e}")))?;
+                if let Some(x) = r? {
+                    got.push(x);
+                }
+            }
+            Ok::<_, Error>(got)
+        })?;
+        let mut all: Vec<Vec<f32>> = vec![Vec::new(); self.size()];
+        all[self.me] = buf.to_vec();
+        for (m, v) in got {
+            all[m] = from_bytes(&v);
+        }
+        Ok(all)
+    }
+}
+
 impl Collective for QuicGroup {
     fn rank(&self) -> usize {
         self.me
@@ -250,9 +308,11 @@ impl Collective for QuicGroup {
         (self.time.allreduce_seconds, self.time.allreduce_calls)
     }
 
-    /// Ring all-reduce: n−1 reduce-scatter steps, then n−1 all-gather steps; every step sends
-    /// one chunk to the next member while receiving one from the previous. Each chunk is
-    /// reduced on one member and copied to the others, so all members end bit-identical.
+    /// Small buffers (the usual M/U gradients: latency, not bandwidth, is the cost) go in one
+    /// round: every member sends its buffer to every other and adds all of them in member
+    /// order. Large ones take the ring: n−1 reduce-scatter steps, then n−1 all-gather steps,
+    /// each sending one chunk to the next member while receiving one from the previous. Either
+    /// way every member ends with bit-identical sums.
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
         let n = self.size();
         if n == 1 {
@@ -261,6 +321,16 @@ impl Collective for QuicGroup {
         let clock = Instant::now();
         let mut buf = host_f32(t)?;
         let len = buf.len();
+        if len * 4 * (n - 1) <= self.direct_bytes {
+            let all = self.exchange(&buf)?;
+            buf.iter_mut().enumerate().for_each(|(i, x)| {
+                *x = all.iter().map(|b| b[i]).fold(0.0, |acc, v| acc + v);
+            });
+            write_back(t, &buf);
+            self.time.allreduce_seconds += clock.elapsed().as_secs_f64();
+            self.time.allreduce_calls += 1;
+            return Ok(());
+        }
         let next = self.link((self.me + 1) % n)?;
         let prev = self.link((self.me + n - 1) % n)?;
         for step in 0..n - 1 {
@@ -378,7 +448,6 @@ mod tests {
                         ))
                         .unwrap();
                     let mut g = QuicGroup::new(me, &[0, 1, 2], &links, handle).unwrap();
-                    // 7 elements: chunks of unequal size.
                     let mut t =
                         Tensor::from_slice(&[1.0f32, 2., 3., 4., 5., 6., 7.]) * (me + 1) as f64;
                     g.all_reduce_sum(&mut t).unwrap();

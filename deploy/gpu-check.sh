@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU check: on a machine with a GPU and torch 2.11.0 (the image's, or .venv's), run a single-GPU
+# merge with the NCCL backend (one rank), check that CUDA and NCCL were really used, and print
+# step times. Needs a built `fsmerge` (pass its path, default target/release/fsmerge) and the
+# digits data (data/digits.csv.gz, made by deploy/setup.sh).
+#
+#   deploy/gpu-check.sh [path/to/fsmerge]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/fsmerge}
+PY=${PYTHON:-python3}
+if [[ -f .venv/bin/activate && -z "${VIRTUAL_ENV:-}" ]]; then source .venv/bin/activate; PY=python3; fi
+
+torch_lib=$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+nccl_lib=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+export LD_LIBRARY_PATH="$torch_lib${nccl_lib:+:$nccl_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "torch $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)')"
+
+"$BIN" doctor | tee /tmp/fsmerge-doctor.txt
+grep -q '^CUDA: [1-9]' /tmp/fsmerge-doctor.txt || { echo "FAIL: libtorch sees no CUDA device"; exit 1; }
+grep -q '^NCCL: found' /tmp/fsmerge-doctor.txt || { echo "FAIL: NCCL not loadable"; exit 1; }
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+RUST_LOG=${RUST_LOG:-info} "$BIN" merge configs/digits-mlp.toml --out "$out/run" \
+    --set "train.models_dir=\"$out/models\"" \
+    --set 'cluster.backend="nccl"' \
+    --set 'baselines.methods=[]' \
+    --set merge.epochs="${EPOCHS:-30}" --set merge.global_epochs="${EPOCHS:-30}"
+
+"$PY" - "$out/run/metrics.json" <<'PYEOF'
+import json, sys
+m = json.load(open(sys.argv[1]))
+w = m["workers"]
+assert len(w) == 1, w
+dev = w[0]["device"]
+print(f"worker device: {dev}")
+if not dev.startswith("cuda"):
+    sys.exit("FAIL: the worker trained on " + dev)
+for phase, secs in w[0]["phase_seconds"].items():
+    steps = w[0]["phase_steps"].get(phase, 0)
+    print(f"{phase}: {steps} steps in {secs:.2f} s = {1000 * secs / max(steps, 1):.2f} ms/step")
+fs = [r for r in m["results"] if r["method"] == "fs-merge"][0]
+print(f"fs-merge mean task accuracy {100 * fs['mean_task_acc']:.2f}%")
+if fs["mean_task_acc"] < 0.8:
+    sys.exit("FAIL: merged model accuracy too low")
+print("OK: single-GPU merge with the NCCL backend")
+PYEOF
