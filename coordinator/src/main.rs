@@ -15,6 +15,8 @@ mod job;
 mod merge;
 mod progress;
 mod report;
+mod resume;
+mod session;
 mod summarize;
 mod train;
 mod worker_cmd;

@@ -9,6 +9,7 @@ pub mod collective;
 pub mod data;
 pub mod dist_train;
 pub mod eval;
+pub mod feature_cache;
 pub mod merge_data;
 pub mod mlp;
 pub mod mu;

@@ -9,12 +9,13 @@
 use crate::collective::nccl::{self, NcclGroup};
 use crate::collective::quic::{connect_mesh, QuicGroup};
 use crate::collective::{Collective, Solo};
-use crate::dist_train::{self, StageData};
+use crate::dist_train;
+use crate::feature_cache;
 use crate::progress::{LogRow, Progress};
 use crate::stage::StageNet;
 use crate::tensor::{assign, to_host, to_tch};
 use crate::train_merge::TrainSettings;
-use fsmerge_common::checkpoint::{read_json, read_tensors, write_json, write_tensors, HostTensor};
+use fsmerge_common::checkpoint::{read_json, read_tensors, write_json, write_tensors};
 use fsmerge_common::config::{Backend, JobConfig, Mode};
 use fsmerge_common::metrics::{peak_rss_mib, WorkerStats};
 use fsmerge_common::plan::Plan;
@@ -26,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 /// How to reach and trust the coordinator, and what this worker knows about itself.
 #[derive(Debug, Clone)]
@@ -325,15 +326,15 @@ impl Ctx<'_> {
 
         self.set_phase("features");
         let data = if a.features_cached {
-            load_features(&work.features(stage_i), stage.mu.len())?
+            feature_cache::load(&work.features(stage_i), stage.mu.len())?
         } else {
             let start = (stage_i == 0)
-                .then(|| merge_inputs(job))
+                .then(|| feature_cache::merge_inputs(job))
                 .transpose()?
                 .map(|(x, task)| (x.to_device(device), task.to_device(device)));
             let d = dist_train::flow_features(&stage, pipe.as_mut(), start)?;
             if replica == 0 {
-                save_features(&work.features(stage_i), &d)?;
+                feature_cache::save(&work.features(stage_i), &d)?;
             }
             d
         }
@@ -592,49 +593,4 @@ impl Ctx<'_> {
             }
         }
     }
-}
-
-/// Stage 0's start: the merge inputs and their tasks, built from the data exactly as the
-/// single-process job builds them.
-fn merge_inputs(job: &JobConfig) -> Result<(Tensor, Tensor)> {
-    let m = &job.merge;
-    let splits = crate::data::load(&job.data)?;
-    let set = crate::merge_data::build(
-        &splits,
-        &job.tasks,
-        m.n_originals,
-        m.n_augmented,
-        &m.augment,
-        job.seed,
-    )?;
-    Ok((set.x, set.task))
-}
-
-fn save_features(path: &Path, d: &StageData) -> Result<()> {
-    let mut t = BTreeMap::new();
-    t.insert("input".to_string(), to_host(&d.input)?);
-    t.insert("task".to_string(), to_host(&d.task.to_kind(Kind::Float))?);
-    for (j, f) in d.feats.iter().enumerate() {
-        t.insert(format!("feat{j}"), to_host(f)?);
-    }
-    write_tensors(path, &t)
-}
-
-fn load_features(path: &Path, layers: usize) -> Result<StageData> {
-    let mut names = vec!["input".to_string(), "task".to_string()];
-    names.extend((0..layers).map(|j| format!("feat{j}")));
-    let mut t = read_tensors(path, &names)?;
-    let mut take = |name: &str| -> Result<HostTensor> {
-        t.remove(name).ok_or_else(|| Error::Tensor {
-            file: path.to_path_buf(),
-            tensor: name.to_string(),
-            msg: "missing from the feature cache".into(),
-        })
-    };
-    let input = to_tch(&take("input")?);
-    let task = to_tch(&take("task")?).to_kind(Kind::Int64);
-    let feats = (0..layers)
-        .map(|j| take(&format!("feat{j}")).map(|h| to_tch(&h)))
-        .collect::<Result<_>>()?;
-    Ok(StageData { input, feats, task })
 }
