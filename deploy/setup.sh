@@ -2,13 +2,15 @@
 # Sets up everything fsmerge needs on a fresh machine, then builds it (release):
 #   - Debian's dataset-fashion-mnist (the benchmark data), checked against known sha256 sums;
 #   - a project-local venv (.venv) with torch==2.11.0 from PyPI: libtorch for tch, and the
-#     PyTorch reference of the benchmark;
+#     PyTorch reference of the benchmark; transformers==4.57.1, the reference of the Hugging Face
+#     parity tests;
 #   - data/digits.csv.gz (sklearn's 8x8 digits, from the scikit-learn wheel) for the fast tests.
 # Idempotent: steps already done are skipped. Needs root (or sudo) for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
+TRANSFORMERS_VERSION=4.57.1
 SKLEARN_VERSION=1.9.1
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
@@ -31,6 +33,10 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   say "creating .venv with torch==$TORCH_VERSION (PyPI, a few GB)"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+if ! .venv/bin/python -c "import transformers, sys; sys.exit(transformers.__version__ != '$TRANSFORMERS_VERSION')" 2>/dev/null; then
+  say "installing transformers==$TRANSFORMERS_VERSION (reference of the Hugging Face parity tests)"
+  .venv/bin/pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION"
 fi
 
 mkdir -p data

@@ -8,6 +8,7 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod fsio;
+pub mod hf;
 pub mod metrics;
 pub mod plan;
 pub mod transport;

@@ -20,6 +20,7 @@ pub mod stage;
 pub mod supernet;
 pub mod tensor;
 pub mod train_merge;
+pub mod vit;
 
 pub use fsmerge_common::{Error, Result};
 

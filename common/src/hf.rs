@@ -1,0 +1,137 @@
+//! Hugging Face model folders: `config.json` and the weights, from one `model.safetensors` or
+//! shards listed in `model.safetensors.index.json`, read lazily (each shard memory-mapped, only
+//! the requested tensors copied). Missing files, fields or tensors are errors naming them.
+
+use crate::checkpoint::{read_json, read_tensors, HostTensor};
+use crate::{Error, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The fields of a ViT `config.json` that the forward pass needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VitConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    #[serde(default = "yes")]
+    pub qkv_bias: bool,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl VitConfig {
+    /// Read and check `dir/config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let file = dir.join("config.json");
+        let cfg: VitConfig = read_json(&file)?;
+        let err = |msg: String| Error::Checkpoint {
+            file: file.clone(),
+            msg,
+        };
+        if cfg.model_type != "vit" {
+            return Err(err(format!(
+                "model_type `{}` is not supported here (expected `vit`)",
+                cfg.model_type
+            )));
+        }
+        if cfg.hidden_act != "gelu" {
+            return Err(err(format!(
+                "hidden_act `{}` is not supported (expected `gelu`)",
+                cfg.hidden_act
+            )));
+        }
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
+            return Err(err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
+            return Err(err(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                cfg.image_size, cfg.patch_size
+            )));
+        }
+        Ok(cfg)
+    }
+}
+
+/// Where each tensor of a model folder lives.
+#[derive(Debug, Clone)]
+pub struct WeightFiles {
+    pub dir: PathBuf,
+    /// Tensor name → file.
+    pub map: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl WeightFiles {
+    /// Index `dir`: `model.safetensors.index.json` if present, else `model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let map = if index.exists() {
+            let idx: Index = read_json(&index)?;
+            idx.weight_map
+                .into_iter()
+                .map(|(t, f)| (t, dir.join(f)))
+                .collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            let f = std::fs::File::open(&single).map_err(|e| Error::io(&single, e))?;
+            // SAFETY: read-only mapping of a file this process does not modify.
+            let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&single, e))?;
+            let (_, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Checkpoint {
+                    file: single.clone(),
+                    msg: format!("not a valid safetensors file ({e})"),
+                })?;
+            meta.tensors()
+                .into_keys()
+                .map(|t| (t, single.clone()))
+                .collect()
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            map,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    /// Read the named tensors, each from its own file.
+    pub fn read(&self, names: &[String]) -> Result<BTreeMap<String, HostTensor>> {
+        let mut by_file: BTreeMap<&PathBuf, Vec<String>> = BTreeMap::new();
+        for n in names {
+            let file = self.map.get(n).ok_or_else(|| Error::Tensor {
+                file: self.dir.clone(),
+                tensor: n.clone(),
+                msg: "missing from the model's weights".into(),
+            })?;
+            by_file.entry(file).or_default().push(n.clone());
+        }
+        let mut out = BTreeMap::new();
+        for (file, names) in by_file {
+            out.extend(read_tensors(file, &names)?);
+        }
+        Ok(out)
+    }
+}
