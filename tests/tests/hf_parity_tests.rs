@@ -33,6 +33,7 @@ fn vit_matches_transformers() {
         for i in 0..layers {
             let e = rel_err(&states[i], &r[1 + i]);
             assert!(e < 1e-4, "{name}: hidden state {i} differs by {e:e}");
+            println!("{name}: hidden state {i} relative difference {e:.1e}");
         }
         let out = if name == "vit-model" {
             "last_hidden_state"
@@ -71,4 +72,53 @@ fn unknown_architecture_and_missing_tensor_are_named() {
         e.contains("config.json") && e.contains("hidden_size"),
         "{e}"
     );
+}
+
+/// BERT: a tiny random-initialized `BertModel` (padding in two of three rows) and the real
+/// all-MiniLM-L6-v2 (data/, installed by deploy/setup.sh) reproduce transformers' hidden states,
+/// and MiniLM's sentence embeddings give the cosines data.md lists.
+#[test]
+fn bert_and_minilm_match_transformers() {
+    use fsmerge_worker::bert::Bert;
+    let tmp = tempfile::tempdir().unwrap();
+    let minilm = root().join("data/all-MiniLM-L6-v2");
+    let o = std::process::Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("tests/fixtures/make_bert.py"))
+        .arg(tmp.path())
+        .arg(&minilm)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (name, weights) in [
+        ("bert-tiny", tmp.path().join("bert-tiny")),
+        ("minilm", minilm.clone()),
+    ] {
+        let bert = Bert::load(&weights).unwrap();
+        let layers = bert.cfg.num_hidden_layers;
+        let mut names = vec!["input_ids".to_string(), "attention_mask".to_string()];
+        names.extend((0..=layers).map(|i| format!("hidden.{i}")));
+        let r = reference(&tmp.path().join(name), &names);
+        let ids = r[0].to_kind(tch::Kind::Int64);
+        let mask = r[1].to_kind(tch::Kind::Int64);
+        let states = bert.forward(&ids, &mask);
+        // Padded positions are garbage in both; compare real tokens only.
+        let keep = mask.unsqueeze(-1).to_kind(tch::Kind::Float);
+        for i in 0..=layers {
+            let e = rel_err(&(&states[i] * &keep), &(&r[2 + i] * &keep));
+            assert!(e < 1e-4, "{name}: hidden state {i} differs by {e:e}");
+            println!("{name}: hidden state {i} relative difference {e:.1e}");
+        }
+        if name == "minilm" {
+            let emb = bert.sentence_embeddings(&ids, &mask);
+            let cos = emb.matmul(&emb.tr());
+            let related = cos.double_value(&[0, 1]);
+            println!("minilm sentence cosines: {cos:.3}");
+            assert!((related - 0.755).abs() < 0.01, "eating pair: {related}");
+            for (a, b) in [(0, 2), (0, 3), (2, 3)] {
+                let c = cos.double_value(&[a, b]);
+                assert!(c < 0.11, "unrelated pair ({a}, {b}): {c}");
+            }
+        }
+    }
 }

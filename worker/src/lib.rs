@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod baselines;
+pub mod bert;
 pub mod collective;
 pub mod data;
 pub mod dist_train;

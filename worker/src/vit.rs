@@ -47,23 +47,40 @@ pub struct Vit {
     pub classifier: Option<Linear>,
 }
 
+/// Multi-head scaled dot-product attention of h [B, T, D] (before the output projection);
+/// `bias` [B, 1, 1, T] is added to the scores (a padding mask), if given.
+pub fn attention(
+    h: &Tensor,
+    q: &Linear,
+    k: &Linear,
+    v: &Linear,
+    heads: i64,
+    bias: Option<&Tensor>,
+) -> Tensor {
+    let (b, t, d) = h.size3().unwrap_or((0, 0, 0));
+    let split = |y: Tensor| y.view([b, t, heads, d / heads]).transpose(1, 2);
+    let (q, k, v) = (
+        split(q.forward(h)),
+        split(k.forward(h)),
+        split(v.forward(h)),
+    );
+    let scores = q.matmul(&k.transpose(-2, -1)) / ((d / heads) as f64).sqrt();
+    let scores = match bias {
+        Some(bias) => scores + bias,
+        None => scores,
+    };
+    scores
+        .softmax(-1, tch::Kind::Float)
+        .matmul(&v)
+        .transpose(1, 2)
+        .contiguous()
+        .view([b, t, d])
+}
+
 impl Block {
     fn forward(&self, x: &Tensor, heads: i64) -> Tensor {
-        let (b, t, d) = x.size3().unwrap_or((0, 0, 0));
         let h = self.ln_before.forward(x);
-        let split = |y: Tensor| y.view([b, t, heads, d / heads]).transpose(1, 2);
-        let (q, k, v) = (
-            split(self.q.forward(&h)),
-            split(self.k.forward(&h)),
-            split(self.v.forward(&h)),
-        );
-        let scores = q.matmul(&k.transpose(-2, -1)) / ((d / heads) as f64).sqrt();
-        let ctx = scores
-            .softmax(-1, tch::Kind::Float)
-            .matmul(&v)
-            .transpose(1, 2)
-            .contiguous()
-            .view([b, t, d]);
+        let ctx = attention(&h, &self.q, &self.k, &self.v, heads, None);
         let x = x + self.out.forward(&ctx);
         let m = self
             .fc2
