@@ -11,7 +11,7 @@
 //! full batch's gradient, as in the single-process run.
 
 use crate::collective::Collective;
-use crate::optim::{gradients, lockstep, total_steps, Run, Schedule};
+use crate::optim::{gradients, lockstep, Run};
 use crate::progress::{LogRow, Progress};
 use crate::stage::StageNet;
 use crate::supernet::{own_mask, reconstruction_loss};
@@ -58,21 +58,6 @@ fn index(ids: &[i64], device: Device) -> Tensor {
 
 fn mask(stage: &StageNet, data: &StageData, idx: &Tensor, targets: Targets) -> Option<Tensor> {
     (targets == Targets::Own).then(|| own_mask(&data.task.index_select(0, idx), stage.n))
-}
-
-fn run<'a>(phase: &'a str, s: &TrainSettings, n: usize, seed: u64) -> Run<'a> {
-    Run {
-        phase,
-        epochs: s.epochs,
-        batch_size: s.batch_size,
-        seed,
-        schedule: Schedule::OneCycle {
-            max_lr: s.lr,
-            total_steps: total_steps(n, s.batch_size, s.epochs).max(1),
-        },
-        weight_decay: s.weight_decay,
-        lr_field: "merge.lr",
-    }
 }
 
 /// Sum gradients and the loss over the replicas (one buffer); identity for one replica.
@@ -152,7 +137,7 @@ pub fn train_local(
         .units
         .clone()
         .zip(&phases)
-        .map(|(l, phase)| run(phase, s, data.len(), s.seed.wrapping_add(1 + l as u64)))
+        .map(|(l, phase)| s.run(phase, data.len(), s.seed.wrapping_add(1 + l as u64)))
         .collect();
     let params: Vec<Vec<Tensor>> = (0..layers).map(|j| stage.local_params(j)).collect();
     let label = format!("local layers {}..{}", stage.units.start, stage.units.end);
@@ -218,74 +203,75 @@ pub fn train_global(
     }
     let out_dim = stage.out_dim() as i64;
     let f32_on = (Kind::Float, device);
-    run("global", s, data.len(), s.seed).optimise_with(&params, data.len(), progress, |batch| {
-        let part = share(batch, replicas.rank(), replicas.size());
-        let mbs: Vec<&[i64]> = (0..micro_batches)
-            .map(|k| share(part, k, micro_batches))
-            .filter(|mb| !mb.is_empty())
-            .collect();
-        let whole = mbs.len() == 1 && part.len() == batch.len();
-        // Forward: keep each micro-batch's input and output (or loss) for its backward.
-        let mut saved = Vec::with_capacity(mbs.len());
-        for mb in &mbs {
-            let idx = index(mb, device);
-            let input = if first {
-                data.input.index_select(0, &idx)
-            } else {
-                let mut t = Tensor::zeros([mb.len() as i64, stage.in_dim as i64], f32_on);
-                pipe.recv(&mut t, me - 1)?;
-                t.set_requires_grad(true)
-            };
-            let out = stage.forward(&input, s.form);
-            if last {
-                let target = data.feats[data.feats.len() - 1].index_select(1, &idx);
-                let m = mask(stage, data, &idx, s.targets);
-                let loss = reconstruction_loss(&out, &target, m.as_ref());
-                let loss = if whole {
-                    loss
+    s.run("global", data.len(), s.seed)
+        .optimise_with(&params, data.len(), progress, |batch| {
+            let part = share(batch, replicas.rank(), replicas.size());
+            let mbs: Vec<&[i64]> = (0..micro_batches)
+                .map(|k| share(part, k, micro_batches))
+                .filter(|mb| !mb.is_empty())
+                .collect();
+            let whole = mbs.len() == 1 && part.len() == batch.len();
+            // Forward: keep each micro-batch's input and output (or loss) for its backward.
+            let mut saved = Vec::with_capacity(mbs.len());
+            for mb in &mbs {
+                let idx = index(mb, device);
+                let input = if first {
+                    data.input.index_select(0, &idx)
                 } else {
-                    scaled(loss, mb.len(), batch.len())
+                    let mut t = Tensor::zeros([mb.len() as i64, stage.in_dim as i64], f32_on);
+                    pipe.recv(&mut t, me - 1)?;
+                    t.set_requires_grad(true)
                 };
-                saved.push((input, loss));
-            } else {
-                pipe.send(&out.detach().contiguous(), me + 1)?;
-                saved.push((input, out));
+                let out = stage.forward(&input, s.form);
+                if last {
+                    let target = data.feats[data.feats.len() - 1].index_select(1, &idx);
+                    let m = mask(stage, data, &idx, s.targets);
+                    let loss = reconstruction_loss(&out, &target, m.as_ref());
+                    let loss = if whole {
+                        loss
+                    } else {
+                        scaled(loss, mb.len(), batch.len())
+                    };
+                    saved.push((input, loss));
+                } else {
+                    pipe.send(&out.detach().contiguous(), me + 1)?;
+                    saved.push((input, out));
+                }
             }
-        }
-        // Backward, last micro-batch first.
-        let mut grads = zero_grads(&params);
-        let mut loss_sum = 0.0;
-        for (k, (input, out)) in saved.into_iter().enumerate().rev() {
-            let mb_len = mbs[k].len() as i64;
-            let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
-            if !first {
-                wrt.push(input.shallow_clone());
+            // Backward, last micro-batch first.
+            let mut grads = zero_grads(&params);
+            let mut loss_sum = 0.0;
+            for (k, (input, out)) in saved.into_iter().enumerate().rev() {
+                let mb_len = mbs[k].len() as i64;
+                let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+                if !first {
+                    wrt.push(input.shallow_clone());
+                }
+                let (mut g, loss) = if last {
+                    let value = out.double_value(&[]);
+                    (gradients(&out, &wrt)?, value)
+                } else {
+                    let mut back = Tensor::zeros([mb_len * out_dim + 1], f32_on);
+                    pipe.recv(&mut back, me + 1)?;
+                    let g_out = back.narrow(0, 0, mb_len * out_dim).view([mb_len, out_dim]);
+                    let value = back.double_value(&[mb_len * out_dim]);
+                    let surrogate = (&out * &g_out).sum(Kind::Float);
+                    (gradients(&surrogate, &wrt)?, value)
+                };
+                loss_sum += loss;
+                if !first {
+                    let g_in = g.pop().unwrap_or_else(|| Tensor::zeros([0], f32_on));
+                    let loss_t = Tensor::from_slice(&[loss as f32]).to_device(device);
+                    pipe.send(&Tensor::cat(&[g_in.reshape([-1]), loss_t], 0), me - 1)?;
+                }
+                grads = if whole {
+                    g
+                } else {
+                    grads.iter().zip(&g).map(|(a, b)| a + b).collect()
+                };
             }
-            let (mut g, loss) = if last {
-                let value = out.double_value(&[]);
-                (gradients(&out, &wrt)?, value)
-            } else {
-                let mut back = Tensor::zeros([mb_len * out_dim + 1], f32_on);
-                pipe.recv(&mut back, me + 1)?;
-                let g_out = back.narrow(0, 0, mb_len * out_dim).view([mb_len, out_dim]);
-                let value = back.double_value(&[mb_len * out_dim]);
-                let surrogate = (&out * &g_out).sum(Kind::Float);
-                (gradients(&surrogate, &wrt)?, value)
-            };
-            loss_sum += loss;
-            if !first {
-                let g_in = g.pop().unwrap_or_else(|| Tensor::zeros([0], f32_on));
-                let loss_t = Tensor::from_slice(&[loss as f32]).to_device(device);
-                pipe.send(&Tensor::cat(&[g_in.reshape([-1]), loss_t], 0), me - 1)?;
-            }
-            grads = if whole {
-                g
-            } else {
-                grads.iter().zip(&g).map(|(a, b)| a + b).collect()
-            };
-        }
-        reduce(replicas, grads, loss_sum)
-    })
+            reduce(replicas, grads, loss_sum)
+        })
 }
 
 /// Move teacher features down the pipeline: stage 0 starts from the merge inputs, every later

@@ -54,6 +54,23 @@ impl TrainSettings {
             seed,
         }
     }
+
+    /// A training run with these settings over `n` samples: AdamW + OneCycle, batches seeded
+    /// by `seed` (each local problem has its own).
+    pub fn run<'a>(&self, phase: &'a str, n: usize, seed: u64) -> Run<'a> {
+        Run {
+            phase,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            seed,
+            schedule: Schedule::OneCycle {
+                max_lr: self.lr,
+                total_steps: total_steps(n, self.batch_size, self.epochs).max(1),
+            },
+            weight_decay: self.weight_decay,
+            lr_field: "merge.lr",
+        }
+    }
 }
 
 /// Optimise `params` with AdamW + OneCycle (the merge settings `s`) over `n` samples in
@@ -66,19 +83,8 @@ pub fn optimise(
     progress: &dyn Progress,
     loss_of: impl FnMut(&Tensor) -> Tensor,
 ) -> Result<Vec<LogRow>> {
-    let run = Run {
-        phase,
-        epochs: s.epochs,
-        batch_size: s.batch_size,
-        seed: s.seed,
-        schedule: Schedule::OneCycle {
-            max_lr: s.lr,
-            total_steps: total_steps(n, s.batch_size, s.epochs).max(1),
-        },
-        weight_decay: s.weight_decay,
-        lr_field: "merge.lr",
-    };
-    run.optimise(params, n, progress, loss_of)
+    s.run(phase, n, s.seed)
+        .optimise(params, n, progress, loss_of)
 }
 
 fn mask_for(set: &MergeSet, idx: &Tensor, n: usize, targets: Targets) -> Option<Tensor> {
