@@ -162,9 +162,96 @@ pub struct TaskConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Widths of the body's hidden layers (ReLU after each).
+    /// Which kind of original model the job trains and merges.
+    #[serde(default)]
+    pub arch: Arch,
+    /// MLP: widths of the body's hidden layers (ReLU after each).
     #[serde(default = "default_hidden")]
     pub hidden: Vec<usize>,
+    /// ViT: the shape of the originals `fsmerge train` builds (HF ViT layout).
+    #[serde(default)]
+    pub vit: VitShape,
+}
+
+/// The originals' architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    #[default]
+    Mlp,
+    /// A Hugging Face `ViTForImageClassification` (pre-LN transformer).
+    Vit,
+}
+
+/// A small ViT for 28×28 grey images: patch size, width, depth, heads, MLP hidden size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitShape {
+    #[serde(default = "default_patch")]
+    pub patch_size: usize,
+    #[serde(default = "default_vit_width")]
+    pub width: usize,
+    #[serde(default = "default_vit_layers")]
+    pub layers: usize,
+    #[serde(default = "default_vit_heads")]
+    pub heads: usize,
+    #[serde(default = "default_vit_mlp")]
+    pub mlp_dim: usize,
+}
+
+fn default_patch() -> usize {
+    7
+}
+fn default_vit_width() -> usize {
+    64
+}
+fn default_vit_layers() -> usize {
+    4
+}
+fn default_vit_heads() -> usize {
+    4
+}
+fn default_vit_mlp() -> usize {
+    128
+}
+
+impl VitShape {
+    /// Check the shape (28×28 images) and return the width.
+    fn check(&self) -> Result<usize> {
+        if self.patch_size == 0 || !28usize.is_multiple_of(self.patch_size) {
+            return Err(Error::field(
+                "model.vit.patch_size",
+                format!("must divide the image side 28, got {}", self.patch_size),
+            ));
+        }
+        for (v, f) in [
+            (self.width, "width"),
+            (self.layers, "layers"),
+            (self.heads, "heads"),
+            (self.mlp_dim, "mlp_dim"),
+        ] {
+            positive(v as f64, &format!("model.vit.{f}"))?;
+        }
+        if !self.width.is_multiple_of(self.heads) {
+            return Err(Error::field(
+                "model.vit.width",
+                format!("{} is not a multiple of heads {}", self.width, self.heads),
+            ));
+        }
+        Ok(self.width)
+    }
+}
+
+impl Default for VitShape {
+    fn default() -> Self {
+        Self {
+            patch_size: default_patch(),
+            width: default_vit_width(),
+            layers: default_vit_layers(),
+            heads: default_vit_heads(),
+            mlp_dim: default_vit_mlp(),
+        }
+    }
 }
 
 fn default_hidden() -> Vec<usize> {
@@ -174,7 +261,9 @@ fn default_hidden() -> Vec<usize> {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            arch: Arch::Mlp,
             hidden: default_hidden(),
+            vit: VitShape::default(),
         }
     }
 }
@@ -230,6 +319,9 @@ pub enum MuType {
     LowRank,
     DiagonalAndLowRank,
     Full,
+    /// Transformers: per-(model, head) d_h×d_h blocks and head-mixing scalars for the attention
+    /// M/U (method.md §5.6, `first` init only); every other M/U is `diagonal_and_low_rank`.
+    AttHeads,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,6 +439,21 @@ pub struct MergeConfig {
     pub step_form: StepForm,
     #[serde(default)]
     pub augment: AugmentConfig,
+    /// Transformers, global training: blocks whose attention-branch outputs are reconstructed
+    /// too (method.md §9.2, `rec_with_inner_att_ids`, l1-scaled); empty = output loss only.
+    #[serde(default)]
+    pub inner_layers: Vec<usize>,
+    /// Weight w_l of each inner-feature term.
+    #[serde(default = "default_inner_weight")]
+    pub inner_weight: f64,
+    /// Transformers, local mode: weight of the term that keeps the shared residual merge and
+    /// unmerge consistent (M_res·U_res ≈ I on the merged stream).
+    #[serde(default = "default_inner_weight")]
+    pub res_consistency: f64,
+}
+
+fn default_inner_weight() -> f64 {
+    1.0
 }
 
 fn default_mode() -> Mode {
@@ -403,6 +510,9 @@ impl Default for MergeConfig {
             n_augmented: default_n_augmented(),
             step_form: default_step_form(),
             augment: AugmentConfig::default(),
+            inner_layers: Vec::new(),
+            inner_weight: default_inner_weight(),
+            res_consistency: default_inner_weight(),
         }
     }
 }
@@ -581,9 +691,14 @@ impl JobConfig {
                 format!("must be ≥ 0, got {}", m.weight_decay),
             ));
         }
-        let width = *self.model.hidden.iter().min().unwrap_or(&0);
-        if matches!(m.mu_type, MuType::LowRank | MuType::DiagonalAndLowRank)
-            && (m.rank == 0 || m.rank > width)
+        let width = match self.model.arch {
+            Arch::Mlp => *self.model.hidden.iter().min().unwrap_or(&0),
+            Arch::Vit => self.model.vit.check()?,
+        };
+        if matches!(
+            m.mu_type,
+            MuType::LowRank | MuType::DiagonalAndLowRank | MuType::AttHeads
+        ) && (m.rank == 0 || m.rank > width)
         {
             return Err(Error::field(
                 "merge.rank",
@@ -599,18 +714,54 @@ impl JobConfig {
                 format!("a pure low_rank M/U cannot express `{:?}` init (it needs a full-rank block); use `random` or mu_type `diagonal_and_low_rank`", m.init).to_lowercase(),
             ));
         }
+        if m.mu_type == MuType::AttHeads {
+            if self.model.arch != Arch::Vit {
+                return Err(Error::field(
+                    "merge.mu_type",
+                    "`att_heads` structures a transformer's attention; this job merges MLPs",
+                ));
+            }
+            if m.init != Init::First {
+                return Err(Error::field(
+                    "merge.init",
+                    "`att_heads` M/U support only `first` init (method.md §3.3)",
+                ));
+            }
+        }
+        if self.model.arch == Arch::Vit {
+            if let Some(l) = m.inner_layers.iter().find(|&&l| l >= self.model.vit.layers) {
+                return Err(Error::field(
+                    "merge.inner_layers",
+                    format!(
+                        "block {l} does not exist (the ViT has {})",
+                        self.model.vit.layers
+                    ),
+                ));
+            }
+        } else if !m.inner_layers.is_empty() {
+            return Err(Error::field(
+                "merge.inner_layers",
+                "inner-feature terms need a transformer (model.arch = \"vit\")",
+            ));
+        }
+        if m.inner_weight.is_nan() || m.inner_weight < 0.0 {
+            return Err(Error::field("merge.inner_weight", "must be ≥ 0"));
+        }
+        if m.res_consistency.is_nan() || m.res_consistency < 0.0 {
+            return Err(Error::field("merge.res_consistency", "must be ≥ 0"));
+        }
         let c = &self.cluster;
         positive(c.stages as f64, "cluster.stages")?;
         positive(c.replicas as f64, "cluster.replicas")?;
         positive(c.micro_batches as f64, "cluster.micro_batches")?;
-        if c.stages > self.model.hidden.len() {
+        let depth = match self.model.arch {
+            Arch::Mlp => self.model.hidden.len(),
+            Arch::Vit => self.model.vit.layers,
+        };
+        if c.stages > depth {
             return Err(Error::field(
                 "cluster.stages",
-                format!(
-                    "{} stages but the model has only {} layers",
-                    c.stages,
-                    self.model.hidden.len()
-                ),
+                format!("{} stages but the model has only {depth} layers", c.stages),
             ));
         }
         positive(c.heartbeat_secs, "cluster.heartbeat_secs")?;
@@ -759,6 +910,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn vit_shape_and_att_heads_are_checked() {
+        let c = load("[model]\narch = \"vit\"\n[merge]\nmu_type = \"att_heads\"").unwrap();
+        assert_eq!((c.model.arch, c.model.vit.width), (Arch::Vit, 64));
+        let e = load("[model]\narch = \"vit\"\n[model.vit]\nwidth = 66")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.vit.width"), "{e}");
+        let e = load("[merge]\nmu_type = \"att_heads\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("merge.mu_type"), "{e}");
+        let e = load("[model]\narch = \"vit\"\n[merge]\ninner_layers = [4]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("merge.inner_layers"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The fields of a ViT `config.json` that the forward pass needs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VitConfig {
     pub model_type: String,
     pub hidden_size: usize,
@@ -59,6 +59,24 @@ fn check_encoder(
 }
 
 impl VitConfig {
+    /// The config of a small ViT for 28×28 single-channel images (`fsmerge train`).
+    pub fn for_images(shape: &crate::config::VitShape) -> Self {
+        Self {
+            model_type: "vit".into(),
+            hidden_size: shape.width,
+            num_hidden_layers: shape.layers,
+            num_attention_heads: shape.heads,
+            intermediate_size: shape.mlp_dim,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-12,
+            image_size: 28,
+            patch_size: shape.patch_size,
+            num_channels: 1,
+            qkv_bias: true,
+            architectures: vec!["ViTForImageClassification".into()],
+        }
+    }
+
     /// Read and check `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let file = dir.join("config.json");

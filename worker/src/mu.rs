@@ -5,6 +5,8 @@
 //! Shapes of the trainable tensors:
 //! - merge: diag [n, k]; low-rank a [n·k, r], b [r, k]; full [n·k, k]
 //! - unmerge: diag [n, k]; low-rank a [k, r], b [r, n·k]; full [k, n·k]
+//! - att_heads (method.md §5.6, H heads of size d_h): merge m1 [n, H, d_h, d_h], m2 [n, H, H];
+//!   unmerge u1 [H, d_h, d_h] (shared by the models), u2 [n, H, H]
 
 use crate::tensor::F32;
 use fsmerge_common::config::{Init, MuType};
@@ -29,6 +31,8 @@ pub struct MuMatrix {
     diag: Option<Tensor>,
     lr: Option<(Tensor, Tensor)>,
     full: Option<Tensor>,
+    /// att_heads: (per-head blocks, head-mixing scalars) and the number of heads.
+    heads: Option<(Tensor, Tensor, usize)>,
 }
 
 impl MuMatrix {
@@ -78,10 +82,12 @@ impl MuMatrix {
             diag: None,
             lr: None,
             full: None,
+            heads: None,
         };
         match mu_type {
             MuType::Diagonal => m.diag = Some(diag_init(init)),
-            MuType::DiagonalAndLowRank => match init {
+            // Outside attention, att_heads falls back to diagonal + low rank (method.md §5.5).
+            MuType::DiagonalAndLowRank | MuType::AttHeads => match init {
                 Init::Random => {
                     m.diag = Some(Tensor::zeros([ni, ki], F32));
                     m.lr = Some(random_factors());
@@ -130,6 +136,54 @@ impl MuMatrix {
         Ok(m)
     }
 
+    /// An attention M/U of width k = heads·d_h: `att_heads` gets the per-head structure
+    /// (`first` init: M_1[0, j] = I, M_1[i>0, j] = 0, M_2[i] = I_H; U_1[j] = I, U_2[i] = I_H);
+    /// every other type is `new`.
+    pub fn attention(
+        role: Role,
+        mu_type: MuType,
+        init: Init,
+        n: usize,
+        k: usize,
+        rank: usize,
+        heads: usize,
+    ) -> Result<Self> {
+        if mu_type != MuType::AttHeads {
+            return Self::new(role, mu_type, init, n, k, rank);
+        }
+        if init != Init::First || heads == 0 || !k.is_multiple_of(heads) {
+            return Err(Error::field(
+                "merge.init",
+                format!("att_heads needs `first` init and a width ({k}) divisible by the heads ({heads})"),
+            ));
+        }
+        let (ni, hi, dh) = (n as i64, heads as i64, (k / heads) as i64);
+        let eye_h = Tensor::eye(hi, F32).expand([ni, hi, hi], false).copy();
+        let eye_d = Tensor::eye(dh, F32);
+        let blocks = match role {
+            Role::Merge => {
+                let b = Tensor::zeros([ni, hi, dh, dh], F32);
+                let _ = b.get(0).copy_(&eye_d.expand([hi, dh, dh], false));
+                b
+            }
+            Role::Unmerge => eye_d.expand([hi, dh, dh], false).copy(),
+        };
+        let m = Self {
+            role,
+            n,
+            k,
+            rank,
+            diag: None,
+            lr: None,
+            full: None,
+            heads: Some((blocks, eye_h, heads)),
+        };
+        for p in m.params() {
+            let _ = p.set_requires_grad(true);
+        }
+        Ok(m)
+    }
+
     /// The trainable tensors (shallow handles).
     pub fn params(&self) -> Vec<Tensor> {
         let mut v: Vec<Tensor> = Vec::new();
@@ -142,6 +196,10 @@ impl MuMatrix {
         }
         if let Some(f) = &self.full {
             v.push(f.shallow_clone());
+        }
+        if let Some((b, mix, _)) = &self.heads {
+            v.push(b.shallow_clone());
+            v.push(mix.shallow_clone());
         }
         v
     }
@@ -159,6 +217,18 @@ impl MuMatrix {
         }
     }
 
+    /// Dense per-model blocks of an att_heads matrix, laid out as `full_blocks`:
+    /// block_i[(j, a), (j', b)] = B[j, a, b] · mix_i[j, j'] (B = M_1[i] or the shared U_1).
+    fn head_blocks(&self, blocks: &Tensor, mix: &Tensor, heads: usize) -> Tensor {
+        let (n, k, _) = self.dims();
+        let (h, dh) = (heads as i64, k / heads as i64);
+        let b = match self.role {
+            Role::Merge => blocks.view([n, h, dh, 1, dh]),
+            Role::Unmerge => blocks.view([1, h, dh, 1, dh]),
+        };
+        (b * mix.view([n, h, 1, h, 1])).view([n, k, k])
+    }
+
     /// Per-model low-rank factor blocks: merge a_i [n, k, r]; unmerge b_i [n, r, k].
     fn lr_blocks(&self, t: &Tensor) -> Tensor {
         let (n, k, r) = self.dims();
@@ -168,18 +238,22 @@ impl MuMatrix {
         }
     }
 
-    /// Sum of the parts' contributions: `diag(d)`, `low_rank(a, b)` and `full(f)` for the
-    /// parts this matrix has (the constructor guarantees at least one).
+    /// Sum of the parts' contributions: `diag(d)`, `low_rank(a, b)` and `dense(blocks)` for the
+    /// parts this matrix has (the constructor guarantees at least one); `blocks` are the
+    /// per-model dense blocks of a `full` or `att_heads` part (merge [n, k, k'], unmerge [n, k', k]).
     fn combine(
         &self,
         diag: impl Fn(&Tensor) -> Tensor,
         low_rank: impl Fn(&Tensor, &Tensor) -> Tensor,
-        full: impl Fn(&Tensor) -> Tensor,
+        dense: impl Fn(&Tensor) -> Tensor,
     ) -> Tensor {
         [
             self.diag.as_ref().map(diag),
             self.lr.as_ref().map(|(a, b)| low_rank(a, b)),
-            self.full.as_ref().map(full),
+            self.full.as_ref().map(|f| dense(&self.full_blocks(f))),
+            self.heads
+                .as_ref()
+                .map(|(b, mix, h)| dense(&self.head_blocks(b, mix, *h))),
         ]
         .into_iter()
         .flatten()
@@ -194,7 +268,7 @@ impl MuMatrix {
         self.combine(
             |d| sum0(y * d.unsqueeze(1)),
             |a, b| sum0(y.bmm(&self.lr_blocks(a))).matmul(b),
-            |f| sum0(y.bmm(&self.full_blocks(f))),
+            |f| sum0(y.bmm(f)),
         )
     }
 
@@ -204,7 +278,7 @@ impl MuMatrix {
         self.combine(
             |d| x.unsqueeze(0) * d.unsqueeze(1),
             |a, b| x.matmul(a).unsqueeze(0).matmul(&self.lr_blocks(b)),
-            |f| x.unsqueeze(0).matmul(&self.full_blocks(f)),
+            |f| x.unsqueeze(0).matmul(f),
         )
     }
 
@@ -224,6 +298,9 @@ impl MuMatrix {
         if let Some(f) = &self.full {
             parts.push((None, self.full_blocks(f).bmm(wt)));
         }
+        if let Some((b, mix, h)) = &self.heads {
+            parts.push((None, self.head_blocks(b, mix, *h).bmm(wt)));
+        }
         parts
     }
 
@@ -240,11 +317,15 @@ impl MuMatrix {
         if let Some(f) = &mut self.full {
             mv(f);
         }
+        if let Some((b, mix, _)) = &mut self.heads {
+            mv(b);
+            mv(mix);
+        }
     }
 
-    /// Whether this matrix has a dense (full) part, whose fold costs n·k³.
+    /// Whether this matrix has a dense (full or att_heads) part, whose fold costs n·k³.
     pub fn is_full(&self) -> bool {
-        self.full.is_some()
+        self.full.is_some() || self.heads.is_some()
     }
 
     /// Dense block of model i: merge M_i [k, k'], unmerge U_i [k', k].
@@ -256,7 +337,7 @@ impl MuMatrix {
                 Role::Merge => self.lr_blocks(a).get(i).matmul(b),
                 Role::Unmerge => a.matmul(&self.lr_blocks(b).get(i)),
             },
-            |f| self.full_blocks(f).get(i),
+            |f| f.get(i),
         )
     }
 

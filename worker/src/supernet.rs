@@ -29,6 +29,15 @@ impl FrozenLayer {
             b: Tensor::stack(&b, 0),
         }
     }
+    /// One linear map of every model, stacked.
+    pub fn stack(layers: &[&Linear]) -> Self {
+        let wt: Vec<Tensor> = layers.iter().map(|l| l.w.detach().tr()).collect();
+        let b: Vec<Tensor> = layers.iter().map(|l| l.b.detach()).collect();
+        Self {
+            wt: Tensor::stack(&wt, 0).contiguous(),
+            b: Tensor::stack(&b, 0),
+        }
+    }
     pub fn out_dim(&self) -> usize {
         self.wt.size()[2] as usize
     }

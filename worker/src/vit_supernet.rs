@@ -1,0 +1,511 @@
+//! The FS-Merge SuperNet of n Hugging Face ViTs (method.md §4 for pre-LN ViTs; HF's ViT has no
+//! ln_pre and no output projection, so the output unit is LN_post and the read-out U_final).
+//! The residual stream x* lives in merged space; every sub-block unmerges after its LayerNorm
+//! and merges before the residual add:
+//!
+//! ```text
+//!   x*_0 = Σ_i M_pre⁽ⁱ⁾ e_i                        (patches + [CLS] + positions of model i)
+//!   attn:  a = LN_1 x*;  q* = Σ_i M_q⁽ⁱ⁾(W_q,i U_att⁽ⁱ⁾ a + b_q,i)   (k*, v* alike, one U_att)
+//!          x* += Σ_i M_o⁽ⁱ⁾(W_o,i U_o⁽ⁱ⁾ attend(q*, k*, v*) + b_o,i)
+//!   MLP:   x* += Σ_i M_2⁽ⁱ⁾(W_2,i U_1⁽ⁱ⁾ gelu(Σ_j M_1⁽ʲ⁾(W_1,j U_0⁽ʲ⁾ LN_2 x* + b_1,j)) + b_2,i)
+//!   out:   ŷ = U_final LN_post(x*_L[CLS]) ≈ [pooled_1; …; pooled_n]
+//! ```
+//!
+//! Every M/U sits between a LayerNorm/activation and a frozen linear map, so the network folds
+//! exactly into one standard ViT (`fold`), and a global step can run that folded ViT
+//! (`StepForm::Fold`, architecture.md §5). `local` mode trains each block as its own problem on
+//! the originals' features, through a residual merge shared by every block (M_res, which is
+//! M_pre: the embedding's merge is the stream's merge) and a shared unmerge U_res.
+
+use crate::mlp::Linear;
+use crate::mu::{MuMatrix, Role};
+use crate::supernet::{fold_layer, FrozenLayer};
+use crate::vit::{attend, embed_tokens, Block, LayerNorm, Vit};
+use fsmerge_common::config::{Init, MuType, StepForm};
+use fsmerge_common::hf::VitConfig;
+use fsmerge_common::{Error, Result};
+use tch::Tensor;
+
+/// One LayerNorm of every model, stacked [n, d].
+struct FrozenLn {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl FrozenLn {
+    fn stack(lns: &[&LayerNorm]) -> Self {
+        Self {
+            w: Tensor::stack(&lns.iter().map(|l| l.w.detach()).collect::<Vec<_>>(), 0),
+            b: Tensor::stack(&lns.iter().map(|l| l.b.detach()).collect::<Vec<_>>(), 0),
+        }
+    }
+}
+
+/// A trainable LayerNorm of the merged network (method.md §3.3: `first` copies model 1's,
+/// `average` takes the mean, `random` starts at (1, 0)).
+pub struct MergedLn {
+    pub w: Tensor,
+    pub b: Tensor,
+    eps: f64,
+}
+
+impl MergedLn {
+    fn new(f: &FrozenLn, init: Init, eps: f64) -> Self {
+        let (w, b) = match init {
+            Init::First => (f.w.get(0).copy(), f.b.get(0).copy()),
+            Init::Average => (f.w.mean_dim(0, false, None), f.b.mean_dim(0, false, None)),
+            Init::Random => (f.w.get(0).ones_like(), f.b.get(0).zeros_like()),
+        };
+        Self {
+            w: w.set_requires_grad(true),
+            b: b.set_requires_grad(true),
+            eps,
+        }
+    }
+    /// As a plain LayerNorm sharing these tensors (gradients flow through it).
+    fn layer_norm(&self) -> LayerNorm {
+        LayerNorm {
+            w: self.w.shallow_clone(),
+            b: self.b.shallow_clone(),
+            eps: self.eps,
+        }
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.layer_norm().forward(x)
+    }
+    fn params(&self) -> [Tensor; 2] {
+        [self.w.shallow_clone(), self.b.shallow_clone()]
+    }
+}
+
+/// Block l of every model, frozen.
+struct FrozenBlock {
+    ln1: FrozenLn,
+    q: FrozenLayer,
+    k: FrozenLayer,
+    v: FrozenLayer,
+    o: FrozenLayer,
+    ln2: FrozenLn,
+    fc1: FrozenLayer,
+    fc2: FrozenLayer,
+}
+
+/// Every original weight, stacked per model.
+pub struct FrozenVit {
+    pub n: usize,
+    pub cfg: VitConfig,
+    /// The patch convolution as a linear map of flattened patches: wt [n, C·p·p, d].
+    patch: FrozenLayer,
+    cls: Tensor,
+    pos: Tensor,
+    blocks: Vec<FrozenBlock>,
+    ln_final: FrozenLn,
+}
+
+/// The shape fields two ViTs must agree on to be merged.
+fn shape_of(c: &VitConfig) -> [usize; 7] {
+    [
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.image_size,
+        c.patch_size,
+        c.num_channels,
+    ]
+}
+
+impl FrozenVit {
+    pub fn from_models(models: &[&Vit]) -> Result<Self> {
+        let n = models.len();
+        let Some(first) = models.first() else {
+            return Err(Error::Compute("a SuperNet needs models".into()));
+        };
+        if n < 2 {
+            return Err(Error::Compute(format!(
+                "a SuperNet needs ≥ 2 models, got {n}"
+            )));
+        }
+        if let Some((i, m)) = models
+            .iter()
+            .enumerate()
+            .find(|(_, m)| shape_of(&m.cfg) != shape_of(&first.cfg))
+        {
+            return Err(Error::Compute(format!(
+                "model {i} has shape {:?} (hidden, layers, heads, mlp, image, patch, channels) but model 0 has {:?}",
+                shape_of(&m.cfg),
+                shape_of(&first.cfg)
+            )));
+        }
+        let d = first.cfg.hidden_size as i64;
+        let stack = |f: &dyn Fn(&Vit) -> &Tensor| {
+            Tensor::stack(&models.iter().map(|m| f(m).detach()).collect::<Vec<_>>(), 0)
+        };
+        let patch_lin: Vec<Linear> = models
+            .iter()
+            .map(|m| Linear {
+                w: m.patch_w.view([d, -1]),
+                b: m.patch_b.shallow_clone(),
+            })
+            .collect();
+        let blocks = (0..first.blocks.len())
+            .map(|l| {
+                let b: Vec<&Block> = models.iter().map(|m| &m.blocks[l]).collect();
+                let lin = |f: &dyn Fn(&Block) -> &Linear| {
+                    FrozenLayer::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
+                };
+                FrozenBlock {
+                    ln1: FrozenLn::stack(&b.iter().map(|b| &b.ln_before).collect::<Vec<_>>()),
+                    q: lin(&|b| &b.q),
+                    k: lin(&|b| &b.k),
+                    v: lin(&|b| &b.v),
+                    o: lin(&|b| &b.out),
+                    ln2: FrozenLn::stack(&b.iter().map(|b| &b.ln_after).collect::<Vec<_>>()),
+                    fc1: lin(&|b| &b.fc1),
+                    fc2: lin(&|b| &b.fc2),
+                }
+            })
+            .collect();
+        Ok(Self {
+            n,
+            cfg: first.cfg.clone(),
+            patch: FrozenLayer::stack(&patch_lin.iter().collect::<Vec<_>>()),
+            cls: stack(&|m| &m.cls).view([n as i64, 1, d]),
+            pos: stack(&|m| &m.pos).view([n as i64, -1, d]),
+            blocks,
+            ln_final: FrozenLn::stack(&models.iter().map(|m| &m.ln_final).collect::<Vec<_>>()),
+        })
+    }
+
+    fn heads(&self) -> i64 {
+        self.cfg.num_attention_heads as i64
+    }
+}
+
+/// The trainable M/U and LayerNorms of one block.
+pub struct BlockMu {
+    pub ln1: MergedLn,
+    pub u_att: MuMatrix,
+    pub m_q: MuMatrix,
+    pub m_k: MuMatrix,
+    pub m_v: MuMatrix,
+    pub u_o: MuMatrix,
+    pub m_o: MuMatrix,
+    pub ln2: MergedLn,
+    pub u_0: MuMatrix,
+    pub m_1: MuMatrix,
+    pub u_1: MuMatrix,
+    pub m_2: MuMatrix,
+}
+
+impl BlockMu {
+    pub fn params(&self) -> Vec<Tensor> {
+        let mut v: Vec<Tensor> = self.ln1.params().into_iter().collect();
+        for m in [
+            &self.u_att,
+            &self.m_q,
+            &self.m_k,
+            &self.m_v,
+            &self.u_o,
+            &self.m_o,
+        ] {
+            v.extend(m.params());
+        }
+        v.extend(self.ln2.params());
+        for m in [&self.u_0, &self.m_1, &self.u_1, &self.m_2] {
+            v.extend(m.params());
+        }
+        v
+    }
+}
+
+/// Every trainable part of the SuperNet.
+pub struct VitMu {
+    /// The embedding's merge; in local mode also the residual merge M_res of every block.
+    pub m_pre: MuMatrix,
+    /// Local mode: the residual unmerge shared by every block.
+    pub u_res: MuMatrix,
+    pub blocks: Vec<BlockMu>,
+    pub ln_post: MergedLn,
+    pub u_final: MuMatrix,
+}
+
+impl VitMu {
+    /// Draw every M/U from libtorch's global generator (seed it first for a reproducible init).
+    /// d-sized M/U get rank r, the MLP's hidden M_1/U_1 get ⌊r·h/d⌋ (method.md §3.2); the
+    /// attention M/U take the `att_heads` structure when asked.
+    fn new(f: &FrozenVit, mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
+        let (n, d, h) = (f.n, f.cfg.hidden_size, f.cfg.intermediate_size);
+        let heads = f.cfg.num_attention_heads;
+        let rank_h = (rank * h / d).max(1);
+        let eps = f.cfg.layer_norm_eps;
+        let new = |role, k, r| MuMatrix::new(role, mu_type, init, n, k, r);
+        let att = |role| MuMatrix::attention(role, mu_type, init, n, d, rank, heads);
+        let m_pre = new(Role::Merge, d, rank)?;
+        let u_res = new(Role::Unmerge, d, rank)?;
+        let mut blocks = Vec::new();
+        for fb in &f.blocks {
+            blocks.push(BlockMu {
+                ln1: MergedLn::new(&fb.ln1, init, eps),
+                u_att: att(Role::Unmerge)?,
+                m_q: att(Role::Merge)?,
+                m_k: att(Role::Merge)?,
+                m_v: att(Role::Merge)?,
+                u_o: att(Role::Unmerge)?,
+                m_o: att(Role::Merge)?,
+                ln2: MergedLn::new(&fb.ln2, init, eps),
+                u_0: new(Role::Unmerge, d, rank)?,
+                m_1: new(Role::Merge, h, rank_h)?,
+                u_1: new(Role::Unmerge, h, rank_h)?,
+                m_2: new(Role::Merge, d, rank)?,
+            });
+        }
+        Ok(Self {
+            m_pre,
+            u_res,
+            blocks,
+            ln_post: MergedLn::new(&f.ln_final, init, eps),
+            u_final: new(Role::Unmerge, d, rank)?,
+        })
+    }
+}
+
+pub struct VitSuperNet {
+    pub frozen: FrozenVit,
+    pub mu: VitMu,
+}
+
+/// Each layer of the folded ViT, as (transposed weight, bias) → a `Linear`.
+fn folded_linear(layer: &FrozenLayer, m: &MuMatrix, u: &MuMatrix) -> Linear {
+    let (wt, b) = fold_layer(layer, m, Some(u));
+    Linear { w: wt.tr(), b }
+}
+
+impl VitSuperNet {
+    pub fn new(models: &[&Vit], mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
+        let frozen = FrozenVit::from_models(models)?;
+        let mu = VitMu::new(&frozen, mu_type, init, rank)?;
+        Ok(Self { frozen, mu })
+    }
+
+    pub fn n(&self) -> usize {
+        self.frozen.n
+    }
+
+    /// What global training moves: M_pre, every block's M/U/LN, LN_post and U_final.
+    pub fn global_params(&self) -> Vec<Tensor> {
+        let mut v = self.mu.m_pre.params();
+        for b in &self.mu.blocks {
+            v.extend(b.params());
+        }
+        v.extend(self.mu.ln_post.params());
+        v.extend(self.mu.u_final.params());
+        v
+    }
+
+    /// What local training moves: the global parameters and the shared residual unmerge.
+    pub fn local_params(&self) -> Vec<Tensor> {
+        let mut v = self.global_params();
+        v.extend(self.mu.u_res.params());
+        v
+    }
+
+    /// Flattened patches [B·P, C·p·p], in the order of the patch convolution's output.
+    fn patches(&self, pixels: &Tensor) -> Tensor {
+        let p = self.frozen.cfg.patch_size as i64;
+        let (b, c, hh, ww) = pixels.size4().unwrap_or((0, 0, 0, 0));
+        pixels
+            .view([b, c, hh / p, p, ww / p, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([-1, c * p * p])
+    }
+
+    /// x*_0 [B, T, d]: the n embeddings merged by M_pre (literally, or through the fold).
+    pub fn embed(&self, pixels: &Tensor, form: StepForm) -> Tensor {
+        let f = &self.frozen;
+        let (n, d) = (f.n as i64, f.cfg.hidden_size as i64);
+        let b = pixels.size()[0];
+        match form {
+            StepForm::Literal => {
+                let e = f.patch.branches(&self.patches(pixels)).view([n, b, -1, d]);
+                let cls = f.cls.unsqueeze(1).expand([n, b, 1, d], false);
+                let e = Tensor::cat(&[cls, e], 2) + f.pos.unsqueeze(1);
+                let t = e.size()[2];
+                self.mu.m_pre.merge(&e.view([n, b * t, d])).view([b, t, d])
+            }
+            StepForm::Fold => {
+                let (w, bias, cls, pos) = self.fold_embedding();
+                embed_tokens(pixels, &w, &bias, &cls, &pos, f.cfg.patch_size as i64)
+            }
+        }
+    }
+
+    /// Folded embedding: patch kernel [d, C, p, p], bias [d], [CLS] [1, 1, d], positions [1, T, d].
+    fn fold_embedding(&self) -> (Tensor, Tensor, Tensor, Tensor) {
+        let f = &self.frozen;
+        let cfg = &f.cfg;
+        let (d, c, p) = (
+            cfg.hidden_size as i64,
+            cfg.num_channels as i64,
+            cfg.patch_size as i64,
+        );
+        let (wt, b) = fold_layer(&f.patch, &self.mu.m_pre, None);
+        let w = wt.tr().contiguous().view([d, c, p, p]);
+        let cls = self.mu.m_pre.merge(&f.cls).view([1, 1, d]);
+        let pos = self.mu.m_pre.merge(&f.pos).unsqueeze(0);
+        (w, b, cls, pos)
+    }
+
+    /// Block l folded into a plain pre-LN block (differentiable in M/U/LN).
+    pub fn fold_block(&self, l: usize) -> Block {
+        let (fb, mu) = (&self.frozen.blocks[l], &self.mu.blocks[l]);
+        Block {
+            ln_before: mu.ln1.layer_norm(),
+            q: folded_linear(&fb.q, &mu.m_q, &mu.u_att),
+            k: folded_linear(&fb.k, &mu.m_k, &mu.u_att),
+            v: folded_linear(&fb.v, &mu.m_v, &mu.u_att),
+            out: folded_linear(&fb.o, &mu.m_o, &mu.u_o),
+            ln_after: mu.ln2.layer_norm(),
+            fc1: folded_linear(&fb.fc1, &mu.m_1, &mu.u_0),
+            fc2: folded_linear(&fb.fc2, &mu.m_2, &mu.u_1),
+        }
+    }
+
+    /// Block l literally, n branches between each U and M; also returns the attention
+    /// branches' outputs W_o,i U_o⁽ⁱ⁾ o* + b_o,i [n, B·T, d] (the inner features' Ĝ).
+    pub fn block_literal(&self, l: usize, x: &Tensor) -> (Tensor, Tensor) {
+        let (fb, mu) = (&self.frozen.blocks[l], &self.mu.blocks[l]);
+        let (b, t, d) = x.size3().unwrap_or((0, 0, 0));
+        let a = mu.ln1.forward(x).view([-1, d]);
+        let ua = mu.u_att.unmerge(&a);
+        let proj = |m: &MuMatrix, f: &FrozenLayer| m.merge(&f.branches(&ua)).view([b, t, d]);
+        let ctx = attend(
+            &proj(&mu.m_q, &fb.q),
+            &proj(&mu.m_k, &fb.k),
+            &proj(&mu.m_v, &fb.v),
+            self.frozen.heads(),
+            None,
+        )
+        .view([-1, d]);
+        let r = fb.o.branches(&mu.u_o.unmerge(&ctx));
+        let x = x + mu.m_o.merge(&r).view([b, t, d]);
+        let g = mu.ln2.forward(&x).view([-1, d]);
+        let z = mu
+            .m_1
+            .merge(&fb.fc1.branches(&mu.u_0.unmerge(&g)))
+            .gelu("none");
+        let m = mu.m_2.merge(&fb.fc2.branches(&mu.u_1.unmerge(&z)));
+        (x + m.view([b, t, d]), r)
+    }
+
+    /// Block l in `form` (same function either way).
+    pub fn block(&self, l: usize, x: &Tensor, form: StepForm) -> Tensor {
+        match form {
+            StepForm::Literal => self.block_literal(l, x).0,
+            StepForm::Fold => self.fold_block(l).forward(x, self.frozen.heads()),
+        }
+    }
+
+    /// ŷ [n, B, d] from the last stream [B, T, d]: U_final LN_post(x*[CLS]).
+    pub fn output(&self, x: &Tensor) -> Tensor {
+        self.mu
+            .u_final
+            .unmerge(&self.mu.ln_post.forward(&x.select(1, 0)))
+    }
+
+    /// The whole SuperNet: ŷ [n, B, d], and for each block in `inner` (run literally, as its
+    /// loss reads branch outputs) its attention branches' outputs [n, B·T, d].
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        form: StepForm,
+        inner: &[usize],
+    ) -> (Tensor, Vec<Tensor>) {
+        let mut x = self.embed(pixels, form);
+        let mut branches = Vec::new();
+        for l in 0..self.frozen.blocks.len() {
+            x = if inner.contains(&l) {
+                let (y, r) = self.block_literal(l, &x);
+                branches.push(r);
+                y
+            } else {
+                self.block(l, &x, form)
+            };
+        }
+        (self.output(&x), branches)
+    }
+
+    /// Local problem of block l: the originals' streams at its input f_l [n, B, T, d], merged
+    /// by M_res, through the block, unmerged by U_res: the reconstruction of f_{l+1}
+    /// [n, B, T, d]; and the mean square of M_res U_res y* − y* (the residual basis' drift).
+    pub fn local_block(&self, l: usize, f_in: &Tensor, form: StepForm) -> (Tensor, Tensor) {
+        let (n, b, t, d) = f_in.size4().unwrap_or((0, 0, 0, 0));
+        let x = self
+            .mu
+            .m_pre
+            .merge(&f_in.view([n, b * t, d]))
+            .view([b, t, d]);
+        let y = self.block(l, &x, form).view([-1, d]);
+        let pred = self.mu.u_res.unmerge(&y);
+        let drift = (self.mu.m_pre.merge(&pred) - &y).square().mean(None);
+        (pred.view([n, b, t, d]), drift)
+    }
+
+    /// Local problem of the output: the originals' final [CLS] streams [n, B, d] merged by
+    /// M_res → ŷ [n, B, d].
+    pub fn local_output(&self, f_cls: &Tensor) -> Tensor {
+        let x = self.mu.m_pre.merge(f_cls);
+        self.mu.u_final.unmerge(&self.mu.ln_post.forward(&x))
+    }
+
+    /// The local SuperNet as trained: after every block the stream goes through U_res and back
+    /// through M_res. The folded model skips that round trip; the accuracy gap between the
+    /// two is what local mode's shared residual basis costs.
+    pub fn forward_local_chain(&self, pixels: &Tensor) -> Tensor {
+        let mut x = self.embed(pixels, StepForm::Fold);
+        for l in 0..self.frozen.blocks.len() {
+            let y = self.block(l, &x, StepForm::Fold);
+            let (b, t, d) = y.size3().unwrap_or((0, 0, 0));
+            x = self
+                .mu
+                .m_pre
+                .merge(&self.mu.u_res.unmerge(&y.view([-1, d])))
+                .view([b, t, d]);
+        }
+        self.output(&x)
+    }
+
+    /// The folded ViT (no classifier), differentiable in M/U/LN.
+    pub fn fold(&self) -> Vit {
+        let (patch_w, patch_b, cls, pos) = self.fold_embedding();
+        Vit {
+            cfg: self.frozen.cfg.clone(),
+            patch_w,
+            patch_b,
+            cls,
+            pos,
+            blocks: (0..self.frozen.blocks.len())
+                .map(|l| self.fold_block(l))
+                .collect(),
+            ln_final: self.mu.ln_post.layer_norm(),
+            classifier: None,
+        }
+    }
+
+    /// The merged model: the folded ViT (detached) and each task's classifier with its
+    /// read-out U_final⁽ᵗ⁾ folded in (logits_t = W_t U_final⁽ᵗ⁾ y* + b_t).
+    pub fn merged(&self, classifiers: &[&Linear]) -> (Vit, Vec<Linear>) {
+        tch::no_grad(|| {
+            let vit = self.fold().copy();
+            let heads = classifiers
+                .iter()
+                .enumerate()
+                .map(|(t, c)| Linear {
+                    w: c.w.matmul(&self.mu.u_final.block(t).tr()),
+                    b: c.b.detach().copy(),
+                })
+                .collect();
+            (vit, heads)
+        })
+    }
+}
