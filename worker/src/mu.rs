@@ -163,7 +163,7 @@ impl MuMatrix {
         let blocks = match role {
             Role::Merge => {
                 let b = Tensor::zeros([ni, hi, dh, dh], F32);
-                let _ = b.get(0).copy_(&eye_d.expand([hi, dh, dh], false));
+                b.get(0).copy_(&eye_d.expand([hi, dh, dh], false));
                 b
             }
             Role::Unmerge => eye_d.expand([hi, dh, dh], false).copy(),
