@@ -18,10 +18,11 @@ FMNIST_DIR=/usr/share/datasets/fashion-mnist
 say() { echo "[setup] $*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
-  say "installing dataset-fashion-mnist (apt)"
+# Fashion-MNIST, and DejaVu Sans for the charts of the report.
+if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] || ! dpkg -s fonts-dejavu-core >/dev/null 2>&1; then
+  say "installing dataset-fashion-mnist and fonts-dejavu-core (apt)"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fonts-dejavu-core >/dev/null
 fi
 (cd "$FMNIST_DIR" && sha256sum -c --quiet) <<'SUMS'
 b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7  train-images-idx3-ubyte.gz

@@ -127,6 +127,13 @@ impl Dataset {
     pub fn num_classes(self) -> usize {
         10
     }
+    /// Side of the (square, grey) images.
+    pub fn image_side(self) -> usize {
+        match self {
+            Dataset::FashionMnist => 28,
+            Dataset::Digits => 8,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -216,12 +223,12 @@ fn default_vit_mlp() -> usize {
 }
 
 impl VitShape {
-    /// Check the shape (28×28 images) and return the width.
-    fn check(&self) -> Result<usize> {
-        if self.patch_size == 0 || !28usize.is_multiple_of(self.patch_size) {
+    /// Check the shape against the images' side and return the width.
+    fn check(&self, side: usize) -> Result<usize> {
+        if self.patch_size == 0 || !side.is_multiple_of(self.patch_size) {
             return Err(Error::field(
                 "model.vit.patch_size",
-                format!("must divide the image side 28, got {}", self.patch_size),
+                format!("must divide the image side {side}, got {}", self.patch_size),
             ));
         }
         for (v, f) in [
@@ -693,7 +700,7 @@ impl JobConfig {
         }
         let width = match self.model.arch {
             Arch::Mlp => *self.model.hidden.iter().min().unwrap_or(&0),
-            Arch::Vit => self.model.vit.check()?,
+            Arch::Vit => self.model.vit.check(self.data.dataset.image_side())?,
         };
         if matches!(
             m.mu_type,
@@ -914,17 +921,19 @@ mod tests {
 
     #[test]
     fn vit_shape_and_att_heads_are_checked() {
-        let c = load("[model]\narch = \"vit\"\n[merge]\nmu_type = \"att_heads\"").unwrap();
+        let vit = "[model]\narch = \"vit\"\n[model.vit]\npatch_size = 4";
+        let c = load(&format!("{vit}\n[merge]\nmu_type = \"att_heads\"")).unwrap();
         assert_eq!((c.model.arch, c.model.vit.width), (Arch::Vit, 64));
-        let e = load("[model]\narch = \"vit\"\n[model.vit]\nwidth = 66")
-            .unwrap_err()
-            .to_string();
+        let e = load(&format!("{vit}\nwidth = 66")).unwrap_err().to_string();
         assert!(e.contains("model.vit.width"), "{e}");
+        // Digits are 8×8: patch 7 does not tile them.
+        let e = load("[model]\narch = \"vit\"").unwrap_err().to_string();
+        assert!(e.contains("model.vit.patch_size") && e.contains('8'), "{e}");
         let e = load("[merge]\nmu_type = \"att_heads\"")
             .unwrap_err()
             .to_string();
         assert!(e.contains("merge.mu_type"), "{e}");
-        let e = load("[model]\narch = \"vit\"\n[merge]\ninner_layers = [4]")
+        let e = load(&format!("{vit}\n[merge]\ninner_layers = [4]"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("merge.inner_layers"), "{e}");

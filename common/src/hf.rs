@@ -59,8 +59,8 @@ fn check_encoder(
 }
 
 impl VitConfig {
-    /// The config of a small ViT for 28×28 single-channel images (`fsmerge train`).
-    pub fn for_images(shape: &crate::config::VitShape) -> Self {
+    /// The config of a small ViT for side×side single-channel images (`fsmerge train`).
+    pub fn for_images(shape: &crate::config::VitShape, side: usize) -> Self {
         Self {
             model_type: "vit".into(),
             hidden_size: shape.width,
@@ -69,7 +69,7 @@ impl VitConfig {
             intermediate_size: shape.mlp_dim,
             hidden_act: "gelu".into(),
             layer_norm_eps: 1e-12,
-            image_size: 28,
+            image_size: side,
             patch_size: shape.patch_size,
             num_channels: 1,
             qkv_bias: true,

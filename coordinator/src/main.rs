@@ -13,12 +13,14 @@ mod cluster;
 mod doctor;
 mod job;
 mod merge;
+mod plots;
 mod progress;
 mod report;
 mod resume;
 mod session;
 mod summarize;
 mod train;
+mod vit_job;
 mod worker_cmd;
 
 #[derive(Parser)]

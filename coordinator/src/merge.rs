@@ -11,7 +11,7 @@ use fsmerge_common::checkpoint::{
     body_bias, body_weight, check_same_architecture, head_bias, head_weight, HostTensor,
     MlpCheckpoint,
 };
-use fsmerge_common::config::Baseline;
+use fsmerge_common::config::{Arch, Baseline};
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{mlp_unit_costs, Plan};
 use fsmerge_common::Error;
@@ -66,21 +66,25 @@ pub fn load_models(job: &Job, input_dim: usize) -> Result<Vec<Mlp>> {
     Ok(cks.iter().map(Mlp::from_checkpoint).collect())
 }
 
-fn variant(pairs: &[(&str, serde_json::Value)]) -> BTreeMap<String, serde_json::Value> {
+pub fn variant(pairs: &[(&str, serde_json::Value)]) -> BTreeMap<String, serde_json::Value> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect()
 }
 
-struct Evaluator<'a> {
+pub struct Evaluator<'a> {
     test: &'a EvalSet,
     val: &'a EvalSet,
     names: Vec<String>,
 }
 
-impl Evaluator<'_> {
-    fn result(
+impl<'a> Evaluator<'a> {
+    pub fn new(test: &'a EvalSet, val: &'a EvalSet, names: Vec<String>) -> Self {
+        Self { test, val, names }
+    }
+
+    pub fn result(
         &self,
         method: &str,
         variant: BTreeMap<String, serde_json::Value>,
@@ -122,6 +126,9 @@ impl Evaluator<'_> {
 }
 
 pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
+    if job.cfg.model.arch == Arch::Vit {
+        return crate::vit_job::run(job, resume);
+    }
     let started = Instant::now();
     let cfg = &job.cfg;
     let m = &cfg.merge;
@@ -253,16 +260,9 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     ]);
     results.push(ev.merged("fs-merge", v.clone(), seconds, &merged));
 
-    report::write(
-        job,
-        &plan,
-        &merged,
-        &v,
-        results,
-        &log,
-        started,
-        outcome.workers,
-    )
+    report::write(job, &plan, results, &log, started, outcome.workers, &|st| {
+        report::write_mlp_model(st, job, &merged, &v)
+    })
 }
 
 /// The merged model from the stages' folded tensors.
@@ -301,7 +301,7 @@ fn assemble(
 
 /// Warn when the global phase ended with a higher batch loss than it began with (the OneCycle
 /// peak was too high for the job).
-fn warn_if_global_rose(log: &[LogRow], lr: f64) {
+pub fn warn_if_global_rose(log: &[LogRow], lr: f64) {
     let global: Vec<f64> = log
         .iter()
         .filter(|r| r.phase == "global")

@@ -16,19 +16,14 @@ use fsmerge_worker::tensor::to_host;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-#[allow(clippy::too_many_arguments)]
-pub fn write(
+/// Write the MLP merged model: `merged.safetensors` + `merged.json`.
+pub fn write_mlp_model(
+    staging: &Staging,
     job: &Job,
-    plan: &Plan,
     merged: &MergedModel,
     variant: &BTreeMap<String, serde_json::Value>,
-    results: Vec<MethodResult>,
-    log: &[LogRow],
-    started: Instant,
-    workers: Vec<WorkerStats>,
 ) -> Result<()> {
     let cfg = &job.cfg;
-    let staging = Staging::new(&job.out)?;
     let mut tensors = BTreeMap::new();
     for (l, layer) in merged.body.iter().enumerate() {
         tensors.insert(body_weight(l), to_host(&layer.w)?);
@@ -55,6 +50,24 @@ pub fn write(
         variant: serde_json::to_value(variant)?,
     };
     write_json(&staging.path("merged.json"), &config)?;
+    Ok(())
+}
+
+/// Write the job's outputs: the merged model (`write_model` puts it into the staging
+/// directory), plan, config, training log, metrics, charts and the Markdown report; all
+/// committed at once.
+pub fn write(
+    job: &Job,
+    plan: &Plan,
+    results: Vec<MethodResult>,
+    log: &[LogRow],
+    started: Instant,
+    workers: Vec<WorkerStats>,
+    write_model: &dyn Fn(&Staging) -> Result<()>,
+) -> Result<()> {
+    let cfg = &job.cfg;
+    let staging = Staging::new(&job.out)?;
+    write_model(&staging)?;
     write_json(&staging.path("plan.json"), plan)?;
     write_json(&staging.path("config.json"), cfg)?;
     write_jsonl(&staging.path("train_log.jsonl"), log)?;
@@ -70,7 +83,14 @@ pub fn write(
         workers,
     };
     write_json(&staging.path("metrics.json"), &metrics)?;
-    let table = metrics.markdown(&job.task_names());
+    let mut table = metrics.markdown(&job.task_names());
+    let charts = crate::plots::write(&staging.path(""), log, &metrics.results)?;
+    if !charts.is_empty() {
+        table.push('\n');
+        for c in &charts {
+            table.push_str(&format!("![{c}]({c})\n"));
+        }
+    }
     write_atomic(&staging.path("results.md"), table.as_bytes())?;
     let dir = staging.commit()?;
     println!("{table}");

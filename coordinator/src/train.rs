@@ -4,9 +4,13 @@ use crate::job::Job;
 use crate::progress::Reporter;
 use anyhow::Result;
 use fsmerge_common::checkpoint::model_paths;
+use fsmerge_common::config::Arch;
 use fsmerge_common::fsio::Staging;
+use fsmerge_common::hf::VitConfig;
 use fsmerge_worker::data::Splits;
 use fsmerge_worker::mlp::{train_original, TrainSpec};
+use fsmerge_worker::vit_merge::{self, VitTrainSpec};
+use std::path::PathBuf;
 
 /// Seed of task t's original model: distinct per task and per job seed.
 pub fn model_seed(job_seed: u64, t: usize) -> u64 {
@@ -18,7 +22,14 @@ pub fn model_seed(job_seed: u64, t: usize) -> u64 {
 pub fn ensure_originals(job: &Job, splits: &Splits, force: bool) -> Result<()> {
     let missing: Vec<usize> = (0..job.cfg.tasks.len())
         .filter(|&t| {
-            let (st, js) = model_paths(&job.models_dir, &job.cfg.tasks[t].name);
+            let name = &job.cfg.tasks[t].name;
+            let (st, js) = match job.cfg.model.arch {
+                Arch::Mlp => model_paths(&job.models_dir, name),
+                Arch::Vit => {
+                    let dir = vit_dir(job, name);
+                    (dir.join("model.safetensors"), dir.join("config.json"))
+                }
+            };
             // Only a model with neither file is missing; a lone file is an error for the loader.
             force || (!st.exists() && !js.exists())
         })
@@ -30,6 +41,11 @@ pub fn ensure_originals(job: &Job, splits: &Splits, force: bool) -> Result<()> {
     train_missing(job, splits, &missing)
 }
 
+/// The HF folder of task `name`'s original ViT.
+pub fn vit_dir(job: &Job, name: &str) -> PathBuf {
+    job.models_dir.join(name)
+}
+
 fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
     let cfg = &job.cfg;
     let staging = Staging::new(&job.models_dir)?;
@@ -39,6 +55,33 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
         let task = &cfg.tasks[t];
         let train = splits.train.task_tensors(&task.classes);
         let val = splits.val.task_tensors(&task.classes);
+        if cfg.model.arch == Arch::Vit {
+            let spec = VitTrainSpec {
+                config: VitConfig::for_images(&cfg.model.vit, cfg.data.dataset.image_side()),
+                task: &task.name,
+                classes: task.classes.len(),
+                epochs: cfg.train.epochs,
+                lr: cfg.train.lr,
+                batch_size: cfg.train.batch_size,
+                seed: model_seed(cfg.seed, t),
+            };
+            let (vit, val_acc, rows) = vit_merge::train_original(
+                &spec,
+                (&train.0, &train.1),
+                (&val.0, &val.1),
+                &reporter,
+            )?;
+            tracing::info!(
+                "original ViT `{}` (seed {}): validation accuracy {:.2}%",
+                task.name,
+                spec.seed,
+                100.0 * val_acc
+            );
+            let labels: Vec<String> = task.classes.iter().map(|c| format!("class {c}")).collect();
+            vit.save(&staging.path(&task.name), &labels)?;
+            log.extend(rows);
+            continue;
+        }
         let spec = TrainSpec {
             input_dim: splits.train.dim,
             hidden: &cfg.model.hidden,

@@ -22,6 +22,8 @@ pub mod supernet;
 pub mod tensor;
 pub mod train_merge;
 pub mod vit;
+pub mod vit_baselines;
+pub mod vit_merge;
 pub mod vit_supernet;
 
 pub use fsmerge_common::{Error, Result};

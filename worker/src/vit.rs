@@ -94,6 +94,18 @@ impl Block {
         &x + self.mlp_branch(&x)
     }
 
+    /// The inputs of the block's linear maps — LN_before x (q, k, v), the attention context
+    /// (out), LN_after x' (fc1), gelu(fc1 ·) (fc2) — and the block's output.
+    pub fn linear_inputs(&self, x: &Tensor, heads: i64) -> ([Tensor; 4], Tensor) {
+        let a = self.ln_before.forward(x);
+        let ctx = attention(&a, &self.q, &self.k, &self.v, heads, None);
+        let x = x + self.out.forward(&ctx);
+        let g = self.ln_after.forward(&x);
+        let z = self.fc1.forward(&g).gelu("none");
+        let y = &x + self.fc2.forward(&z);
+        ([a, ctx, g, z], y)
+    }
+
     /// out(attention(LN_before x)): what the block adds to the stream first.
     pub fn attention_branch(&self, x: &Tensor, heads: i64) -> Tensor {
         let h = self.ln_before.forward(x);

@@ -21,7 +21,7 @@ fn models(n: usize) -> Vec<Vit> {
     (0..n)
         .map(|i| {
             tch::manual_seed(10 + i as i64);
-            let mut m = Vit::init(VitConfig::for_images(&shape), 3);
+            let mut m = Vit::init(VitConfig::for_images(&shape, 28), 3);
             // Move the LayerNorms off (1, 0) so that LN handling is exercised.
             tch::no_grad(|| {
                 for b in &mut m.blocks {

@@ -1,0 +1,299 @@
+//! The merge job for Hugging Face ViTs (`model.arch = "vit"`), in one process: originals
+//! (trained if missing), baselines, FS-Merge (local / global / local-then-global), fold, evaluate,
+//! and write the merged model as one standard `ViTForImageClassification` whose classifier
+//! stacks every task's head.
+
+use crate::job::Job;
+use crate::merge::{variant, warn_if_global_rose, Evaluator};
+use crate::progress::Reporter;
+use crate::{report, train};
+use anyhow::{bail, Result};
+use fsmerge_common::checkpoint::write_json;
+use fsmerge_common::config::{Baseline, Mode};
+use fsmerge_common::fsio::Staging;
+use fsmerge_common::metrics::MethodResult;
+use fsmerge_common::plan::{vit_unit_costs, Plan};
+use fsmerge_common::Error;
+use fsmerge_worker::eval::EvalSet;
+use fsmerge_worker::mlp::{accuracy, Linear};
+use fsmerge_worker::progress::LogRow;
+use fsmerge_worker::supernet::MU_SEED_OFFSET;
+use fsmerge_worker::train_merge::TrainSettings;
+use fsmerge_worker::vit::Vit;
+use fsmerge_worker::vit_merge::{self, original_logits, MergedVit, VitLoss, VitTeacher};
+use fsmerge_worker::vit_supernet::VitSuperNet;
+use fsmerge_worker::{data, merge_data, vit_baselines};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Load every task's original ViT and check it can be merged: a classifier with one output per
+/// class of its task, single-channel input of the data's image size.
+fn load_models(job: &Job) -> Result<Vec<Vit>> {
+    let side = job.cfg.data.dataset.image_side();
+    let mut models = Vec::new();
+    for task in &job.cfg.tasks {
+        let dir = train::vit_dir(job, &task.name);
+        let vit = Vit::load(&dir)?;
+        let outputs = vit.classifier.as_ref().map(|c| c.w.size()[0] as usize);
+        if outputs != Some(task.classes.len()) {
+            bail!(Error::Tensor {
+                file: dir,
+                tensor: "classifier.weight".into(),
+                msg: format!(
+                    "task `{}` has {} classes but the model's classifier has {:?} outputs",
+                    task.name,
+                    task.classes.len(),
+                    outputs
+                ),
+            });
+        }
+        if vit.cfg.image_size != side || vit.cfg.num_channels != 1 {
+            bail!(Error::Checkpoint {
+                file: dir.join("config.json"),
+                msg: format!(
+                    "image_size {} with {} channels; the data has {side}×{side} grey images",
+                    vit.cfg.image_size, vit.cfg.num_channels
+                ),
+            });
+        }
+        models.push(vit);
+    }
+    Ok(models)
+}
+
+pub fn run(job: &Job, resume: bool) -> Result<()> {
+    let started = Instant::now();
+    let cfg = &job.cfg;
+    let m = &cfg.merge;
+    if cfg.cluster.world() > 1 {
+        bail!(Error::field(
+            "cluster",
+            "ViT merges run in one process for now (stages = replicas = 1); the distributed runtime merges MLPs"
+        ));
+    }
+    if resume {
+        tracing::warn!("--resume: ViT merges keep no checkpoints yet; the job starts over");
+    }
+    let splits = data::load(&cfg.data)?;
+    let set = merge_data::build(
+        &splits,
+        &cfg.tasks,
+        m.n_originals,
+        m.n_augmented,
+        &m.augment,
+        cfg.seed,
+    )?;
+    tracing::info!(
+        "merge data: {} inputs ({} per task)",
+        set.len(),
+        set.per_task[0]
+    );
+    train::ensure_originals(job, &splits, false)?;
+    let models = load_models(job)?;
+    let refs: Vec<&Vit> = models.iter().collect();
+    let width = models[0].cfg.hidden_size;
+    if m.rank > width {
+        bail!(Error::field(
+            "merge.rank",
+            format!("{} is larger than the models' width {width}", m.rank)
+        ));
+    }
+    let plan = Plan::balanced(vit_unit_costs(&models[0].cfg, models.len()), 1, 1)?;
+
+    let test = EvalSet::new(&splits.test, &cfg.tasks);
+    let val = EvalSet::new(&splits.val, &cfg.tasks);
+    let ev = Evaluator::new(&test, &val, job.task_names());
+    let reporter = Reporter::new();
+    let mut results = Vec::new();
+    let mut log: Vec<LogRow> = Vec::new();
+    for (t, model) in models.iter().enumerate() {
+        let name = &cfg.tasks[t].name;
+        let acc_on = |e: &EvalSet| {
+            tch::no_grad(|| accuracy(&original_logits(model, &e.tasks[t].0), &e.tasks[t].1))
+        };
+        results.push(MethodResult {
+            method: format!("original:{name}"),
+            variant: BTreeMap::new(),
+            per_task_acc: [(name.clone(), acc_on(&test))].into(),
+            mean_task_acc: acc_on(&test),
+            joint_acc: None,
+            val_mean_task_acc: acc_on(&val),
+            seconds: 0.0,
+        });
+    }
+
+    let local = m.mode != Mode::Global;
+    let clock = Instant::now();
+    let teacher = VitTeacher::new(&refs, &set, local, &m.inner_layers);
+    let teacher_seconds = clock.elapsed().as_secs_f64();
+    let settings = TrainSettings::of(m, cfg.seed);
+    for b in &cfg.baselines.methods {
+        let clock = Instant::now();
+        let merged_row = |name: &str, v, merged: &MergedVit, seconds| {
+            ev.result(name, v, seconds, &|x| merged.logits(x))
+        };
+        let r = match b {
+            Baseline::Ensemble => ev.result("ensemble", BTreeMap::new(), 0.0, &|x| {
+                refs.iter().map(|m| original_logits(m, x)).collect()
+            }),
+            Baseline::First => {
+                merged_row("first", BTreeMap::new(), &vit_baselines::first(&refs), 0.0)
+            }
+            Baseline::Average => {
+                let merged = vit_baselines::average(&refs);
+                merged_row(
+                    "average",
+                    BTreeMap::new(),
+                    &merged,
+                    clock.elapsed().as_secs_f64(),
+                )
+            }
+            Baseline::Regmean => {
+                let merged = vit_baselines::regmean(&refs, &set, cfg.baselines.regmean_alpha)?;
+                let v = variant(&[("alpha", json!(cfg.baselines.regmean_alpha))]);
+                merged_row("regmean", v, &merged, clock.elapsed().as_secs_f64())
+            }
+            Baseline::Kd => {
+                let s = TrainSettings {
+                    epochs: m.total_epochs(),
+                    ..settings.clone()
+                };
+                let (merged, rows) = vit_baselines::kd(
+                    &refs,
+                    &set,
+                    &teacher.pooled,
+                    cfg.baselines.kd_target_scale,
+                    &s,
+                    &reporter,
+                )?;
+                log.extend(rows);
+                let v = variant(&[
+                    ("init", json!("first")),
+                    ("epochs", json!(s.epochs)),
+                    ("lr", json!(s.lr)),
+                ]);
+                merged_row("kd", v, &merged, clock.elapsed().as_secs_f64())
+            }
+        };
+        results.push(r);
+    }
+
+    let clock = Instant::now();
+    tch::manual_seed(cfg.seed.wrapping_add(MU_SEED_OFFSET) as i64);
+    let sn = VitSuperNet::new(&refs, m.mu_type, m.init, m.rank)?;
+    let loss = VitLoss {
+        sn: &sn,
+        teacher: &teacher,
+        set: &set,
+        targets: m.targets,
+        form: m.step_form,
+        inner_layers: &m.inner_layers,
+        inner_weight: m.inner_weight,
+        res_consistency: m.res_consistency,
+    };
+    let heads: Vec<&Linear> = models
+        .iter()
+        .filter_map(|m| m.classifier.as_ref())
+        .collect();
+    let mut v = variant(&[
+        ("mode", json!(m.mode)),
+        ("mu_type", json!(m.mu_type)),
+        ("rank", json!(m.rank)),
+        ("init", json!(m.init)),
+        ("targets", json!(m.targets)),
+    ]);
+    if !m.inner_layers.is_empty() {
+        v.insert("inner_layers".into(), json!(m.inner_layers));
+    }
+    if local {
+        log.extend(vit_merge::train_local(&loss, &settings, &reporter)?);
+        let (chain, folded) = local_gap(&sn, &heads, &ev);
+        tracing::info!(
+            "local phase: local SuperNet {:.2}% mean task / {:.2}% joint, folded {:.2}% / {:.2}%",
+            100.0 * chain.mean_task_acc,
+            100.0 * chain.joint_acc.unwrap_or(0.0),
+            100.0 * folded.mean_task_acc,
+            100.0 * folded.joint_acc.unwrap_or(0.0)
+        );
+        v.insert(
+            "local_gap_mean_task".into(),
+            json!(chain.mean_task_acc - folded.mean_task_acc),
+        );
+        results.push(chain);
+        if m.mode == Mode::LocalThenGlobal {
+            results.push(folded);
+        }
+    }
+    if m.mode != Mode::Local {
+        let s = TrainSettings {
+            epochs: match m.mode {
+                Mode::LocalThenGlobal => m.global_epochs,
+                _ => m.epochs,
+            },
+            ..settings.clone()
+        };
+        log.extend(vit_merge::train_global(&loss, &s, &reporter)?);
+        warn_if_global_rose(&log, m.lr);
+    }
+    let (vit, merged_heads) = sn.merged(&heads);
+    let merged = MergedVit {
+        vit,
+        heads: merged_heads,
+    };
+    let seconds = clock.elapsed().as_secs_f64() + teacher_seconds;
+    results.push(ev.result("fs-merge", v.clone(), seconds, &|x| merged.logits(x)));
+
+    report::write(job, &plan, results, &log, started, Vec::new(), &|st| {
+        write_model(st, job, &merged, &v)
+    })
+}
+
+/// After local training: the local SuperNet as trained (U_res/M_res round trip between blocks)
+/// and the folded model it yields, as result rows.
+fn local_gap(sn: &VitSuperNet, heads: &[&Linear], ev: &Evaluator) -> (MethodResult, MethodResult) {
+    let chain = ev.result("fs-merge local supernet", BTreeMap::new(), 0.0, &|x| {
+        let pred = vit_merge::chunked(x, 1, |c| sn.forward_local_chain(&vit_merge::images(c)));
+        heads
+            .iter()
+            .enumerate()
+            .map(|(t, h)| h.forward(&pred.get(t as i64)))
+            .collect()
+    });
+    let (vit, merged_heads) = sn.merged(heads);
+    let folded = MergedVit {
+        vit,
+        heads: merged_heads,
+    };
+    let row = ev.result(
+        "fs-merge local phase (folded)",
+        BTreeMap::new(),
+        0.0,
+        &|x| folded.logits(x),
+    );
+    (chain, row)
+}
+
+/// The merged ViT in HF layout (`merged/`: config.json + model.safetensors, one classifier of
+/// every task's classes) and `merged/fsmerge.json` (each task's slice of the logits).
+fn write_model(
+    st: &Staging,
+    job: &Job,
+    merged: &MergedVit,
+    v: &BTreeMap<String, serde_json::Value>,
+) -> Result<()> {
+    let mut labels = Vec::new();
+    let mut tasks = Vec::new();
+    for t in &job.cfg.tasks {
+        let start = labels.len();
+        labels.extend(t.classes.iter().map(|c| format!("{}:class {c}", t.name)));
+        tasks.push(json!({"name": t.name, "classes": t.classes, "logits": [start, labels.len()]}));
+    }
+    let dir = st.path("merged");
+    merged.joint_checkpoint().save(&dir, &labels)?;
+    write_json(
+        &dir.join("fsmerge.json"),
+        &json!({"method": "fs-merge", "variant": v, "tasks": tasks, "input": "square grey images, normalised as fsmerge's data loader does"}),
+    )?;
+    Ok(())
+}
