@@ -13,16 +13,11 @@ use fsmerge_worker::mlp::Mlp;
 use fsmerge_worker::optim::{AdamW, Schedule};
 use fsmerge_worker::supernet::SuperNet;
 use fsmerge_worker::tensor::F32;
-use std::process::Command;
 use std::time::Instant;
 use tch::Tensor;
+use util::{env_usize, measuring, median, pytorch_step_ms};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod util;
 
 const DIMS: [usize; 4] = [784, 256, 256, 256];
 const BATCH: i64 = 128;
@@ -62,64 +57,31 @@ fn time_form(n: usize, form: StepForm, steps: usize) -> f64 {
     times[times.len() / 2]
 }
 
-fn python() -> String {
-    if let Ok(p) = std::env::var("FSMERGE_PYTHON") {
-        return p;
-    }
-    if std::env::var_os("VIRTUAL_ENV").is_some() {
-        "python".into()
-    } else {
-        "python3".into()
-    }
-}
-
 fn time_pytorch(n: usize, threads: usize, steps: usize) -> Result<f64, String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/reference_step.py");
     let dims = DIMS
         .iter()
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let out = Command::new(python())
-        .args([
-            script,
-            "--n",
-            &n.to_string(),
-            "--batch",
-            &BATCH.to_string(),
-            "--rank",
-            &RANK.to_string(),
-        ])
-        .args([
-            "--dims",
-            &dims,
-            "--threads",
-            &threads.to_string(),
-            "--steps",
-            &steps.to_string(),
-            "--warmup",
-            &WARMUP.to_string(),
-        ])
-        .output()
-        .map_err(|e| format!("running {}: {e}", python()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "reference script failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("bad output `{line}`: {e}"))?;
-    v["step_ms"]
-        .as_f64()
-        .ok_or_else(|| format!("no step_ms in `{line}`"))
+    let args = [
+        ("--n", n.to_string()),
+        ("--batch", BATCH.to_string()),
+        ("--rank", RANK.to_string()),
+        ("--dims", dims),
+        ("--threads", threads.to_string()),
+        ("--steps", steps.to_string()),
+        ("--warmup", WARMUP.to_string()),
+    ];
+    let args: Vec<String> = args
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect();
+    pytorch_step_ms("reference_step.py", &args)
 }
 
 fn main() {
     // `cargo test --benches` runs this with --bench absent; keep that cheap.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !measuring() {
         println!("global_step: run with `cargo bench` to measure");
         return;
     }
@@ -157,9 +119,4 @@ fn main() {
         "fsmerge through the fold:         {fold:8.3} ms/step  ratio {:.3} (target ≤ 0.5)",
         fold / py
     );
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }

@@ -1,0 +1,153 @@
+//! Benchmark: one global FS-Merge training step of the ViT SuperNet (batch 128,
+//! diagonal_and_low_rank rank 12, AdamW + OneCycle; n = 2 and n = 4 by default), fsmerge's
+//! literal branch form and its default (training through the fold) against the literal
+//! n-branch SuperNet in PyTorch eager as the authors' code runs it (bench/vit_reference_step.py),
+//! side by side in one run with the same thread count.
+//!
+//! `cargo bench -p fsmerge-worker --bench vit_step` (after `source deploy/env.sh`).
+//! Environment: FSMERGE_BENCH_THREADS (default 1), FSMERGE_BENCH_STEPS (default 30),
+//! FSMERGE_BENCH_ROUNDS (alternating rounds, default 3), FSMERGE_BENCH_NS (default "2,4"),
+//! FSMERGE_BENCH_WIDTH / _MLP / _LAYERS / _HEADS / _PATCH / _IMAGE (default: the Fashion-MNIST
+//! ViT, 64 / 128 / 4 / 4 / 7 / 28), FSMERGE_PYTHON (default: python of the active venv).
+
+use fsmerge_common::config::{Init, MuType, StepForm, VitShape};
+use fsmerge_common::hf::VitConfig;
+use fsmerge_worker::optim::{AdamW, Schedule};
+use fsmerge_worker::tensor::F32;
+use fsmerge_worker::vit::Vit;
+use fsmerge_worker::vit_supernet::VitSuperNet;
+use std::time::Instant;
+use tch::Tensor;
+use util::{env_usize, measuring, median, pytorch_step_ms};
+
+mod util;
+
+const BATCH: i64 = 128;
+const RANK: usize = 12;
+const WARMUP: usize = 5;
+
+struct Shape {
+    vit: VitShape,
+    image: usize,
+}
+
+impl Shape {
+    fn from_env() -> Self {
+        Self {
+            vit: VitShape {
+                width: env_usize("FSMERGE_BENCH_WIDTH", 64),
+                mlp_dim: env_usize("FSMERGE_BENCH_MLP", 128),
+                layers: env_usize("FSMERGE_BENCH_LAYERS", 4),
+                heads: env_usize("FSMERGE_BENCH_HEADS", 4),
+                patch_size: env_usize("FSMERGE_BENCH_PATCH", 7),
+            },
+            image: env_usize("FSMERGE_BENCH_IMAGE", 28),
+        }
+    }
+}
+
+/// Median milliseconds of a full step (forward, backward, AdamW, schedule) in `form`.
+fn time_form(shape: &Shape, n: usize, form: StepForm, steps: usize) -> f64 {
+    tch::manual_seed(0);
+    let cfg = VitConfig::for_images(&shape.vit, shape.image);
+    let models: Vec<Vit> = (0..n).map(|_| Vit::init(cfg.clone(), 5)).collect();
+    let refs: Vec<&Vit> = models.iter().collect();
+    let sn = VitSuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::First, RANK)
+        .expect("supernet");
+    let s = shape.image as i64;
+    let x = Tensor::randn([BATCH, 1, s, s], F32);
+    let target = Tensor::randn([n as i64, BATCH, shape.vit.width as i64], F32);
+    let params = sn.global_params();
+    let mut opt = AdamW::new(&params, 1e-3);
+    let total = (steps + WARMUP) as u64;
+    let schedule = Schedule::OneCycle {
+        max_lr: 1e-4,
+        total_steps: total,
+    };
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..total {
+        let t0 = Instant::now();
+        let (pred, _) = sn.forward(&x, form, &[]);
+        let loss = (pred - &target).square().mean(None);
+        let (lr, beta1) = schedule.at(step);
+        opt.step(&loss, lr, beta1).expect("step");
+        if step as usize >= WARMUP {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    median(times)
+}
+
+fn time_pytorch(shape: &Shape, n: usize, threads: usize, steps: usize) -> Result<f64, String> {
+    let v = &shape.vit;
+    let args = [
+        ("--n", n),
+        ("--batch", BATCH as usize),
+        ("--rank", RANK),
+        ("--width", v.width),
+        ("--mlp", v.mlp_dim),
+        ("--layers", v.layers),
+        ("--heads", v.heads),
+        ("--patch", v.patch_size),
+        ("--image", shape.image),
+        ("--threads", threads),
+        ("--steps", steps),
+        ("--warmup", WARMUP),
+    ];
+    let args: Vec<String> = args
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+        .collect();
+    pytorch_step_ms("vit_reference_step.py", &args)
+}
+
+fn main() {
+    if !measuring() {
+        println!("vit_step: run with `cargo bench` to measure");
+        return;
+    }
+    let threads = env_usize("FSMERGE_BENCH_THREADS", 1);
+    let steps = env_usize("FSMERGE_BENCH_STEPS", 30);
+    let rounds = env_usize("FSMERGE_BENCH_ROUNDS", 3);
+    let ns: Vec<usize> = std::env::var("FSMERGE_BENCH_NS")
+        .unwrap_or_else(|_| "2,4".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let shape = Shape::from_env();
+    tch::set_num_threads(threads as i32);
+    let v = &shape.vit;
+    println!(
+        "global ViT FS-Merge step: batch {BATCH}, {}×{} images, patch {}, width {}, mlp {}, {} blocks, {} heads, diagonal_and_low_rank r={RANK}, {threads} thread(s), median of {steps}",
+        shape.image, shape.image, v.patch_size, v.width, v.mlp_dim, v.layers, v.heads
+    );
+    for n in ns {
+        // Alternate the three measurements in rounds so that a slow spell hits every form alike.
+        let (mut py, mut literal, mut fold) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            match time_pytorch(&shape, n, threads, steps) {
+                Ok(ms) => py.push(ms),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
+            literal.push(time_form(&shape, n, StepForm::Literal, steps));
+            fold.push(time_form(&shape, n, StepForm::Fold, steps));
+            println!(
+                "n={n} round {round}: pytorch {:.2} ms, literal {:.2} ms, fold {:.2} ms",
+                py[round], literal[round], fold[round]
+            );
+        }
+        let (py, literal, fold) = (median(py), median(literal), median(fold));
+        println!("n={n} pytorch eager (literal n-branch): {py:8.2} ms/step");
+        println!(
+            "n={n} fsmerge literal branch form:      {literal:8.2} ms/step  ratio {:.3} (target ≤ 1.0)",
+            literal / py
+        );
+        println!(
+            "n={n} fsmerge through the fold:         {fold:8.2} ms/step  ratio {:.3} (target ≤ 0.5 at n = 2, falling with n)",
+            fold / py
+        );
+    }
+}
