@@ -52,8 +52,8 @@ fn time_form(shape: &Shape, n: usize, form: StepForm, steps: usize) -> f64 {
     let cfg = VitConfig::for_images(&shape.vit, shape.image);
     let models: Vec<Vit> = (0..n).map(|_| Vit::init(cfg.clone(), 5)).collect();
     let refs: Vec<&Vit> = models.iter().collect();
-    let sn = VitSuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::First, RANK)
-        .expect("supernet");
+    let sn =
+        VitSuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::First, RANK).expect("supernet");
     let s = shape.image as i64;
     let x = Tensor::randn([BATCH, 1, s, s], F32);
     let target = Tensor::randn([n as i64, BATCH, shape.vit.width as i64], F32);

@@ -29,9 +29,76 @@ pub struct Bert {
     pub token_type: Tensor,
     pub ln_emb: LayerNorm,
     pub blocks: Vec<BertBlock>,
+    /// `pooler.dense` (tanh after it), when the checkpoint has one.
+    pub pooler: Option<Linear>,
+}
+
+impl BertBlock {
+    /// Post-LN block: x ← LN_att(x + out(attention(x))); x ← LN_out(x + fc2(gelu(fc1 x))).
+    pub fn forward(&self, h: &Tensor, bias: &Tensor, heads: i64) -> Tensor {
+        let ctx = attention(h, &self.q, &self.k, &self.v, heads, Some(bias));
+        let h = self.ln_att.forward(&(h + self.out.forward(&ctx)));
+        let m = self.fc2.forward(&self.fc1.forward(&h).gelu("none"));
+        self.ln_out.forward(&(h + m))
+    }
+}
+
+/// The additive attention mask of transformers: 0 where `mask` is 1, the float minimum where 0;
+/// [B, 1, 1, T].
+pub fn mask_bias(mask: &Tensor) -> Tensor {
+    let (b, t) = mask.size2().unwrap_or((0, 0));
+    let padding: Tensor = mask.to_kind(Kind::Float).neg() + 1.0;
+    padding.view([b, 1, 1, t]) * f64::from(f32::MIN)
+}
+
+/// Word + position + token-type (type 0) embeddings of ids [B, T], before the LayerNorm.
+pub fn embed_tokens(word: &Tensor, position: &Tensor, token_type: &Tensor, ids: &Tensor) -> Tensor {
+    let t = ids.size()[1];
+    let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
+    word.index_select(0, &ids.flatten(0, -1))
+        .view([ids.size()[0], t, -1])
+        + position.index_select(0, &pos).unsqueeze(0)
+        + token_type.get(0)
 }
 
 impl Bert {
+    /// A randomly initialised BERT with a pooler, as transformers initialises one (weights
+    /// N(0, 0.02), biases 0, LayerNorms (1, 0)).
+    pub fn init(cfg: BertConfig) -> Self {
+        let (d, h) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+        let normal = |shape: &[i64]| Tensor::randn(shape, crate::tensor::F32) * 0.02;
+        let lin = |o: i64, i: i64| Linear {
+            w: normal(&[o, i]),
+            b: Tensor::zeros([o], crate::tensor::F32),
+        };
+        let ln = || LayerNorm {
+            w: Tensor::ones([d], crate::tensor::F32),
+            b: Tensor::zeros([d], crate::tensor::F32),
+            eps: cfg.layer_norm_eps,
+        };
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|_| BertBlock {
+                q: lin(d, d),
+                k: lin(d, d),
+                v: lin(d, d),
+                out: lin(d, d),
+                ln_att: ln(),
+                fc1: lin(h, d),
+                fc2: lin(d, h),
+                ln_out: ln(),
+            })
+            .collect();
+        Self {
+            word: normal(&[cfg.vocab_size as i64, d]),
+            position: normal(&[cfg.max_position_embeddings as i64, d]),
+            token_type: normal(&[cfg.type_vocab_size as i64, d]),
+            ln_emb: ln(),
+            blocks,
+            pooler: Some(lin(d, d)),
+            cfg,
+        }
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg = BertConfig::load(dir)?;
         let files = WeightFiles::open(dir)?;
@@ -66,6 +133,11 @@ impl Bert {
                     names.push(format!("{prefix}encoder.layer.{l}.{p}.{wb}"));
                 }
             }
+        }
+        let pooler = files.contains(&format!("{prefix}pooler.dense.weight"));
+        if pooler {
+            names.push(format!("{prefix}pooler.dense.weight"));
+            names.push(format!("{prefix}pooler.dense.bias"));
         }
         let mut t = files.read(&names)?;
         let mut take = |n: String| -> Tensor {
@@ -123,6 +195,10 @@ impl Bert {
                 }
             })
             .collect();
+        let pooler = pooler.then(|| Linear {
+            w: take(format!("{prefix}pooler.dense.weight")),
+            b: take(format!("{prefix}pooler.dense.bias")),
+        });
         Ok(Self {
             cfg,
             word,
@@ -130,38 +206,34 @@ impl Bert {
             token_type,
             ln_emb,
             blocks,
+            pooler,
         })
     }
 
     /// Every hidden state as `transformers` reports them (embeddings, then each block's
     /// output) for token ids [B, T] and an attention mask [B, T] (1 = token, 0 = padding).
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Vec<Tensor> {
-        let t = ids.size()[1];
-        let pos = Tensor::arange(t, (Kind::Int64, ids.device()));
-        let emb = self
-            .word
-            .index_select(0, &ids.flatten(0, -1))
-            .view([ids.size()[0], t, -1])
-            + self.position.index_select(0, &pos).unsqueeze(0)
-            + self.token_type.get(0);
+        let emb = embed_tokens(&self.word, &self.position, &self.token_type, ids);
         let mut h = self.ln_emb.forward(&emb);
-        // Padding gets the most negative score, as transformers does.
-        let padding: Tensor = mask.to_kind(Kind::Float).neg() + 1.0;
-        let bias = padding.view([mask.size()[0], 1, 1, t]) * f64::from(f32::MIN);
+        let bias = mask_bias(mask);
         let heads = self.cfg.num_attention_heads as i64;
         let mut states = vec![h.shallow_clone()];
         for b in &self.blocks {
-            let ctx = attention(&h, &b.q, &b.k, &b.v, heads, Some(&bias));
-            h = b.ln_att.forward(&(&h + b.out.forward(&ctx)));
-            let m = b.fc2.forward(&b.fc1.forward(&h).gelu("none"));
-            h = b.ln_out.forward(&(&h + m));
+            h = b.forward(&h, &bias, heads);
             states.push(h.shallow_clone());
         }
         states
     }
 
-    /// Sentence embeddings as sentence-transformers pools them: the mask-weighted mean of the
-    /// last hidden state, L2-normalised.
+    /// The pooler's output tanh(dense(h[CLS])) [B, d] (what a sequence classifier reads and
+    /// what FS-Merge reconstructs for BERT), if the checkpoint has a pooler.
+    pub fn pooled(&self, ids: &Tensor, mask: &Tensor) -> Option<Tensor> {
+        let last = self.forward(ids, mask).pop()?;
+        self.pooler
+            .as_ref()
+            .map(|p| p.forward(&last.select(1, 0)).tanh())
+    }
+
     pub fn sentence_embeddings(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         let last = self
             .forward(ids, mask)

@@ -6,6 +6,7 @@
 pub mod augment;
 pub mod baselines;
 pub mod bert;
+pub mod bert_supernet;
 pub mod collective;
 pub mod data;
 pub mod dist_train;

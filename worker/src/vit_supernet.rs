@@ -27,13 +27,13 @@ use fsmerge_common::{Error, Result};
 use tch::Tensor;
 
 /// One LayerNorm of every model, stacked [n, d].
-struct FrozenLn {
+pub(crate) struct FrozenLn {
     w: Tensor,
     b: Tensor,
 }
 
 impl FrozenLn {
-    fn stack(lns: &[&LayerNorm]) -> Self {
+    pub(crate) fn stack(lns: &[&LayerNorm]) -> Self {
         Self {
             w: Tensor::stack(&lns.iter().map(|l| l.w.detach()).collect::<Vec<_>>(), 0),
             b: Tensor::stack(&lns.iter().map(|l| l.b.detach()).collect::<Vec<_>>(), 0),
@@ -50,7 +50,7 @@ pub struct MergedLn {
 }
 
 impl MergedLn {
-    fn new(f: &FrozenLn, init: Init, eps: f64) -> Self {
+    pub(crate) fn new(f: &FrozenLn, init: Init, eps: f64) -> Self {
         let (w, b) = match init {
             Init::First => (f.w.get(0).copy(), f.b.get(0).copy()),
             Init::Average => (f.w.mean_dim(0, false, None), f.b.mean_dim(0, false, None)),
@@ -63,17 +63,17 @@ impl MergedLn {
         }
     }
     /// As a plain LayerNorm sharing these tensors (gradients flow through it).
-    fn layer_norm(&self) -> LayerNorm {
+    pub(crate) fn layer_norm(&self) -> LayerNorm {
         LayerNorm {
             w: self.w.shallow_clone(),
             b: self.b.shallow_clone(),
             eps: self.eps,
         }
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         self.layer_norm().forward(x)
     }
-    fn params(&self) -> [Tensor; 2] {
+    pub(crate) fn params(&self) -> [Tensor; 2] {
         [self.w.shallow_clone(), self.b.shallow_clone()]
     }
 }
@@ -276,7 +276,7 @@ pub struct VitSuperNet {
 }
 
 /// Each layer of the folded ViT, as (transposed weight, bias) → a `Linear`.
-fn folded_linear(layer: &FrozenLayer, m: &MuMatrix, u: &MuMatrix) -> Linear {
+pub(crate) fn folded_linear(layer: &FrozenLayer, m: &MuMatrix, u: &MuMatrix) -> Linear {
     let (wt, b) = fold_layer(layer, m, Some(u));
     Linear { w: wt.tr(), b }
 }

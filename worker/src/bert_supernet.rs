@@ -1,0 +1,366 @@
+//! The FS-Merge SuperNet of n post-LN BERTs (method.md §5). The stream x* lives in merged
+//! space; unlike the pre-LN ViT the unmerges read the stream itself and the LayerNorms sit after
+//! each residual add:
+//!
+//! ```text
+//!   x*_0  = LN_emb(Σ_i M_emb⁽ⁱ⁾ (word_i[id] + pos_i[t] + type_i[0]))
+//!   attn:   q* = Σ_i M_q⁽ⁱ⁾(W_q,i U_att⁽ⁱ⁾ x* + b_q,i)   (k*, v* alike; V uses M_v), masked scores
+//!           x* ← LN_att(x* + Σ_i M_o⁽ⁱ⁾(W_o,i U_o⁽ⁱ⁾ attend(q*, k*, v*) + b_o,i))
+//!   MLP:    x* ← LN_out(x* + Σ_i M_2⁽ⁱ⁾(W_2,i U_1⁽ⁱ⁾ gelu(Σ_j M_1⁽ʲ⁾(W_1,j U_0⁽ʲ⁾ x* + b_1,j)) + b_2,i))
+//!   pooler: y* = tanh(Σ_i M_pool⁽ⁱ⁾(D_i U_pool⁽ⁱ⁾ x*[CLS] + b_i)),  ŷ = U_final y*
+//! ```
+//!
+//! Embedding tables fold row-wise (Tab* = Σ_i Tab_i M_emb⁽ⁱ⁾), every linear map by §3.1, so the
+//! SuperNet folds exactly into one standard BERT with a pooler (`fold`).
+
+use crate::bert::{embed_tokens, mask_bias, Bert, BertBlock};
+use crate::mlp::Linear;
+use crate::mu::{MuMatrix, Role};
+use crate::supernet::FrozenLayer;
+use crate::vit::attend;
+use crate::vit_supernet::{folded_linear, FrozenLn, MergedLn};
+use fsmerge_common::config::{Init, MuType, StepForm};
+use fsmerge_common::hf::BertConfig;
+use fsmerge_common::{Error, Result};
+use tch::Tensor;
+
+struct FrozenBlock {
+    q: FrozenLayer,
+    k: FrozenLayer,
+    v: FrozenLayer,
+    o: FrozenLayer,
+    ln_att: FrozenLn,
+    fc1: FrozenLayer,
+    fc2: FrozenLayer,
+    ln_out: FrozenLn,
+}
+
+/// Every original weight, stacked per model.
+pub struct FrozenBert {
+    pub n: usize,
+    pub cfg: BertConfig,
+    /// Tables [n, rows, d].
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    ln_emb: FrozenLn,
+    blocks: Vec<FrozenBlock>,
+    pooler: FrozenLayer,
+}
+
+fn shape_of(c: &BertConfig) -> [usize; 6] {
+    [
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+    ]
+}
+
+impl FrozenBert {
+    pub fn from_models(models: &[&Bert]) -> Result<Self> {
+        let n = models.len();
+        let Some(first) = models.first() else {
+            return Err(Error::Compute("a SuperNet needs models".into()));
+        };
+        if n < 2 {
+            return Err(Error::Compute(format!(
+                "a SuperNet needs ≥ 2 models, got {n}"
+            )));
+        }
+        if let Some((i, m)) = models
+            .iter()
+            .enumerate()
+            .find(|(_, m)| shape_of(&m.cfg) != shape_of(&first.cfg))
+        {
+            return Err(Error::Compute(format!(
+                "model {i} has shape {:?} (hidden, layers, heads, intermediate, vocab, positions) but model 0 has {:?}",
+                shape_of(&m.cfg),
+                shape_of(&first.cfg)
+            )));
+        }
+        let poolers: Option<Vec<&Linear>> = models.iter().map(|m| m.pooler.as_ref()).collect();
+        let Some(poolers) = poolers else {
+            return Err(Error::Compute(
+                "every BERT needs its pooler (pooler.dense): FS-Merge reconstructs pooled outputs"
+                    .into(),
+            ));
+        };
+        let stack = |f: &dyn Fn(&Bert) -> &Tensor| {
+            Tensor::stack(&models.iter().map(|m| f(m).detach()).collect::<Vec<_>>(), 0)
+        };
+        let blocks = (0..first.blocks.len())
+            .map(|l| {
+                let b: Vec<&BertBlock> = models.iter().map(|m| &m.blocks[l]).collect();
+                let lin = |f: &dyn Fn(&BertBlock) -> &Linear| {
+                    FrozenLayer::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
+                };
+                FrozenBlock {
+                    q: lin(&|b| &b.q),
+                    k: lin(&|b| &b.k),
+                    v: lin(&|b| &b.v),
+                    o: lin(&|b| &b.out),
+                    ln_att: FrozenLn::stack(&b.iter().map(|b| &b.ln_att).collect::<Vec<_>>()),
+                    fc1: lin(&|b| &b.fc1),
+                    fc2: lin(&|b| &b.fc2),
+                    ln_out: FrozenLn::stack(&b.iter().map(|b| &b.ln_out).collect::<Vec<_>>()),
+                }
+            })
+            .collect();
+        Ok(Self {
+            n,
+            cfg: first.cfg.clone(),
+            word: stack(&|m| &m.word),
+            position: stack(&|m| &m.position),
+            token_type: stack(&|m| &m.token_type),
+            ln_emb: FrozenLn::stack(&models.iter().map(|m| &m.ln_emb).collect::<Vec<_>>()),
+            blocks,
+            pooler: FrozenLayer::stack(&poolers),
+        })
+    }
+}
+
+/// The trainable M/U and LayerNorms of one block.
+pub struct BertBlockMu {
+    pub u_att: MuMatrix,
+    pub m_q: MuMatrix,
+    pub m_k: MuMatrix,
+    pub m_v: MuMatrix,
+    pub u_o: MuMatrix,
+    pub m_o: MuMatrix,
+    pub ln_att: MergedLn,
+    pub u_0: MuMatrix,
+    pub m_1: MuMatrix,
+    pub u_1: MuMatrix,
+    pub m_2: MuMatrix,
+    pub ln_out: MergedLn,
+}
+
+pub struct BertMu {
+    pub m_emb: MuMatrix,
+    pub ln_emb: MergedLn,
+    pub blocks: Vec<BertBlockMu>,
+    pub u_pool: MuMatrix,
+    pub m_pool: MuMatrix,
+    pub u_final: MuMatrix,
+}
+
+impl BertMu {
+    /// Every M/U drawn from libtorch's global generator: rank r for d-sized M/U, ⌊r·h/d⌋ for the
+    /// MLP's hidden ones; `att_heads` structures the attention M/U with the model's heads
+    /// (method.md §5.5), the rest fall back to diagonal + low rank.
+    fn new(f: &FrozenBert, mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
+        let (n, d, h) = (f.n, f.cfg.hidden_size, f.cfg.intermediate_size);
+        let heads = f.cfg.num_attention_heads;
+        let rank_h = (rank * h / d).max(1);
+        let eps = f.cfg.layer_norm_eps;
+        let new = |role, k, r| MuMatrix::new(role, mu_type, init, n, k, r);
+        let att = |role| MuMatrix::attention(role, mu_type, init, n, d, rank, heads);
+        let m_emb = new(Role::Merge, d, rank)?;
+        let mut blocks = Vec::new();
+        for fb in &f.blocks {
+            blocks.push(BertBlockMu {
+                u_att: att(Role::Unmerge)?,
+                m_q: att(Role::Merge)?,
+                m_k: att(Role::Merge)?,
+                m_v: att(Role::Merge)?,
+                u_o: att(Role::Unmerge)?,
+                m_o: att(Role::Merge)?,
+                ln_att: MergedLn::new(&fb.ln_att, init, eps),
+                u_0: new(Role::Unmerge, d, rank)?,
+                m_1: new(Role::Merge, h, rank_h)?,
+                u_1: new(Role::Unmerge, h, rank_h)?,
+                m_2: new(Role::Merge, d, rank)?,
+                ln_out: MergedLn::new(&fb.ln_out, init, eps),
+            });
+        }
+        Ok(Self {
+            m_emb,
+            ln_emb: MergedLn::new(&f.ln_emb, init, eps),
+            blocks,
+            u_pool: new(Role::Unmerge, d, rank)?,
+            m_pool: new(Role::Merge, d, rank)?,
+            u_final: new(Role::Unmerge, d, rank)?,
+        })
+    }
+}
+
+pub struct BertSuperNet {
+    pub frozen: FrozenBert,
+    pub mu: BertMu,
+}
+
+impl BertSuperNet {
+    pub fn new(models: &[&Bert], mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
+        let frozen = FrozenBert::from_models(models)?;
+        let mu = BertMu::new(&frozen, mu_type, init, rank)?;
+        Ok(Self { frozen, mu })
+    }
+
+    pub fn params(&self) -> Vec<Tensor> {
+        let mu = &self.mu;
+        let mut v = mu.m_emb.params();
+        v.extend(mu.ln_emb.params());
+        for b in &mu.blocks {
+            for m in [&b.u_att, &b.m_q, &b.m_k, &b.m_v, &b.u_o, &b.m_o] {
+                v.extend(m.params());
+            }
+            v.extend(b.ln_att.params());
+            for m in [&b.u_0, &b.m_1, &b.u_1, &b.m_2] {
+                v.extend(m.params());
+            }
+            v.extend(b.ln_out.params());
+        }
+        for m in [&mu.u_pool, &mu.m_pool, &mu.u_final] {
+            v.extend(m.params());
+        }
+        v
+    }
+
+    fn heads(&self) -> i64 {
+        self.frozen.cfg.num_attention_heads as i64
+    }
+
+    /// Folded tables: word, position and token type, each Σ_i Tab_i M_emb⁽ⁱ⁾.
+    fn fold_tables(&self) -> [Tensor; 3] {
+        let f = &self.frozen;
+        [&f.word, &f.position, &f.token_type].map(|t| self.mu.m_emb.merge(t))
+    }
+
+    /// Block l folded into a plain post-LN block (differentiable in M/U/LN).
+    fn fold_block(&self, l: usize) -> BertBlock {
+        let (fb, mu) = (&self.frozen.blocks[l], &self.mu.blocks[l]);
+        BertBlock {
+            q: folded_linear(&fb.q, &mu.m_q, &mu.u_att),
+            k: folded_linear(&fb.k, &mu.m_k, &mu.u_att),
+            v: folded_linear(&fb.v, &mu.m_v, &mu.u_att),
+            out: folded_linear(&fb.o, &mu.m_o, &mu.u_o),
+            ln_att: mu.ln_att.layer_norm(),
+            fc1: folded_linear(&fb.fc1, &mu.m_1, &mu.u_0),
+            fc2: folded_linear(&fb.fc2, &mu.m_2, &mu.u_1),
+            ln_out: mu.ln_out.layer_norm(),
+        }
+    }
+
+    /// Block l literally: n branches between each U and its M.
+    fn block_literal(&self, l: usize, x: &Tensor, bias: &Tensor) -> Tensor {
+        let (fb, mu) = (&self.frozen.blocks[l], &self.mu.blocks[l]);
+        let (b, t, d) = x.size3().unwrap_or((0, 0, 0));
+        let flat = x.view([-1, d]);
+        let ua = mu.u_att.unmerge(&flat);
+        let proj = |m: &MuMatrix, f: &FrozenLayer| m.merge(&f.branches(&ua)).view([b, t, d]);
+        let ctx = attend(
+            &proj(&mu.m_q, &fb.q),
+            &proj(&mu.m_k, &fb.k),
+            &proj(&mu.m_v, &fb.v),
+            self.heads(),
+            Some(bias),
+        )
+        .view([-1, d]);
+        let att = mu.m_o.merge(&fb.o.branches(&mu.u_o.unmerge(&ctx)));
+        let x = mu.ln_att.forward(&(flat + att));
+        let z = mu
+            .m_1
+            .merge(&fb.fc1.branches(&mu.u_0.unmerge(&x)))
+            .gelu("none");
+        let m = mu.m_2.merge(&fb.fc2.branches(&mu.u_1.unmerge(&z)));
+        mu.ln_out.forward(&(x + m)).view([b, t, d])
+    }
+
+    /// ŷ [n, B, d] for token ids [B, T] with attention mask [B, T], in `form`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor, form: StepForm) -> Tensor {
+        let f = &self.frozen;
+        let (n, d) = (f.n as i64, f.cfg.hidden_size as i64);
+        let (b, t) = ids.size2().unwrap_or((0, 0));
+        let bias = mask_bias(mask);
+        let emb = match form {
+            StepForm::Literal => {
+                let per_model: Vec<Tensor> = (0..n)
+                    .map(|i| {
+                        embed_tokens(
+                            &f.word.get(i),
+                            &f.position.get(i),
+                            &f.token_type.get(i),
+                            ids,
+                        )
+                        .view([1, b * t, d])
+                    })
+                    .collect();
+                self.mu
+                    .m_emb
+                    .merge(&Tensor::cat(&per_model, 0))
+                    .view([b, t, d])
+            }
+            StepForm::Fold => {
+                let [w, p, ty] = self.fold_tables();
+                embed_tokens(&w, &p, &ty, ids)
+            }
+        };
+        let mut x = self.mu.ln_emb.forward(&emb);
+        for l in 0..f.blocks.len() {
+            x = match form {
+                StepForm::Literal => self.block_literal(l, &x, &bias),
+                StepForm::Fold => self.fold_block(l).forward(&x, &bias, self.heads()),
+            };
+        }
+        let cls = x.select(1, 0);
+        let y = match form {
+            StepForm::Literal => self
+                .mu
+                .m_pool
+                .merge(&f.pooler.branches(&self.mu.u_pool.unmerge(&cls))),
+            StepForm::Fold => {
+                folded_linear(&f.pooler, &self.mu.m_pool, &self.mu.u_pool).forward(&cls)
+            }
+        };
+        self.mu.u_final.unmerge(&y.tanh())
+    }
+
+    /// The folded BERT with its pooler (detached); task t reads U_final⁽ᵗ⁾ of its pooled output
+    /// (fold it into the task's classifier as W_t U_final⁽ᵗ⁾).
+    pub fn fold(&self) -> Bert {
+        tch::no_grad(|| {
+            let [word, position, token_type] = self.fold_tables().map(|t| t.detach().copy());
+            let c = |t: &Tensor| t.detach().copy();
+            let lin = |l: Linear| Linear {
+                w: c(&l.w),
+                b: c(&l.b),
+            };
+            let ln = |l: crate::vit::LayerNorm| crate::vit::LayerNorm {
+                w: c(&l.w),
+                b: c(&l.b),
+                eps: l.eps,
+            };
+            let blocks = (0..self.frozen.blocks.len())
+                .map(|l| {
+                    let b = self.fold_block(l);
+                    BertBlock {
+                        q: lin(b.q),
+                        k: lin(b.k),
+                        v: lin(b.v),
+                        out: lin(b.out),
+                        ln_att: ln(b.ln_att),
+                        fc1: lin(b.fc1),
+                        fc2: lin(b.fc2),
+                        ln_out: ln(b.ln_out),
+                    }
+                })
+                .collect();
+            Bert {
+                cfg: self.frozen.cfg.clone(),
+                word,
+                position,
+                token_type,
+                ln_emb: ln(self.mu.ln_emb.layer_norm()),
+                blocks,
+                pooler: Some(lin(folded_linear(
+                    &self.frozen.pooler,
+                    &self.mu.m_pool,
+                    &self.mu.u_pool,
+                ))),
+            }
+        })
+    }
+}
