@@ -216,9 +216,11 @@ pub fn run(job: &Job, resume: bool) -> Result<()> {
             100.0 * folded.mean_task_acc,
             100.0 * folded.joint_acc.unwrap_or(0.0)
         );
+        // Local SuperNet minus folded model, in accuracy points (positive: folding lost).
+        let gap = 100.0 * (chain.mean_task_acc - folded.mean_task_acc);
         v.insert(
-            "local_gap_mean_task".into(),
-            json!(chain.mean_task_acc - folded.mean_task_acc),
+            "local_gap_points".into(),
+            json!((gap * 100.0).round() / 100.0),
         );
         results.push(chain);
         if m.mode == Mode::LocalThenGlobal {
