@@ -190,4 +190,11 @@ fn vit_bad_input_is_named() {
         !dir.path().join("run").exists(),
         "a failed job leaves no output"
     );
+
+    // ViT merges do not run distributed yet: said, not ignored.
+    let mut args = args.to_vec();
+    args.extend(["--set".into(), "cluster.stages=2".into()]);
+    let o = fsmerge(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cluster"), "{}", stderr(&o));
 }
