@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MethodResult {
-    /// `original:<task>`, `ensemble`, `first`, `average`, `regmean`, `kd` or `fs-merge`.
+    /// `original:<task>`, `ensemble`, `first`, `average`, `regmean`, `kd`, `fs-merge`, and for
+    /// transformers in local modes `local supernet` / `local folded` (after the local phase).
     pub method: String,
     /// Mode, M/U type, rank, init, targets (FS-Merge); empty for baselines without options.
     pub variant: BTreeMap<String, serde_json::Value>,

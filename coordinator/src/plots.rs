@@ -291,7 +291,7 @@ mod tests {
             result("original:fmnist-0-4", 0.95, None),
             result("ensemble", 0.93, Some(0.88)),
             result("average", 0.41, Some(0.2)),
-            result("fs-merge local supernet", 0.9, None),
+            result("local supernet", 0.9, None),
         ];
         let dir = tempfile::tempdir().unwrap();
         let written = write(dir.path(), &log, &results).unwrap();

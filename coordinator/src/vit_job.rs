@@ -254,7 +254,7 @@ pub fn run(job: &Job, resume: bool) -> Result<()> {
 /// After local training: the local SuperNet as trained (U_res/M_res round trip between blocks)
 /// and the folded model it yields, as result rows.
 fn local_gap(sn: &VitSuperNet, heads: &[&Linear], ev: &Evaluator) -> (MethodResult, MethodResult) {
-    let chain = ev.result("fs-merge local supernet", BTreeMap::new(), 0.0, &|x| {
+    let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
         let pred = vit_merge::chunked(x, 1, |c| sn.forward_local_chain(&vit_merge::images(c)));
         heads
             .iter()
@@ -267,12 +267,7 @@ fn local_gap(sn: &VitSuperNet, heads: &[&Linear], ev: &Evaluator) -> (MethodResu
         vit,
         heads: merged_heads,
     };
-    let row = ev.result(
-        "fs-merge local phase (folded)",
-        BTreeMap::new(),
-        0.0,
-        &|x| folded.logits(x),
-    );
+    let row = ev.result("local folded", BTreeMap::new(), 0.0, &|x| folded.logits(x));
     (chain, row)
 }
 

@@ -47,8 +47,8 @@ fn vit_merge_end_to_end_and_transformers_reproduces_it() {
             "average",
             "regmean",
             "kd",
-            "fs-merge local supernet",
-            "fs-merge local phase (folded)",
+            "local supernet",
+            "local folded",
             "fs-merge"
         ]
     );
@@ -144,7 +144,7 @@ fn vit_merge_end_to_end_and_transformers_reproduces_it() {
     let methods: Vec<&str> = l.results.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(
         methods[2..],
-        ["fs-merge local supernet", "fs-merge"],
+        ["local supernet", "fs-merge"],
         "local mode reports the local SuperNet beside the folded model"
     );
 }
