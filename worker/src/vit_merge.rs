@@ -264,7 +264,8 @@ impl VitLoss<'_> {
     pub fn local(&self, idx: &Tensor) -> Tensor {
         let mask = self.mask(idx);
         let stream = &self.teacher.stream;
-        let depth = stream.len() - 1;
+        // `train_local` checks there are ≥ 2 boundaries.
+        let depth = stream.len().saturating_sub(1);
         let n = self.sn.n() as i64;
         let b = idx.size()[0];
         let mut loss = Tensor::zeros([], (Kind::Float, idx.device()));
@@ -292,6 +293,11 @@ pub fn train_local(
     s: &TrainSettings,
     progress: &dyn Progress,
 ) -> Result<Vec<LogRow>> {
+    if loss.teacher.stream.len() < 2 {
+        return Err(fsmerge_common::Error::Compute(
+            "local training needs the originals' streams: build the teacher with streams".into(),
+        ));
+    }
     s.run("local", loss.set.len(), s.seed).optimise(
         &loss.sn.local_params(),
         loss.set.len(),
