@@ -3,10 +3,12 @@
 //! HF folder with the HF tensor names, with or without the `bert.` prefix.
 
 use crate::mlp::Linear;
-use crate::tensor::to_tch;
+use crate::tensor::{to_host, to_tch};
 use crate::vit::{attention, LayerNorm};
+use fsmerge_common::checkpoint::{write_json, write_tensors, HostTensor};
 use fsmerge_common::hf::{BertConfig, WeightFiles};
 use fsmerge_common::Result;
+use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -223,6 +225,72 @@ impl Bert {
             states.push(h.shallow_clone());
         }
         states
+    }
+
+    /// Write an HF `BertModel` folder (`config.json` + `model.safetensors`, no prefix), loadable
+    /// by `BertModel.from_pretrained`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut named: Vec<(String, &Tensor)> = vec![
+            ("embeddings.word_embeddings.weight".into(), &self.word),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                &self.position,
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                &self.token_type,
+            ),
+            ("embeddings.LayerNorm.weight".into(), &self.ln_emb.w),
+            ("embeddings.LayerNorm.bias".into(), &self.ln_emb.b),
+        ];
+        for (l, b) in self.blocks.iter().enumerate() {
+            let base = format!("encoder.layer.{l}");
+            for (part, w, bias) in [
+                ("attention.self.query", &b.q.w, &b.q.b),
+                ("attention.self.key", &b.k.w, &b.k.b),
+                ("attention.self.value", &b.v.w, &b.v.b),
+                ("attention.output.dense", &b.out.w, &b.out.b),
+                ("attention.output.LayerNorm", &b.ln_att.w, &b.ln_att.b),
+                ("intermediate.dense", &b.fc1.w, &b.fc1.b),
+                ("output.dense", &b.fc2.w, &b.fc2.b),
+                ("output.LayerNorm", &b.ln_out.w, &b.ln_out.b),
+            ] {
+                named.push((format!("{base}.{part}.weight"), w));
+                named.push((format!("{base}.{part}.bias"), bias));
+            }
+        }
+        if let Some(p) = &self.pooler {
+            named.push(("pooler.dense.weight".into(), &p.w));
+            named.push(("pooler.dense.bias".into(), &p.b));
+        }
+        let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
+        for (name, t) in named {
+            tensors.insert(name, to_host(t)?);
+        }
+        write_tensors(&dir.join("model.safetensors"), &tensors)?;
+        let c = &self.cfg;
+        write_json(
+            &dir.join("config.json"),
+            &serde_json::json!({
+                "architectures": ["BertModel"],
+                "model_type": "bert",
+                "hidden_size": c.hidden_size,
+                "num_hidden_layers": c.num_hidden_layers,
+                "num_attention_heads": c.num_attention_heads,
+                "intermediate_size": c.intermediate_size,
+                "hidden_act": c.hidden_act,
+                "layer_norm_eps": c.layer_norm_eps,
+                "vocab_size": c.vocab_size,
+                "max_position_embeddings": c.max_position_embeddings,
+                "type_vocab_size": c.type_vocab_size,
+                "hidden_dropout_prob": 0.0,
+                "attention_probs_dropout_prob": 0.0,
+                "initializer_range": 0.02,
+                "pad_token_id": 0,
+                "position_embedding_type": "absolute",
+                "torch_dtype": "float32",
+            }),
+        )
     }
 
     /// The pooler's output tanh(dense(h[CLS])) [B, d] (what a sequence classifier reads and
