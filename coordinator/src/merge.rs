@@ -125,11 +125,9 @@ impl<'a> Evaluator<'a> {
     }
 }
 
-pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
-    if job.cfg.model.arch == Arch::Vit {
-        return crate::vit_job::run(job, resume);
-    }
-    let started = Instant::now();
+/// What every merge job starts with: the data splits and the merge set (originals + augmented
+/// copies per task), and the original models trained where they are missing.
+pub fn prepare(job: &Job) -> Result<(data::Splits, merge_data::MergeSet)> {
     let cfg = &job.cfg;
     let m = &cfg.merge;
     let splits = data::load(&cfg.data)?;
@@ -147,6 +145,17 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
         set.per_task[0]
     );
     train::ensure_originals(job, &splits, false)?;
+    Ok((splits, set))
+}
+
+pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
+    if job.cfg.model.arch == Arch::Vit {
+        return crate::vit_job::run(job, resume);
+    }
+    let started = Instant::now();
+    let cfg = &job.cfg;
+    let m = &cfg.merge;
+    let (splits, set) = prepare(job)?;
     let models = load_models(job, splits.train.dim)?;
     let refs: Vec<&Mlp> = models.iter().collect();
     let hidden: Vec<usize> = models[0]

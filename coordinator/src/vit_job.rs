@@ -4,7 +4,7 @@
 //! stacks every task's head.
 
 use crate::job::Job;
-use crate::merge::{variant, warn_if_global_rose, Evaluator};
+use crate::merge::{prepare, variant, warn_if_global_rose, Evaluator};
 use crate::progress::Reporter;
 use crate::{report, train};
 use anyhow::{bail, Result};
@@ -20,9 +20,9 @@ use fsmerge_worker::progress::LogRow;
 use fsmerge_worker::supernet::MU_SEED_OFFSET;
 use fsmerge_worker::train_merge::TrainSettings;
 use fsmerge_worker::vit::Vit;
+use fsmerge_worker::vit_baselines;
 use fsmerge_worker::vit_merge::{self, original_logits, MergedVit, VitLoss, VitTeacher};
 use fsmerge_worker::vit_supernet::VitSuperNet;
-use fsmerge_worker::{data, merge_data, vit_baselines};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -75,21 +75,7 @@ pub fn run(job: &Job, resume: bool) -> Result<()> {
     if resume {
         tracing::warn!("--resume: ViT merges keep no checkpoints yet; the job starts over");
     }
-    let splits = data::load(&cfg.data)?;
-    let set = merge_data::build(
-        &splits,
-        &cfg.tasks,
-        m.n_originals,
-        m.n_augmented,
-        &m.augment,
-        cfg.seed,
-    )?;
-    tracing::info!(
-        "merge data: {} inputs ({} per task)",
-        set.len(),
-        set.per_task[0]
-    );
-    train::ensure_originals(job, &splits, false)?;
+    let (splits, set) = prepare(job)?;
     let models = load_models(job)?;
     let refs: Vec<&Vit> = models.iter().collect();
     let width = models[0].cfg.hidden_size;

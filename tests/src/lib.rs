@@ -33,6 +33,24 @@ pub fn fsmerge(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", fsmerge_bin().display()))
 }
 
+/// Run `tests/fixtures/<script>` with the venv's Python (transformers installed by setup); panics
+/// with its output unless it succeeds; returns its stdout.
+pub fn python_fixture(script: &str, args: &[&Path]) -> String {
+    let o = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("tests/fixtures").join(script))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{script} failed: {stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -5,7 +5,7 @@
 use fsmerge_common::checkpoint::write_tensors;
 use fsmerge_common::config::{Init, MuType};
 use fsmerge_common::hf::BertConfig;
-use fsmerge_tests::root;
+use fsmerge_tests::python_fixture;
 use fsmerge_worker::bert::Bert;
 use fsmerge_worker::bert_supernet::BertSuperNet;
 use fsmerge_worker::tensor::to_host;
@@ -50,17 +50,8 @@ fn folded_bert_loads_in_transformers_and_matches() {
     }
     let ref_file = dir.path().join("reference.safetensors");
     write_tensors(&ref_file, &reference).unwrap();
-    let o = std::process::Command::new(root().join(".venv/bin/python"))
-        .arg(root().join("tests/fixtures/check_bert_folded.py"))
-        .arg(&out)
-        .arg(&ref_file)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    println!(
+        "{}",
+        python_fixture("check_bert_folded.py", &[&out, &ref_file])
     );
-    println!("{}", String::from_utf8_lossy(&o.stdout));
 }

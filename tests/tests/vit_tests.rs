@@ -6,7 +6,7 @@
 
 use fsmerge_common::checkpoint::{read_json, write_tensors};
 use fsmerge_common::metrics::Metrics;
-use fsmerge_tests::{fsmerge, root, stderr};
+use fsmerge_tests::{fsmerge, python_fixture, root, stderr};
 use fsmerge_worker::data;
 use fsmerge_worker::eval::{evaluate, EvalSet};
 use fsmerge_worker::tensor::to_host;
@@ -94,19 +94,10 @@ fn vit_merge_end_to_end_and_transformers_reproduces_it() {
     reference.insert("logits".to_string(), to_host(&want).unwrap());
     let ref_file = dir.path().join("reference.safetensors");
     write_tensors(&ref_file, &reference).unwrap();
-    let o = std::process::Command::new(root().join(".venv/bin/python"))
-        .arg(root().join("tests/fixtures/check_vit_merged.py"))
-        .arg(out.join("merged"))
-        .arg(&ref_file)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    println!(
+        "{}",
+        python_fixture("check_vit_merged.py", &[&out.join("merged"), &ref_file])
     );
-    println!("{}", String::from_utf8_lossy(&o.stdout));
 
     // The other paths on the same originals: global mode with att_heads M/U, literal steps and
     // an inner-feature term, then local alone.

@@ -86,16 +86,7 @@ pub fn regmean(
                 gram_sum.unwrap_or_else(|| Tensor::zeros([1], crate::tensor::F32)),
                 rhs_sum.unwrap_or_else(|| Tensor::zeros([1], crate::tensor::F32)),
             );
-            let dim = gram.size()[0];
-            let ridge = gram
-                .diagonal(0, 0, 1)
-                .mean(None)
-                .double_value(&[])
-                .max(1e-12)
-                * 1e-6;
-            let gram = gram + Tensor::eye(dim, crate::tensor::F32) * ridge;
-            let wt = Tensor::f_linalg_solve(&gram, &rhs, true)
-                .map_err(|e| Error::Compute(format!("RegMean layer {l}: {e}")))?;
+            let wt = regmean_solve(gram, &rhs, &format!("layer {l}"))?;
             body.push(Linear {
                 w: wt.tr().contiguous(),
                 b: avg_layer.b.shallow_clone(),
@@ -106,6 +97,22 @@ pub fn regmean(
             heads: avg.heads,
         })
     })
+}
+
+/// Solve RegMean's normal equations (Σ G_i) W*ᵀ = Σ G_i W_iᵀ. A ridge of 1e-6 · mean(diag)
+/// keeps the system solvable when an input feature is dead in every model (its rows then do not
+/// matter). `what` names the map in the error.
+pub fn regmean_solve(gram: Tensor, rhs: &Tensor, what: &str) -> Result<Tensor> {
+    let dim = gram.size()[0];
+    let ridge = gram
+        .diagonal(0, 0, 1)
+        .mean(None)
+        .double_value(&[])
+        .max(1e-12)
+        * 1e-6;
+    let gram = gram + Tensor::eye(dim, crate::tensor::F32) * ridge;
+    Tensor::f_linalg_solve(&gram, rhs, true)
+        .map_err(|e| Error::Compute(format!("RegMean {what}: {e}")))
 }
 
 /// Knowledge distillation: a full student body initialised from model 1, trained with MSE to

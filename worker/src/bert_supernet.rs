@@ -18,7 +18,7 @@ use crate::mlp::Linear;
 use crate::mu::{MuMatrix, Role};
 use crate::supernet::FrozenLayer;
 use crate::vit::attend;
-use crate::vit_supernet::{folded_linear, FrozenLn, MergedLn};
+use crate::vit_supernet::{check_mergeable, folded_linear, FrozenLn, MergedLn};
 use fsmerge_common::config::{Init, MuType, StepForm};
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::{Error, Result};
@@ -61,26 +61,13 @@ fn shape_of(c: &BertConfig) -> [usize; 6] {
 
 impl FrozenBert {
     pub fn from_models(models: &[&Bert]) -> Result<Self> {
+        check_mergeable(
+            models,
+            |m| shape_of(&m.cfg),
+            "hidden, layers, heads, intermediate, vocab, positions",
+        )?;
         let n = models.len();
-        let Some(first) = models.first() else {
-            return Err(Error::Compute("a SuperNet needs models".into()));
-        };
-        if n < 2 {
-            return Err(Error::Compute(format!(
-                "a SuperNet needs ≥ 2 models, got {n}"
-            )));
-        }
-        if let Some((i, m)) = models
-            .iter()
-            .enumerate()
-            .find(|(_, m)| shape_of(&m.cfg) != shape_of(&first.cfg))
-        {
-            return Err(Error::Compute(format!(
-                "model {i} has shape {:?} (hidden, layers, heads, intermediate, vocab, positions) but model 0 has {:?}",
-                shape_of(&m.cfg),
-                shape_of(&first.cfg)
-            )));
-        }
+        let first = models[0];
         let poolers: Option<Vec<&Linear>> = models.iter().map(|m| m.pooler.as_ref()).collect();
         let Some(poolers) = poolers else {
             return Err(Error::Compute(

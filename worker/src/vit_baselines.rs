@@ -2,15 +2,15 @@
 //! RegMean on every linear map of every block, and knowledge distillation into a copy of
 //! model 1. Each task keeps its own classifier.
 
+use crate::baselines::regmean_solve;
 use crate::eval::mean_abs;
 use crate::merge_data::MergeSet;
 use crate::mlp::Linear;
 use crate::progress::{LogRow, Progress};
-use crate::tensor::F32;
 use crate::train_merge::TrainSettings;
 use crate::vit::Vit;
 use crate::vit_merge::{images, MergedVit};
-use fsmerge_common::{Error, Result};
+use fsmerge_common::Result;
 use tch::Tensor;
 
 fn heads_of(models: &[&Vit]) -> Vec<Linear> {
@@ -102,17 +102,7 @@ pub fn regmean(models: &[&Vit], set: &MergeSet, alpha: f64) -> Result<MergedVit>
             ];
             for (k, (slot, lin)) in grams.into_iter().zip(targets).enumerate() {
                 let Some((gram, rhs)) = slot else { continue };
-                let dim = gram.size()[0];
-                let ridge = gram
-                    .diagonal(0, 0, 1)
-                    .mean(None)
-                    .double_value(&[])
-                    .max(1e-12)
-                    * 1e-6;
-                let gram = gram + Tensor::eye(dim, F32) * ridge;
-                let wt = Tensor::f_linalg_solve(&gram, &rhs, true).map_err(|e| {
-                    Error::Compute(format!("RegMean block {l}, linear map {k}: {e}"))
-                })?;
+                let wt = regmean_solve(gram, &rhs, &format!("block {l}, linear map {k}"))?;
                 lin.w.shallow_clone().copy_(&wt.tr());
             }
         }

@@ -102,6 +102,29 @@ pub struct FrozenVit {
     ln_final: FrozenLn,
 }
 
+/// Refuse fewer than 2 models or models whose `shape` (the fields named by `fields`) differs
+/// from model 0's.
+pub(crate) fn check_mergeable<M, S: PartialEq + std::fmt::Debug>(
+    models: &[&M],
+    shape: impl Fn(&M) -> S,
+    fields: &str,
+) -> Result<()> {
+    let n = models.len();
+    if n < 2 {
+        return Err(Error::Compute(format!(
+            "a SuperNet needs ≥ 2 models, got {n}"
+        )));
+    }
+    let want = shape(models[0]);
+    match models.iter().position(|m| shape(m) != want) {
+        Some(i) => Err(Error::Compute(format!(
+            "model {i} has shape {:?} ({fields}) but model 0 has {want:?}",
+            shape(models[i])
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The shape fields two ViTs must agree on to be merged.
 fn shape_of(c: &VitConfig) -> [usize; 7] {
     [
@@ -117,26 +140,13 @@ fn shape_of(c: &VitConfig) -> [usize; 7] {
 
 impl FrozenVit {
     pub fn from_models(models: &[&Vit]) -> Result<Self> {
+        check_mergeable(
+            models,
+            |m| shape_of(&m.cfg),
+            "hidden, layers, heads, mlp, image, patch, channels",
+        )?;
         let n = models.len();
-        let Some(first) = models.first() else {
-            return Err(Error::Compute("a SuperNet needs models".into()));
-        };
-        if n < 2 {
-            return Err(Error::Compute(format!(
-                "a SuperNet needs ≥ 2 models, got {n}"
-            )));
-        }
-        if let Some((i, m)) = models
-            .iter()
-            .enumerate()
-            .find(|(_, m)| shape_of(&m.cfg) != shape_of(&first.cfg))
-        {
-            return Err(Error::Compute(format!(
-                "model {i} has shape {:?} (hidden, layers, heads, mlp, image, patch, channels) but model 0 has {:?}",
-                shape_of(&m.cfg),
-                shape_of(&first.cfg)
-            )));
-        }
+        let first = models[0];
         let d = first.cfg.hidden_size as i64;
         let stack = |f: &dyn Fn(&Vit) -> &Tensor| {
             Tensor::stack(&models.iter().map(|m| f(m).detach()).collect::<Vec<_>>(), 0)
