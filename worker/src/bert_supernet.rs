@@ -18,7 +18,7 @@ use crate::mlp::Linear;
 use crate::mu::{MuMatrix, Role};
 use crate::supernet::FrozenLayer;
 use crate::vit::attend;
-use crate::vit_supernet::{check_mergeable, folded_linear, FrozenLn, MergedLn};
+use crate::vit_supernet::{check_mergeable, folded_linear, FrozenLn, MergedLn, MuDraw};
 use fsmerge_common::config::{Init, MuType, StepForm};
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::{Error, Result};
@@ -135,31 +135,28 @@ pub struct BertMu {
 }
 
 impl BertMu {
-    /// Every M/U drawn from libtorch's global generator: rank r for d-sized M/U, ⌊r·h/d⌋ for the
-    /// MLP's hidden ones; `att_heads` structures the attention M/U with the model's heads
-    /// (method.md §5.5), the rest fall back to diagonal + low rank.
+    /// Every M/U, drawn by `MuDraw` (`att_heads` structures the attention M/U with the model's
+    /// heads, method.md §5.5; the rest fall back to diagonal + low rank).
     fn new(f: &FrozenBert, mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
-        let (n, d, h) = (f.n, f.cfg.hidden_size, f.cfg.intermediate_size);
-        let heads = f.cfg.num_attention_heads;
-        let rank_h = (rank * h / d).max(1);
-        let eps = f.cfg.layer_norm_eps;
-        let new = |role, k, r| MuMatrix::new(role, mu_type, init, n, k, r);
-        let att = |role| MuMatrix::attention(role, mu_type, init, n, d, rank, heads);
-        let m_emb = new(Role::Merge, d, rank)?;
+        let c = &f.cfg;
+        let shape = [c.hidden_size, c.intermediate_size, c.num_attention_heads];
+        let draw = MuDraw::new(mu_type, init, f.n, shape, rank);
+        let eps = c.layer_norm_eps;
+        let m_emb = draw.width(Role::Merge)?;
         let mut blocks = Vec::new();
         for fb in &f.blocks {
             blocks.push(BertBlockMu {
-                u_att: att(Role::Unmerge)?,
-                m_q: att(Role::Merge)?,
-                m_k: att(Role::Merge)?,
-                m_v: att(Role::Merge)?,
-                u_o: att(Role::Unmerge)?,
-                m_o: att(Role::Merge)?,
+                u_att: draw.attention(Role::Unmerge)?,
+                m_q: draw.attention(Role::Merge)?,
+                m_k: draw.attention(Role::Merge)?,
+                m_v: draw.attention(Role::Merge)?,
+                u_o: draw.attention(Role::Unmerge)?,
+                m_o: draw.attention(Role::Merge)?,
                 ln_att: MergedLn::new(&fb.ln_att, init, eps),
-                u_0: new(Role::Unmerge, d, rank)?,
-                m_1: new(Role::Merge, h, rank_h)?,
-                u_1: new(Role::Unmerge, h, rank_h)?,
-                m_2: new(Role::Merge, d, rank)?,
+                u_0: draw.width(Role::Unmerge)?,
+                m_1: draw.hidden(Role::Merge)?,
+                u_1: draw.hidden(Role::Unmerge)?,
+                m_2: draw.width(Role::Merge)?,
                 ln_out: MergedLn::new(&fb.ln_out, init, eps),
             });
         }
@@ -167,9 +164,9 @@ impl BertMu {
             m_emb,
             ln_emb: MergedLn::new(&f.ln_emb, init, eps),
             blocks,
-            u_pool: new(Role::Unmerge, d, rank)?,
-            m_pool: new(Role::Merge, d, rank)?,
-            u_final: new(Role::Unmerge, d, rank)?,
+            u_pool: draw.width(Role::Unmerge)?,
+            m_pool: draw.width(Role::Merge)?,
+            u_final: draw.width(Role::Unmerge)?,
         })
     }
 }

@@ -229,6 +229,55 @@ impl BlockMu {
     }
 }
 
+/// How a transformer SuperNet draws its M/U (shared by ViT and BERT): rank r for d-wide
+/// matrices, ⌊r·h/d⌋ for the MLP's hidden M_1/U_1 (method.md §3.2), and the attention ones with
+/// the `att_heads` structure when asked. Each call draws from libtorch's global generator, so
+/// the call order is the init order.
+pub(crate) struct MuDraw {
+    mu_type: MuType,
+    init: Init,
+    n: usize,
+    d: usize,
+    h: usize,
+    heads: usize,
+    rank: usize,
+}
+
+impl MuDraw {
+    pub(crate) fn new(
+        mu_type: MuType,
+        init: Init,
+        n: usize,
+        shape: [usize; 3],
+        rank: usize,
+    ) -> Self {
+        let [d, h, heads] = shape;
+        Self {
+            mu_type,
+            init,
+            n,
+            d,
+            h,
+            heads,
+            rank,
+        }
+    }
+    /// A d-wide M or U (embeddings, residual, MLP input/output, pooler, read-out).
+    pub(crate) fn width(&self, role: Role) -> Result<MuMatrix> {
+        MuMatrix::new(role, self.mu_type, self.init, self.n, self.d, self.rank)
+    }
+    /// An h-wide M or U of the MLP's hidden layer.
+    pub(crate) fn hidden(&self, role: Role) -> Result<MuMatrix> {
+        let rank_h = (self.rank * self.h / self.d).max(1);
+        MuMatrix::new(role, self.mu_type, self.init, self.n, self.h, rank_h)
+    }
+    /// An attention M or U (U_att, M_q, M_k, M_v, U_o, M_o).
+    pub(crate) fn attention(&self, role: Role) -> Result<MuMatrix> {
+        let (t, i) = (self.mu_type, self.init);
+        MuMatrix::attention(role, t, i, self.n, self.d, self.rank, self.heads)
+    }
+}
+
 /// Every trainable part of the SuperNet.
 pub struct VitMu {
     /// The embedding's merge; in local mode also the residual merge M_res of every block.
@@ -245,29 +294,27 @@ impl VitMu {
     /// d-sized M/U get rank r, the MLP's hidden M_1/U_1 get ⌊r·h/d⌋ (method.md §3.2); the
     /// attention M/U take the `att_heads` structure when asked.
     fn new(f: &FrozenVit, mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
-        let (n, d, h) = (f.n, f.cfg.hidden_size, f.cfg.intermediate_size);
-        let heads = f.cfg.num_attention_heads;
-        let rank_h = (rank * h / d).max(1);
-        let eps = f.cfg.layer_norm_eps;
-        let new = |role, k, r| MuMatrix::new(role, mu_type, init, n, k, r);
-        let att = |role| MuMatrix::attention(role, mu_type, init, n, d, rank, heads);
-        let m_pre = new(Role::Merge, d, rank)?;
-        let u_res = new(Role::Unmerge, d, rank)?;
+        let c = &f.cfg;
+        let shape = [c.hidden_size, c.intermediate_size, c.num_attention_heads];
+        let draw = MuDraw::new(mu_type, init, f.n, shape, rank);
+        let eps = c.layer_norm_eps;
+        let m_pre = draw.width(Role::Merge)?;
+        let u_res = draw.width(Role::Unmerge)?;
         let mut blocks = Vec::new();
         for fb in &f.blocks {
             blocks.push(BlockMu {
                 ln1: MergedLn::new(&fb.ln1, init, eps),
-                u_att: att(Role::Unmerge)?,
-                m_q: att(Role::Merge)?,
-                m_k: att(Role::Merge)?,
-                m_v: att(Role::Merge)?,
-                u_o: att(Role::Unmerge)?,
-                m_o: att(Role::Merge)?,
+                u_att: draw.attention(Role::Unmerge)?,
+                m_q: draw.attention(Role::Merge)?,
+                m_k: draw.attention(Role::Merge)?,
+                m_v: draw.attention(Role::Merge)?,
+                u_o: draw.attention(Role::Unmerge)?,
+                m_o: draw.attention(Role::Merge)?,
                 ln2: MergedLn::new(&fb.ln2, init, eps),
-                u_0: new(Role::Unmerge, d, rank)?,
-                m_1: new(Role::Merge, h, rank_h)?,
-                u_1: new(Role::Unmerge, h, rank_h)?,
-                m_2: new(Role::Merge, d, rank)?,
+                u_0: draw.width(Role::Unmerge)?,
+                m_1: draw.hidden(Role::Merge)?,
+                u_1: draw.hidden(Role::Unmerge)?,
+                m_2: draw.width(Role::Merge)?,
             });
         }
         Ok(Self {
@@ -275,7 +322,7 @@ impl VitMu {
             u_res,
             blocks,
             ln_post: MergedLn::new(&f.ln_final, init, eps),
-            u_final: new(Role::Unmerge, d, rank)?,
+            u_final: draw.width(Role::Unmerge)?,
         })
     }
 }
