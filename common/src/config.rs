@@ -761,14 +761,15 @@ impl JobConfig {
         positive(c.stages as f64, "cluster.stages")?;
         positive(c.replicas as f64, "cluster.replicas")?;
         positive(c.micro_batches as f64, "cluster.micro_batches")?;
-        let depth = match self.model.arch {
-            Arch::Mlp => self.model.hidden.len(),
-            Arch::Vit => self.model.vit.layers,
+        // The plan's units: an MLP's layers; a ViT's embeddings and blocks.
+        let (units, what) = match self.model.arch {
+            Arch::Mlp => (self.model.hidden.len(), "layers"),
+            Arch::Vit => (self.model.vit.layers + 1, "units (embeddings + blocks)"),
         };
-        if c.stages > depth {
+        if c.stages > units {
             return Err(Error::field(
                 "cluster.stages",
-                format!("{} stages but the model has only {depth} layers", c.stages),
+                format!("{} stages but the model has only {units} {what}", c.stages),
             ));
         }
         positive(c.heartbeat_secs, "cluster.heartbeat_secs")?;

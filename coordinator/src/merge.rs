@@ -150,7 +150,7 @@ pub fn prepare(job: &Job) -> Result<(data::Splits, merge_data::MergeSet)> {
 
 pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     if job.cfg.model.arch == Arch::Vit {
-        return crate::vit_job::run(job, resume);
+        return crate::vit_job::run(job, launch, resume);
     }
     let started = Instant::now();
     let cfg = &job.cfg;

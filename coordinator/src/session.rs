@@ -376,6 +376,10 @@ impl Session<'_> {
                                     match phase.as_str() {
                                         "global" if stage + 1 == stages => { logs.insert((1, stage), log); }
                                         "global" => {}
+                                        // A transformer's local phase is one problem summed over
+                                        // the stages (the shared residual merge): every stage
+                                        // logs the same total loss, so stage 0's stands for all.
+                                        "local" if stage > 0 && log.first().is_some_and(|r| r.phase == "local") => {}
                                         _ => { logs.insert((0, stage), log); }
                                     }
                                 }

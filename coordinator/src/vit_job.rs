@@ -3,29 +3,35 @@
 //! and write the merged model as one standard `ViTForImageClassification` whose classifier
 //! stacks every task's head.
 
+use crate::cluster::{self, Launch};
 use crate::job::Job;
 use crate::merge::{prepare, variant, warn_if_global_rose, Evaluator};
 use crate::progress::Reporter;
 use crate::{report, train};
-use anyhow::{bail, Result};
-use fsmerge_common::checkpoint::write_json;
+use anyhow::{bail, Context, Result};
+use fsmerge_common::checkpoint::{head_bias, head_weight, read_tensors, write_json, HostTensor};
 use fsmerge_common::config::{Baseline, Mode};
 use fsmerge_common::fsio::Staging;
+use fsmerge_common::hf::VitConfig;
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{vit_unit_costs, Plan};
+use fsmerge_common::workdir::WorkDir;
 use fsmerge_common::Error;
 use fsmerge_worker::eval::EvalSet;
+use fsmerge_worker::merge_data::MergeSet;
 use fsmerge_worker::mlp::{accuracy, Linear};
 use fsmerge_worker::progress::LogRow;
-use fsmerge_worker::supernet::MU_SEED_OFFSET;
+use fsmerge_worker::supernet::with_mu_seed;
+use fsmerge_worker::tensor::{assign, to_tch};
 use fsmerge_worker::train_merge::TrainSettings;
-use fsmerge_worker::vit::Vit;
+use fsmerge_worker::vit::{Vit, VitPart};
 use fsmerge_worker::vit_baselines;
 use fsmerge_worker::vit_merge::{self, original_logits, MergedVit, VitLoss, VitTeacher};
 use fsmerge_worker::vit_supernet::VitSuperNet;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Instant;
+use tch::Tensor;
 
 /// Load every task's original ViT and check it can be merged: a classifier with one output per
 /// class of its task, single-channel input of the data's image size.
@@ -62,18 +68,24 @@ fn load_models(job: &Job) -> Result<Vec<Vit>> {
     Ok(models)
 }
 
-pub fn run(job: &Job, resume: bool) -> Result<()> {
+/// Run the ViT merge job: FS-Merge on the workers of the plan when the job is distributed
+/// (several stages or replicas, or workers started separately), else in this process, which
+/// also reports the local SuperNet against its fold.
+pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let started = Instant::now();
     let cfg = &job.cfg;
     let m = &cfg.merge;
-    if cfg.cluster.world() > 1 {
+    let distributed = cfg.cluster.world() > 1 || matches!(launch, Launch::External { .. });
+    if distributed && !m.inner_layers.is_empty() {
         bail!(Error::field(
-            "cluster",
-            "ViT merges run in one process for now (stages = replicas = 1); the distributed runtime merges MLPs"
+            "merge.inner_layers",
+            "inner-feature loss terms run in one process for now (cluster.stages = replicas = 1)"
         ));
     }
-    if resume {
-        tracing::warn!("--resume: ViT merges keep no checkpoints yet; the job starts over");
+    if resume && !distributed {
+        tracing::warn!(
+            "--resume: a ViT merge in one process keeps no checkpoints; the job starts over"
+        );
     }
     let (splits, set) = prepare(job)?;
     let models = load_models(job)?;
@@ -85,7 +97,12 @@ pub fn run(job: &Job, resume: bool) -> Result<()> {
             format!("{} is larger than the models' width {width}", m.rank)
         ));
     }
-    let plan = Plan::balanced(vit_unit_costs(&models[0].cfg, models.len()), 1, 1)?;
+    let plan = Plan::balanced(
+        vit_unit_costs(&models[0].cfg, models.len()),
+        cfg.cluster.stages,
+        cfg.cluster.replicas,
+    )?;
+    tracing::info!("plan: {}", plan.describe());
 
     let test = EvalSet::new(&splits.test, &cfg.tasks);
     let val = EvalSet::new(&splits.val, &cfg.tasks);
@@ -111,7 +128,7 @@ pub fn run(job: &Job, resume: bool) -> Result<()> {
 
     let local = m.mode != Mode::Global;
     let clock = Instant::now();
-    let teacher = VitTeacher::new(&refs, &set, local, &m.inner_layers);
+    let teacher = VitTeacher::new(&refs, &set, local && !distributed, &m.inner_layers);
     let teacher_seconds = clock.elapsed().as_secs_f64();
     let settings = TrainSettings::of(m, cfg.seed);
     for b in &cfg.baselines.methods {
@@ -166,22 +183,6 @@ pub fn run(job: &Job, resume: bool) -> Result<()> {
     }
 
     let clock = Instant::now();
-    tch::manual_seed(cfg.seed.wrapping_add(MU_SEED_OFFSET) as i64);
-    let sn = VitSuperNet::new(&refs, m.mu_type, m.init, m.rank)?;
-    let loss = VitLoss {
-        sn: &sn,
-        teacher: &teacher,
-        set: &set,
-        targets: m.targets,
-        form: m.step_form,
-        inner_layers: &m.inner_layers,
-        inner_weight: m.inner_weight,
-        res_consistency: m.res_consistency,
-    };
-    let heads: Vec<&Linear> = models
-        .iter()
-        .filter_map(|m| m.classifier.as_ref())
-        .collect();
     let mut v = variant(&[
         ("mode", json!(m.mode)),
         ("mu_type", json!(m.mu_type)),
@@ -192,26 +193,77 @@ pub fn run(job: &Job, resume: bool) -> Result<()> {
     if !m.inner_layers.is_empty() {
         v.insert("inner_layers".into(), json!(m.inner_layers));
     }
-    if local {
-        log.extend(vit_merge::train_local(&loss, &settings, &reporter)?);
-        let (chain, folded) = local_gap(&sn, &heads, &ev);
-        tracing::info!(
-            "local phase: local SuperNet {:.2}% mean task / {:.2}% joint, folded {:.2}% / {:.2}%",
-            100.0 * chain.mean_task_acc,
-            100.0 * chain.joint_acc.unwrap_or(0.0),
-            100.0 * folded.mean_task_acc,
-            100.0 * folded.joint_acc.unwrap_or(0.0)
-        );
-        // Local SuperNet minus folded model, in accuracy points (positive: folding lost).
-        let gap = 100.0 * (chain.mean_task_acc - folded.mean_task_acc);
-        v.insert(
-            "local_gap_points".into(),
-            json!((gap * 100.0).round() / 100.0),
-        );
-        results.push(chain);
-        if m.mode == Mode::LocalThenGlobal {
-            results.push(folded);
+    let heads: Vec<&Linear> = models
+        .iter()
+        .filter_map(|m| m.classifier.as_ref())
+        .collect();
+    let (merged, workers) = if distributed {
+        let outcome = cluster::run(job, &plan, launch, resume)?;
+        warn_if_global_rose(&outcome.log, m.lr);
+        log.extend(outcome.log);
+        if local {
+            let sn = local_supernet_from_checkpoints(job, &plan, &refs)?;
+            report_local_phase(&sn, &heads, &ev, m.mode, &mut v, &mut results);
         }
+        let merged = assemble(job, &models[0].cfg, outcome.tensors)?;
+        (merged, outcome.workers)
+    } else {
+        let merged = train_in_process(
+            job,
+            &refs,
+            &heads,
+            &set,
+            &teacher,
+            &ev,
+            &mut v,
+            &mut results,
+            &mut log,
+            &reporter,
+        )?;
+        (merged, Vec::new())
+    };
+    let seconds = clock.elapsed().as_secs_f64() + teacher_seconds;
+    results.push(ev.result("fs-merge", v.clone(), seconds, &|x| merged.logits(x)));
+
+    report::write(job, &plan, results, &log, started, workers, &|st| {
+        write_model(st, job, &merged, &v)
+    })
+}
+
+/// FS-Merge in this process on the whole SuperNet; in local modes also the result rows of the
+/// local SuperNet and its fold after the local phase, and their gap in the variant.
+#[allow(clippy::too_many_arguments)]
+fn train_in_process(
+    job: &Job,
+    refs: &[&Vit],
+    heads: &[&Linear],
+    set: &MergeSet,
+    teacher: &VitTeacher,
+    ev: &Evaluator,
+    v: &mut BTreeMap<String, serde_json::Value>,
+    results: &mut Vec<MethodResult>,
+    log: &mut Vec<LogRow>,
+    reporter: &Reporter,
+) -> Result<MergedVit> {
+    let cfg = &job.cfg;
+    let m = &cfg.merge;
+    let settings = TrainSettings::of(m, cfg.seed);
+    let sn = with_mu_seed(cfg.seed, || {
+        VitSuperNet::new(refs, m.mu_type, m.init, m.rank)
+    })?;
+    let loss = VitLoss {
+        sn: &sn,
+        teacher,
+        set,
+        targets: m.targets,
+        form: m.step_form,
+        inner_layers: &m.inner_layers,
+        inner_weight: m.inner_weight,
+        res_consistency: m.res_consistency,
+    };
+    if m.mode != Mode::Global {
+        log.extend(vit_merge::train_local(&loss, &settings, reporter)?);
+        report_local_phase(&sn, heads, ev, m.mode, v, results);
     }
     if m.mode != Mode::Local {
         let s = TrainSettings {
@@ -221,20 +273,105 @@ pub fn run(job: &Job, resume: bool) -> Result<()> {
             },
             ..settings.clone()
         };
-        log.extend(vit_merge::train_global(&loss, &s, &reporter)?);
-        warn_if_global_rose(&log, m.lr);
+        log.extend(vit_merge::train_global(&loss, &s, reporter)?);
+        warn_if_global_rose(log, m.lr);
     }
-    let (vit, merged_heads) = sn.merged(&heads);
-    let merged = MergedVit {
+    let (vit, merged_heads) = sn.merged(heads);
+    Ok(MergedVit {
         vit,
         heads: merged_heads,
-    };
-    let seconds = clock.elapsed().as_secs_f64() + teacher_seconds;
-    results.push(ev.result("fs-merge", v.clone(), seconds, &|x| merged.logits(x)));
-
-    report::write(job, &plan, results, &log, started, Vec::new(), &|st| {
-        write_model(st, job, &merged, &v)
     })
+}
+
+/// The merged ViT from the stages' folded tensors (HF names without the `vit.` prefix, and
+/// each task's head).
+fn assemble(
+    job: &Job,
+    cfg: &VitConfig,
+    mut tensors: BTreeMap<String, HostTensor>,
+) -> Result<MergedVit> {
+    let mut heads = Vec::new();
+    for t in &job.cfg.tasks {
+        let mut take = |name: String| -> Result<Tensor> {
+            tensors
+                .remove(&name)
+                .map(|h| to_tch(&h))
+                .with_context(|| format!("no worker sent the folded tensor `{name}`"))
+        };
+        heads.push(Linear {
+            w: take(head_weight(Some(&t.name)))?,
+            b: take(head_bias(Some(&t.name)))?,
+        });
+    }
+    let units = 0..cfg.num_hidden_layers + 1;
+    let vit = VitPart::from_tensors(cfg.clone(), units, "", tensors)
+        .context("assembling the merged ViT from the workers' folded tensors")?
+        .into_vit()?;
+    Ok(MergedVit { vit, heads })
+}
+
+/// After local training: evaluate the local SuperNet and its fold (`local_gap`), log them, add
+/// their rows to the results (the fold's only when a global phase follows: in `local` mode it
+/// is the FS-Merge row) and their gap to the FS-Merge variant.
+fn report_local_phase(
+    sn: &VitSuperNet,
+    heads: &[&Linear],
+    ev: &Evaluator,
+    mode: Mode,
+    v: &mut BTreeMap<String, serde_json::Value>,
+    results: &mut Vec<MethodResult>,
+) {
+    let (chain, folded) = local_gap(sn, heads, ev);
+    tracing::info!(
+        "local phase: local SuperNet {:.2}% mean task / {:.2}% joint, folded {:.2}% / {:.2}%",
+        100.0 * chain.mean_task_acc,
+        100.0 * chain.joint_acc.unwrap_or(0.0),
+        100.0 * folded.mean_task_acc,
+        100.0 * folded.joint_acc.unwrap_or(0.0)
+    );
+    // Local SuperNet minus folded model, in accuracy points (positive: folding lost).
+    let gap = 100.0 * (chain.mean_task_acc - folded.mean_task_acc);
+    v.insert(
+        "local_gap_points".into(),
+        json!((gap * 100.0).round() / 100.0),
+    );
+    results.push(chain);
+    if mode == Mode::LocalThenGlobal {
+        results.push(folded);
+    }
+}
+
+/// The whole SuperNet in this process with the M/U every stage checkpointed after its local
+/// phase (stage checkpoints use the SuperNet's tensor names; M_res/U_res are in each).
+fn local_supernet_from_checkpoints(job: &Job, plan: &Plan, refs: &[&Vit]) -> Result<VitSuperNet> {
+    let m = &job.cfg.merge;
+    let sn = with_mu_seed(job.cfg.seed, || {
+        VitSuperNet::new(refs, m.mu_type, m.init, m.rank)
+    })?;
+    let work = WorkDir::of_output(&job.out);
+    let mut params: BTreeMap<String, Tensor> = sn.named_params().into_iter().collect();
+    let last = plan.stages.len() - 1;
+    for st in &plan.stages {
+        let blocks = st.units.start.max(1) - 1..st.units.end - 1;
+        let mine = |name: &str| {
+            let group = name.split('.').next().unwrap_or("");
+            match group.strip_prefix("block") {
+                Some(l) => l.parse().is_ok_and(|l: usize| blocks.contains(&l)),
+                None => matches!(group, "m_pre" | "u_res") || st.index == last,
+            }
+        };
+        let names: Vec<String> = params.keys().filter(|n| mine(n)).cloned().collect();
+        let (file, _) = work.checkpoint(st.index, "local");
+        for (name, value) in read_tensors(&file, &names)? {
+            if let Some(p) = params.remove(&name) {
+                assign(&[p], &[to_tch(&value)])?;
+            }
+        }
+    }
+    if let Some(name) = params.keys().next() {
+        bail!("no stage's local checkpoint holds the SuperNet tensor `{name}`");
+    }
+    Ok(sn)
 }
 
 /// After local training: the local SuperNet as trained (U_res/M_res round trip between blocks)

@@ -73,10 +73,19 @@ pub fn fast(models: &Path) -> Vec<String> {
 }
 
 /// Largest relative difference (max |a−b| / max |b|) over the tensors of two merged models.
+/// Largest difference between the tensors of two merged outputs (an MLP's `merged.safetensors`
+/// or an HF folder's `model.safetensors`), relative to each tensor's largest magnitude.
 pub fn max_rel_diff(a: &Path, b: &Path) -> f64 {
     use fsmerge_common::checkpoint::{read_json, read_tensors, MergedConfig};
     let names = |p: &Path| -> Vec<String> {
-        let cfg: MergedConfig = read_json(&p.with_file_name("merged.json")).unwrap();
+        let merged_json = p.with_file_name("merged.json");
+        if !merged_json.exists() {
+            // An HF model folder: every tensor of its model.safetensors.
+            let dir = p.parent().unwrap();
+            let files = fsmerge_common::hf::WeightFiles::open(dir).unwrap();
+            return files.map.into_keys().collect();
+        }
+        let cfg: MergedConfig = read_json(&merged_json).unwrap();
         let mut n: Vec<String> = (0..cfg.hidden.len())
             .flat_map(|l| {
                 [
@@ -129,13 +138,26 @@ pub fn launch(
     sets: &[String],
     resume: bool,
 ) -> Launched {
+    launch_config(&digits_config(), dir, name, stages, replicas, sets, resume)
+}
+
+/// `launch` for the job config `config`.
+pub fn launch_config(
+    config: &str,
+    dir: &Path,
+    name: &str,
+    stages: usize,
+    replicas: usize,
+    sets: &[String],
+    resume: bool,
+) -> Launched {
     use std::fs::File;
     use std::process::Stdio;
     let out = dir.join(name);
     let log = dir.join(format!("{name}.coordinator.log"));
     let mut args: Vec<String> = vec![
         "coordinator".into(),
-        digits_config(),
+        config.to_string(),
         "--out".into(),
         out.display().to_string(),
         "--listen".into(),

@@ -6,7 +6,8 @@
 
 use fsmerge_common::checkpoint::{read_json, write_tensors};
 use fsmerge_common::metrics::Metrics;
-use fsmerge_tests::{fsmerge, python_fixture, root, stderr};
+use fsmerge_common::workdir::WorkDir;
+use fsmerge_tests::{fsmerge, launch_config, max_rel_diff, python_fixture, root, stderr, wait_for};
 use fsmerge_worker::data;
 use fsmerge_worker::eval::{evaluate, EvalSet};
 use fsmerge_worker::tensor::to_host;
@@ -14,6 +15,7 @@ use fsmerge_worker::vit::Vit;
 use fsmerge_worker::vit_merge::images;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 fn merge(out: &Path, models: &Path, extra: &[&str]) -> Metrics {
     let mut args = vec![
@@ -182,10 +184,120 @@ fn vit_bad_input_is_named() {
         "a failed job leaves no output"
     );
 
-    // ViT merges do not run distributed yet: said, not ignored.
+    // Inner-feature terms do not run distributed yet: said, not ignored.
     let mut args = args.to_vec();
-    args.extend(["--set".into(), "cluster.stages=2".into()]);
+    for set in ["cluster.stages=2", "merge.inner_layers=[1]"] {
+        args.extend(["--set".into(), set.into()]);
+    }
     let o = fsmerge(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("cluster"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("merge.inner_layers"), "{}", stderr(&o));
+}
+
+/// Every result row as (method, mean task %, joint %), rounded as the report prints them.
+fn scores(m: &Metrics) -> Vec<(String, String, String)> {
+    m.results
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone(),
+                format!("{:.2}", 100.0 * r.mean_task_acc),
+                format!("{:.2}", 100.0 * r.joint_acc.unwrap_or(0.0)),
+            )
+        })
+        .collect()
+}
+
+/// The same ViT merge (local-then-global, so both phases and the shared M_res/U_res) in one
+/// process and on the distributed runtime: embedded workers over 2 stages and over 3 stages ×
+/// 2 replicas with 3 micro-batches (a stage of embeddings alone, a middle stage), and worker
+/// processes whose stage-1 worker is killed in the global phase, then resumed from the local
+/// checkpoints. Every run folds to the same merged ViT and reports the same rows.
+#[test]
+fn distributed_vit_merge_equals_the_single_process_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let models = dir.join("models");
+    let sets = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            format!("train.models_dir=\"{}\"", models.display()),
+            "baselines.methods=[]".into(),
+            "merge.epochs=10".into(),
+            "merge.global_epochs=30".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.into_iter()
+            .flat_map(|s| ["--set".to_string(), s])
+            .collect()
+    };
+    let run = |name: &str, extra: &[&str]| -> Metrics {
+        let s = sets(extra);
+        let s: Vec<&str> = s.iter().map(String::as_str).collect();
+        merge(&dir.join(name), &models, &s)
+    };
+    let reference = run("single", &[]);
+    let merged = |name: &str| dir.join(name).join("merged/model.safetensors");
+    for (name, stages, replicas, micro) in [("2x1", 2, 1, 1), ("3x2", 3, 2, 3)] {
+        let m = run(
+            name,
+            &[
+                &format!("cluster.stages={stages}"),
+                &format!("cluster.replicas={replicas}"),
+                &format!("cluster.micro_batches={micro}"),
+            ],
+        );
+        let diff = max_rel_diff(&merged(name), &merged("single"));
+        println!("{name}: folded weights differ by {diff:.2e} (relative)");
+        assert!(diff <= 1e-4, "{name}: folded weights differ by {diff:e}");
+        // Every row, the local SuperNet and its fold (rebuilt from the stages' checkpoints)
+        // included.
+        assert_eq!(scores(&m), scores(&reference), "{name}");
+        assert_eq!(m.workers.len(), stages * replicas, "{name}: worker stats");
+        let phases = |run: &str| -> Vec<String> {
+            std::fs::read_to_string(dir.join(run).join("train_log.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["phase"].to_string())
+                .collect()
+        };
+        assert_eq!(
+            phases(name),
+            phases("single"),
+            "{name}: one log row per step and phase, as in one process"
+        );
+    }
+
+    // Worker processes; kill stage 1's once the local phase is checkpointed.
+    let config = root().join("configs/digits-vit.toml").display().to_string();
+    let s = sets(&["cluster.micro_batches=1"]);
+    let mut job = launch_config(&config, dir, "job", 2, 1, &s, false);
+    let work = WorkDir::new(dir.join("job.work"));
+    let until = Instant::now() + Duration::from_secs(120);
+    let local_done = |work: &WorkDir| {
+        let done = work.read_manifest().ok().flatten().map(|m| m.done);
+        done.is_some_and(|d| d.iter().filter(|d| d.phase == "local").count() == 2)
+    };
+    while !local_done(&work) {
+        assert!(Instant::now() < until, "no local phase: {}", job.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    job.workers[1].kill().unwrap();
+    let status = wait_for(&mut job.coordinator, Duration::from_secs(60), "coordinator");
+    assert!(!status.success(), "the job succeeded without worker 1");
+    let _ = job.workers[0].wait();
+    assert!(!dir.join("job").exists(), "a failed job left an output");
+    let resumed = launch_config(&config, dir, "job", 2, 1, &s, true);
+    let log = resumed.log.clone();
+    assert!(resumed.finish(Duration::from_secs(180)));
+    let log = std::fs::read_to_string(log).unwrap();
+    for stage in 0..2 {
+        assert!(
+            log.contains(&format!(
+                "stage {stage}: phase `local` restored from its checkpoint"
+            )),
+            "{log}"
+        );
+    }
+    let diff = max_rel_diff(&merged("job"), &merged("2x1"));
+    assert!(diff <= 1e-6, "resumed output differs by {diff:e}");
 }

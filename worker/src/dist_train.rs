@@ -17,9 +17,63 @@ use crate::stage::StageNet;
 use crate::supernet::{own_mask, reconstruction_loss};
 use crate::tensor::{flatten_all, unflatten_like};
 use crate::train_merge::TrainSettings;
-use fsmerge_common::config::Targets;
+use fsmerge_common::checkpoint::HostTensor;
+use fsmerge_common::config::{StepForm, Targets};
 use fsmerge_common::{Error, Result};
+use std::ops::Range;
 use tch::{Device, Kind, Tensor};
+
+/// What the pipeline (teacher features, global phase) needs of a stage, whatever the
+/// architecture.
+pub trait PipelineStage {
+    /// Number of models merged.
+    fn n(&self) -> usize;
+    fn is_last(&self) -> bool;
+    /// The plan units the stage holds.
+    fn units(&self) -> Range<usize>;
+    /// Per-sample shape of the stream entering the stage from the previous one (the teacher's
+    /// [n, N, ..] and the merged [B, ..] alike).
+    fn stream_dims(&self) -> Vec<i64>;
+    /// The originals' features after each of the stage's units (and, on the last stage, what
+    /// the loss reconstructs, last) from the stage input: the merge inputs x [N, D] on stage 0,
+    /// else the previous stage's last features [n, N, ..].
+    fn teacher(&self, input: &Tensor) -> Vec<Tensor>;
+    /// Parameters the stage trains in the global phase.
+    fn global_params(&self) -> Vec<Tensor>;
+    /// The stage's part of the global SuperNet on the merged stream (x on stage 0): the next
+    /// merged stream, or on the last stage the per-model outputs [n, B, ..].
+    fn forward(&self, input: &Tensor, form: StepForm) -> Tensor;
+}
+
+/// What a worker does with its stage beyond the pipeline.
+pub trait WorkerStage: PipelineStage {
+    fn to_device(&mut self, device: Device);
+    /// Bytes of the original models' tensors this stage holds.
+    fn weight_bytes(&self) -> u64;
+    /// Number of feature tensors `teacher` returns (for the feature cache).
+    fn feature_count(&self) -> usize;
+    /// Drop what only the teacher needed, once the features exist.
+    fn release_originals(&mut self) {}
+    /// Seed of the global phase's batch order, from the job seed.
+    fn global_seed(&self, seed: u64) -> u64 {
+        seed
+    }
+    /// Train the stage's local problems.
+    fn train_local(
+        &self,
+        data: &StageData,
+        s: &TrainSettings,
+        pipe: &mut dyn Collective,
+        replicas: &mut dyn Collective,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LogRow>>;
+    /// After local training: move what the next stage consumes there.
+    fn hand_over(&mut self, pipe: &mut dyn Collective) -> Result<()>;
+    /// Every trainable tensor, named, for checkpoints.
+    fn named_params(&self) -> Vec<(String, Tensor)>;
+    /// The folded stage under the merged model's tensor names.
+    fn fold(&self) -> Result<Vec<(String, HostTensor)>>;
+}
 
 /// What a stage trains on.
 pub struct StageData {
@@ -56,8 +110,8 @@ fn index(ids: &[i64], device: Device) -> Tensor {
     Tensor::from_slice(ids).to_device(device)
 }
 
-fn mask(stage: &StageNet, data: &StageData, idx: &Tensor, targets: Targets) -> Option<Tensor> {
-    (targets == Targets::Own).then(|| own_mask(&data.task.index_select(0, idx), stage.n))
+fn mask(n: usize, data: &StageData, idx: &Tensor, targets: Targets) -> Option<Tensor> {
+    (targets == Targets::Own).then(|| own_mask(&data.task.index_select(0, idx), n))
 }
 
 /// Sum gradients and the loss over the replicas (one buffer); identity for one replica.
@@ -71,7 +125,7 @@ fn reduce(
 }
 
 /// Sum gradients and several losses over the replicas in one flat buffer.
-fn reduce_many(
+pub fn reduce_many(
     replicas: &mut dyn Collective,
     grads: Vec<Tensor>,
     losses: &[f64],
@@ -104,7 +158,7 @@ fn reduce_many(
 
 /// A part's mean loss weighted by its share of the batch (unchanged for the whole batch, so
 /// one worker computes exactly what the single-process job does).
-fn scaled(loss: Tensor, part: usize, batch: usize) -> Tensor {
+pub fn scaled(loss: Tensor, part: usize, batch: usize) -> Tensor {
     if part == batch {
         loss
     } else {
@@ -158,7 +212,7 @@ pub fn train_local(
                 _ => data.feats[j - 1].index_select(1, &idx),
             };
             let target = data.feats[j].index_select(1, &idx);
-            let m = mask(stage, data, &idx, s.targets);
+            let m = mask(stage.n(), data, &idx, s.targets);
             let loss = stage.local_loss(j, &input, &target, m.as_ref());
             let loss = scaled(loss, part.len(), batch.len());
             losses.push(loss.double_value(&[]));
@@ -180,8 +234,8 @@ pub fn train_local(
 
 /// Train the global SuperNet's parameters of this stage in the pipeline `pipe` (member s is
 /// stage s of this replica index) with `micro_batches` micro-batches per replica share.
-pub fn train_global(
-    stage: &StageNet,
+pub fn train_global<S: PipelineStage + ?Sized>(
+    stage: &S,
     data: &StageData,
     s: &TrainSettings,
     pipe: &mut dyn Collective,
@@ -193,15 +247,15 @@ pub fn train_global(
     let params = stage.global_params();
     let me = pipe.rank();
     let first = me == 0;
-    let last = stage.last;
+    let last = stage.is_last();
     if last != (me + 1 == pipe.size()) {
         return Err(Error::Plan(format!(
-            "stage {me} of {} disagrees with its layers {:?} about being last",
+            "stage {me} of {} disagrees with its units {:?} about being last",
             pipe.size(),
-            stage.units
+            stage.units()
         )));
     }
-    let out_dim = stage.out_dim() as i64;
+    let dims = stage.stream_dims();
     let f32_on = (Kind::Float, device);
     s.run("global", data.len(), s.seed)
         .optimise_with(&params, data.len(), progress, |batch| {
@@ -218,14 +272,15 @@ pub fn train_global(
                 let input = if first {
                     data.input.index_select(0, &idx)
                 } else {
-                    let mut t = Tensor::zeros([mb.len() as i64, stage.in_dim as i64], f32_on);
+                    let shape: Vec<i64> = [mb.len() as i64].iter().chain(&dims).copied().collect();
+                    let mut t = Tensor::zeros(shape, f32_on);
                     pipe.recv(&mut t, me - 1)?;
                     t.set_requires_grad(true)
                 };
                 let out = stage.forward(&input, s.form);
                 if last {
                     let target = data.feats[data.feats.len() - 1].index_select(1, &idx);
-                    let m = mask(stage, data, &idx, s.targets);
+                    let m = mask(stage.n(), data, &idx, s.targets);
                     let loss = reconstruction_loss(&out, &target, m.as_ref());
                     let loss = if whole {
                         loss
@@ -241,8 +296,7 @@ pub fn train_global(
             // Backward, last micro-batch first.
             let mut grads = zero_grads(&params);
             let mut loss_sum = 0.0;
-            for (k, (input, out)) in saved.into_iter().enumerate().rev() {
-                let mb_len = mbs[k].len() as i64;
+            for (input, out) in saved.into_iter().rev() {
                 let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
                 if !first {
                     wrt.push(input.shallow_clone());
@@ -251,10 +305,11 @@ pub fn train_global(
                     let value = out.double_value(&[]);
                     (gradients(&out, &wrt)?, value)
                 } else {
-                    let mut back = Tensor::zeros([mb_len * out_dim + 1], f32_on);
+                    let numel = out.numel() as i64;
+                    let mut back = Tensor::zeros([numel + 1], f32_on);
                     pipe.recv(&mut back, me + 1)?;
-                    let g_out = back.narrow(0, 0, mb_len * out_dim).view([mb_len, out_dim]);
-                    let value = back.double_value(&[mb_len * out_dim]);
+                    let g_out = back.narrow(0, 0, numel).view(out.size().as_slice());
+                    let value = back.double_value(&[numel]);
                     let surrogate = (&out * &g_out).sum(Kind::Float);
                     (gradients(&surrogate, &wrt)?, value)
                 };
@@ -277,8 +332,8 @@ pub fn train_global(
 /// Move teacher features down the pipeline: stage 0 starts from the merge inputs, every later
 /// stage receives the previous stage's last features; each computes its own and forwards its
 /// last layer's. `start` is (x, task) on stage 0.
-pub fn flow_features(
-    stage: &StageNet,
+pub fn flow_features<S: PipelineStage + ?Sized>(
+    stage: &S,
     pipe: &mut dyn Collective,
     start: Option<(Tensor, Tensor)>,
 ) -> Result<StageData> {
@@ -290,10 +345,12 @@ pub fn flow_features(
             let mut header = Tensor::zeros([1], (Kind::Float, device));
             pipe.recv(&mut header, me - 1)?;
             let len = header.double_value(&[0]) as i64;
-            let mut input = Tensor::zeros(
-                [stage.n as i64, len, stage.in_dim as i64],
-                (Kind::Float, device),
-            );
+            let shape: Vec<i64> = [stage.n() as i64, len]
+                .iter()
+                .chain(&stage.stream_dims())
+                .copied()
+                .collect();
+            let mut input = Tensor::zeros(shape, (Kind::Float, device));
             pipe.recv(&mut input, me - 1)?;
             let mut task = Tensor::zeros([len], (Kind::Float, device));
             pipe.recv(&mut task, me - 1)?;
@@ -301,7 +358,7 @@ pub fn flow_features(
         }
     };
     let feats = stage.teacher(&input);
-    if !stage.last {
+    if !stage.is_last() {
         let out = &feats[feats.len() - 1];
         let len = task.size()[0];
         pipe.send(&Tensor::from_slice(&[len as f32]).to_device(device), me + 1)?;

@@ -25,6 +25,7 @@ pub mod train_merge;
 pub mod vit;
 pub mod vit_baselines;
 pub mod vit_merge;
+pub mod vit_stage;
 pub mod vit_supernet;
 
 pub use fsmerge_common::{Error, Result};

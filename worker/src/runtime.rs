@@ -9,14 +9,15 @@
 use crate::collective::nccl::{self, NcclGroup};
 use crate::collective::quic::{connect_mesh, QuicGroup};
 use crate::collective::{Collective, Solo};
-use crate::dist_train;
+use crate::dist_train::{self, WorkerStage};
 use crate::feature_cache;
 use crate::progress::{LogRow, Progress};
 use crate::stage::StageNet;
 use crate::tensor::{assign, to_host, to_tch};
 use crate::train_merge::TrainSettings;
+use crate::vit_stage::VitStage;
 use fsmerge_common::checkpoint::{read_json, read_tensors, write_json, write_tensors};
-use fsmerge_common::config::{Backend, JobConfig, Mode};
+use fsmerge_common::config::{Arch, Backend, JobConfig, Mode};
 use fsmerge_common::metrics::{peak_rss_mib, WorkerStats};
 use fsmerge_common::plan::Plan;
 use fsmerge_common::transport::{self, Identity, Timeouts};
@@ -299,7 +300,7 @@ impl Ctx<'_> {
         let replica_members: Vec<u32> = (0..replicas).map(|r| rank_of(stage_i, r)).collect();
         let work = WorkDir::new(&a.work_dir);
         tracing::info!(
-            "worker rank {} of {} on {}: stage {stage_i} (layers {:?}), replica {replica}, {} backend",
+            "worker rank {} of {} on {}: stage {stage_i} (units {:?}), replica {replica}, {} backend",
             a.rank,
             a.world,
             self.host,
@@ -315,30 +316,29 @@ impl Ctx<'_> {
 
         self.set_phase("load");
         let tasks: Vec<String> = job.tasks.iter().map(|t| t.name.clone()).collect();
-        let mut stage = StageNet::load(
-            Path::new(&a.models_dir),
-            &tasks,
-            plan.stages[stage_i].units.clone(),
-            &job.merge,
-            job.seed,
-        )?;
+        let (models, units) = (Path::new(&a.models_dir), plan.stages[stage_i].units.clone());
+        let mut stage: Box<dyn WorkerStage> = match job.model.arch {
+            Arch::Mlp => Box::new(StageNet::load(models, &tasks, units, &job.merge, job.seed)?),
+            Arch::Vit => Box::new(VitStage::load(models, &tasks, units, &job.merge, job.seed)?),
+        };
         stage.to_device(device);
 
         self.set_phase("features");
         let data = if a.features_cached {
-            feature_cache::load(&work.features(stage_i), stage.mu.len())?
+            feature_cache::load(&work.features(stage_i), stage.feature_count())?
         } else {
             let start = (stage_i == 0)
                 .then(|| feature_cache::merge_inputs(job))
                 .transpose()?
                 .map(|(x, task)| (x.to_device(device), task.to_device(device)));
-            let d = dist_train::flow_features(&stage, pipe.as_mut(), start)?;
+            let d = dist_train::flow_features(stage.as_ref(), pipe.as_mut(), start)?;
             if replica == 0 {
                 feature_cache::save(&work.features(stage_i), &d)?;
             }
             d
         }
         .to_device(device);
+        stage.release_originals();
 
         let m = &job.merge;
         let settings = TrainSettings::of(m, job.seed);
@@ -348,14 +348,14 @@ impl Ctx<'_> {
         if matches!(m.mode, Mode::Local | Mode::LocalThenGlobal) {
             self.phase(
                 &work,
-                &stage,
+                stage.as_ref(),
                 "local",
                 &mut phase_seconds,
                 &mut phase_steps,
-                || dist_train::train_local(&stage, &data, &settings, reps.as_mut(), &progress),
+                || stage.train_local(&data, &settings, pipe.as_mut(), reps.as_mut(), &progress),
             )?;
             self.set_phase("hand-over");
-            dist_train::hand_over_boundary(&mut stage, pipe.as_mut())?;
+            stage.hand_over(pipe.as_mut())?;
         }
         if matches!(m.mode, Mode::Global | Mode::LocalThenGlobal) {
             let s = TrainSettings {
@@ -363,6 +363,7 @@ impl Ctx<'_> {
                     Mode::LocalThenGlobal => m.global_epochs,
                     _ => m.epochs,
                 },
+                seed: stage.global_seed(settings.seed),
                 ..settings.clone()
             };
             let micro = if stages > 1 {
@@ -372,13 +373,13 @@ impl Ctx<'_> {
             };
             self.phase(
                 &work,
-                &stage,
+                stage.as_ref(),
                 "global",
                 &mut phase_seconds,
                 &mut phase_steps,
                 || {
                     dist_train::train_global(
-                        &stage,
+                        stage.as_ref(),
                         &data,
                         &s,
                         pipe.as_mut(),
@@ -422,7 +423,7 @@ impl Ctx<'_> {
             },
             phase_steps,
             peak_rss_mib: peak_rss_mib(),
-            weight_bytes: stage.weight_bytes,
+            weight_bytes: stage.weight_bytes(),
             step_seconds: phase_seconds.values().sum(),
             phase_seconds,
             allreduce_seconds: pa + ra,
@@ -437,7 +438,7 @@ impl Ctx<'_> {
     fn phase(
         &self,
         work: &WorkDir,
-        stage: &StageNet,
+        stage: &dyn WorkerStage,
         phase: &str,
         seconds: &mut BTreeMap<String, f64>,
         steps: &mut BTreeMap<String, u64>,
@@ -447,11 +448,11 @@ impl Ctx<'_> {
         let (st, js) = work.checkpoint(a.stage as usize, phase);
         self.set_phase(phase);
         let (record, restored) = if a.done_phases.iter().any(|p| p == phase) {
-            let names: Vec<String> = stage.named_mu().into_iter().map(|(n, _)| n).collect();
+            let names: Vec<String> = stage.named_params().into_iter().map(|(n, _)| n).collect();
             let mut t = read_tensors(&st, &names)?;
             let mut values = Vec::new();
             let mut params = Vec::new();
-            for (name, p) in stage.named_mu() {
+            for (name, p) in stage.named_params() {
                 let v = t.remove(&name).ok_or_else(|| Error::Tensor {
                     file: st.clone(),
                     tensor: name.clone(),
@@ -480,7 +481,7 @@ impl Ctx<'_> {
             };
             if a.replica == 0 {
                 let mut tensors = BTreeMap::new();
-                for (name, p) in stage.named_mu() {
+                for (name, p) in stage.named_params() {
                     tensors.insert(name, to_host(&p)?);
                 }
                 write_json(&js, &record)?;

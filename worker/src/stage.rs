@@ -8,13 +8,18 @@
 //! (`boundary_u` → `u_in`). Every U is owned by exactly one stage, so the stages' global
 //! parameters together are the single-process SuperNet's.
 
+use crate::collective::Collective;
+use crate::dist_train::{self, PipelineStage, StageData, WorkerStage};
 use crate::mlp::Linear;
 use crate::mu::MuMatrix;
+use crate::progress::{LogRow, Progress};
 use crate::supernet::{
     fold_layer, layer_forward, local_layer_forward, reconstruction_loss, seeded_mu, FrozenLayer,
     LayerMu,
 };
 use crate::tensor::{to_host, to_tch};
+use crate::train_merge::TrainSettings;
+use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::checkpoint::{body_bias, body_weight, head_bias, head_weight, MlpPart};
 use fsmerge_common::config::{MergeConfig, StepForm};
 use fsmerge_common::{Error, Result};
@@ -129,61 +134,14 @@ impl StageNet {
         })
     }
 
-    /// Move everything to `device` (tensors of a CUDA worker).
-    pub fn to_device(&mut self, device: Device) {
-        for l in &mut self.layers {
-            l.wt = l.wt.to_device(device);
-            l.b = l.b.to_device(device);
-        }
-        for m in &mut self.mu {
-            m.m.to_device(device);
-            m.u.to_device(device);
-        }
-        if let Some(u) = &mut self.u_in {
-            u.to_device(device);
-        }
-        for h in &mut self.heads {
-            h.w = h.w.to_device(device);
-            h.b = h.b.to_device(device);
-        }
-    }
-
     /// Width of the stage's output stream.
     pub fn out_dim(&self) -> usize {
         self.layers.last().map_or(self.in_dim, FrozenLayer::out_dim)
     }
 
-    /// Teacher features of the stage's layers: every model's activation after each layer,
-    /// `[j]` is [n, N, k], from the stage input (x [N, D] on stage 0, else [n, N, k_in]).
-    pub fn teacher(&self, input: &Tensor) -> Vec<Tensor> {
-        tch::no_grad(|| {
-            let mut h = input.shallow_clone();
-            self.layers
-                .iter()
-                .map(|l| {
-                    h = l.branches(&h).relu();
-                    h.shallow_clone()
-                })
-                .collect()
-        })
-    }
-
     /// Parameters of local problem j (the stage's j-th layer): its M and U.
     pub fn local_params(&self, j: usize) -> Vec<Tensor> {
         self.mu[j].params()
-    }
-
-    /// Parameters the stage trains in the global phase (see the module doc).
-    pub fn global_params(&self) -> Vec<Tensor> {
-        let mut p: Vec<Tensor> = self.u_in.iter().flat_map(MuMatrix::params).collect();
-        let depth = self.mu.len();
-        for (j, mu) in self.mu.iter().enumerate() {
-            p.extend(mu.m.params());
-            if j + 1 < depth || self.last {
-                p.extend(mu.u.params());
-            }
-        }
-        p
     }
 
     /// The U this stage hands to the next one after local training.
@@ -202,10 +160,52 @@ impl StageNet {
         let pred = local_layer_forward(&self.layers[j], &self.mu[j], input);
         reconstruction_loss(&pred, target, own_mask)
     }
+}
+
+impl PipelineStage for StageNet {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn is_last(&self) -> bool {
+        self.last
+    }
+    fn units(&self) -> Range<usize> {
+        self.units.clone()
+    }
+    fn stream_dims(&self) -> Vec<i64> {
+        vec![self.in_dim as i64]
+    }
+    /// Teacher features of the stage's layers: every model's activation after each layer,
+    /// `[j]` is [n, N, k], from the stage input (x [N, D] on stage 0, else [n, N, k_in]).
+    fn teacher(&self, input: &Tensor) -> Vec<Tensor> {
+        tch::no_grad(|| {
+            let mut h = input.shallow_clone();
+            self.layers
+                .iter()
+                .map(|l| {
+                    h = l.branches(&h).relu();
+                    h.shallow_clone()
+                })
+                .collect()
+        })
+    }
+
+    /// Parameters the stage trains in the global phase (see the module doc).
+    fn global_params(&self) -> Vec<Tensor> {
+        let mut p: Vec<Tensor> = self.u_in.iter().flat_map(MuMatrix::params).collect();
+        let depth = self.mu.len();
+        for (j, mu) in self.mu.iter().enumerate() {
+            p.extend(mu.m.params());
+            if j + 1 < depth || self.last {
+                p.extend(mu.u.params());
+            }
+        }
+        p
+    }
 
     /// The stage's part of the global SuperNet on the merged stream h [B, k_in] (x on stage
     /// 0): the next merged stream, or on the last stage the per-model outputs [n, B, k_L].
-    pub fn forward(&self, h: &Tensor, form: StepForm) -> Tensor {
+    fn forward(&self, h: &Tensor, form: StepForm) -> Tensor {
         let mut h = h.shallow_clone();
         for (j, layer) in self.layers.iter().enumerate() {
             let u_prev = if j == 0 {
@@ -221,9 +221,49 @@ impl StageNet {
             h
         }
     }
+}
 
+impl WorkerStage for StageNet {
+    /// Move everything to `device` (tensors of a CUDA worker).
+    fn to_device(&mut self, device: Device) {
+        for l in &mut self.layers {
+            l.wt = l.wt.to_device(device);
+            l.b = l.b.to_device(device);
+        }
+        for m in &mut self.mu {
+            m.m.to_device(device);
+            m.u.to_device(device);
+        }
+        if let Some(u) = &mut self.u_in {
+            u.to_device(device);
+        }
+        for h in &mut self.heads {
+            h.w = h.w.to_device(device);
+            h.b = h.b.to_device(device);
+        }
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+    fn feature_count(&self) -> usize {
+        self.units.len()
+    }
+    fn train_local(
+        &self,
+        data: &StageData,
+        s: &TrainSettings,
+        _pipe: &mut dyn Collective,
+        replicas: &mut dyn Collective,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LogRow>> {
+        dist_train::train_local(self, data, s, replicas, progress)
+    }
+    fn hand_over(&mut self, pipe: &mut dyn Collective) -> Result<()> {
+        dist_train::hand_over_boundary(self, pipe)
+    }
     /// Every M/U the stage holds, named, for checkpoints.
-    pub fn named_mu(&self) -> Vec<(String, Tensor)> {
+    fn named_params(&self) -> Vec<(String, Tensor)> {
         let mut v = Vec::new();
         let mut push = |prefix: String, m: &MuMatrix| {
             for (i, p) in m.params().into_iter().enumerate() {
@@ -243,7 +283,7 @@ impl StageNet {
 
     /// The folded stage: W*_l, b*_l of its layers (PyTorch layout) and, on the last stage, each
     /// task's head with its read-out U_L⁽ᵗ⁾ folded in; named as in the merged checkpoint.
-    pub fn fold(&self) -> Result<Vec<(String, fsmerge_common::checkpoint::HostTensor)>> {
+    fn fold(&self) -> Result<Vec<(String, HostTensor)>> {
         tch::no_grad(|| {
             let mut out = Vec::new();
             for (j, layer) in self.layers.iter().enumerate() {

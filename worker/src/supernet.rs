@@ -41,6 +41,10 @@ impl FrozenLayer {
     pub fn out_dim(&self) -> usize {
         self.wt.size()[2] as usize
     }
+    pub fn to_device(&mut self, device: tch::Device) {
+        self.wt = self.wt.to_device(device);
+        self.b = self.b.to_device(device);
+    }
     /// Branch outputs W_i v_i + b_i for v [n, B, in], or for a shared input [B, in].
     pub fn branches(&self, v: &Tensor) -> Tensor {
         let y = if v.dim() == 2 {
@@ -168,10 +172,16 @@ pub fn seeded_mu(
     widths: &[usize],
     rank: usize,
 ) -> Result<Vec<LayerMu>> {
+    with_mu_seed(seed, || new_mu(mu_type, init, n, widths, rank))
+}
+
+/// Run `draw` with libtorch's global generator seeded for the job's M/U init, holding a lock
+/// so that workers sharing a process (the embedded default) cannot interleave their draws.
+pub fn with_mu_seed<T>(seed: u64, draw: impl FnOnce() -> T) -> T {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed.wrapping_add(MU_SEED_OFFSET) as i64);
-    new_mu(mu_type, init, n, widths, rank)
+    draw()
 }
 
 /// Offset of the M/U init's seed from the job seed (keeps it apart from the originals' seeds).

@@ -7,8 +7,9 @@ use crate::mlp::Linear;
 use crate::tensor::{to_host, to_tch, F32};
 use fsmerge_common::checkpoint::{write_json, write_tensors, HostTensor};
 use fsmerge_common::hf::{VitConfig, WeightFiles};
-use fsmerge_common::Result;
+use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use tch::Tensor;
 
@@ -89,6 +90,26 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, bias: Option<&Tens
 }
 
 impl Block {
+    /// Every tensor under its HF name as block `l` of a `ViTModel`.
+    pub fn named(&self, l: usize) -> Vec<(String, &Tensor)> {
+        let base = format!("encoder.layer.{l}");
+        let mut v = Vec::new();
+        for (part, w, bias) in [
+            ("layernorm_before", &self.ln_before.w, &self.ln_before.b),
+            ("attention.attention.query", &self.q.w, &self.q.b),
+            ("attention.attention.key", &self.k.w, &self.k.b),
+            ("attention.attention.value", &self.v.w, &self.v.b),
+            ("attention.output.dense", &self.out.w, &self.out.b),
+            ("layernorm_after", &self.ln_after.w, &self.ln_after.b),
+            ("intermediate.dense", &self.fc1.w, &self.fc1.b),
+            ("output.dense", &self.fc2.w, &self.fc2.b),
+        ] {
+            v.push((format!("{base}.{part}.weight"), w));
+            v.push((format!("{base}.{part}.bias"), bias));
+        }
+        v
+    }
+
     pub fn forward(&self, x: &Tensor, heads: i64) -> Tensor {
         let x = x + self.attention_branch(x, heads);
         &x + self.mlp_branch(&x)
@@ -138,84 +159,129 @@ pub fn embed_tokens(
     Tensor::cat(&[cls, x], 1) + pos
 }
 
-impl Vit {
-    /// Load an HF ViT folder.
-    pub fn load(dir: &Path) -> Result<Self> {
+/// The tensors of one part of a ViT, as a pipeline stage holds them: plan units `units`
+/// (unit 0 is the embeddings, unit 1 + l is block l). The part that ends with the last block
+/// also holds the final LayerNorm and, when the model has one, the classifier.
+pub struct VitPart {
+    pub cfg: VitConfig,
+    pub units: Range<usize>,
+    /// (patch kernel [d, C, p, p], patch bias [d], [CLS] [1, 1, d], positions [1, T, d]).
+    pub embeddings: Option<[Tensor; 4]>,
+    /// Blocks `first_block()..`, in order.
+    pub blocks: Vec<Block>,
+    pub ln_final: Option<LayerNorm>,
+    pub classifier: Option<Linear>,
+}
+
+/// HF names of the embedding tensors, in `VitPart::embeddings` order.
+pub const EMBEDDING_NAMES: [&str; 4] = [
+    "embeddings.patch_embeddings.projection.weight",
+    "embeddings.patch_embeddings.projection.bias",
+    "embeddings.cls_token",
+    "embeddings.position_embeddings",
+];
+
+const BLOCK_PARTS: [&str; 8] = [
+    "layernorm_before",
+    "attention.attention.query",
+    "attention.attention.key",
+    "attention.attention.value",
+    "attention.output.dense",
+    "layernorm_after",
+    "intermediate.dense",
+    "output.dense",
+];
+
+impl VitPart {
+    /// Read plan units `units` of the HF ViT folder `dir` (only their tensors are read).
+    pub fn load(dir: &Path, units: Range<usize>) -> Result<Self> {
         let cfg = VitConfig::load(dir)?;
+        let count = cfg.num_hidden_layers + 1;
+        if units.is_empty() || units.end > count {
+            return Err(Error::Plan(format!(
+                "units {units:?} of {}: the ViT has {count} (embeddings + {} blocks)",
+                dir.display(),
+                cfg.num_hidden_layers
+            )));
+        }
         let files = WeightFiles::open(dir)?;
         let prefix = if files.contains("vit.embeddings.cls_token") {
             "vit."
         } else {
             ""
         };
-        let mut names: Vec<String> = [
-            "embeddings.cls_token",
-            "embeddings.position_embeddings",
-            "embeddings.patch_embeddings.projection.weight",
-            "embeddings.patch_embeddings.projection.bias",
-            "layernorm.weight",
-            "layernorm.bias",
-        ]
-        .iter()
-        .map(|n| format!("{prefix}{n}"))
-        .collect();
-        let block_parts = [
-            "layernorm_before",
-            "attention.attention.query",
-            "attention.attention.key",
-            "attention.attention.value",
-            "attention.output.dense",
-            "layernorm_after",
-            "intermediate.dense",
-            "output.dense",
-        ];
-        for l in 0..cfg.num_hidden_layers {
-            for p in block_parts {
+        let classifier = units.end == count && files.contains("classifier.weight");
+        let mut names: Vec<String> = Vec::new();
+        if units.start == 0 {
+            names.extend(EMBEDDING_NAMES.iter().map(|n| format!("{prefix}{n}")));
+        }
+        for l in units.start.max(1) - 1..units.end - 1 {
+            for p in BLOCK_PARTS {
                 for wb in ["weight", "bias"] {
                     names.push(format!("{prefix}encoder.layer.{l}.{p}.{wb}"));
                 }
             }
         }
-        let classifier = files.contains("classifier.weight");
-        if classifier {
-            names.push("classifier.weight".into());
-            names.push("classifier.bias".into());
+        if units.end == count {
+            names.extend(["layernorm.weight", "layernorm.bias"].map(|n| format!("{prefix}{n}")));
         }
-        let mut t = files.read(&names)?;
-        let mut take = |n: &str| -> Tensor {
-            // Every name was read above (a missing one is an error there).
+        if classifier {
+            names.extend([
+                "classifier.weight".to_string(),
+                "classifier.bias".to_string(),
+            ]);
+        }
+        let t = files.read(&names)?;
+        Self::from_tensors(cfg, units, prefix, t)
+    }
+
+    /// Build the part from its tensors under their HF names (with `prefix` before every name
+    /// but the classifier's); a missing tensor is an error naming it.
+    pub fn from_tensors(
+        cfg: VitConfig,
+        units: Range<usize>,
+        prefix: &str,
+        mut t: BTreeMap<String, HostTensor>,
+    ) -> Result<Self> {
+        let has_classifier = t.contains_key("classifier.weight");
+        let mut take = |n: &str| -> Result<Tensor> {
             t.remove(n)
                 .map(|h| to_tch(&h))
-                .unwrap_or_else(|| Tensor::zeros([0], crate::tensor::F32))
+                .ok_or_else(|| Error::Compute(format!("the ViT's tensor `{n}` is missing")))
         };
         let eps = cfg.layer_norm_eps;
-        let mut ln = |p: String| LayerNorm {
-            w: take(&format!("{p}.weight")),
-            b: take(&format!("{p}.bias")),
-            eps,
+        let count = cfg.num_hidden_layers + 1;
+        let embeddings = if units.start == 0 {
+            let [w, b, cls, pos] = EMBEDDING_NAMES;
+            Some([
+                take(&format!("{prefix}{w}"))?,
+                take(&format!("{prefix}{b}"))?,
+                take(&format!("{prefix}{cls}"))?,
+                take(&format!("{prefix}{pos}"))?,
+            ])
+        } else {
+            None
         };
-        let ln_final = ln(format!("{prefix}layernorm"));
         let mut blocks = Vec::new();
-        for l in 0..cfg.num_hidden_layers {
+        for l in units.start.max(1) - 1..units.end - 1 {
             let base = format!("{prefix}encoder.layer.{l}");
-            let mut lin = |p: &str| Linear {
-                w: take(&format!("{base}.{p}.weight")),
-                b: take(&format!("{base}.{p}.bias")),
+            let mut pair = |p: &str| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    take(&format!("{base}.{p}.weight"))?,
+                    take(&format!("{base}.{p}.bias"))?,
+                ))
             };
+            let mut lin = |p: &str| pair(p).map(|(w, b)| Linear { w, b });
             let (q, k, v, out, fc1, fc2) = (
-                lin("attention.attention.query"),
-                lin("attention.attention.key"),
-                lin("attention.attention.value"),
-                lin("attention.output.dense"),
-                lin("intermediate.dense"),
-                lin("output.dense"),
+                lin("attention.attention.query")?,
+                lin("attention.attention.key")?,
+                lin("attention.attention.value")?,
+                lin("attention.output.dense")?,
+                lin("intermediate.dense")?,
+                lin("output.dense")?,
             );
-            let mut ln2 = |p: &str| LayerNorm {
-                w: take(&format!("{base}.{p}.weight")),
-                b: take(&format!("{base}.{p}.bias")),
-                eps,
-            };
-            let (ln_before, ln_after) = (ln2("layernorm_before"), ln2("layernorm_after"));
+            let mut ln = |p: &str| pair(p).map(|(w, b)| LayerNorm { w, b, eps });
+            let (ln_before, ln_after) = (ln("layernorm_before")?, ln("layernorm_after")?);
             blocks.push(Block {
                 ln_before,
                 q,
@@ -227,23 +293,135 @@ impl Vit {
                 fc2,
             });
         }
+        let ln_final = if units.end == count {
+            Some(LayerNorm {
+                w: take(&format!("{prefix}layernorm.weight"))?,
+                b: take(&format!("{prefix}layernorm.bias"))?,
+                eps,
+            })
+        } else {
+            None
+        };
+        let classifier = if units.end == count && has_classifier {
+            Some(Linear {
+                w: take("classifier.weight")?,
+                b: take("classifier.bias")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            patch_w: take(&format!(
-                "{prefix}embeddings.patch_embeddings.projection.weight"
-            )),
-            patch_b: take(&format!(
-                "{prefix}embeddings.patch_embeddings.projection.bias"
-            )),
-            cls: take(&format!("{prefix}embeddings.cls_token")),
-            pos: take(&format!("{prefix}embeddings.position_embeddings")),
-            classifier: classifier.then(|| Linear {
-                w: take("classifier.weight"),
-                b: take("classifier.bias"),
-            }),
+            cfg,
+            units,
+            embeddings,
             blocks,
             ln_final,
-            cfg,
+            classifier,
         })
+    }
+
+    /// Move every tensor to `device`.
+    pub fn to_device(&mut self, device: tch::Device) {
+        let mut ts: Vec<&mut Tensor> = self.embeddings.iter_mut().flatten().collect();
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.q, &mut b.k, &mut b.v, &mut b.out, &mut b.fc1, &mut b.fc2,
+            ] {
+                ts.extend([&mut l.w, &mut l.b]);
+            }
+            for n in [&mut b.ln_before, &mut b.ln_after] {
+                ts.extend([&mut n.w, &mut n.b]);
+            }
+        }
+        if let Some(n) = &mut self.ln_final {
+            ts.extend([&mut n.w, &mut n.b]);
+        }
+        if let Some(c) = &mut self.classifier {
+            ts.extend([&mut c.w, &mut c.b]);
+        }
+        for t in ts {
+            *t = t.to_device(device);
+        }
+    }
+
+    /// Global index of the part's first block.
+    pub fn first_block(&self) -> usize {
+        self.units.start.max(1) - 1
+    }
+
+    /// Bytes of the part's tensors.
+    pub fn bytes(&self) -> u64 {
+        let mut ts: Vec<&Tensor> = self.embeddings.iter().flatten().collect();
+        for b in &self.blocks {
+            for l in [&b.q, &b.k, &b.v, &b.out, &b.fc1, &b.fc2] {
+                ts.extend([&l.w, &l.b]);
+            }
+            for n in [&b.ln_before, &b.ln_after] {
+                ts.extend([&n.w, &n.b]);
+            }
+        }
+        if let Some(n) = &self.ln_final {
+            ts.extend([&n.w, &n.b]);
+        }
+        if let Some(c) = &self.classifier {
+            ts.extend([&c.w, &c.b]);
+        }
+        ts.iter().map(|t| 4 * t.numel() as u64).sum()
+    }
+
+    /// The part's units on one model's input: images [B, C, H, W] when it holds the
+    /// embeddings, else the stream [B, T, d]. Returns every unit's output stream, then the
+    /// pooled output ([CLS] after the final LayerNorm) when it holds that LayerNorm.
+    pub fn trace(&self, input: &Tensor) -> Vec<Tensor> {
+        let heads = self.cfg.num_attention_heads as i64;
+        let mut out = Vec::new();
+        let mut h = match &self.embeddings {
+            Some([w, b, cls, pos]) => {
+                let e = embed_tokens(input, w, b, cls, pos, self.cfg.patch_size as i64);
+                out.push(e.shallow_clone());
+                e
+            }
+            None => input.shallow_clone(),
+        };
+        for b in &self.blocks {
+            h = b.forward(&h, heads);
+            out.push(h.shallow_clone());
+        }
+        if let Some(ln) = &self.ln_final {
+            out.push(ln.forward(&h).select(1, 0));
+        }
+        out
+    }
+
+    /// The whole model, when this part holds every unit.
+    pub fn into_vit(self) -> Result<Vit> {
+        let whole = self.cfg.num_hidden_layers + 1;
+        match (self.embeddings, self.ln_final) {
+            (Some([patch_w, patch_b, cls, pos]), Some(ln_final)) if self.units == (0..whole) => {
+                Ok(Vit {
+                    cfg: self.cfg,
+                    patch_w,
+                    patch_b,
+                    cls,
+                    pos,
+                    blocks: self.blocks,
+                    ln_final,
+                    classifier: self.classifier,
+                })
+            }
+            _ => Err(Error::Compute(format!(
+                "units {:?} are part of a ViT, not all of its {whole}",
+                self.units
+            ))),
+        }
+    }
+}
+
+impl Vit {
+    /// Load an HF ViT folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = VitConfig::load(dir)?;
+        VitPart::load(dir, 0..cfg.num_hidden_layers + 1)?.into_vit()
     }
 
     /// A randomly initialised `ViTForImageClassification` as transformers initialises one:
@@ -304,20 +482,7 @@ impl Vit {
             ("layernorm.bias".into(), &self.ln_final.b),
         ];
         for (l, b) in self.blocks.iter().enumerate() {
-            let base = format!("encoder.layer.{l}");
-            for (part, w, bias) in [
-                ("layernorm_before", &b.ln_before.w, &b.ln_before.b),
-                ("attention.attention.query", &b.q.w, &b.q.b),
-                ("attention.attention.key", &b.k.w, &b.k.b),
-                ("attention.attention.value", &b.v.w, &b.v.b),
-                ("attention.output.dense", &b.out.w, &b.out.b),
-                ("layernorm_after", &b.ln_after.w, &b.ln_after.b),
-                ("intermediate.dense", &b.fc1.w, &b.fc1.b),
-                ("output.dense", &b.fc2.w, &b.fc2.b),
-            ] {
-                v.push((format!("{base}.{part}.weight"), w));
-                v.push((format!("{base}.{part}.bias"), bias));
-            }
+            v.extend(b.named(l));
         }
         let mut v: Vec<(String, &Tensor)> = v
             .into_iter()

@@ -22,7 +22,7 @@ pub fn images(x: &Tensor) -> Tensor {
 }
 
 /// Rows per forward pass when features are computed over a whole set.
-const CHUNK: i64 = 512;
+pub(crate) const CHUNK: i64 = 512;
 
 /// Apply `f` to `x` in chunks of rows and concatenate the results along `dim`.
 pub fn chunked(x: &Tensor, dim: i64, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
@@ -306,14 +306,21 @@ pub fn train_local(
     )
 }
 
+/// Offset of the global phase's batch-order seed from the job seed (apart from local's).
+pub const GLOBAL_SEED_OFFSET: u64 = 7919;
+
 /// Train the whole SuperNet end to end (method.md §9.1).
 pub fn train_global(
     loss: &VitLoss,
     s: &TrainSettings,
     progress: &dyn Progress,
 ) -> Result<Vec<LogRow>> {
-    s.run("global", loss.set.len(), s.seed.wrapping_add(7919))
-        .optimise(&loss.sn.global_params(), loss.set.len(), progress, |idx| {
-            loss.global(idx)
-        })
+    s.run(
+        "global",
+        loss.set.len(),
+        s.seed.wrapping_add(GLOBAL_SEED_OFFSET),
+    )
+    .optimise(&loss.sn.global_params(), loss.set.len(), progress, |idx| {
+        loss.global(idx)
+    })
 }

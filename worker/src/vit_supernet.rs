@@ -33,6 +33,10 @@ pub(crate) struct FrozenLn {
 }
 
 impl FrozenLn {
+    pub(crate) fn move_to(&mut self, device: tch::Device) {
+        self.w = self.w.to_device(device);
+        self.b = self.b.to_device(device);
+    }
     pub(crate) fn stack(lns: &[&LayerNorm]) -> Self {
         Self {
             w: Tensor::stack(&lns.iter().map(|l| l.w.detach()).collect::<Vec<_>>(), 0),
@@ -76,28 +80,246 @@ impl MergedLn {
     pub(crate) fn params(&self) -> [Tensor; 2] {
         [self.w.shallow_clone(), self.b.shallow_clone()]
     }
+    /// Move to `device` (the tensors stay leaves that require grad).
+    pub(crate) fn move_to(&mut self, device: tch::Device) {
+        for t in [&mut self.w, &mut self.b] {
+            *t = t.detach().to_device(device).set_requires_grad(true);
+        }
+    }
 }
 
 /// Block l of every model, frozen.
-struct FrozenBlock {
-    ln1: FrozenLn,
+pub(crate) struct FrozenBlock {
+    pub(crate) ln1: FrozenLn,
     q: FrozenLayer,
     k: FrozenLayer,
     v: FrozenLayer,
     o: FrozenLayer,
-    ln2: FrozenLn,
+    pub(crate) ln2: FrozenLn,
     fc1: FrozenLayer,
     fc2: FrozenLayer,
+}
+
+impl FrozenBlock {
+    pub(crate) fn move_to(&mut self, device: tch::Device) {
+        self.ln1.move_to(device);
+        self.ln2.move_to(device);
+        for l in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.fc1,
+            &mut self.fc2,
+        ] {
+            l.to_device(device);
+        }
+    }
+
+    /// The same block of every model.
+    pub(crate) fn stack(b: &[&Block]) -> Self {
+        let lin = |f: &dyn Fn(&Block) -> &Linear| {
+            FrozenLayer::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
+        };
+        Self {
+            ln1: FrozenLn::stack(&b.iter().map(|b| &b.ln_before).collect::<Vec<_>>()),
+            q: lin(&|b| &b.q),
+            k: lin(&|b| &b.k),
+            v: lin(&|b| &b.v),
+            o: lin(&|b| &b.out),
+            ln2: FrozenLn::stack(&b.iter().map(|b| &b.ln_after).collect::<Vec<_>>()),
+            fc1: lin(&|b| &b.fc1),
+            fc2: lin(&|b| &b.fc2),
+        }
+    }
+}
+
+/// The embeddings of every model, frozen.
+pub(crate) struct FrozenEmbed {
+    /// The patch convolution as a linear map of flattened patches: wt [n, C·p·p, d].
+    patch: FrozenLayer,
+    cls: Tensor,
+    pos: Tensor,
+}
+
+impl FrozenEmbed {
+    pub(crate) fn move_to(&mut self, device: tch::Device) {
+        self.patch.to_device(device);
+        self.cls = self.cls.to_device(device);
+        self.pos = self.pos.to_device(device);
+    }
+
+    /// Every model's (patch kernel [d, C, p, p], patch bias [d], [CLS], positions).
+    pub(crate) fn stack(e: &[[&Tensor; 4]]) -> Self {
+        let n = e.len() as i64;
+        let d = e.first().map_or(0, |e| e[0].size()[0]);
+        let patch_lin: Vec<Linear> = e
+            .iter()
+            .map(|[w, b, _, _]| Linear {
+                w: w.view([d, -1]),
+                b: b.shallow_clone(),
+            })
+            .collect();
+        let stack =
+            |i: usize| Tensor::stack(&e.iter().map(|e| e[i].detach()).collect::<Vec<_>>(), 0);
+        Self {
+            patch: FrozenLayer::stack(&patch_lin.iter().collect::<Vec<_>>()),
+            cls: stack(2).view([n, 1, d]),
+            pos: stack(3).view([n, -1, d]),
+        }
+    }
+
+    /// Flattened patches [B·P, C·p·p], in the order of the patch convolution's output.
+    fn patches(pixels: &Tensor, p: i64) -> Tensor {
+        let (b, c, hh, ww) = pixels.size4().unwrap_or((0, 0, 0, 0));
+        pixels
+            .view([b, c, hh / p, p, ww / p, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([-1, c * p * p])
+    }
+
+    /// x*_0 [B, T, d]: the n embeddings merged by `m_pre` (literally, or through the fold).
+    pub(crate) fn merged(
+        &self,
+        m_pre: &MuMatrix,
+        pixels: &Tensor,
+        form: StepForm,
+        cfg: &VitConfig,
+    ) -> Tensor {
+        let p = cfg.patch_size as i64;
+        match form {
+            StepForm::Literal => {
+                let (n, d) = (self.cls.size()[0], cfg.hidden_size as i64);
+                let b = pixels.size()[0];
+                let e = self
+                    .patch
+                    .branches(&Self::patches(pixels, p))
+                    .view([n, b, -1, d]);
+                let cls = self.cls.unsqueeze(1).expand([n, b, 1, d], false);
+                let e = Tensor::cat(&[cls, e], 2) + self.pos.unsqueeze(1);
+                let t = e.size()[2];
+                m_pre.merge(&e.view([n, b * t, d])).view([b, t, d])
+            }
+            StepForm::Fold => {
+                let [w, bias, cls, pos] = self.fold(m_pre, cfg);
+                embed_tokens(pixels, &w, &bias, &cls, &pos, p)
+            }
+        }
+    }
+
+    /// Folded embedding: patch kernel [d, C, p, p], bias [d], [CLS] [1, 1, d], positions [1, T, d].
+    pub(crate) fn fold(&self, m_pre: &MuMatrix, cfg: &VitConfig) -> [Tensor; 4] {
+        let (d, c, p) = (
+            cfg.hidden_size as i64,
+            cfg.num_channels as i64,
+            cfg.patch_size as i64,
+        );
+        let (wt, b) = fold_layer(&self.patch, m_pre, None);
+        let w = wt.tr().contiguous().view([d, c, p, p]);
+        let cls = m_pre.merge(&self.cls).view([1, 1, d]);
+        let pos = m_pre.merge(&self.pos).unsqueeze(0);
+        [w, b, cls, pos]
+    }
+}
+
+/// One block of the SuperNet: the models' frozen block with its M/U and LayerNorms.
+pub(crate) struct BlockUnit<'a> {
+    pub(crate) frozen: &'a FrozenBlock,
+    pub(crate) mu: &'a BlockMu,
+    pub(crate) heads: i64,
+}
+
+impl BlockUnit<'_> {
+    /// Folded into a plain pre-LN block (differentiable in M/U/LN).
+    pub(crate) fn fold(&self) -> Block {
+        let (fb, mu) = (self.frozen, self.mu);
+        Block {
+            ln_before: mu.ln1.layer_norm(),
+            q: folded_linear(&fb.q, &mu.m_q, &mu.u_att),
+            k: folded_linear(&fb.k, &mu.m_k, &mu.u_att),
+            v: folded_linear(&fb.v, &mu.m_v, &mu.u_att),
+            out: folded_linear(&fb.o, &mu.m_o, &mu.u_o),
+            ln_after: mu.ln2.layer_norm(),
+            fc1: folded_linear(&fb.fc1, &mu.m_1, &mu.u_0),
+            fc2: folded_linear(&fb.fc2, &mu.m_2, &mu.u_1),
+        }
+    }
+
+    /// Literally, n branches between each U and M; also returns the attention branches'
+    /// outputs W_o,i U_o⁽ⁱ⁾ o* + b_o,i [n, B·T, d] (the inner features' Ĝ).
+    pub(crate) fn literal(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let (fb, mu) = (self.frozen, self.mu);
+        let (b, t, d) = x.size3().unwrap_or((0, 0, 0));
+        let a = mu.ln1.forward(x).view([-1, d]);
+        let ua = mu.u_att.unmerge(&a);
+        let proj = |m: &MuMatrix, f: &FrozenLayer| m.merge(&f.branches(&ua)).view([b, t, d]);
+        let ctx = attend(
+            &proj(&mu.m_q, &fb.q),
+            &proj(&mu.m_k, &fb.k),
+            &proj(&mu.m_v, &fb.v),
+            self.heads,
+            None,
+        )
+        .view([-1, d]);
+        let r = fb.o.branches(&mu.u_o.unmerge(&ctx));
+        let x = x + mu.m_o.merge(&r).view([b, t, d]);
+        let g = mu.ln2.forward(&x).view([-1, d]);
+        let z = mu
+            .m_1
+            .merge(&fb.fc1.branches(&mu.u_0.unmerge(&g)))
+            .gelu("none");
+        let m = mu.m_2.merge(&fb.fc2.branches(&mu.u_1.unmerge(&z)));
+        (x + m.view([b, t, d]), r)
+    }
+
+    /// In `form` (same function either way).
+    pub(crate) fn forward(&self, x: &Tensor, form: StepForm) -> Tensor {
+        match form {
+            StepForm::Literal => self.literal(x).0,
+            StepForm::Fold => self.fold().forward(x, self.heads),
+        }
+    }
+
+    /// The block's local problem: the originals' streams at its input f_l [n, B, T, d],
+    /// merged by `m_res`, through the block, unmerged by `u_res`: the reconstruction of f_{l+1}
+    /// [n, B, T, d]; and the mean square of M_res U_res y* − y* (the residual basis' drift).
+    pub(crate) fn local(
+        &self,
+        m_res: &MuMatrix,
+        u_res: &MuMatrix,
+        f_in: &Tensor,
+        form: StepForm,
+    ) -> (Tensor, Tensor) {
+        let (n, b, t, d) = f_in.size4().unwrap_or((0, 0, 0, 0));
+        let x = m_res.merge(&f_in.view([n, b * t, d])).view([b, t, d]);
+        let y = self.forward(&x, form).view([-1, d]);
+        let pred = u_res.unmerge(&y);
+        let drift = (m_res.merge(&pred) - &y).square().mean(None);
+        (pred.view([n, b, t, d]), drift)
+    }
+}
+
+/// ŷ [n, B, d] from the last stream [B, T, d]: U_final LN_post(x*[CLS]).
+pub(crate) fn read_out(ln_post: &MergedLn, u_final: &MuMatrix, x: &Tensor) -> Tensor {
+    u_final.unmerge(&ln_post.forward(&x.select(1, 0)))
+}
+
+/// The output's local problem: the originals' final [CLS] streams [n, B, d] merged by M_res,
+/// then LN_post and U_final → ŷ [n, B, d].
+pub(crate) fn local_read_out(
+    m_res: &MuMatrix,
+    ln_post: &MergedLn,
+    u_final: &MuMatrix,
+    f_cls: &Tensor,
+) -> Tensor {
+    u_final.unmerge(&ln_post.forward(&m_res.merge(f_cls)))
 }
 
 /// Every original weight, stacked per model.
 pub struct FrozenVit {
     pub n: usize,
     pub cfg: VitConfig,
-    /// The patch convolution as a linear map of flattened patches: wt [n, C·p·p, d].
-    patch: FrozenLayer,
-    cls: Tensor,
-    pos: Tensor,
+    embed: FrozenEmbed,
     blocks: Vec<FrozenBlock>,
     ln_final: FrozenLn,
 }
@@ -126,7 +348,7 @@ pub(crate) fn check_mergeable<M, S: PartialEq + std::fmt::Debug>(
 }
 
 /// The shape fields two ViTs must agree on to be merged.
-fn shape_of(c: &VitConfig) -> [usize; 7] {
+pub(crate) fn shape_of(c: &VitConfig) -> [usize; 7] {
     [
         c.hidden_size,
         c.num_hidden_layers,
@@ -146,42 +368,17 @@ impl FrozenVit {
             "hidden, layers, heads, mlp, image, patch, channels",
         )?;
         let n = models.len();
-        let first = models[0];
-        let d = first.cfg.hidden_size as i64;
-        let stack = |f: &dyn Fn(&Vit) -> &Tensor| {
-            Tensor::stack(&models.iter().map(|m| f(m).detach()).collect::<Vec<_>>(), 0)
-        };
-        let patch_lin: Vec<Linear> = models
+        let embeds: Vec<[&Tensor; 4]> = models
             .iter()
-            .map(|m| Linear {
-                w: m.patch_w.view([d, -1]),
-                b: m.patch_b.shallow_clone(),
-            })
+            .map(|m| [&m.patch_w, &m.patch_b, &m.cls, &m.pos])
             .collect();
-        let blocks = (0..first.blocks.len())
-            .map(|l| {
-                let b: Vec<&Block> = models.iter().map(|m| &m.blocks[l]).collect();
-                let lin = |f: &dyn Fn(&Block) -> &Linear| {
-                    FrozenLayer::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
-                };
-                FrozenBlock {
-                    ln1: FrozenLn::stack(&b.iter().map(|b| &b.ln_before).collect::<Vec<_>>()),
-                    q: lin(&|b| &b.q),
-                    k: lin(&|b| &b.k),
-                    v: lin(&|b| &b.v),
-                    o: lin(&|b| &b.out),
-                    ln2: FrozenLn::stack(&b.iter().map(|b| &b.ln_after).collect::<Vec<_>>()),
-                    fc1: lin(&|b| &b.fc1),
-                    fc2: lin(&|b| &b.fc2),
-                }
-            })
+        let blocks = (0..models[0].blocks.len())
+            .map(|l| FrozenBlock::stack(&models.iter().map(|m| &m.blocks[l]).collect::<Vec<_>>()))
             .collect();
         Ok(Self {
             n,
-            cfg: first.cfg.clone(),
-            patch: FrozenLayer::stack(&patch_lin.iter().collect::<Vec<_>>()),
-            cls: stack(&|m| &m.cls).view([n as i64, 1, d]),
-            pos: stack(&|m| &m.pos).view([n as i64, -1, d]),
+            cfg: models[0].cfg.clone(),
+            embed: FrozenEmbed::stack(&embeds),
             blocks,
             ln_final: FrozenLn::stack(&models.iter().map(|m| &m.ln_final).collect::<Vec<_>>()),
         })
@@ -209,6 +406,25 @@ pub struct BlockMu {
 }
 
 impl BlockMu {
+    pub(crate) fn move_to(&mut self, device: tch::Device) {
+        self.ln1.move_to(device);
+        self.ln2.move_to(device);
+        for m in [
+            &mut self.u_att,
+            &mut self.m_q,
+            &mut self.m_k,
+            &mut self.m_v,
+            &mut self.u_o,
+            &mut self.m_o,
+            &mut self.u_0,
+            &mut self.m_1,
+            &mut self.u_1,
+            &mut self.m_2,
+        ] {
+            m.to_device(device);
+        }
+    }
+
     pub fn params(&self) -> Vec<Tensor> {
         let mut v: Vec<Tensor> = self.ln1.params().into_iter().collect();
         for m in [
@@ -266,6 +482,17 @@ impl MuDraw {
     pub(crate) fn width(&self, role: Role) -> Result<MuMatrix> {
         MuMatrix::new(role, self.mu_type, self.init, self.n, self.d, self.rank)
     }
+    /// The draw of a ViT of config `c`.
+    pub(crate) fn for_vit(
+        c: &VitConfig,
+        mu_type: MuType,
+        init: Init,
+        n: usize,
+        rank: usize,
+    ) -> Self {
+        let shape = [c.hidden_size, c.intermediate_size, c.num_attention_heads];
+        Self::new(mu_type, init, n, shape, rank)
+    }
     /// An h-wide M or U of the MLP's hidden layer.
     pub(crate) fn hidden(&self, role: Role) -> Result<MuMatrix> {
         let rank_h = (self.rank * self.h / self.d).max(1);
@@ -289,40 +516,90 @@ pub struct VitMu {
     pub u_final: MuMatrix,
 }
 
-impl VitMu {
-    /// Draw every M/U from libtorch's global generator (seed it first for a reproducible init).
-    /// d-sized M/U get rank r, the MLP's hidden M_1/U_1 get ⌊r·h/d⌋ (method.md §3.2); the
-    /// attention M/U take the `att_heads` structure when asked.
-    fn new(f: &FrozenVit, mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
-        let c = &f.cfg;
-        let shape = [c.hidden_size, c.intermediate_size, c.num_attention_heads];
-        let draw = MuDraw::new(mu_type, init, f.n, shape, rank);
-        let eps = c.layer_norm_eps;
+/// The M/U of the whole SuperNet, drawn in one fixed order, of which a caller keeps the
+/// blocks `keep`: a pipeline stage draws every matrix (so its share has the values the
+/// single-process SuperNet has) and keeps its own. LayerNorms draw nothing.
+pub(crate) struct DrawnMu {
+    pub(crate) m_pre: MuMatrix,
+    pub(crate) u_res: MuMatrix,
+    pub(crate) blocks: Vec<BlockMu>,
+    pub(crate) u_final: MuMatrix,
+}
+
+impl DrawnMu {
+    /// Draw from libtorch's global generator (seed it first for a reproducible init); `lns`
+    /// are the kept blocks' frozen LayerNorms (LN_1, LN_2), which init their merged ones.
+    pub(crate) fn draw(
+        draw: &MuDraw,
+        depth: usize,
+        keep: std::ops::Range<usize>,
+        lns: &[(&FrozenLn, &FrozenLn)],
+        init: Init,
+        eps: f64,
+    ) -> Result<Self> {
         let m_pre = draw.width(Role::Merge)?;
         let u_res = draw.width(Role::Unmerge)?;
         let mut blocks = Vec::new();
-        for fb in &f.blocks {
+        for l in 0..depth {
+            let mats = [
+                draw.attention(Role::Unmerge)?,
+                draw.attention(Role::Merge)?,
+                draw.attention(Role::Merge)?,
+                draw.attention(Role::Merge)?,
+                draw.attention(Role::Unmerge)?,
+                draw.attention(Role::Merge)?,
+                draw.width(Role::Unmerge)?,
+                draw.hidden(Role::Merge)?,
+                draw.hidden(Role::Unmerge)?,
+                draw.width(Role::Merge)?,
+            ];
+            if !keep.contains(&l) {
+                continue;
+            }
+            let (ln1, ln2) = lns.get(l - keep.start).ok_or_else(|| {
+                Error::Compute(format!("no LayerNorms given for block {l} of {keep:?}"))
+            })?;
+            let [u_att, m_q, m_k, m_v, u_o, m_o, u_0, m_1, u_1, m_2] = mats;
             blocks.push(BlockMu {
-                ln1: MergedLn::new(&fb.ln1, init, eps),
-                u_att: draw.attention(Role::Unmerge)?,
-                m_q: draw.attention(Role::Merge)?,
-                m_k: draw.attention(Role::Merge)?,
-                m_v: draw.attention(Role::Merge)?,
-                u_o: draw.attention(Role::Unmerge)?,
-                m_o: draw.attention(Role::Merge)?,
-                ln2: MergedLn::new(&fb.ln2, init, eps),
-                u_0: draw.width(Role::Unmerge)?,
-                m_1: draw.hidden(Role::Merge)?,
-                u_1: draw.hidden(Role::Unmerge)?,
-                m_2: draw.width(Role::Merge)?,
+                ln1: MergedLn::new(ln1, init, eps),
+                u_att,
+                m_q,
+                m_k,
+                m_v,
+                u_o,
+                m_o,
+                ln2: MergedLn::new(ln2, init, eps),
+                u_0,
+                m_1,
+                u_1,
+                m_2,
             });
         }
         Ok(Self {
             m_pre,
             u_res,
             blocks,
-            ln_post: MergedLn::new(&f.ln_final, init, eps),
             u_final: draw.width(Role::Unmerge)?,
+        })
+    }
+}
+
+impl VitMu {
+    /// Draw every M/U (see `DrawnMu::draw`). d-sized M/U get rank r, the MLP's hidden M_1/U_1
+    /// get ⌊r·h/d⌋ (method.md §3.2); the attention M/U take the `att_heads` structure when asked.
+    fn new(f: &FrozenVit, mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
+        let c = &f.cfg;
+        let draw = MuDraw::for_vit(c, mu_type, init, f.n, rank);
+        let eps = c.layer_norm_eps;
+        let lns: Vec<_> = f.blocks.iter().map(|b| (&b.ln1, &b.ln2)).collect();
+        let depth = f.blocks.len();
+        let d = DrawnMu::draw(&draw, depth, 0..depth, &lns, init, eps)?;
+        Ok(Self {
+            m_pre: d.m_pre,
+            u_res: d.u_res,
+            blocks: d.blocks,
+            ln_post: MergedLn::new(&f.ln_final, init, eps),
+            u_final: d.u_final,
         })
     }
 }
@@ -330,6 +607,20 @@ impl VitMu {
 pub struct VitSuperNet {
     pub frozen: FrozenVit,
     pub mu: VitMu,
+}
+
+/// Trainable tensors named by group and position (`m_pre.0`, `block3.7`, …): the names in phase
+/// checkpoints, the same for a pipeline stage (`VitStage`) and the whole SuperNet.
+pub(crate) fn named_groups(groups: Vec<(String, Vec<Tensor>)>) -> Vec<(String, Tensor)> {
+    groups
+        .into_iter()
+        .flat_map(|(group, params)| {
+            params
+                .into_iter()
+                .enumerate()
+                .map(move |(i, p)| (format!("{group}.{i}"), p))
+        })
+        .collect()
 }
 
 /// Each layer of the folded ViT, as (transposed weight, bias) → a `Linear`.
@@ -360,6 +651,20 @@ impl VitSuperNet {
         v
     }
 
+    /// Every trainable tensor under its checkpoint name (`named_groups`).
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        let mut groups = vec![
+            ("m_pre".to_string(), self.mu.m_pre.params()),
+            ("u_res".to_string(), self.mu.u_res.params()),
+        ];
+        for (l, b) in self.mu.blocks.iter().enumerate() {
+            groups.push((format!("block{l}"), b.params()));
+        }
+        groups.push(("ln_post".into(), self.mu.ln_post.params().into()));
+        groups.push(("u_final".into(), self.mu.u_final.params()));
+        named_groups(groups)
+    }
+
     /// What local training moves: the global parameters and the shared residual unmerge.
     pub fn local_params(&self) -> Vec<Tensor> {
         let mut v = self.global_params();
@@ -367,107 +672,40 @@ impl VitSuperNet {
         v
     }
 
-    /// Flattened patches [B·P, C·p·p], in the order of the patch convolution's output.
-    fn patches(&self, pixels: &Tensor) -> Tensor {
-        let p = self.frozen.cfg.patch_size as i64;
-        let (b, c, hh, ww) = pixels.size4().unwrap_or((0, 0, 0, 0));
-        pixels
-            .view([b, c, hh / p, p, ww / p, p])
-            .permute([0, 2, 4, 1, 3, 5])
-            .reshape([-1, c * p * p])
-    }
-
     /// x*_0 [B, T, d]: the n embeddings merged by M_pre (literally, or through the fold).
     pub fn embed(&self, pixels: &Tensor, form: StepForm) -> Tensor {
-        let f = &self.frozen;
-        let (n, d) = (f.n as i64, f.cfg.hidden_size as i64);
-        let b = pixels.size()[0];
-        match form {
-            StepForm::Literal => {
-                let e = f.patch.branches(&self.patches(pixels)).view([n, b, -1, d]);
-                let cls = f.cls.unsqueeze(1).expand([n, b, 1, d], false);
-                let e = Tensor::cat(&[cls, e], 2) + f.pos.unsqueeze(1);
-                let t = e.size()[2];
-                self.mu.m_pre.merge(&e.view([n, b * t, d])).view([b, t, d])
-            }
-            StepForm::Fold => {
-                let (w, bias, cls, pos) = self.fold_embedding();
-                embed_tokens(pixels, &w, &bias, &cls, &pos, f.cfg.patch_size as i64)
-            }
-        }
+        self.frozen
+            .embed
+            .merged(&self.mu.m_pre, pixels, form, &self.frozen.cfg)
     }
 
-    /// Folded embedding: patch kernel [d, C, p, p], bias [d], [CLS] [1, 1, d], positions [1, T, d].
-    fn fold_embedding(&self) -> (Tensor, Tensor, Tensor, Tensor) {
-        let f = &self.frozen;
-        let cfg = &f.cfg;
-        let (d, c, p) = (
-            cfg.hidden_size as i64,
-            cfg.num_channels as i64,
-            cfg.patch_size as i64,
-        );
-        let (wt, b) = fold_layer(&f.patch, &self.mu.m_pre, None);
-        let w = wt.tr().contiguous().view([d, c, p, p]);
-        let cls = self.mu.m_pre.merge(&f.cls).view([1, 1, d]);
-        let pos = self.mu.m_pre.merge(&f.pos).unsqueeze(0);
-        (w, b, cls, pos)
+    /// Block l with its M/U.
+    pub(crate) fn unit(&self, l: usize) -> BlockUnit<'_> {
+        BlockUnit {
+            frozen: &self.frozen.blocks[l],
+            mu: &self.mu.blocks[l],
+            heads: self.frozen.heads(),
+        }
     }
 
     /// Block l folded into a plain pre-LN block (differentiable in M/U/LN).
     pub fn fold_block(&self, l: usize) -> Block {
-        let (fb, mu) = (&self.frozen.blocks[l], &self.mu.blocks[l]);
-        Block {
-            ln_before: mu.ln1.layer_norm(),
-            q: folded_linear(&fb.q, &mu.m_q, &mu.u_att),
-            k: folded_linear(&fb.k, &mu.m_k, &mu.u_att),
-            v: folded_linear(&fb.v, &mu.m_v, &mu.u_att),
-            out: folded_linear(&fb.o, &mu.m_o, &mu.u_o),
-            ln_after: mu.ln2.layer_norm(),
-            fc1: folded_linear(&fb.fc1, &mu.m_1, &mu.u_0),
-            fc2: folded_linear(&fb.fc2, &mu.m_2, &mu.u_1),
-        }
+        self.unit(l).fold()
     }
 
-    /// Block l literally, n branches between each U and M; also returns the attention
-    /// branches' outputs W_o,i U_o⁽ⁱ⁾ o* + b_o,i [n, B·T, d] (the inner features' Ĝ).
+    /// Block l literally; also the attention branches' outputs [n, B·T, d] (`BlockUnit::literal`).
     pub fn block_literal(&self, l: usize, x: &Tensor) -> (Tensor, Tensor) {
-        let (fb, mu) = (&self.frozen.blocks[l], &self.mu.blocks[l]);
-        let (b, t, d) = x.size3().unwrap_or((0, 0, 0));
-        let a = mu.ln1.forward(x).view([-1, d]);
-        let ua = mu.u_att.unmerge(&a);
-        let proj = |m: &MuMatrix, f: &FrozenLayer| m.merge(&f.branches(&ua)).view([b, t, d]);
-        let ctx = attend(
-            &proj(&mu.m_q, &fb.q),
-            &proj(&mu.m_k, &fb.k),
-            &proj(&mu.m_v, &fb.v),
-            self.frozen.heads(),
-            None,
-        )
-        .view([-1, d]);
-        let r = fb.o.branches(&mu.u_o.unmerge(&ctx));
-        let x = x + mu.m_o.merge(&r).view([b, t, d]);
-        let g = mu.ln2.forward(&x).view([-1, d]);
-        let z = mu
-            .m_1
-            .merge(&fb.fc1.branches(&mu.u_0.unmerge(&g)))
-            .gelu("none");
-        let m = mu.m_2.merge(&fb.fc2.branches(&mu.u_1.unmerge(&z)));
-        (x + m.view([b, t, d]), r)
+        self.unit(l).literal(x)
     }
 
     /// Block l in `form` (same function either way).
     pub fn block(&self, l: usize, x: &Tensor, form: StepForm) -> Tensor {
-        match form {
-            StepForm::Literal => self.block_literal(l, x).0,
-            StepForm::Fold => self.fold_block(l).forward(x, self.frozen.heads()),
-        }
+        self.unit(l).forward(x, form)
     }
 
     /// ŷ [n, B, d] from the last stream [B, T, d]: U_final LN_post(x*[CLS]).
     pub fn output(&self, x: &Tensor) -> Tensor {
-        self.mu
-            .u_final
-            .unmerge(&self.mu.ln_post.forward(&x.select(1, 0)))
+        read_out(&self.mu.ln_post, &self.mu.u_final, x)
     }
 
     /// The whole SuperNet: ŷ [n, B, d], and for each block in `inner` (run literally, as its
@@ -492,27 +730,16 @@ impl VitSuperNet {
         (self.output(&x), branches)
     }
 
-    /// Local problem of block l: the originals' streams at its input f_l [n, B, T, d], merged
-    /// by M_res, through the block, unmerged by U_res: the reconstruction of f_{l+1}
-    /// [n, B, T, d]; and the mean square of M_res U_res y* − y* (the residual basis' drift).
+    /// Local problem of block l (`BlockUnit::local`, through M_res = M_pre and U_res).
     pub fn local_block(&self, l: usize, f_in: &Tensor, form: StepForm) -> (Tensor, Tensor) {
-        let (n, b, t, d) = f_in.size4().unwrap_or((0, 0, 0, 0));
-        let x = self
-            .mu
-            .m_pre
-            .merge(&f_in.view([n, b * t, d]))
-            .view([b, t, d]);
-        let y = self.block(l, &x, form).view([-1, d]);
-        let pred = self.mu.u_res.unmerge(&y);
-        let drift = (self.mu.m_pre.merge(&pred) - &y).square().mean(None);
-        (pred.view([n, b, t, d]), drift)
+        self.unit(l)
+            .local(&self.mu.m_pre, &self.mu.u_res, f_in, form)
     }
 
     /// Local problem of the output: the originals' final [CLS] streams [n, B, d] merged by
     /// M_res → ŷ [n, B, d].
     pub fn local_output(&self, f_cls: &Tensor) -> Tensor {
-        let x = self.mu.m_pre.merge(f_cls);
-        self.mu.u_final.unmerge(&self.mu.ln_post.forward(&x))
+        local_read_out(&self.mu.m_pre, &self.mu.ln_post, &self.mu.u_final, f_cls)
     }
 
     /// The local SuperNet as trained: after every block the stream goes through U_res and back
@@ -534,7 +761,7 @@ impl VitSuperNet {
 
     /// The folded ViT (no classifier), differentiable in M/U/LN.
     pub fn fold(&self) -> Vit {
-        let (patch_w, patch_b, cls, pos) = self.fold_embedding();
+        let [patch_w, patch_b, cls, pos] = self.frozen.embed.fold(&self.mu.m_pre, &self.frozen.cfg);
         Vit {
             cfg: self.frozen.cfg.clone(),
             patch_w,
