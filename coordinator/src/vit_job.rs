@@ -76,12 +76,6 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let cfg = &job.cfg;
     let m = &cfg.merge;
     let distributed = cfg.cluster.world() > 1 || matches!(launch, Launch::External { .. });
-    if distributed && !m.inner_layers.is_empty() {
-        bail!(Error::field(
-            "merge.inner_layers",
-            "inner-feature loss terms run in one process for now (cluster.stages = replicas = 1)"
-        ));
-    }
     if resume && !distributed {
         tracing::warn!(
             "--resume: a ViT merge in one process keeps no checkpoints; the job starts over"

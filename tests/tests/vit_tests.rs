@@ -184,14 +184,13 @@ fn vit_bad_input_is_named() {
         "a failed job leaves no output"
     );
 
-    // Inner-feature terms do not run distributed yet: said, not ignored.
+    // A ViT's plan units are its embeddings and blocks: 2 blocks give at most 3 stages.
     let mut args = args.to_vec();
-    for set in ["cluster.stages=2", "merge.inner_layers=[1]"] {
-        args.extend(["--set".into(), set.into()]);
-    }
+    args.extend(["--set".into(), "cluster.stages=4".into()]);
     let o = fsmerge(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("merge.inner_layers"), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("cluster.stages") && e.contains("3 units"), "{e}");
 }
 
 /// Every result row as (method, mean task %, joint %), rounded as the report prints them.
@@ -210,9 +209,9 @@ fn scores(m: &Metrics) -> Vec<(String, String, String)> {
 
 /// The same ViT merge (local-then-global, so both phases and the shared M_res/U_res) in one
 /// process and on the distributed runtime: embedded workers over 2 stages and over 3 stages ×
-/// 2 replicas with 3 micro-batches (a stage of embeddings alone, a middle stage), and worker
-/// processes whose stage-1 worker is killed in the global phase, then resumed from the local
-/// checkpoints. Every run folds to the same merged ViT and reports the same rows.
+/// 2 replicas with 3 micro-batches (a stage of embeddings alone, a middle stage), a global
+/// merge with inner-feature terms on every block, and worker processes whose stage-1 worker is
+/// killed in the global phase, then resumed from the local checkpoints. Every run folds to the same merged ViT and reports the same rows.
 #[test]
 fn distributed_vit_merge_equals_the_single_process_merge() {
     let dir = tempfile::tempdir().unwrap();
@@ -266,6 +265,18 @@ fn distributed_vit_merge_equals_the_single_process_merge() {
             "{name}: one log row per step and phase, as in one process"
         );
     }
+
+    // The inner-feature terms (global): each stage adds those of its inner blocks.
+    let inner = ["merge.mode=\"global\"", "merge.inner_layers=[0, 1]"];
+    let reference = run("single-inner", &inner);
+    let m = run(
+        "inner-3x2",
+        &[inner[0], inner[1], "cluster.stages=3", "cluster.replicas=2"],
+    );
+    let diff = max_rel_diff(&merged("inner-3x2"), &merged("single-inner"));
+    println!("inner-3x2: folded weights differ by {diff:.2e} (relative)");
+    assert!(diff <= 1e-4, "inner-3x2: folded weights differ by {diff:e}");
+    assert_eq!(scores(&m), scores(&reference), "inner-3x2");
 
     // Worker processes; kill stage 1's once the local phase is checkpointed.
     let config = root().join("configs/digits-vit.toml").display().to_string();

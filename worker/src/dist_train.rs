@@ -43,6 +43,18 @@ pub trait PipelineStage {
     /// The stage's part of the global SuperNet on the merged stream (x on stage 0): the next
     /// merged stream, or on the last stage the per-model outputs [n, B, ..].
     fn forward(&self, input: &Tensor, form: StepForm) -> Tensor;
+    /// `forward` in a global step on samples `idx`, with the loss terms the stage adds itself
+    /// (a transformer's inner-feature terms), as a mean over the samples.
+    fn forward_global(
+        &self,
+        input: &Tensor,
+        idx: &Tensor,
+        data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>) {
+        let _ = (idx, data);
+        (self.forward(input, s.form), None)
+    }
 }
 
 /// What a worker does with its stage beyond the pipeline.
@@ -52,8 +64,12 @@ pub trait WorkerStage: PipelineStage {
     fn weight_bytes(&self) -> u64;
     /// Number of feature tensors `teacher` returns (for the feature cache).
     fn feature_count(&self) -> usize;
-    /// Drop what only the teacher needed, once the features exist.
-    fn release_originals(&mut self) {}
+    /// Once the teacher features exist: derive what training needs from them, and drop what
+    /// only the teacher needed.
+    fn prepare(&mut self, data: &StageData) -> Result<()> {
+        let _ = data;
+        Ok(())
+    }
     /// Seed of the global phase's batch order, from the job seed.
     fn global_seed(&self, seed: u64) -> u64 {
         seed
@@ -265,44 +281,64 @@ pub fn train_global<S: PipelineStage + ?Sized>(
                 .filter(|mb| !mb.is_empty())
                 .collect();
             let whole = mbs.len() == 1 && part.len() == batch.len();
-            // Forward: keep each micro-batch's input and output (or loss) for its backward.
+            // Forward: keep each micro-batch's input, output (or loss on the last stage), the
+            // stage's own loss terms, and the loss value, for its backward.
             let mut saved = Vec::with_capacity(mbs.len());
             for mb in &mbs {
                 let idx = index(mb, device);
-                let input = if first {
-                    data.input.index_select(0, &idx)
-                } else {
-                    let shape: Vec<i64> = [mb.len() as i64].iter().chain(&dims).copied().collect();
-                    let mut t = Tensor::zeros(shape, f32_on);
-                    pipe.recv(&mut t, me - 1)?;
-                    t.set_requires_grad(true)
-                };
-                let out = stage.forward(&input, s.form);
-                if last {
-                    let target = data.feats[data.feats.len() - 1].index_select(1, &idx);
-                    let m = mask(stage.n(), data, &idx, s.targets);
-                    let loss = reconstruction_loss(&out, &target, m.as_ref());
-                    let loss = if whole {
+                let weight = |loss: Tensor| {
+                    if whole {
                         loss
                     } else {
                         scaled(loss, mb.len(), batch.len())
-                    };
-                    saved.push((input, loss));
+                    }
+                };
+                // Stage 0 reads the inputs; every other stage receives the merged stream and
+                // the value of the stages' own loss terms so far.
+                let (input, acc_in) = if first {
+                    (data.input.index_select(0, &idx), 0.0)
                 } else {
-                    pipe.send(&out.detach().contiguous(), me + 1)?;
-                    saved.push((input, out));
+                    let numel = mb.len() as i64 * dims.iter().product::<i64>();
+                    let mut t = Tensor::zeros([numel + 1], f32_on);
+                    pipe.recv(&mut t, me - 1)?;
+                    let shape: Vec<i64> = [mb.len() as i64].iter().chain(&dims).copied().collect();
+                    let stream = t.narrow(0, 0, numel).view(shape.as_slice());
+                    (
+                        stream.detach().set_requires_grad(true),
+                        t.double_value(&[numel]),
+                    )
+                };
+                let (out, own) = stage.forward_global(&input, &idx, data, s);
+                let own = own.map(weight);
+                let acc = acc_in + own.as_ref().map_or(0.0, |o| o.double_value(&[]));
+                if last {
+                    let target = data.feats[data.feats.len() - 1].index_select(1, &idx);
+                    let m = mask(stage.n(), data, &idx, s.targets);
+                    let recon = weight(reconstruction_loss(&out, &target, m.as_ref()));
+                    let value = recon.double_value(&[]) + acc;
+                    let loss = match own {
+                        Some(o) => recon + o,
+                        None => recon,
+                    };
+                    saved.push((input, loss, None, value));
+                } else {
+                    let acc_t = Tensor::from_slice(&[acc as f32]).to_device(device);
+                    pipe.send(
+                        &Tensor::cat(&[out.detach().reshape([-1]), acc_t], 0),
+                        me + 1,
+                    )?;
+                    saved.push((input, out, own, 0.0));
                 }
             }
             // Backward, last micro-batch first.
             let mut grads = zero_grads(&params);
             let mut loss_sum = 0.0;
-            for (input, out) in saved.into_iter().rev() {
+            for (input, out, own, value) in saved.into_iter().rev() {
                 let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
                 if !first {
                     wrt.push(input.shallow_clone());
                 }
                 let (mut g, loss) = if last {
-                    let value = out.double_value(&[]);
                     (gradients(&out, &wrt)?, value)
                 } else {
                     let numel = out.numel() as i64;
@@ -311,6 +347,10 @@ pub fn train_global<S: PipelineStage + ?Sized>(
                     let g_out = back.narrow(0, 0, numel).view(out.size().as_slice());
                     let value = back.double_value(&[numel]);
                     let surrogate = (&out * &g_out).sum(Kind::Float);
+                    let surrogate = match own {
+                        Some(o) => surrogate + o,
+                        None => surrogate,
+                    };
                     (gradients(&surrogate, &wrt)?, value)
                 };
                 loss_sum += loss;

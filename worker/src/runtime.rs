@@ -338,7 +338,7 @@ impl Ctx<'_> {
             d
         }
         .to_device(device);
-        stage.release_originals();
+        stage.prepare(&data)?;
 
         let m = &job.merge;
         let settings = TrainSettings::of(m, job.seed);

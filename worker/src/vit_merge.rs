@@ -214,6 +214,26 @@ impl VitTeacher {
     }
 }
 
+/// One block's inner-feature term (method.md §9.2) on a batch: the SuperNet's attention
+/// branches `r` [n, B·T, d] against each input's own model's `g` [B, T, d], the input's own
+/// slice only, scaled by its model's mean |g| (`scale` [n]) and by `weight`:
+/// `weight · mean_b[mean_{T,d}(G − Ĝ)² / s_t]`.
+pub fn inner_term(
+    r: &Tensor,
+    g: &Tensor,
+    scale: &Tensor,
+    task: &Tensor,
+    n: i64,
+    weight: f64,
+) -> Tensor {
+    let b = g.size()[0];
+    let per = (r.view([n, b, -1]) - g.view([1, b, -1]))
+        .square()
+        .mean_dim(2, false, Kind::Float);
+    let own = (per * own_mask(task, n as usize)).sum_dim_intlist(0, false, Kind::Float);
+    (own / scale.index_select(0, task)).mean(Kind::Float) * weight
+}
+
 /// The losses of a ViT SuperNet on the merge data.
 pub struct VitLoss<'a> {
     pub sn: &'a VitSuperNet,
@@ -244,15 +264,15 @@ impl VitLoss<'_> {
         );
         let task = self.set.task.index_select(0, idx);
         let n = self.sn.n() as i64;
-        let b = idx.size()[0];
         for (r, (g, scale)) in branches.iter().zip(&self.teacher.inner) {
-            let g = g.index_select(0, idx);
-            let per =
-                (r.view([n, b, -1]) - g.view([1, b, -1]))
-                    .square()
-                    .mean_dim(2, false, Kind::Float);
-            let own = (per * own_mask(&task, n as usize)).sum_dim_intlist(0, false, Kind::Float);
-            loss += (own / scale.index_select(0, &task)).mean(Kind::Float) * self.inner_weight;
+            loss += inner_term(
+                r,
+                &g.index_select(0, idx),
+                scale,
+                &task,
+                n,
+                self.inner_weight,
+            );
         }
         loss
     }

@@ -23,7 +23,7 @@ use crate::supernet::{own_mask, reconstruction_loss, with_mu_seed};
 use crate::tensor::to_host;
 use crate::train_merge::TrainSettings;
 use crate::vit::VitPart;
-use crate::vit_merge::{images, CHUNK, GLOBAL_SEED_OFFSET};
+use crate::vit_merge::{chunked, images, inner_term, CHUNK, GLOBAL_SEED_OFFSET};
 use crate::vit_supernet::{
     check_mergeable, local_read_out, named_groups, read_out, shape_of, BlockMu, BlockUnit, DrawnMu,
     FrozenBlock, FrozenEmbed, FrozenLn, MergedLn, MuDraw,
@@ -59,6 +59,12 @@ pub struct VitStage {
     u_res: MuMatrix,
     out: Option<Output>,
     res_consistency: f64,
+    /// The stage's blocks among `merge.inner_layers` (global indices) and the terms' weight.
+    inner_layers: Vec<usize>,
+    inner_weight: f64,
+    /// Per inner block: (l, each input's own model's attention-branch output [N, T, d], each
+    /// model's mean |·| of it on its own task [n]); filled by `prepare`.
+    inner: Vec<(usize, Tensor, Tensor)>,
     weight_bytes: u64,
 }
 
@@ -94,7 +100,8 @@ impl VitStage {
         let first = parts[0].first_block();
         let draw = MuDraw::for_vit(&cfg, merge.mu_type, merge.init, n, merge.rank);
         let eps = cfg.layer_norm_eps;
-        let keep = first..first + blocks.len();
+        let blocks_len = blocks.len();
+        let keep = first..first + blocks_len;
         let depth = cfg.num_hidden_layers;
         let drawn = with_mu_seed(seed, || {
             DrawnMu::draw(&draw, depth, keep, &lns, merge.init, eps)
@@ -139,6 +146,14 @@ impl VitStage {
             mu: drawn.blocks,
             m_pre: drawn.m_pre,
             u_res: drawn.u_res,
+            inner_layers: merge
+                .inner_layers
+                .iter()
+                .copied()
+                .filter(|l| (first..first + blocks_len).contains(l))
+                .collect(),
+            inner_weight: merge.inner_weight,
+            inner: Vec::new(),
             out,
             res_consistency: merge.res_consistency,
         })
@@ -156,15 +171,63 @@ impl VitStage {
         }
     }
 
-    /// The originals' stream at boundary k (after unit k) of samples `idx`: the stage input for
+    /// The originals' streams at boundary k (after unit k) [n, N, T, d]: the stage input for
     /// the boundary before its first unit, else one of its features.
-    fn boundary(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
-        let t = if k + 1 == self.units.start {
+    fn stream<'d>(&self, data: &'d StageData, k: usize) -> &'d Tensor {
+        if k + 1 == self.units.start {
             &data.input
         } else {
             &data.feats[k - self.units.start]
+        }
+    }
+
+    /// `stream` of samples `idx`.
+    fn boundary(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
+        self.stream(data, k).index_select(1, idx)
+    }
+
+    /// The stage's part of the global SuperNet (`forward`); with `terms` (samples, their
+    /// tasks) the blocks in `inner` run literally and their inner-feature terms are returned.
+    fn run(
+        &self,
+        input: &Tensor,
+        form: StepForm,
+        terms: Option<(&Tensor, &Tensor)>,
+    ) -> (Tensor, Option<Tensor>) {
+        let mut x = match &self.embed {
+            Some(e) => e.merged(&self.m_pre, &images(input), form, &self.cfg),
+            None => input.shallow_clone(),
         };
-        t.index_select(1, idx)
+        let mut own: Option<Tensor> = None;
+        for j in 0..self.blocks.len() {
+            let l = self.first_block() + j;
+            let inner = self.inner.iter().find(|(k, _, _)| *k == l);
+            x = match (terms, inner) {
+                (Some((idx, task)), Some((_, g, scale))) => {
+                    let (y, r) = self.unit(j).literal(&x);
+                    let n = self.n as i64;
+                    let term = inner_term(
+                        &r,
+                        &g.index_select(0, idx),
+                        scale,
+                        task,
+                        n,
+                        self.inner_weight,
+                    );
+                    own = Some(match own {
+                        Some(o) => o + term,
+                        None => term,
+                    });
+                    y
+                }
+                _ => self.unit(j).forward(&x, form),
+            };
+        }
+        let out = match &self.out {
+            Some(o) => read_out(&o.ln_post, &o.u_final, &x),
+            None => x,
+        };
+        (out, own)
     }
 
     /// The stage's part of the local loss of samples `idx`: each of its blocks' problems (with
@@ -290,17 +353,18 @@ impl PipelineStage for VitStage {
     }
 
     fn forward(&self, input: &Tensor, form: StepForm) -> Tensor {
-        let mut x = match &self.embed {
-            Some(e) => e.merged(&self.m_pre, &images(input), form, &self.cfg),
-            None => input.shallow_clone(),
-        };
-        for j in 0..self.blocks.len() {
-            x = self.unit(j).forward(&x, form);
-        }
-        match &self.out {
-            Some(o) => read_out(&o.ln_post, &o.u_final, &x),
-            None => x,
-        }
+        self.run(input, form, None).0
+    }
+
+    fn forward_global(
+        &self,
+        input: &Tensor,
+        idx: &Tensor,
+        data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>) {
+        let task = data.task.index_select(0, idx);
+        self.run(input, s.form, Some((idx, &task)))
     }
 }
 
@@ -338,8 +402,44 @@ impl WorkerStage for VitStage {
         self.units.len() + usize::from(self.is_last())
     }
 
-    fn release_originals(&mut self) {
+    /// The inner-feature targets of the stage's inner blocks, computed from the originals'
+    /// streams as the single-process teacher does (same row chunks); then the originals go.
+    fn prepare(&mut self, data: &StageData) -> Result<()> {
+        let heads = self.cfg.num_attention_heads as i64;
+        let first = self.first_block();
+        let inner = tch::no_grad(|| {
+            self.inner_layers
+                .iter()
+                .map(|&l| {
+                    let f = self.stream(data, l);
+                    let all = Tensor::stack(
+                        &self
+                            .originals
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| {
+                                chunked(&f.get(i as i64), 0, |c| {
+                                    p.blocks[l - first].attention_branch(c, heads)
+                                })
+                            })
+                            .collect::<Vec<_>>(),
+                        0,
+                    );
+                    let mut own = all.get(0).zeros_like();
+                    let mut scales = Vec::with_capacity(self.n);
+                    for t in 0..self.n as i64 {
+                        let rows = data.task.eq(t).nonzero().squeeze_dim(1);
+                        let mine = all.get(t).index_select(0, &rows);
+                        scales.push(mine.abs().mean(Kind::Float).clamp_min(1e-12));
+                        own = own.index_copy(0, &rows, &mine);
+                    }
+                    (l, own, Tensor::stack(&scales, 0))
+                })
+                .collect()
+        });
+        self.inner = inner;
         self.originals.clear();
+        Ok(())
     }
 
     fn global_seed(&self, seed: u64) -> u64 {
