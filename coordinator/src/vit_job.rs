@@ -1,7 +1,7 @@
-//! The merge job for Hugging Face ViTs (`model.arch = "vit"`), in one process: originals
-//! (trained if missing), baselines, FS-Merge (local / global / local-then-global), fold, evaluate,
-//! and write the merged model as one standard `ViTForImageClassification` whose classifier
-//! stacks every task's head.
+//! The merge job for Hugging Face ViTs (`model.arch = "vit"`): originals (trained if missing),
+//! baselines, FS-Merge (local / global / local-then-global) in this process or on the workers of
+//! the plan (`cluster`), fold, evaluate, and write the merged model as one standard
+//! `ViTForImageClassification` whose classifier stacks every task's head.
 
 use crate::cluster::{self, Launch};
 use crate::job::Job;

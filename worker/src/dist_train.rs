@@ -115,6 +115,29 @@ impl StageData {
             task: self.task.to_device(device),
         }
     }
+
+    /// Free what the global phase does not read — every feature but the last stage's targets,
+    /// and the input of a stage other than stage 0 (the teacher's streams: n·N·T·d floats per
+    /// ViT unit) — keeping the indices. Returns the bytes freed.
+    pub fn keep_global_only(&mut self, first: bool, last: bool) -> u64 {
+        let mut freed = 0;
+        let mut free = |t: &mut Tensor| {
+            freed += 4 * t.numel() as u64;
+            *t = Tensor::zeros([0], (Kind::Float, t.device()));
+        };
+        if !first {
+            free(&mut self.input);
+        }
+        let keep = if last {
+            self.feats.len().saturating_sub(1)
+        } else {
+            self.feats.len()
+        };
+        for f in &mut self.feats[..keep] {
+            free(f);
+        }
+        freed
+    }
 }
 
 /// Member `r` of `n`'s contiguous share of a batch.

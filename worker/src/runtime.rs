@@ -324,7 +324,7 @@ impl Ctx<'_> {
         stage.to_device(device);
 
         self.set_phase("features");
-        let data = if a.features_cached {
+        let mut data = if a.features_cached {
             feature_cache::load(&work.features(stage_i), stage.feature_count())?
         } else {
             let start = (stage_i == 0)
@@ -358,6 +358,12 @@ impl Ctx<'_> {
             stage.hand_over(pipe.as_mut())?;
         }
         if matches!(m.mode, Mode::Global | Mode::LocalThenGlobal) {
+            let freed = data.keep_global_only(stage_i == 0, stage.is_last());
+            tracing::debug!(
+                "worker rank {}: freed {:.1} MB of teacher streams the global phase does not read",
+                a.rank,
+                freed as f64 / 1e6
+            );
             let s = TrainSettings {
                 epochs: match m.mode {
                     Mode::LocalThenGlobal => m.global_epochs,
