@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: on a machine with a GPU and torch 2.11.0 (the image's, or .venv's), run a single-GPU
-# merge with the NCCL backend (one rank), check that CUDA and NCCL were really used, and print
-# step times. Needs a built `fsmerge` (pass its path, default target/release/fsmerge) and the
+# GPU check: on a machine with a GPU and torch 2.11.0 (the image's, or .venv's), run single-GPU
+# merges with the NCCL backend (one rank; an MLP and a ViT), check that CUDA and NCCL were really
+# used, and print step times. Needs a built `fsmerge` (pass its path, default target/release/fsmerge) and the
 # digits data (data/digits.csv.gz, made by deploy/setup.sh).
 #
 #   deploy/gpu-check.sh [path/to/fsmerge]
@@ -22,13 +22,8 @@ grep -q '^NCCL: found' /tmp/fsmerge-doctor.txt || { echo "FAIL: NCCL not loadabl
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-RUST_LOG=${RUST_LOG:-info} "$BIN" merge configs/digits-mlp.toml --out "$out/run" \
-    --set "train.models_dir=\"$out/models\"" \
-    --set 'cluster.backend="nccl"' \
-    --set 'baselines.methods=[]' \
-    --set merge.epochs="${EPOCHS:-30}" --set merge.global_epochs="${EPOCHS:-30}"
-
-"$PY" - "$out/run/metrics.json" <<'PYEOF'
+check() { # metrics.json: one worker, on CUDA, and an accurate merge
+"$PY" - "$1" <<'PYEOF'
 import json, sys
 m = json.load(open(sys.argv[1]))
 w = m["workers"]
@@ -46,3 +41,14 @@ if fs["mean_task_acc"] < 0.8:
     sys.exit("FAIL: merged model accuracy too low")
 print("OK: single-GPU merge with the NCCL backend")
 PYEOF
+}
+# An MLP and a ViT merge (HF ViTs on the digits), each one NCCL worker on the GPU.
+for config in configs/digits-mlp.toml configs/digits-vit.toml; do
+  name=$(basename "$config" .toml)
+  RUST_LOG=${RUST_LOG:-info} "$BIN" merge "$config" --out "$out/$name" \
+      --set "train.models_dir=\"$out/models-$name\"" \
+      --set 'cluster.backend="nccl"' \
+      --set 'baselines.methods=[]' \
+      --set merge.epochs="${EPOCHS:-30}" --set merge.global_epochs="${EPOCHS:-30}"
+  check "$out/$name/metrics.json"
+done

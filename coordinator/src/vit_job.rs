@@ -10,7 +10,7 @@ use crate::progress::Reporter;
 use crate::{report, train};
 use anyhow::{bail, Context, Result};
 use fsmerge_common::checkpoint::{head_bias, head_weight, read_tensors, write_json, HostTensor};
-use fsmerge_common::config::{Baseline, Mode};
+use fsmerge_common::config::{Backend, Baseline, Mode};
 use fsmerge_common::fsio::Staging;
 use fsmerge_common::hf::VitConfig;
 use fsmerge_common::metrics::MethodResult;
@@ -69,13 +69,17 @@ fn load_models(job: &Job) -> Result<Vec<Vit>> {
 }
 
 /// Run the ViT merge job: FS-Merge on the workers of the plan when the job is distributed
-/// (several stages or replicas, or workers started separately), else in this process, which
-/// also reports the local SuperNet against its fold.
+/// (several stages or replicas, workers started separately, or NCCL/GPU workers), else in this
+/// process.
 pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let started = Instant::now();
     let cfg = &job.cfg;
     let m = &cfg.merge;
-    let distributed = cfg.cluster.world() > 1 || matches!(launch, Launch::External { .. });
+    // NCCL means GPU workers: the runtime is what puts a stage on its GPU, so a one-GPU job
+    // runs as one worker too.
+    let distributed = cfg.cluster.world() > 1
+        || matches!(launch, Launch::External { .. })
+        || cfg.cluster.backend == Backend::Nccl;
     if resume && !distributed {
         tracing::warn!(
             "--resume: a ViT merge in one process keeps no checkpoints; the job starts over"

@@ -92,6 +92,7 @@ fn bert_and_minilm_match_transformers() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for (name, weights) in [
         ("bert-tiny", tmp.path().join("bert-tiny")),
+        ("bert-cls", tmp.path().join("bert-cls")),
         ("minilm", minilm.clone()),
     ] {
         let bert = Bert::load(&weights).unwrap();
@@ -108,6 +109,23 @@ fn bert_and_minilm_match_transformers() {
             let e = rel_err(&(&states[i] * &keep), &(&r[2 + i] * &keep));
             assert!(e < 1e-4, "{name}: hidden state {i} differs by {e:e}");
             println!("{name}: hidden state {i} relative difference {e:.1e}");
+        }
+        if name == "bert-cls" {
+            // BertForSequenceClassification: the `bert.` prefix, the pooler and the head.
+            let want = reference(&tmp.path().join(name), &["logits".to_string()]);
+            let got = bert.logits(&ids, &mask).expect("a classifier was loaded");
+            let e = rel_err(&got, &want[0]);
+            assert!(e < 1e-4, "bert-cls: logits differ by {e:e}");
+            println!("bert-cls: logits relative difference {e:.1e}");
+            // Saved again (the `bert.` layout, with its head), it loads to the same logits.
+            let again = tmp.path().join("bert-cls-saved");
+            bert.save(&again).unwrap();
+            let reloaded = Bert::load(&again).unwrap();
+            let e = rel_err(&reloaded.logits(&ids, &mask).unwrap(), &got);
+            assert!(
+                e == 0.0,
+                "bert-cls saved and reloaded: logits differ by {e:e}"
+            );
         }
         if name == "minilm" {
             let emb = bert.sentence_embeddings(&ids, &mask);

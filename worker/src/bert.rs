@@ -7,7 +7,7 @@ use crate::tensor::{to_host, to_tch};
 use crate::vit::{attention, LayerNorm};
 use fsmerge_common::checkpoint::{write_json, write_tensors, HostTensor};
 use fsmerge_common::hf::{BertConfig, WeightFiles};
-use fsmerge_common::Result;
+use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -33,6 +33,8 @@ pub struct Bert {
     pub blocks: Vec<BertBlock>,
     /// `pooler.dense` (tanh after it), when the checkpoint has one.
     pub pooler: Option<Linear>,
+    /// `BertForSequenceClassification`'s head on the pooled output, when the checkpoint has one.
+    pub classifier: Option<Linear>,
 }
 
 impl BertBlock {
@@ -97,6 +99,7 @@ impl Bert {
             ln_emb: ln(),
             blocks,
             pooler: Some(lin(d, d)),
+            classifier: None,
             cfg,
         }
     }
@@ -140,6 +143,11 @@ impl Bert {
         if pooler {
             names.push(format!("{prefix}pooler.dense.weight"));
             names.push(format!("{prefix}pooler.dense.bias"));
+        }
+        let classifier = files.contains("classifier.weight");
+        if classifier {
+            names.push("classifier.weight".into());
+            names.push("classifier.bias".into());
         }
         let mut t = files.read(&names)?;
         let mut take = |n: String| -> Tensor {
@@ -201,6 +209,17 @@ impl Bert {
             w: take(format!("{prefix}pooler.dense.weight")),
             b: take(format!("{prefix}pooler.dense.bias")),
         });
+        let classifier = classifier.then(|| Linear {
+            w: take("classifier.weight".into()),
+            b: take("classifier.bias".into()),
+        });
+        if classifier.is_some() && pooler.is_none() {
+            return Err(Error::Tensor {
+                file: dir.to_path_buf(),
+                tensor: format!("{prefix}pooler.dense.weight"),
+                msg: "a sequence classifier reads the pooler, which the weights lack".into(),
+            });
+        }
         Ok(Self {
             cfg,
             word,
@@ -209,6 +228,7 @@ impl Bert {
             ln_emb,
             blocks,
             pooler,
+            classifier,
         })
     }
 
@@ -263,17 +283,39 @@ impl Bert {
             named.push(("pooler.dense.weight".into(), &p.w));
             named.push(("pooler.dense.bias".into(), &p.b));
         }
+        // A sequence classifier is saved as transformers does: the encoder under `bert.`.
+        let prefix = if self.classifier.is_some() {
+            "bert."
+        } else {
+            ""
+        };
+        let mut named: Vec<(String, &Tensor)> = named
+            .into_iter()
+            .map(|(n, t)| (format!("{prefix}{n}"), t))
+            .collect();
+        if let Some(c) = &self.classifier {
+            named.push(("classifier.weight".into(), &c.w));
+            named.push(("classifier.bias".into(), &c.b));
+        }
         let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
         for (name, t) in named {
             tensors.insert(name, to_host(t)?);
         }
+        let (arch, labels) = match &self.classifier {
+            Some(c) => ("BertForSequenceClassification", c.w.size()[0]),
+            None => ("BertModel", 2),
+        };
+        let id2label: serde_json::Map<String, serde_json::Value> = (0..labels)
+            .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
+            .collect();
         write_tensors(&dir.join("model.safetensors"), &tensors)?;
         let c = &self.cfg;
         write_json(
             &dir.join("config.json"),
             &serde_json::json!({
-                "architectures": ["BertModel"],
+                "architectures": [arch],
                 "model_type": "bert",
+                "id2label": id2label,
                 "hidden_size": c.hidden_size,
                 "num_hidden_layers": c.num_hidden_layers,
                 "num_attention_heads": c.num_attention_heads,
@@ -300,6 +342,13 @@ impl Bert {
         self.pooler
             .as_ref()
             .map(|p| p.forward(&last.select(1, 0)).tanh())
+    }
+
+    /// `BertForSequenceClassification`'s logits (its classifier on the pooled output), if the
+    /// checkpoint has that head.
+    pub fn logits(&self, ids: &Tensor, mask: &Tensor) -> Option<Tensor> {
+        let c = self.classifier.as_ref()?;
+        self.pooled(ids, mask).map(|p| c.forward(&p))
     }
 
     pub fn sentence_embeddings(&self, ids: &Tensor, mask: &Tensor) -> Tensor {

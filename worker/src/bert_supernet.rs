@@ -344,6 +344,7 @@ impl BertSuperNet {
                     &self.mu.m_pool,
                     &self.mu.u_pool,
                 ))),
+                classifier: None,
             }
         })
     }
