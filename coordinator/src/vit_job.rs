@@ -24,7 +24,7 @@ use fsmerge_worker::progress::LogRow;
 use fsmerge_worker::supernet::with_mu_seed;
 use fsmerge_worker::tensor::{assign, to_tch};
 use fsmerge_worker::train_merge::TrainSettings;
-use fsmerge_worker::vit::{Vit, VitPart};
+use fsmerge_worker::vit::{unit_blocks, Vit, VitPart};
 use fsmerge_worker::vit_baselines;
 use fsmerge_worker::vit_merge::{self, original_logits, MergedVit, VitLoss, VitTeacher};
 use fsmerge_worker::vit_supernet::VitSuperNet;
@@ -126,8 +126,18 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
 
     let local = m.mode != Mode::Global;
     let clock = Instant::now();
-    let teacher = VitTeacher::new(&refs, &set, local && !distributed, &m.inner_layers);
-    let teacher_seconds = clock.elapsed().as_secs_f64();
+    // In this process FS-Merge trains on the teacher; distributed, the workers build their own
+    // and KD needs only the pooled outputs here.
+    let teacher = if distributed {
+        VitTeacher::new(&refs, &set, false, &[])
+    } else {
+        VitTeacher::new(&refs, &set, local, &m.inner_layers)
+    };
+    let teacher_seconds = if distributed {
+        0.0
+    } else {
+        clock.elapsed().as_secs_f64()
+    };
     let settings = TrainSettings::of(m, cfg.seed);
     for b in &cfg.baselines.methods {
         let clock = Instant::now();
@@ -350,7 +360,7 @@ fn local_supernet_from_checkpoints(job: &Job, plan: &Plan, refs: &[&Vit]) -> Res
     let mut params: BTreeMap<String, Tensor> = sn.named_params().into_iter().collect();
     let last = plan.stages.len() - 1;
     for st in &plan.stages {
-        let blocks = st.units.start.max(1) - 1..st.units.end - 1;
+        let blocks = unit_blocks(&st.units);
         let mine = |name: &str| {
             let group = name.split('.').next().unwrap_or("");
             match group.strip_prefix("block") {

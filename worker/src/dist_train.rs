@@ -18,7 +18,7 @@ use crate::supernet::{own_mask, reconstruction_loss};
 use crate::tensor::{flatten_all, unflatten_like};
 use crate::train_merge::TrainSettings;
 use fsmerge_common::checkpoint::HostTensor;
-use fsmerge_common::config::{StepForm, Targets};
+use fsmerge_common::config::Targets;
 use fsmerge_common::{Error, Result};
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
@@ -40,21 +40,17 @@ pub trait PipelineStage {
     fn teacher(&self, input: &Tensor) -> Vec<Tensor>;
     /// Parameters the stage trains in the global phase.
     fn global_params(&self) -> Vec<Tensor>;
-    /// The stage's part of the global SuperNet on the merged stream (x on stage 0): the next
-    /// merged stream, or on the last stage the per-model outputs [n, B, ..].
-    fn forward(&self, input: &Tensor, form: StepForm) -> Tensor;
-    /// `forward` in a global step on samples `idx`, with the loss terms the stage adds itself
-    /// (a transformer's inner-feature terms), as a mean over the samples.
-    fn forward_global(
+    /// The stage's part of the global SuperNet on the merged stream of samples `idx` (their x
+    /// on stage 0): the next merged stream, or on the last stage the per-model outputs
+    /// [n, B, ..]; and the loss terms the stage adds itself (a transformer's inner-feature
+    /// terms), as a mean over the samples.
+    fn forward(
         &self,
         input: &Tensor,
         idx: &Tensor,
         data: &StageData,
         s: &TrainSettings,
-    ) -> (Tensor, Option<Tensor>) {
-        let _ = (idx, data);
-        (self.forward(input, s.form), None)
-    }
+    ) -> (Tensor, Option<Tensor>);
 }
 
 /// What a worker does with its stage beyond the pipeline.
@@ -331,7 +327,7 @@ pub fn train_global<S: PipelineStage + ?Sized>(
                         t.double_value(&[numel]),
                     )
                 };
-                let (out, own) = stage.forward_global(&input, &idx, data, s);
+                let (out, own) = stage.forward(&input, &idx, data, s);
                 let own = own.map(weight);
                 let acc = acc_in + own.as_ref().map_or(0.0, |o| o.double_value(&[]));
                 if last {

@@ -17,11 +17,11 @@ use crate::supernet::{
     fold_layer, layer_forward, local_layer_forward, reconstruction_loss, seeded_mu, FrozenLayer,
     LayerMu,
 };
-use crate::tensor::{to_host, to_tch};
+use crate::tensor::{named_groups, to_host, to_tch};
 use crate::train_merge::TrainSettings;
 use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::checkpoint::{body_bias, body_weight, head_bias, head_weight, MlpPart};
-use fsmerge_common::config::{MergeConfig, StepForm};
+use fsmerge_common::config::MergeConfig;
 use fsmerge_common::{Error, Result};
 use std::ops::Range;
 use std::path::Path;
@@ -203,9 +203,16 @@ impl PipelineStage for StageNet {
         p
     }
 
-    /// The stage's part of the global SuperNet on the merged stream h [B, k_in] (x on stage
-    /// 0): the next merged stream, or on the last stage the per-model outputs [n, B, k_L].
-    fn forward(&self, h: &Tensor, form: StepForm) -> Tensor {
+    /// On the merged stream h [B, k_in] (x on stage 0): the next merged stream, or on the last
+    /// stage the per-model outputs [n, B, k_L]. An MLP stage adds no loss terms of its own.
+    fn forward(
+        &self,
+        h: &Tensor,
+        _idx: &Tensor,
+        _data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>) {
+        let form = s.form;
         let mut h = h.shallow_clone();
         for (j, layer) in self.layers.iter().enumerate() {
             let u_prev = if j == 0 {
@@ -215,11 +222,12 @@ impl PipelineStage for StageNet {
             };
             h = layer_forward(layer, &self.mu[j].m, u_prev, &h, form);
         }
-        if self.last {
+        let out = if self.last {
             self.mu[self.mu.len() - 1].u.unmerge(&h)
         } else {
             h
-        }
+        };
+        (out, None)
     }
 }
 
@@ -264,21 +272,16 @@ impl WorkerStage for StageNet {
     }
     /// Every M/U the stage holds, named, for checkpoints.
     fn named_params(&self) -> Vec<(String, Tensor)> {
-        let mut v = Vec::new();
-        let mut push = |prefix: String, m: &MuMatrix| {
-            for (i, p) in m.params().into_iter().enumerate() {
-                v.push((format!("{prefix}.{i}"), p));
-            }
-        };
+        let mut groups = Vec::new();
         if let Some(u) = &self.u_in {
-            push(format!("layer{}.u", self.units.start - 1), u);
+            groups.push((format!("layer{}.u", self.units.start - 1), u.params()));
         }
         for (j, mu) in self.mu.iter().enumerate() {
             let l = self.units.start + j;
-            push(format!("layer{l}.m"), &mu.m);
-            push(format!("layer{l}.u"), &mu.u);
+            groups.push((format!("layer{l}.m"), mu.m.params()));
+            groups.push((format!("layer{l}.u"), mu.u.params()));
         }
-        v
+        named_groups(groups)
     }
 
     /// The folded stage: W*_l, b*_l of its layers (PyTorch layout) and, on the last stage, each

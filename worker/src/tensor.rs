@@ -72,3 +72,17 @@ pub fn unflatten_like(flat: &Tensor, like: &[Tensor]) -> Vec<Tensor> {
         })
         .collect()
 }
+
+/// Trainable tensors named by group and position (`layer2.m.0`, `m_pre.0`, `block3.7`, …): the
+/// names in phase checkpoints, the same for a pipeline stage and the whole SuperNet.
+pub fn named_groups(groups: Vec<(String, Vec<Tensor>)>) -> Vec<(String, Tensor)> {
+    groups
+        .into_iter()
+        .flat_map(|(group, params)| {
+            params
+                .into_iter()
+                .enumerate()
+                .map(move |(i, p)| (format!("{group}.{i}"), p))
+        })
+        .collect()
+}

@@ -173,6 +173,11 @@ pub struct VitPart {
     pub classifier: Option<Linear>,
 }
 
+/// The blocks among plan units `units` (unit 0 is the embeddings, unit 1 + l is block l).
+pub fn unit_blocks(units: &Range<usize>) -> Range<usize> {
+    units.start.max(1) - 1..units.end.saturating_sub(1)
+}
+
 /// HF names of the embedding tensors, in `VitPart::embeddings` order.
 pub const EMBEDDING_NAMES: [&str; 4] = [
     "embeddings.patch_embeddings.projection.weight",
@@ -215,7 +220,7 @@ impl VitPart {
         if units.start == 0 {
             names.extend(EMBEDDING_NAMES.iter().map(|n| format!("{prefix}{n}")));
         }
-        for l in units.start.max(1) - 1..units.end - 1 {
+        for l in unit_blocks(&units) {
             for p in BLOCK_PARTS {
                 for wb in ["weight", "bias"] {
                     names.push(format!("{prefix}encoder.layer.{l}.{p}.{wb}"));
@@ -263,7 +268,7 @@ impl VitPart {
             None
         };
         let mut blocks = Vec::new();
-        for l in units.start.max(1) - 1..units.end - 1 {
+        for l in unit_blocks(&units) {
             let base = format!("{prefix}encoder.layer.{l}");
             let mut pair = |p: &str| -> Result<(Tensor, Tensor)> {
                 Ok((
@@ -346,7 +351,7 @@ impl VitPart {
 
     /// Global index of the part's first block.
     pub fn first_block(&self) -> usize {
-        self.units.start.max(1) - 1
+        unit_blocks(&self.units).start
     }
 
     /// Bytes of the part's tensors.

@@ -20,13 +20,13 @@ use crate::mu::MuMatrix;
 use crate::optim::gradients;
 use crate::progress::{LogRow, Progress};
 use crate::supernet::{own_mask, reconstruction_loss, with_mu_seed};
-use crate::tensor::to_host;
+use crate::tensor::{named_groups, to_host};
 use crate::train_merge::TrainSettings;
-use crate::vit::VitPart;
+use crate::vit::{unit_blocks, VitPart};
 use crate::vit_merge::{chunked, images, inner_term, CHUNK, GLOBAL_SEED_OFFSET};
 use crate::vit_supernet::{
-    check_mergeable, local_read_out, named_groups, read_out, shape_of, BlockMu, BlockUnit, DrawnMu,
-    FrozenBlock, FrozenEmbed, FrozenLn, MergedLn, MuDraw,
+    check_mergeable, local_read_out, read_out, shape_of, BlockMu, BlockUnit, DrawnMu, FrozenBlock,
+    FrozenEmbed, FrozenLn, MergedLn, MuDraw,
 };
 use fsmerge_common::checkpoint::{head_bias, head_weight, HostTensor};
 use fsmerge_common::config::{MergeConfig, StepForm, Targets};
@@ -97,14 +97,12 @@ impl VitStage {
             .map(|j| FrozenBlock::stack(&parts.iter().map(|p| &p.blocks[j]).collect::<Vec<_>>()))
             .collect();
         let lns: Vec<_> = blocks.iter().map(|b| (&b.ln1, &b.ln2)).collect();
-        let first = parts[0].first_block();
         let draw = MuDraw::for_vit(&cfg, merge.mu_type, merge.init, n, merge.rank);
         let eps = cfg.layer_norm_eps;
-        let blocks_len = blocks.len();
-        let keep = first..first + blocks_len;
+        let keep = unit_blocks(&units);
         let depth = cfg.num_hidden_layers;
         let drawn = with_mu_seed(seed, || {
-            DrawnMu::draw(&draw, depth, keep, &lns, merge.init, eps)
+            DrawnMu::draw(&draw, depth, keep.clone(), &lns, merge.init, eps)
         })?;
         let out = match parts
             .iter()
@@ -150,7 +148,7 @@ impl VitStage {
                 .inner_layers
                 .iter()
                 .copied()
-                .filter(|l| (first..first + blocks_len).contains(l))
+                .filter(|l| keep.contains(l))
                 .collect(),
             inner_weight: merge.inner_weight,
             inner: Vec::new(),
@@ -160,7 +158,7 @@ impl VitStage {
     }
 
     fn first_block(&self) -> usize {
-        self.units.start.max(1) - 1
+        unit_blocks(&self.units).start
     }
 
     fn unit(&self, j: usize) -> BlockUnit<'_> {
@@ -184,50 +182,6 @@ impl VitStage {
     /// `stream` of samples `idx`.
     fn boundary(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
         self.stream(data, k).index_select(1, idx)
-    }
-
-    /// The stage's part of the global SuperNet (`forward`); with `terms` (samples, their
-    /// tasks) the blocks in `inner` run literally and their inner-feature terms are returned.
-    fn run(
-        &self,
-        input: &Tensor,
-        form: StepForm,
-        terms: Option<(&Tensor, &Tensor)>,
-    ) -> (Tensor, Option<Tensor>) {
-        let mut x = match &self.embed {
-            Some(e) => e.merged(&self.m_pre, &images(input), form, &self.cfg),
-            None => input.shallow_clone(),
-        };
-        let mut own: Option<Tensor> = None;
-        for j in 0..self.blocks.len() {
-            let l = self.first_block() + j;
-            let inner = self.inner.iter().find(|(k, _, _)| *k == l);
-            x = match (terms, inner) {
-                (Some((idx, task)), Some((_, g, scale))) => {
-                    let (y, r) = self.unit(j).literal(&x);
-                    let n = self.n as i64;
-                    let term = inner_term(
-                        &r,
-                        &g.index_select(0, idx),
-                        scale,
-                        task,
-                        n,
-                        self.inner_weight,
-                    );
-                    own = Some(match own {
-                        Some(o) => o + term,
-                        None => term,
-                    });
-                    y
-                }
-                _ => self.unit(j).forward(&x, form),
-            };
-        }
-        let out = match &self.out {
-            Some(o) => read_out(&o.ln_post, &o.u_final, &x),
-            None => x,
-        };
-        (out, own)
     }
 
     /// The stage's part of the local loss of samples `idx`: each of its blocks' problems (with
@@ -352,11 +306,9 @@ impl PipelineStage for VitStage {
         v
     }
 
-    fn forward(&self, input: &Tensor, form: StepForm) -> Tensor {
-        self.run(input, form, None).0
-    }
-
-    fn forward_global(
+    /// The blocks with inner-feature terms run literally (their terms read the branches);
+    /// the others in `s.form`.
+    fn forward(
         &self,
         input: &Tensor,
         idx: &Tensor,
@@ -364,7 +316,40 @@ impl PipelineStage for VitStage {
         s: &TrainSettings,
     ) -> (Tensor, Option<Tensor>) {
         let task = data.task.index_select(0, idx);
-        self.run(input, s.form, Some((idx, &task)))
+        let mut x = match &self.embed {
+            Some(e) => e.merged(&self.m_pre, &images(input), s.form, &self.cfg),
+            None => input.shallow_clone(),
+        };
+        let mut own: Option<Tensor> = None;
+        for j in 0..self.blocks.len() {
+            let l = self.first_block() + j;
+            let inner = self.inner.iter().find(|(k, _, _)| *k == l);
+            x = match inner {
+                Some((_, g, scale)) => {
+                    let (y, r) = self.unit(j).literal(&x);
+                    let n = self.n as i64;
+                    let term = inner_term(
+                        &r,
+                        &g.index_select(0, idx),
+                        scale,
+                        &task,
+                        n,
+                        self.inner_weight,
+                    );
+                    own = Some(match own {
+                        Some(o) => o + term,
+                        None => term,
+                    });
+                    y
+                }
+                None => self.unit(j).forward(&x, s.form),
+            };
+        }
+        let out = match &self.out {
+            Some(o) => read_out(&o.ln_post, &o.u_final, &x),
+            None => x,
+        };
+        (out, own)
     }
 }
 

@@ -609,20 +609,6 @@ pub struct VitSuperNet {
     pub mu: VitMu,
 }
 
-/// Trainable tensors named by group and position (`m_pre.0`, `block3.7`, …): the names in phase
-/// checkpoints, the same for a pipeline stage (`VitStage`) and the whole SuperNet.
-pub(crate) fn named_groups(groups: Vec<(String, Vec<Tensor>)>) -> Vec<(String, Tensor)> {
-    groups
-        .into_iter()
-        .flat_map(|(group, params)| {
-            params
-                .into_iter()
-                .enumerate()
-                .map(move |(i, p)| (format!("{group}.{i}"), p))
-        })
-        .collect()
-}
-
 /// Each layer of the folded ViT, as (transposed weight, bias) → a `Linear`.
 pub(crate) fn folded_linear(layer: &FrozenLayer, m: &MuMatrix, u: &MuMatrix) -> Linear {
     let (wt, b) = fold_layer(layer, m, Some(u));
@@ -662,7 +648,7 @@ impl VitSuperNet {
         }
         groups.push(("ln_post".into(), self.mu.ln_post.params().into()));
         groups.push(("u_final".into(), self.mu.u_final.params()));
-        named_groups(groups)
+        crate::tensor::named_groups(groups)
     }
 
     /// What local training moves: the global parameters and the shared residual unmerge.
