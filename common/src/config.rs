@@ -121,18 +121,27 @@ impl ClusterConfig {
 pub enum Dataset {
     FashionMnist,
     Digits,
+    /// Text: SpamAssassin mails (0 ham, 1 spam) and English first names (2 female, 3 male).
+    SpamNames,
 }
 
 impl Dataset {
     pub fn num_classes(self) -> usize {
-        10
+        match self {
+            Dataset::SpamNames => 4,
+            _ => 10,
+        }
     }
-    /// Side of the (square, grey) images.
+    /// Side of the (square, grey) images; 0 for text.
     pub fn image_side(self) -> usize {
         match self {
             Dataset::FashionMnist => 28,
             Dataset::Digits => 8,
+            Dataset::SpamNames => 0,
         }
+    }
+    pub fn is_text(self) -> bool {
+        self == Dataset::SpamNames
     }
 }
 
@@ -147,9 +156,22 @@ pub struct DataConfig {
     /// Share of the training split held out as validation.
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
-    /// digits only: share of the data used as the test split (it has no official one).
+    /// digits and spam-names: share of the data used as the test split (no official one).
     #[serde(default = "default_test_fraction")]
     pub test_fraction: f64,
+    /// Text: tokens per text (`[CLS] … [SEP]`, padded), the BERTs' maximum positions.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// Text: the WordPiece vocabulary (`vocab.txt`, BERT uncased).
+    #[serde(default = "default_vocab")]
+    pub vocab: PathBuf,
+}
+
+fn default_max_tokens() -> usize {
+    64
+}
+fn default_vocab() -> PathBuf {
+    PathBuf::from("data/all-MiniLM-L6-v2/vocab.txt")
 }
 
 fn default_val_fraction() -> f64 {
@@ -178,6 +200,9 @@ pub struct ModelConfig {
     /// ViT: the shape of the originals `fsmerge train` builds (HF ViT layout).
     #[serde(default)]
     pub vit: VitShape,
+    /// BERT: the shape of the originals `fsmerge train` builds (HF BERT layout).
+    #[serde(default)]
+    pub bert: BertShape,
 }
 
 /// The originals' architecture.
@@ -188,6 +213,70 @@ pub enum Arch {
     Mlp,
     /// A Hugging Face `ViTForImageClassification` (pre-LN transformer).
     Vit,
+    /// A Hugging Face `BertForSequenceClassification` (post-LN transformer) on text.
+    Bert,
+}
+
+/// A small BERT for the text tasks: width, depth, heads, intermediate (MLP) size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BertShape {
+    #[serde(default = "default_vit_width")]
+    pub width: usize,
+    #[serde(default = "default_bert_layers")]
+    pub layers: usize,
+    #[serde(default = "default_vit_heads")]
+    pub heads: usize,
+    #[serde(default = "default_vit_mlp")]
+    pub mlp_dim: usize,
+}
+
+fn default_bert_layers() -> usize {
+    2
+}
+
+impl Default for BertShape {
+    fn default() -> Self {
+        Self {
+            width: default_vit_width(),
+            layers: default_bert_layers(),
+            heads: default_vit_heads(),
+            mlp_dim: default_vit_mlp(),
+        }
+    }
+}
+
+impl BertShape {
+    /// Check the shape and return the width.
+    fn check(&self) -> Result<usize> {
+        encoder_shape("bert", self.width, self.layers, self.heads, self.mlp_dim)
+    }
+}
+
+/// Check a transformer's shape in `[model.<section>]`: every size ≥ 1, width a multiple of the
+/// heads. Returns the width.
+fn encoder_shape(
+    section: &str,
+    width: usize,
+    layers: usize,
+    heads: usize,
+    mlp: usize,
+) -> Result<usize> {
+    for (v, f) in [
+        (width, "width"),
+        (layers, "layers"),
+        (heads, "heads"),
+        (mlp, "mlp_dim"),
+    ] {
+        positive(v as f64, &format!("model.{section}.{f}"))?;
+    }
+    if !width.is_multiple_of(heads) {
+        return Err(Error::field(
+            format!("model.{section}.width"),
+            format!("{width} is not a multiple of heads {heads}"),
+        ));
+    }
+    Ok(width)
 }
 
 /// A small ViT for 28×28 grey images: patch size, width, depth, heads, MLP hidden size.
@@ -231,21 +320,7 @@ impl VitShape {
                 format!("must divide the image side {side}, got {}", self.patch_size),
             ));
         }
-        for (v, f) in [
-            (self.width, "width"),
-            (self.layers, "layers"),
-            (self.heads, "heads"),
-            (self.mlp_dim, "mlp_dim"),
-        ] {
-            positive(v as f64, &format!("model.vit.{f}"))?;
-        }
-        if !self.width.is_multiple_of(self.heads) {
-            return Err(Error::field(
-                "model.vit.width",
-                format!("{} is not a multiple of heads {}", self.width, self.heads),
-            ));
-        }
-        Ok(self.width)
+        encoder_shape("vit", self.width, self.layers, self.heads, self.mlp_dim)
     }
 }
 
@@ -271,6 +346,7 @@ impl Default for ModelConfig {
             arch: Arch::Mlp,
             hidden: default_hidden(),
             vit: VitShape::default(),
+            bert: BertShape::default(),
         }
     }
 }
@@ -617,6 +693,62 @@ impl JobConfig {
         Ok(cfg)
     }
 
+    /// Text data and BERTs go together; what a BERT merge does not run yet is refused.
+    fn check_text(&self) -> Result<()> {
+        let text = self.data.dataset.is_text();
+        if text != (self.model.arch == Arch::Bert) {
+            return Err(Error::field(
+                "model.arch",
+                if text {
+                    "text data (`spam-names`) needs `bert` originals"
+                } else {
+                    "`bert` originals need text data (`data.dataset = \"spam-names\"`)"
+                },
+            ));
+        }
+        if !text {
+            return Ok(());
+        }
+        if !(8..=512).contains(&self.data.max_tokens) {
+            return Err(Error::field(
+                "data.max_tokens",
+                format!("must be in 8..=512, got {}", self.data.max_tokens),
+            ));
+        }
+        if self.cluster.world() > 1 || self.cluster.backend == Backend::Nccl {
+            return Err(Error::field(
+                "cluster",
+                "BERT merges run in one process so far: one stage, one replica, the QUIC backend",
+            ));
+        }
+        let m = &self.merge;
+        if m.n_augmented > 0 {
+            return Err(Error::field(
+                "merge.n_augmented",
+                "image augmentation does not apply to text; set it to 0",
+            ));
+        }
+        if m.mode != Mode::Global {
+            return Err(Error::field(
+                "merge.mode",
+                "BERT merges run `global` only so far (local block problems are ViT-only)",
+            ));
+        }
+        if let Some(b) = self
+            .baselines
+            .methods
+            .iter()
+            .find(|b| matches!(b, Baseline::Regmean | Baseline::Kd))
+        {
+            return Err(Error::field(
+                "baselines.methods",
+                format!("`{b:?}` is not built for BERT yet (ensemble, first, average are)")
+                    .to_lowercase(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Check every value that can be checked without data.
     pub fn validate(&self) -> Result<()> {
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
@@ -698,9 +830,11 @@ impl JobConfig {
                 format!("must be ≥ 0, got {}", m.weight_decay),
             ));
         }
+        self.check_text()?;
         let width = match self.model.arch {
             Arch::Mlp => *self.model.hidden.iter().min().unwrap_or(&0),
             Arch::Vit => self.model.vit.check(self.data.dataset.image_side())?,
+            Arch::Bert => self.model.bert.check()?,
         };
         if matches!(
             m.mu_type,
@@ -722,7 +856,7 @@ impl JobConfig {
             ));
         }
         if m.mu_type == MuType::AttHeads {
-            if self.model.arch != Arch::Vit {
+            if self.model.arch == Arch::Mlp {
                 return Err(Error::field(
                     "merge.mu_type",
                     "`att_heads` structures a transformer's attention; this job merges MLPs",
@@ -748,7 +882,7 @@ impl JobConfig {
         } else if !m.inner_layers.is_empty() {
             return Err(Error::field(
                 "merge.inner_layers",
-                "inner-feature terms need a transformer (model.arch = \"vit\")",
+                "inner-feature terms are built for ViTs (model.arch = \"vit\")",
             ));
         }
         if m.inner_weight.is_nan() || m.inner_weight < 0.0 {
@@ -765,6 +899,7 @@ impl JobConfig {
         let (units, what) = match self.model.arch {
             Arch::Mlp => (self.model.hidden.len(), "layers"),
             Arch::Vit => (self.model.vit.layers + 1, "units (embeddings + blocks)"),
+            Arch::Bert => (1, "unit (BERT merges run in one process)"),
         };
         if c.stages > units {
             return Err(Error::field(

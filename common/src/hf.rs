@@ -191,6 +191,27 @@ fn two() -> usize {
 }
 
 impl BertConfig {
+    /// The config of a small BERT `fsmerge train` builds for text of `max_tokens` tokens over a
+    /// vocabulary of `vocab_size` pieces.
+    pub fn for_text(
+        shape: &crate::config::BertShape,
+        vocab_size: usize,
+        max_tokens: usize,
+    ) -> Self {
+        Self {
+            model_type: "bert".into(),
+            hidden_size: shape.width,
+            num_hidden_layers: shape.layers,
+            num_attention_heads: shape.heads,
+            intermediate_size: shape.mlp_dim,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-12,
+            vocab_size,
+            max_position_embeddings: max_tokens,
+            type_vocab_size: 2,
+        }
+    }
+
     /// Read and check `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let file = dir.join("config.json");

@@ -72,6 +72,38 @@ pub fn vit_unit_costs(cfg: &crate::hf::VitConfig, n_models: usize) -> Vec<UnitCo
     units
 }
 
+/// BERT units (embeddings, each block) for texts of `tokens` tokens: the embedding tables'
+/// merge per token, and per block T·(4d² + 2dh) through the n branches plus the M/U work;
+/// bytes of the n models' tensors of the unit (the pooler rides with the last block).
+pub fn bert_unit_costs(
+    cfg: &crate::hf::BertConfig,
+    n_models: usize,
+    tokens: usize,
+) -> Vec<UnitCost> {
+    let (d, h) = (cfg.hidden_size, cfg.intermediate_size);
+    let tables = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * d + 2 * d;
+    let block_params = 4 * (d * d + d) + 2 * d * h + h + d + 4 * d;
+    let mut units = vec![UnitCost {
+        name: "embeddings".into(),
+        flops: (n_models * tokens * d * MU_COST_PER_FEATURE) as u64,
+        bytes: (n_models * tables * 4) as u64,
+    }];
+    for l in 0..cfg.num_hidden_layers {
+        let mu = (6 * d + h) * MU_COST_PER_FEATURE;
+        let pooler = if l + 1 == cfg.num_hidden_layers {
+            d * d + d
+        } else {
+            0
+        };
+        units.push(UnitCost {
+            name: format!("block{l}"),
+            flops: (n_models * tokens * (4 * d * d + 2 * d * h + mu)) as u64,
+            bytes: (n_models * (block_params + pooler) * 4) as u64,
+        });
+    }
+    units
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StagePlan {
     pub index: usize,

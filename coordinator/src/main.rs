@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bert_job;
 mod cluster;
 mod doctor;
 mod job;

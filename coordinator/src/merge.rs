@@ -11,20 +11,21 @@ use fsmerge_common::checkpoint::{
     body_bias, body_weight, check_same_architecture, head_bias, head_weight, HostTensor,
     MlpCheckpoint,
 };
-use fsmerge_common::config::{Arch, Baseline};
+use fsmerge_common::config::{Arch, Baseline, MergeConfig, TaskConfig};
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{mlp_unit_costs, Plan};
 use fsmerge_common::Error;
 use fsmerge_worker::baselines;
 use fsmerge_worker::data;
-use fsmerge_worker::eval::{ensemble_logits, evaluate, original_accuracy, EvalSet, MergedModel};
+use fsmerge_worker::eval::{ensemble_logits, evaluate, EvalSet, MergedModel};
 use fsmerge_worker::merge_data;
-use fsmerge_worker::mlp::{Linear, Mlp};
+use fsmerge_worker::mlp::{accuracy, Linear, Mlp};
 use fsmerge_worker::progress::LogRow;
 use fsmerge_worker::tensor::to_tch;
 use fsmerge_worker::train_merge::{self, TrainSettings};
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 use tch::Tensor;
 
@@ -64,6 +65,45 @@ pub fn load_models(job: &Job, input_dim: usize) -> Result<Vec<Mlp>> {
     }
     check_same_architecture(&cks)?;
     Ok(cks.iter().map(Mlp::from_checkpoint).collect())
+}
+
+/// The FS-Merge row's variant: the settings that tell its runs apart.
+pub fn fs_merge_variant(m: &MergeConfig) -> BTreeMap<String, serde_json::Value> {
+    variant(&[
+        ("mode", json!(m.mode)),
+        ("mu_type", json!(m.mu_type)),
+        ("rank", json!(m.rank)),
+        ("init", json!(m.init)),
+        ("targets", json!(m.targets)),
+    ])
+}
+
+/// Check that `merge.rank` fits the transformers' width.
+pub fn check_rank(rank: usize, width: usize) -> Result<()> {
+    if rank > width {
+        bail!(Error::field(
+            "merge.rank",
+            format!("{rank} is larger than the models' width {width}")
+        ));
+    }
+    Ok(())
+}
+
+/// Check that task `task`'s original in `dir` has a classifier with one output per class.
+pub fn check_classifier(dir: &Path, task: &TaskConfig, outputs: Option<usize>) -> Result<()> {
+    if outputs != Some(task.classes.len()) {
+        bail!(Error::Tensor {
+            file: dir.to_path_buf(),
+            tensor: "classifier.weight".into(),
+            msg: format!(
+                "task `{}` has {} classes but the model's classifier has {:?} outputs",
+                task.name,
+                task.classes.len(),
+                outputs
+            ),
+        });
+    }
+    Ok(())
 }
 
 pub fn variant(pairs: &[(&str, serde_json::Value)]) -> BTreeMap<String, serde_json::Value> {
@@ -114,6 +154,22 @@ impl<'a> Evaluator<'a> {
         }
     }
 
+    /// The row of task t's original model (its own task only; no joint accuracy).
+    pub fn original(&self, t: usize, logits: &dyn Fn(&Tensor) -> Tensor) -> MethodResult {
+        let acc_on = |e: &EvalSet| tch::no_grad(|| accuracy(&logits(&e.tasks[t].0), &e.tasks[t].1));
+        let name = &self.names[t];
+        let acc = acc_on(self.test);
+        MethodResult {
+            method: format!("original:{name}"),
+            variant: BTreeMap::new(),
+            per_task_acc: [(name.clone(), acc)].into(),
+            mean_task_acc: acc,
+            joint_acc: None,
+            val_mean_task_acc: acc_on(self.val),
+            seconds: 0.0,
+        }
+    }
+
     fn merged(
         &self,
         method: &str,
@@ -149,8 +205,21 @@ pub fn prepare(job: &Job) -> Result<(data::Splits, merge_data::MergeSet)> {
 }
 
 pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
-    if job.cfg.model.arch == Arch::Vit {
-        return crate::vit_job::run(job, launch, resume);
+    match job.cfg.model.arch {
+        Arch::Vit => return crate::vit_job::run(job, launch, resume),
+        Arch::Bert => {
+            if matches!(launch, Launch::External { .. }) {
+                bail!(fsmerge_common::Error::field(
+                    "model.arch",
+                    "BERT merges run in one process: use `fsmerge merge`, not `fsmerge coordinator`"
+                ));
+            }
+            if resume {
+                tracing::warn!("--resume: a BERT merge keeps no checkpoints; the job starts over");
+            }
+            return crate::bert_job::run(job);
+        }
+        Arch::Mlp => {}
     }
     let started = Instant::now();
     let cfg = &job.cfg;
@@ -195,17 +264,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let mut log: Vec<LogRow> = Vec::new();
 
     for (t, model) in models.iter().enumerate() {
-        let name = &cfg.tasks[t].name;
-        let acc = original_accuracy(&test, t, model);
-        results.push(MethodResult {
-            method: format!("original:{name}"),
-            variant: BTreeMap::new(),
-            per_task_acc: [(name.clone(), acc)].into(),
-            mean_task_acc: acc,
-            joint_acc: None,
-            val_mean_task_acc: original_accuracy(&val, t, model),
-            seconds: 0.0,
-        });
+        results.push(ev.original(t, &|x| model.logits(x)));
     }
     let settings = TrainSettings::of(m, cfg.seed);
     for b in &cfg.baselines.methods {
@@ -260,13 +319,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     log.extend(outcome.log);
     let merged = assemble(job, &outcome.tensors, hidden.len())?;
     let seconds = clock.elapsed().as_secs_f64();
-    let v = variant(&[
-        ("mode", json!(m.mode)),
-        ("mu_type", json!(m.mu_type)),
-        ("rank", json!(m.rank)),
-        ("init", json!(m.init)),
-        ("targets", json!(m.targets)),
-    ]);
+    let v = fs_merge_variant(m);
     results.push(ev.merged("fs-merge", v.clone(), seconds, &merged));
 
     report::write(job, &plan, results, &log, started, outcome.workers, &|st| {

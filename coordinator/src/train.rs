@@ -6,10 +6,14 @@ use anyhow::Result;
 use fsmerge_common::checkpoint::model_paths;
 use fsmerge_common::config::Arch;
 use fsmerge_common::fsio::Staging;
-use fsmerge_common::hf::VitConfig;
+use fsmerge_common::hf::{BertConfig, VitConfig};
+use fsmerge_worker::bert_merge;
 use fsmerge_worker::data::Splits;
 use fsmerge_worker::mlp::{train_original, TrainSpec};
-use fsmerge_worker::vit_merge::{self, VitTrainSpec};
+use fsmerge_worker::optim::OriginalSpec;
+use fsmerge_worker::text_data;
+use fsmerge_worker::vit_merge;
+use fsmerge_worker::wordpiece::WordPiece;
 use std::path::PathBuf;
 
 /// Seed of task t's original model: distinct per task and per job seed.
@@ -25,8 +29,8 @@ pub fn ensure_originals(job: &Job, splits: &Splits, force: bool) -> Result<()> {
             let name = &job.cfg.tasks[t].name;
             let (st, js) = match job.cfg.model.arch {
                 Arch::Mlp => model_paths(&job.models_dir, name),
-                Arch::Vit => {
-                    let dir = vit_dir(job, name);
+                Arch::Vit | Arch::Bert => {
+                    let dir = hf_model_dir(job, name);
                     (dir.join("model.safetensors"), dir.join("config.json"))
                 }
             };
@@ -41,8 +45,8 @@ pub fn ensure_originals(job: &Job, splits: &Splits, force: bool) -> Result<()> {
     train_missing(job, splits, &missing)
 }
 
-/// The HF folder of task `name`'s original ViT.
-pub fn vit_dir(job: &Job, name: &str) -> PathBuf {
+/// The HF folder of task `name`'s original transformer (ViT or BERT).
+pub fn hf_model_dir(job: &Job, name: &str) -> PathBuf {
     job.models_dir.join(name)
 }
 
@@ -55,9 +59,8 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
         let task = &cfg.tasks[t];
         let train = splits.train.task_tensors(&task.classes);
         let val = splits.val.task_tensors(&task.classes);
-        if cfg.model.arch == Arch::Vit {
-            let spec = VitTrainSpec {
-                config: VitConfig::for_images(&cfg.model.vit, cfg.data.dataset.image_side()),
+        if cfg.model.arch != Arch::Mlp {
+            let spec = OriginalSpec {
                 task: &task.name,
                 classes: task.classes.len(),
                 epochs: cfg.train.epochs,
@@ -65,21 +68,43 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
                 batch_size: cfg.train.batch_size,
                 seed: model_seed(cfg.seed, t),
             };
-            let (vit, val_acc, rows) = vit_merge::train_original(
-                &spec,
-                (&train.0, &train.1),
-                (&val.0, &val.1),
-                &reporter,
-            )?;
+            let (train, val) = ((&train.0, &train.1), (&val.0, &val.1));
+            let dir = staging.path(&task.name);
+            let val_acc = if cfg.model.arch == Arch::Vit {
+                let config = VitConfig::for_images(&cfg.model.vit, cfg.data.dataset.image_side());
+                let (vit, val_acc, rows) =
+                    vit_merge::train_original(config, &spec, train, val, &reporter)?;
+                let labels: Vec<String> =
+                    task.classes.iter().map(|c| format!("class {c}")).collect();
+                vit.save(&dir, &labels)?;
+                log.extend(rows);
+                val_acc
+            } else {
+                let vocab = WordPiece::load(&cfg.data.vocab)?;
+                let config =
+                    BertConfig::for_text(&cfg.model.bert, vocab.vocab_size(), cfg.data.max_tokens);
+                let (bert, val_acc, rows) =
+                    bert_merge::train_original(config, &spec, train, val, &reporter)?;
+                let labels: Vec<String> = task
+                    .classes
+                    .iter()
+                    .map(|&c| {
+                        text_data::CLASSES
+                            .get(c)
+                            .map_or(format!("class {c}"), |s| s.to_string())
+                    })
+                    .collect();
+                bert.save(&dir, &labels)?;
+                log.extend(rows);
+                val_acc
+            };
             tracing::info!(
-                "original ViT `{}` (seed {}): validation accuracy {:.2}%",
+                "original {:?} `{}` (seed {}): validation accuracy {:.2}%",
+                cfg.model.arch,
                 task.name,
                 spec.seed,
                 100.0 * val_acc
             );
-            let labels: Vec<String> = task.classes.iter().map(|c| format!("class {c}")).collect();
-            vit.save(&staging.path(&task.name), &labels)?;
-            log.extend(rows);
             continue;
         }
         let spec = TrainSpec {

@@ -5,7 +5,10 @@
 
 use crate::cluster::{self, Launch};
 use crate::job::Job;
-use crate::merge::{prepare, variant, warn_if_global_rose, Evaluator};
+use crate::merge::{
+    check_classifier, check_rank, fs_merge_variant, prepare, variant, warn_if_global_rose,
+    Evaluator,
+};
 use crate::progress::Reporter;
 use crate::{report, train};
 use anyhow::{bail, Context, Result};
@@ -19,7 +22,7 @@ use fsmerge_common::workdir::WorkDir;
 use fsmerge_common::Error;
 use fsmerge_worker::eval::EvalSet;
 use fsmerge_worker::merge_data::MergeSet;
-use fsmerge_worker::mlp::{accuracy, Linear};
+use fsmerge_worker::mlp::Linear;
 use fsmerge_worker::progress::LogRow;
 use fsmerge_worker::supernet::with_mu_seed;
 use fsmerge_worker::tensor::{assign, to_tch};
@@ -39,21 +42,13 @@ fn load_models(job: &Job) -> Result<Vec<Vit>> {
     let side = job.cfg.data.dataset.image_side();
     let mut models = Vec::new();
     for task in &job.cfg.tasks {
-        let dir = train::vit_dir(job, &task.name);
+        let dir = train::hf_model_dir(job, &task.name);
         let vit = Vit::load(&dir)?;
-        let outputs = vit.classifier.as_ref().map(|c| c.w.size()[0] as usize);
-        if outputs != Some(task.classes.len()) {
-            bail!(Error::Tensor {
-                file: dir,
-                tensor: "classifier.weight".into(),
-                msg: format!(
-                    "task `{}` has {} classes but the model's classifier has {:?} outputs",
-                    task.name,
-                    task.classes.len(),
-                    outputs
-                ),
-            });
-        }
+        check_classifier(
+            &dir,
+            task,
+            vit.classifier.as_ref().map(|c| c.w.size()[0] as usize),
+        )?;
         if vit.cfg.image_size != side || vit.cfg.num_channels != 1 {
             bail!(Error::Checkpoint {
                 file: dir.join("config.json"),
@@ -88,13 +83,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let (splits, set) = prepare(job)?;
     let models = load_models(job)?;
     let refs: Vec<&Vit> = models.iter().collect();
-    let width = models[0].cfg.hidden_size;
-    if m.rank > width {
-        bail!(Error::field(
-            "merge.rank",
-            format!("{} is larger than the models' width {width}", m.rank)
-        ));
-    }
+    check_rank(m.rank, models[0].cfg.hidden_size)?;
     let plan = Plan::balanced(
         vit_unit_costs(&models[0].cfg, models.len()),
         cfg.cluster.stages,
@@ -109,19 +98,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let mut results = Vec::new();
     let mut log: Vec<LogRow> = Vec::new();
     for (t, model) in models.iter().enumerate() {
-        let name = &cfg.tasks[t].name;
-        let acc_on = |e: &EvalSet| {
-            tch::no_grad(|| accuracy(&original_logits(model, &e.tasks[t].0), &e.tasks[t].1))
-        };
-        results.push(MethodResult {
-            method: format!("original:{name}"),
-            variant: BTreeMap::new(),
-            per_task_acc: [(name.clone(), acc_on(&test))].into(),
-            mean_task_acc: acc_on(&test),
-            joint_acc: None,
-            val_mean_task_acc: acc_on(&val),
-            seconds: 0.0,
-        });
+        results.push(ev.original(t, &|x| original_logits(model, x)));
     }
 
     let local = m.mode != Mode::Global;
@@ -191,13 +168,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     }
 
     let clock = Instant::now();
-    let mut v = variant(&[
-        ("mode", json!(m.mode)),
-        ("mu_type", json!(m.mu_type)),
-        ("rank", json!(m.rank)),
-        ("init", json!(m.init)),
-        ("targets", json!(m.targets)),
-    ]);
+    let mut v = fs_merge_variant(m);
     if !m.inner_layers.is_empty() {
         v.insert("inner_layers".into(), json!(m.inner_layers));
     }

@@ -33,7 +33,7 @@ fn folded_bert_loads_in_transformers_and_matches() {
     let folded = sn.fold();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bert");
-    folded.save(&out).unwrap();
+    folded.save(&out, &[]).unwrap();
 
     let ids = Tensor::randint(40, [3, 10], (Kind::Int64, tch::Device::Cpu));
     let mask = Tensor::ones([3, 10], (Kind::Int64, tch::Device::Cpu));

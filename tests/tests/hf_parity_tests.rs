@@ -119,7 +119,7 @@ fn bert_and_minilm_match_transformers() {
             println!("bert-cls: logits relative difference {e:.1e}");
             // Saved again (the `bert.` layout, with its head), it loads to the same logits.
             let again = tmp.path().join("bert-cls-saved");
-            bert.save(&again).unwrap();
+            bert.save(&again, &[]).unwrap();
             let reloaded = Bert::load(&again).unwrap();
             let e = rel_err(&reloaded.logits(&ids, &mask).unwrap(), &got);
             assert!(

@@ -247,9 +247,63 @@ impl Bert {
         states
     }
 
-    /// Write an HF `BertModel` folder (`config.json` + `model.safetensors`, no prefix), loadable
-    /// by `BertModel.from_pretrained`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// The same BERT with every tensor passed through `f` (e.g. a detached copy).
+    pub fn map(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
+        let lin = |l: &Linear| Linear {
+            w: f(&l.w),
+            b: f(&l.b),
+        };
+        let ln = |l: &LayerNorm| LayerNorm {
+            w: f(&l.w),
+            b: f(&l.b),
+            eps: l.eps,
+        };
+        Self {
+            cfg: self.cfg.clone(),
+            word: f(&self.word),
+            position: f(&self.position),
+            token_type: f(&self.token_type),
+            ln_emb: ln(&self.ln_emb),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| BertBlock {
+                    q: lin(&b.q),
+                    k: lin(&b.k),
+                    v: lin(&b.v),
+                    out: lin(&b.out),
+                    ln_att: ln(&b.ln_att),
+                    fc1: lin(&b.fc1),
+                    fc2: lin(&b.fc2),
+                    ln_out: ln(&b.ln_out),
+                })
+                .collect(),
+            pooler: self.pooler.as_ref().map(lin),
+            classifier: self.classifier.as_ref().map(lin),
+        }
+    }
+
+    /// A detached copy.
+    pub fn copy(&self) -> Self {
+        self.map(&|t| t.detach().copy())
+    }
+
+    /// Every tensor (classifier last), for training the whole model.
+    pub fn params(&self) -> Vec<Tensor> {
+        let mut v: Vec<Tensor> = self
+            .encoder_tensors()
+            .into_iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        if let Some(c) = &self.classifier {
+            v.push(c.w.shallow_clone());
+            v.push(c.b.shallow_clone());
+        }
+        v
+    }
+
+    /// The encoder's and pooler's tensors with their HF names (`BertModel`, no prefix).
+    pub fn encoder_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut named: Vec<(String, &Tensor)> = vec![
             ("embeddings.word_embeddings.weight".into(), &self.word),
             (
@@ -283,6 +337,14 @@ impl Bert {
             named.push(("pooler.dense.weight".into(), &p.w));
             named.push(("pooler.dense.bias".into(), &p.b));
         }
+        named
+    }
+
+    /// Write an HF `BertModel` folder (`config.json` + `model.safetensors`, no prefix), loadable
+    /// by `BertModel.from_pretrained`; with a classifier, a `BertForSequenceClassification`
+    /// folder (encoder under `bert.`) whose labels are `labels` (or `LABEL_i` when empty).
+    pub fn save(&self, dir: &Path, labels: &[String]) -> Result<()> {
+        let named = self.encoder_tensors();
         // A sequence classifier is saved as transformers does: the encoder under `bert.`.
         let prefix = if self.classifier.is_some() {
             "bert."
@@ -301,12 +363,27 @@ impl Bert {
         for (name, t) in named {
             tensors.insert(name, to_host(t)?);
         }
-        let (arch, labels) = match &self.classifier {
+        let (arch, outputs) = match &self.classifier {
             Some(c) => ("BertForSequenceClassification", c.w.size()[0]),
             None => ("BertModel", 2),
         };
-        let id2label: serde_json::Map<String, serde_json::Value> = (0..labels)
-            .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
+        let id2label: serde_json::Map<String, serde_json::Value> = (0..outputs)
+            .map(|i| {
+                let name = labels
+                    .get(i as usize)
+                    .cloned()
+                    .unwrap_or(format!("LABEL_{i}"));
+                (i.to_string(), name.into())
+            })
+            .collect();
+        let label2id: serde_json::Map<String, serde_json::Value> = id2label
+            .iter()
+            .map(|(i, name)| {
+                (
+                    name.as_str().unwrap_or(i).to_string(),
+                    i.parse::<i64>().unwrap_or(0).into(),
+                )
+            })
             .collect();
         write_tensors(&dir.join("model.safetensors"), &tensors)?;
         let c = &self.cfg;
@@ -316,6 +393,7 @@ impl Bert {
                 "architectures": [arch],
                 "model_type": "bert",
                 "id2label": id2label,
+                "label2id": label2id,
                 "hidden_size": c.hidden_size,
                 "num_hidden_layers": c.num_hidden_layers,
                 "num_attention_heads": c.num_attention_heads,

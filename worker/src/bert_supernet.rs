@@ -302,6 +302,16 @@ impl BertSuperNet {
         self.mu.u_final.unmerge(&y.tanh())
     }
 
+    /// The folded BERT and each task's classifier with its read-out folded in: W_t U_final⁽ᵗ⁾.
+    pub fn merged(&self, classifiers: &[&Linear]) -> (Bert, Vec<Linear>) {
+        let heads = classifiers
+            .iter()
+            .enumerate()
+            .map(|(t, c)| self.mu.u_final.fold_into_head(t, c))
+            .collect();
+        (self.fold(), heads)
+    }
+
     /// The folded BERT with its pooler (detached); task t reads U_final⁽ᵗ⁾ of its pooled output
     /// (fold it into the task's classifier as W_t U_final⁽ᵗ⁾).
     pub fn fold(&self) -> Bert {

@@ -1,8 +1,11 @@
-//! Datasets: Fashion-MNIST from its IDX files (Debian's `dataset-fashion-mnist`) and the UCI
-//! optical digits (sklearn's `digits.csv.gz`). Pixels are normalized; the official training set
-//! is split into train and a seeded validation share; tasks are subsets of classes.
+//! Datasets: Fashion-MNIST from its IDX files (Debian's `dataset-fashion-mnist`), the UCI
+//! optical digits (sklearn's `digits.csv.gz`) and the text tasks (`text_data`). Pixels are
+//! normalized; the official training set is split into train and a seeded validation share;
+//! tasks are subsets of classes.
 
 use crate::tensor::F32;
+use crate::text_data;
+use crate::wordpiece::WordPiece;
 use fsmerge_common::config::{DataConfig, Dataset};
 use fsmerge_common::{Error, Result};
 use rand::seq::SliceRandom;
@@ -14,7 +17,8 @@ use tch::Tensor;
 /// The split of train/val does not depend on the job seed: every seed sees the same held-out data.
 const SPLIT_SEED: u64 = 0x5eed_da7a;
 
-/// Images of one split: rows of `dim` normalized pixels, with dataset labels.
+/// Images of one split: rows of `dim` normalized pixels (or, for text, token ids), with dataset
+/// labels.
 pub struct ImageSet {
     pub pixels: Vec<f32>,
     pub labels: Vec<usize>,
@@ -68,7 +72,7 @@ impl ImageSet {
 }
 
 pub struct Splits {
-    /// Images are `side` × `side`, one channel.
+    /// Images are `side` × `side`, one channel (0 for text).
     pub side: usize,
     pub train: ImageSet,
     pub val: ImageSet,
@@ -80,6 +84,7 @@ pub fn default_path(dataset: Dataset) -> PathBuf {
     match dataset {
         Dataset::FashionMnist => PathBuf::from("/usr/share/datasets/fashion-mnist"),
         Dataset::Digits => PathBuf::from("data/digits.csv.gz"),
+        Dataset::SpamNames => PathBuf::from("data"),
     }
 }
 
@@ -98,6 +103,12 @@ pub fn load(cfg: &DataConfig) -> Result<Splits> {
             let all = read_digits(&path)?;
             let (test, train) = split(&all, cfg.test_fraction, SPLIT_SEED ^ 1);
             (8, train, test)
+        }
+        Dataset::SpamNames => {
+            let vocab = WordPiece::load(&cfg.vocab)?;
+            let all = text_data::load(&path, &vocab, cfg.max_tokens)?;
+            let (test, train) = split(&all, cfg.test_fraction, SPLIT_SEED ^ 1);
+            (0, train, test)
         }
     };
     let (val, train) = split(&train_full, cfg.val_fraction, SPLIT_SEED);

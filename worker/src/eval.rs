@@ -61,11 +61,6 @@ pub fn evaluate(eval: &EvalSet, predict: &dyn Fn(&Tensor) -> Vec<Tensor>) -> Sco
     })
 }
 
-/// Accuracy of one original model on its own task.
-pub fn original_accuracy(eval: &EvalSet, t: usize, model: &Mlp) -> f64 {
-    tch::no_grad(|| accuracy(&model.logits(&eval.tasks[t].0), &eval.tasks[t].1))
-}
-
 /// The ensemble: every model runs, each head reads its own model's features (n forward passes).
 pub fn ensemble_logits(models: &[&Mlp], x: &Tensor) -> Vec<Tensor> {
     models.iter().map(|m| m.logits(x)).collect()

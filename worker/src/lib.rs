@@ -6,6 +6,8 @@
 pub mod augment;
 pub mod baselines;
 pub mod bert;
+pub mod bert_baselines;
+pub mod bert_merge;
 pub mod bert_supernet;
 pub mod collective;
 pub mod data;
@@ -21,12 +23,14 @@ pub mod runtime;
 pub mod stage;
 pub mod supernet;
 pub mod tensor;
+pub mod text_data;
 pub mod train_merge;
 pub mod vit;
 pub mod vit_baselines;
 pub mod vit_merge;
 pub mod vit_stage;
 pub mod vit_supernet;
+pub mod wordpiece;
 
 pub use fsmerge_common::{Error, Result};
 

@@ -76,7 +76,7 @@ pub fn build(
     }
     let n = task_ids.len() as i64;
     Ok(MergeSet {
-        x: Tensor::from_slice(&rows).reshape([n, (splits.side * splits.side) as i64]),
+        x: Tensor::from_slice(&rows).reshape([n, splits.train.dim as i64]),
         task: Tensor::from_slice(&task_ids),
         per_task,
     })

@@ -33,6 +33,25 @@ impl Linear {
     }
 }
 
+/// Copies of each original's classifier, for a merged encoder that keeps every task's head (a
+/// model without one gets a 1×1 placeholder; the merge jobs check heads beforehand).
+pub fn own_heads<'a>(classifiers: impl IntoIterator<Item = Option<&'a Linear>>) -> Vec<Linear> {
+    classifiers
+        .into_iter()
+        .map(|c| c.map_or_else(|| Linear::init(1, 1), Linear::copy))
+        .collect()
+}
+
+/// Every task's head stacked into one classifier (detached): task t's logits are its rows.
+pub fn stacked_heads(heads: &[Linear]) -> Linear {
+    let w: Vec<Tensor> = heads.iter().map(|h| h.w.detach()).collect();
+    let b: Vec<Tensor> = heads.iter().map(|h| h.b.detach()).collect();
+    Linear {
+        w: Tensor::cat(&w, 0),
+        b: Tensor::cat(&b, 0),
+    }
+}
+
 pub struct Mlp {
     pub body: Vec<Linear>,
     pub head: Linear,

@@ -8,6 +8,7 @@
 //! - att_heads (method.md §5.6, H heads of size d_h): merge m1 [n, H, d_h, d_h], m2 [n, H, H];
 //!   unmerge u1 [H, d_h, d_h] (shared by the models), u2 [n, H, H]
 
+use crate::mlp::Linear;
 use crate::tensor::F32;
 use fsmerge_common::config::{Init, MuType};
 use fsmerge_common::{Error, Result};
@@ -326,6 +327,15 @@ impl MuMatrix {
     /// Whether this matrix has a dense (full or att_heads) part, whose fold costs n·k³.
     pub fn is_full(&self) -> bool {
         self.full.is_some() || self.heads.is_some()
+    }
+
+    /// Task t's classifier reading this read-out U_final's block t: W_t U_final⁽ᵗ⁾ (detached),
+    /// the bias unchanged. What a task's head becomes when the SuperNet folds.
+    pub fn fold_into_head(&self, t: usize, classifier: &Linear) -> Linear {
+        tch::no_grad(|| Linear {
+            w: classifier.w.matmul(&self.block(t).tr()),
+            b: classifier.b.detach().copy(),
+        })
     }
 
     /// Dense block of model i: merge M_i [k, k'], unmerge U_i [k', k].

@@ -132,6 +132,47 @@ pub struct Run<'a> {
     pub lr_field: &'a str,
 }
 
+/// How one original transformer classifier is trained (`fsmerge train`), each from its seed.
+pub struct OriginalSpec<'a> {
+    pub task: &'a str,
+    pub classes: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl OriginalSpec<'_> {
+    /// AdamW (decoupled `weight_decay`) + OneCycle on the cross-entropy of `logits` of each
+    /// batch of `train` (inputs, labels). Returns the log rows.
+    pub fn fit(
+        &self,
+        params: &[Tensor],
+        weight_decay: f64,
+        train: (&Tensor, &Tensor),
+        progress: &dyn Progress,
+        logits: impl Fn(&Tensor) -> Tensor,
+    ) -> Result<Vec<LogRow>> {
+        let n = train.0.size()[0] as usize;
+        let run = Run {
+            phase: &format!("train {}", self.task),
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            seed: self.seed ^ 0xabcd,
+            schedule: Schedule::OneCycle {
+                max_lr: self.lr,
+                total_steps: total_steps(n, self.batch_size, self.epochs).max(1),
+            },
+            weight_decay,
+            lr_field: "train.lr",
+        };
+        run.optimise(params, n, progress, |idx| {
+            logits(&train.0.index_select(0, idx))
+                .cross_entropy_for_logits(&train.1.index_select(0, idx))
+        })
+    }
+}
+
 /// Optimiser steps of `epochs` over `n` samples in batches of `batch_size`.
 pub fn total_steps(n: usize, batch_size: usize, epochs: usize) -> u64 {
     (n.div_ceil(batch_size) * epochs) as u64

@@ -320,6 +320,12 @@ impl Ctx<'_> {
         let mut stage: Box<dyn WorkerStage> = match job.model.arch {
             Arch::Mlp => Box::new(StageNet::load(models, &tasks, units, &job.merge, job.seed)?),
             Arch::Vit => Box::new(VitStage::load(models, &tasks, units, &job.merge, job.seed)?),
+            Arch::Bert => {
+                return Err(Error::field(
+                    "model.arch",
+                    "BERT merges run in one process (`fsmerge merge`), not on workers",
+                ))
+            }
         };
         stage.to_device(device);
 

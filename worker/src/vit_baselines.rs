@@ -5,8 +5,9 @@
 use crate::baselines::regmean_solve;
 use crate::eval::mean_abs;
 use crate::merge_data::MergeSet;
-use crate::mlp::Linear;
+use crate::mlp::{own_heads, Linear};
 use crate::progress::{LogRow, Progress};
+use crate::tensor::set_to_mean;
 use crate::train_merge::TrainSettings;
 use crate::vit::Vit;
 use crate::vit_merge::{images, MergedVit};
@@ -14,14 +15,7 @@ use fsmerge_common::Result;
 use tch::Tensor;
 
 fn heads_of(models: &[&Vit]) -> Vec<Linear> {
-    models
-        .iter()
-        .map(|m| {
-            m.classifier
-                .as_ref()
-                .map_or_else(|| Linear::init(1, 1), Linear::copy)
-        })
-        .collect()
+    own_heads(models.iter().map(|m| m.classifier.as_ref()))
 }
 
 /// A copy of `model` without its classifier.
@@ -42,14 +36,8 @@ pub fn first(models: &[&Vit]) -> MergedVit {
 /// Element-wise mean of every encoder tensor.
 pub fn average(models: &[&Vit]) -> MergedVit {
     let vit = encoder_of(models[0]);
-    tch::no_grad(|| {
-        let all: Vec<Vec<(String, &Tensor)>> = models.iter().map(|m| m.named_tensors()).collect();
-        for (j, (_, t)) in vit.named_tensors().into_iter().enumerate() {
-            let stacked =
-                Tensor::stack(&all.iter().map(|a| a[j].1.detach()).collect::<Vec<_>>(), 0);
-            t.shallow_clone().copy_(&stacked.mean_dim(0, false, None));
-        }
-    });
+    let all: Vec<Vec<(String, &Tensor)>> = models.iter().map(|m| m.named_tensors()).collect();
+    set_to_mean(&vit.named_tensors(), &all);
     MergedVit {
         vit,
         heads: heads_of(models),

@@ -3,8 +3,8 @@
 //! terms; local block problems) and the training phases, each through the one `optim::Run` loop.
 
 use crate::merge_data::MergeSet;
-use crate::mlp::{accuracy, Linear};
-use crate::optim::{total_steps, Run, Schedule};
+use crate::mlp::{accuracy, stacked_heads, Linear};
+use crate::optim::OriginalSpec;
 use crate::progress::{LogRow, Progress};
 use crate::supernet::{own_mask, reconstruction_loss};
 use crate::train_merge::TrainSettings;
@@ -51,12 +51,7 @@ impl MergedVit {
     /// (joint prediction = argmax; task t = its slice of the logits).
     pub fn joint_checkpoint(&self) -> Vit {
         let mut vit = self.vit.copy();
-        let w: Vec<Tensor> = self.heads.iter().map(|h| h.w.detach()).collect();
-        let b: Vec<Tensor> = self.heads.iter().map(|h| h.b.detach()).collect();
-        vit.classifier = Some(Linear {
-            w: Tensor::cat(&w, 0),
-            b: Tensor::cat(&b, 0),
-        });
+        vit.classifier = Some(stacked_heads(&self.heads));
         vit
     }
 }
@@ -72,50 +67,26 @@ pub fn original_logits(model: &Vit, x: &Tensor) -> Tensor {
     })
 }
 
-/// Settings for training one original ViT.
-pub struct VitTrainSpec<'a> {
-    pub config: VitConfig,
-    pub task: &'a str,
-    pub classes: usize,
-    pub epochs: usize,
-    pub lr: f64,
-    pub batch_size: usize,
-    pub seed: u64,
-}
-
 /// Decoupled weight decay of the originals' AdamW (a common ViT setting).
 const ORIGINAL_WEIGHT_DECAY: f64 = 0.05;
 
 /// Train one original ViT from its own seed: AdamW + OneCycle, cross-entropy. Returns the
 /// model, its validation accuracy and the training log.
 pub fn train_original(
-    spec: &VitTrainSpec,
+    config: VitConfig,
+    spec: &OriginalSpec,
     train: (&Tensor, &Tensor),
     val: (&Tensor, &Tensor),
     progress: &dyn Progress,
 ) -> Result<(Vit, f64, Vec<LogRow>)> {
     tch::manual_seed(spec.seed as i64);
-    let model = Vit::init(spec.config.clone(), spec.classes);
+    let model = Vit::init(config, spec.classes);
     let params = model.params();
     for p in &params {
         let _ = p.set_requires_grad(true);
     }
-    let n = train.0.size()[0] as usize;
-    let run = Run {
-        phase: &format!("train {}", spec.task),
-        epochs: spec.epochs,
-        batch_size: spec.batch_size,
-        seed: spec.seed ^ 0xabcd,
-        schedule: Schedule::OneCycle {
-            max_lr: spec.lr,
-            total_steps: total_steps(n, spec.batch_size, spec.epochs).max(1),
-        },
-        weight_decay: ORIGINAL_WEIGHT_DECAY,
-        lr_field: "train.lr",
-    };
-    let log = run.optimise(&params, n, progress, |idx| {
-        original_logits(&model, &train.0.index_select(0, idx))
-            .cross_entropy_for_logits(&train.1.index_select(0, idx))
+    let log = spec.fit(&params, ORIGINAL_WEIGHT_DECAY, train, progress, |x| {
+        original_logits(&model, x)
     })?;
     let frozen = model.copy();
     let val_acc = tch::no_grad(|| accuracy(&original_logits(&frozen, val.0), val.1));

@@ -519,9 +519,9 @@ impl WorkerStage for VitStage {
                 out.push(("layernorm.weight".into(), to_host(&o.ln_post.w)?));
                 out.push(("layernorm.bias".into(), to_host(&o.ln_post.b)?));
                 for (t, (name, c)) in self.task_names.iter().zip(&o.classifiers).enumerate() {
-                    let w = c.w.matmul(&o.u_final.block(t).tr());
-                    out.push((head_weight(Some(name)), to_host(&w)?));
-                    out.push((head_bias(Some(name)), to_host(&c.b)?));
+                    let head = o.u_final.fold_into_head(t, c);
+                    out.push((head_weight(Some(name)), to_host(&head.w)?));
+                    out.push((head_bias(Some(name)), to_host(&head.b)?));
                 }
             }
             Ok(out)

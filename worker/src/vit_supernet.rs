@@ -770,10 +770,7 @@ impl VitSuperNet {
             let heads = classifiers
                 .iter()
                 .enumerate()
-                .map(|(t, c)| Linear {
-                    w: c.w.matmul(&self.mu.u_final.block(t).tr()),
-                    b: c.b.detach().copy(),
-                })
+                .map(|(t, c)| self.mu.u_final.fold_into_head(t, c))
                 .collect();
             (vit, heads)
         })

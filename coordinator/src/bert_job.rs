@@ -1,0 +1,166 @@
+//! The merge job for Hugging Face BERTs on the text tasks (`model.arch = "bert"`): originals
+//! (trained if missing), baselines (ensemble, first, average), FS-Merge (global) in this
+//! process, fold, evaluate, and write the merged model as one standard
+//! `BertForSequenceClassification` whose classifier stacks every task's head.
+
+use crate::job::Job;
+use crate::merge::{
+    check_classifier, check_rank, fs_merge_variant, prepare, warn_if_global_rose, Evaluator,
+};
+use crate::progress::Reporter;
+use crate::{report, train};
+use anyhow::{bail, Result};
+use fsmerge_common::checkpoint::write_json;
+use fsmerge_common::config::Baseline;
+use fsmerge_common::fsio::Staging;
+use fsmerge_common::plan::{bert_unit_costs, Plan};
+use fsmerge_common::Error;
+use fsmerge_worker::bert::Bert;
+use fsmerge_worker::bert_baselines;
+use fsmerge_worker::bert_merge::{self, original_logits, BertLoss, MergedBert};
+use fsmerge_worker::bert_supernet::BertSuperNet;
+use fsmerge_worker::eval::EvalSet;
+use fsmerge_worker::mlp::Linear;
+use fsmerge_worker::supernet::with_mu_seed;
+use fsmerge_worker::text_data::CLASSES;
+use fsmerge_worker::train_merge::TrainSettings;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Load every task's original BERT and check it can be merged: a pooler, a classifier with one
+/// output per class of its task, positions for the data's `max_tokens`.
+fn load_models(job: &Job) -> Result<Vec<Bert>> {
+    let max_tokens = job.cfg.data.max_tokens;
+    let mut models = Vec::new();
+    for task in &job.cfg.tasks {
+        let dir = train::hf_model_dir(job, &task.name);
+        let bert = Bert::load(&dir)?;
+        check_classifier(
+            &dir,
+            task,
+            bert.classifier.as_ref().map(|c| c.w.size()[0] as usize),
+        )?;
+        if bert.pooler.is_none() {
+            bail!(Error::Tensor {
+                file: dir,
+                tensor: "bert.pooler.dense.weight".into(),
+                msg: "FS-Merge reconstructs the pooler's output, which this BERT lacks".into(),
+            });
+        }
+        if bert.cfg.max_position_embeddings < max_tokens {
+            bail!(Error::Checkpoint {
+                file: dir.join("config.json"),
+                msg: format!(
+                    "max_position_embeddings {} is below data.max_tokens {max_tokens}",
+                    bert.cfg.max_position_embeddings
+                ),
+            });
+        }
+        models.push(bert);
+    }
+    Ok(models)
+}
+
+/// Run the BERT merge job in this process.
+pub fn run(job: &Job) -> Result<()> {
+    let started = Instant::now();
+    let cfg = &job.cfg;
+    let m = &cfg.merge;
+    let (splits, set) = prepare(job)?;
+    let models = load_models(job)?;
+    let refs: Vec<&Bert> = models.iter().collect();
+    check_rank(m.rank, models[0].cfg.hidden_size)?;
+    let plan = Plan::balanced(
+        bert_unit_costs(&models[0].cfg, models.len(), cfg.data.max_tokens),
+        1,
+        1,
+    )?;
+
+    let test = EvalSet::new(&splits.test, &cfg.tasks);
+    let val = EvalSet::new(&splits.val, &cfg.tasks);
+    let ev = Evaluator::new(&test, &val, job.task_names());
+    let reporter = Reporter::new();
+    let mut results = Vec::new();
+    for (t, model) in models.iter().enumerate() {
+        results.push(ev.original(t, &|x| original_logits(model, x)));
+    }
+
+    for b in &cfg.baselines.methods {
+        let clock = Instant::now();
+        let merged_row = |name: &str, merged: &MergedBert| {
+            let seconds = clock.elapsed().as_secs_f64();
+            ev.result(name, BTreeMap::new(), seconds, &|x| merged.logits(x))
+        };
+        results.push(match b {
+            Baseline::Ensemble => ev.result("ensemble", BTreeMap::new(), 0.0, &|x| {
+                refs.iter().map(|m| original_logits(m, x)).collect()
+            }),
+            Baseline::First => merged_row("first", &bert_baselines::first(&refs)),
+            Baseline::Average => merged_row("average", &bert_baselines::average(&refs)),
+            // The config refuses these for BERT (`JobConfig::check_text`).
+            Baseline::Regmean | Baseline::Kd => {
+                bail!(Error::field(
+                    "baselines.methods",
+                    "regmean and kd are not built for BERT yet"
+                ))
+            }
+        });
+    }
+
+    let clock = Instant::now();
+    let v = fs_merge_variant(m);
+    let pooled = bert_merge::teacher(&refs, &set);
+    let sn = with_mu_seed(cfg.seed, || {
+        BertSuperNet::new(&refs, m.mu_type, m.init, m.rank)
+    })?;
+    let loss = BertLoss {
+        sn: &sn,
+        pooled: &pooled,
+        set: &set,
+        targets: m.targets,
+        form: m.step_form,
+    };
+    let log = bert_merge::train_global(&loss, &TrainSettings::of(m, cfg.seed), &reporter)?;
+    warn_if_global_rose(&log, m.lr);
+    let heads: Vec<&Linear> = models
+        .iter()
+        .filter_map(|m| m.classifier.as_ref())
+        .collect();
+    let (bert, heads) = sn.merged(&heads);
+    let merged = MergedBert { bert, heads };
+    let seconds = clock.elapsed().as_secs_f64();
+    results.push(ev.result("fs-merge", v.clone(), seconds, &|x| merged.logits(x)));
+
+    report::write(job, &plan, results, &log, started, Vec::new(), &|st| {
+        write_model(st, job, &merged, &v)
+    })
+}
+
+/// The merged BERT in HF layout (`merged/`: config.json + model.safetensors, one classifier of
+/// every task's classes) and `merged/fsmerge.json` (each task's slice of the logits).
+fn write_model(
+    st: &Staging,
+    job: &Job,
+    merged: &MergedBert,
+    v: &BTreeMap<String, serde_json::Value>,
+) -> Result<()> {
+    let mut labels = Vec::new();
+    let mut tasks = Vec::new();
+    for t in &job.cfg.tasks {
+        let start = labels.len();
+        labels.extend(
+            t.classes
+                .iter()
+                .map(|&c| format!("{}:{}", t.name, CLASSES.get(c).unwrap_or(&"?"))),
+        );
+        tasks.push(json!({"name": t.name, "classes": t.classes, "logits": [start, labels.len()]}));
+    }
+    let dir = st.path("merged");
+    merged.joint_checkpoint().save(&dir, &labels)?;
+    write_json(
+        &dir.join("fsmerge.json"),
+        &json!({"method": "fs-merge", "variant": v, "tasks": tasks, "input": "WordPiece ids of data.vocab (BERT uncased), [CLS] text [SEP] padded with [PAD] to data.max_tokens"}),
+    )?;
+    Ok(())
+}

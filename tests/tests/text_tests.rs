@@ -1,0 +1,202 @@
+//! The text tasks of the BERT merge: fsmerge's WordPiece tokenizer against transformers' on the
+//! real corpus (SpamAssassin mails, first names) and on hard cases; the BERT merge end to end
+//! (originals trained by fsmerge from their own seeds, baselines, FS-Merge, a merged checkpoint
+//! that transformers loads and that reproduces the reported accuracy); refused settings.
+
+use fsmerge_common::checkpoint::{read_json, write_tensors};
+use fsmerge_common::config::JobConfig;
+use fsmerge_common::metrics::Metrics;
+use fsmerge_tests::{fsmerge, python_fixture, root, stderr};
+use fsmerge_worker::bert::Bert;
+use fsmerge_worker::bert_merge::tokens;
+use fsmerge_worker::data;
+use fsmerge_worker::eval::{evaluate, EvalSet};
+use fsmerge_worker::tensor::to_host;
+use fsmerge_worker::text_data;
+use fsmerge_worker::wordpiece::WordPiece;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const MAX_TOKENS: usize = 64;
+
+#[test]
+fn wordpiece_matches_transformers_on_the_corpus() {
+    let model = root().join("data/all-MiniLM-L6-v2");
+    let vocab = WordPiece::load(&model.join("vocab.txt")).unwrap();
+    let all = text_data::texts(&root().join("data")).unwrap();
+    assert!(all.len() > 14_000, "{} texts", all.len());
+    let mut texts: Vec<String> = all.iter().step_by(23).map(|(t, _)| t.clone()).collect();
+    texts.extend(
+        [
+            "Héllo, WORLD!\tdon't stop",
+            "naïve café — “quoted” … 中文字 and emoji 🙂",
+            "zero\u{200b}width soft\u{ad}hyphen",
+            "a_very_long_identifier_with_underscores_and_numbers_12345678901234567890",
+            &"x".repeat(150),
+            "",
+        ]
+        .map(String::from),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("texts.json");
+    std::fs::write(&file, serde_json::to_string(&texts).unwrap()).unwrap();
+    let out = python_fixture(
+        "wordpiece_ids.py",
+        &[&model, &file, Path::new(&MAX_TOKENS.to_string())],
+    );
+    let want: Vec<Vec<u32>> = serde_json::from_str(&out).unwrap();
+    assert_eq!(want.len(), texts.len());
+    let mut differ = 0;
+    for (text, ids) in texts.iter().zip(&want) {
+        let got = vocab.encode(text, MAX_TOKENS);
+        if &got != ids {
+            differ += 1;
+            eprintln!("{text:?}\n  fsmerge      {got:?}\n  transformers {ids:?}");
+        }
+    }
+    assert_eq!(
+        differ,
+        0,
+        "{differ} of {} texts tokenized differently",
+        texts.len()
+    );
+}
+
+/// The BERT merge of the spam and names tasks, small enough for CI: 32 tokens, 2 epochs of
+/// originals, 12 of FS-Merge (at a higher peak lr than the config's 40).
+fn merge(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "merge".to_string(),
+        root()
+            .join("configs/spam-names-bert.toml")
+            .display()
+            .to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--threads".into(),
+        "1".into(),
+    ];
+    for s in [
+        "data.max_tokens=32",
+        "train.epochs=2",
+        "merge.epochs=12",
+        "merge.lr=1e-2",
+        "merge.n_originals=800",
+    ]
+    .iter()
+    .chain(extra)
+    {
+        args.push("--set".into());
+        args.push(s.to_string());
+    }
+    fsmerge(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn bert_merge_on_text_and_transformers_reproduces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = merge(&out, &[]);
+    assert!(o.status.success(), "merge failed: {}", stderr(&o));
+    let m: Metrics = read_json(&out.join("metrics.json")).unwrap();
+    let methods: Vec<&str> = m.results.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(
+        methods,
+        [
+            "original:spam",
+            "original:names",
+            "ensemble",
+            "first",
+            "average",
+            "fs-merge"
+        ]
+    );
+    let get = |name: &str| m.results.iter().find(|r| r.method == name).unwrap();
+    assert!(get("original:spam").mean_task_acc > 0.9);
+    assert!(get("original:names").mean_task_acc > 0.7);
+    // `first` reads the names through the spam model, averaging mixes unrelated weights:
+    // FS-Merge must beat both clearly and come near the ensemble of the two originals.
+    let fs = get("fs-merge");
+    for base in ["first", "average"] {
+        assert!(
+            fs.mean_task_acc > get(base).mean_task_acc + 0.05,
+            "{fs:?} vs {base}"
+        );
+    }
+    assert!(
+        fs.mean_task_acc > get("ensemble").mean_task_acc - 0.04,
+        "{fs:?}"
+    );
+
+    // The merged checkpoint alone (fsmerge's loader) reproduces the reported accuracies: task t
+    // reads its slice of the stacked classifier.
+    let merged = Bert::load(&out.join("merged")).unwrap();
+    let cfg: JobConfig = read_json(&out.join("config.json")).unwrap();
+    let mut data_cfg = cfg.data.clone();
+    data_cfg.path = Some(root().join("data"));
+    data_cfg.vocab = root().join(&cfg.data.vocab);
+    let splits = data::load(&data_cfg).unwrap();
+    let test = EvalSet::new(&splits.test, &cfg.tasks);
+    let logits_of = |x: &tch::Tensor| {
+        let (ids, mask) = tokens(x);
+        merged.logits(&ids, &mask).unwrap()
+    };
+    let scores = tch::no_grad(|| {
+        evaluate(&test, &|x| {
+            let all = logits_of(x);
+            vec![all.narrow(1, 0, 2), all.narrow(1, 2, 2)]
+        })
+    });
+    assert!(
+        (scores.mean() - fs.mean_task_acc).abs() < 1e-9,
+        "{scores:?}"
+    );
+    assert!((scores.joint - fs.joint_acc.unwrap()).abs() < 1e-9);
+
+    // transformers loads it as a BertForSequenceClassification and gives the same logits, on
+    // mails and names.
+    let x = tch::Tensor::cat(
+        &[
+            test.tasks[0].0.narrow(0, 0, 8),
+            test.tasks[1].0.narrow(0, 0, 8),
+        ],
+        0,
+    );
+    let (ids, mask) = tokens(&x);
+    let want = tch::no_grad(|| logits_of(&x));
+    let mut reference = BTreeMap::new();
+    reference.insert(
+        "input_ids".to_string(),
+        to_host(&ids.to_kind(tch::Kind::Float)).unwrap(),
+    );
+    reference.insert(
+        "attention_mask".to_string(),
+        to_host(&mask.to_kind(tch::Kind::Float)).unwrap(),
+    );
+    reference.insert("logits".to_string(), to_host(&want).unwrap());
+    let ref_file = dir.path().join("reference.safetensors");
+    write_tensors(&ref_file, &reference).unwrap();
+    println!(
+        "{}",
+        python_fixture("check_bert_merged.py", &[&out.join("merged"), &ref_file])
+    );
+}
+
+#[test]
+fn text_settings_a_bert_merge_cannot_run_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (set, field) in [
+        ("merge.mode=\"local\"", "merge.mode"),
+        ("merge.n_augmented=10", "merge.n_augmented"),
+        ("cluster.stages=2", "cluster"),
+        ("baselines.methods=[\"kd\"]", "baselines.methods"),
+        ("model.arch=\"vit\"", "model.arch"),
+        ("data.max_tokens=4", "data.max_tokens"),
+    ] {
+        let o = merge(&dir.path().join("x"), &[set]);
+        assert!(!o.status.success(), "{set} was accepted");
+        let err = stderr(&o);
+        assert!(err.contains(field), "{set}: {err}");
+    }
+    assert!(!dir.path().join("x").exists());
+}
