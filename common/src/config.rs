@@ -728,12 +728,6 @@ impl JobConfig {
                 "image augmentation does not apply to text; set it to 0",
             ));
         }
-        if m.mode != Mode::Global {
-            return Err(Error::field(
-                "merge.mode",
-                "BERT merges run `global` only so far (local block problems are ViT-only)",
-            ));
-        }
         if let Some(b) = self
             .baselines
             .methods

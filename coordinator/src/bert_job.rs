@@ -1,29 +1,34 @@
 //! The merge job for Hugging Face BERTs on the text tasks (`model.arch = "bert"`): originals
-//! (trained if missing), baselines (ensemble, first, average), FS-Merge (global) in this
-//! process, fold, evaluate, and write the merged model as one standard
+//! (trained if missing), baselines (ensemble, first, average), FS-Merge (local / global /
+//! local-then-global) in this process, fold, evaluate, and write the merged model as one standard
 //! `BertForSequenceClassification` whose classifier stacks every task's head.
 
 use crate::job::Job;
 use crate::merge::{
-    check_classifier, check_rank, fs_merge_variant, prepare, warn_if_global_rose, Evaluator,
+    check_classifier, check_rank, fs_merge_variant, prepare, report_local_phase,
+    warn_if_global_rose, Evaluator,
 };
 use crate::progress::Reporter;
 use crate::{report, train};
 use anyhow::{bail, Result};
 use fsmerge_common::checkpoint::write_json;
-use fsmerge_common::config::Baseline;
+use fsmerge_common::config::{Baseline, Mode};
 use fsmerge_common::fsio::Staging;
+use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{bert_unit_costs, Plan};
 use fsmerge_common::Error;
 use fsmerge_worker::bert::Bert;
 use fsmerge_worker::bert_baselines;
-use fsmerge_worker::bert_merge::{self, original_logits, BertLoss, MergedBert};
+use fsmerge_worker::bert_merge::{
+    self, original_logits, tokens, BertLoss, BertTeacher, MergedBert,
+};
 use fsmerge_worker::bert_supernet::BertSuperNet;
 use fsmerge_worker::eval::EvalSet;
 use fsmerge_worker::mlp::Linear;
 use fsmerge_worker::supernet::with_mu_seed;
 use fsmerge_worker::text_data::CLASSES;
 use fsmerge_worker::train_merge::TrainSettings;
+use fsmerge_worker::vit_merge::chunked;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -109,24 +114,40 @@ pub fn run(job: &Job) -> Result<()> {
     }
 
     let clock = Instant::now();
-    let v = fs_merge_variant(m);
-    let pooled = bert_merge::teacher(&refs, &set);
+    let mut v = fs_merge_variant(m);
+    let teacher = BertTeacher::new(&refs, &set, m.mode != Mode::Global);
     let sn = with_mu_seed(cfg.seed, || {
         BertSuperNet::new(&refs, m.mu_type, m.init, m.rank)
     })?;
     let loss = BertLoss {
         sn: &sn,
-        pooled: &pooled,
+        teacher: &teacher,
         set: &set,
         targets: m.targets,
         form: m.step_form,
+        res_consistency: m.res_consistency,
     };
-    let log = bert_merge::train_global(&loss, &TrainSettings::of(m, cfg.seed), &reporter)?;
-    warn_if_global_rose(&log, m.lr);
     let heads: Vec<&Linear> = models
         .iter()
         .filter_map(|m| m.classifier.as_ref())
         .collect();
+    let settings = TrainSettings::of(m, cfg.seed);
+    let mut log = Vec::new();
+    if m.mode != Mode::Global {
+        log.extend(bert_merge::train_local(&loss, &settings, &reporter)?);
+        report_local_phase(local_gap(&sn, &heads, &ev), m.mode, &mut v, &mut results);
+    }
+    if m.mode != Mode::Local {
+        let s = TrainSettings {
+            epochs: match m.mode {
+                Mode::LocalThenGlobal => m.global_epochs,
+                _ => m.epochs,
+            },
+            ..settings.clone()
+        };
+        log.extend(bert_merge::train_global(&loss, &s, &reporter)?);
+        warn_if_global_rose(&log, m.lr);
+    }
     let (bert, heads) = sn.merged(&heads);
     let merged = MergedBert { bert, heads };
     let seconds = clock.elapsed().as_secs_f64();
@@ -135,6 +156,29 @@ pub fn run(job: &Job) -> Result<()> {
     report::write(job, &plan, results, &log, started, Vec::new(), &|st| {
         write_model(st, job, &merged, &v)
     })
+}
+
+/// After local training: the local SuperNet as trained (U_res/M_res round trip after every
+/// unit) and the folded model it yields, as result rows.
+fn local_gap(sn: &BertSuperNet, heads: &[&Linear], ev: &Evaluator) -> (MethodResult, MethodResult) {
+    let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
+        let pred = chunked(x, 1, |c| {
+            let (ids, mask) = tokens(c);
+            sn.forward_local_chain(&ids, &mask)
+        });
+        heads
+            .iter()
+            .enumerate()
+            .map(|(t, h)| h.forward(&pred.get(t as i64)))
+            .collect()
+    });
+    let (bert, merged_heads) = sn.merged(heads);
+    let folded = MergedBert {
+        bert,
+        heads: merged_heads,
+    };
+    let row = ev.result("local folded", BTreeMap::new(), 0.0, &|x| folded.logits(x));
+    (chain, row)
 }
 
 /// The merged BERT in HF layout (`merged/`: config.json + model.safetensors, one classifier of

@@ -11,7 +11,7 @@ use fsmerge_common::checkpoint::{
     body_bias, body_weight, check_same_architecture, head_bias, head_weight, HostTensor,
     MlpCheckpoint,
 };
-use fsmerge_common::config::{Arch, Baseline, MergeConfig, TaskConfig};
+use fsmerge_common::config::{Arch, Baseline, MergeConfig, Mode, TaskConfig};
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{mlp_unit_costs, Plan};
 use fsmerge_common::Error;
@@ -65,6 +65,34 @@ pub fn load_models(job: &Job, input_dim: usize) -> Result<Vec<Mlp>> {
     }
     check_same_architecture(&cks)?;
     Ok(cks.iter().map(Mlp::from_checkpoint).collect())
+}
+
+/// After a transformer's local training: log the rows of the local SuperNet as trained
+/// (`chain`) and of its fold, add them to the results (the fold's only when a global phase
+/// follows: in `local` mode it is the FS-Merge row) and their gap to the FS-Merge variant.
+pub fn report_local_phase(
+    (chain, folded): (MethodResult, MethodResult),
+    mode: Mode,
+    v: &mut BTreeMap<String, serde_json::Value>,
+    results: &mut Vec<MethodResult>,
+) {
+    tracing::info!(
+        "local phase: local SuperNet {:.2}% mean task / {:.2}% joint, folded {:.2}% / {:.2}%",
+        100.0 * chain.mean_task_acc,
+        100.0 * chain.joint_acc.unwrap_or(0.0),
+        100.0 * folded.mean_task_acc,
+        100.0 * folded.joint_acc.unwrap_or(0.0)
+    );
+    // Local SuperNet minus folded model, in accuracy points (positive: folding lost).
+    let gap = 100.0 * (chain.mean_task_acc - folded.mean_task_acc);
+    v.insert(
+        "local_gap_points".into(),
+        json!((gap * 100.0).round() / 100.0),
+    );
+    results.push(chain);
+    if mode == Mode::LocalThenGlobal {
+        results.push(folded);
+    }
 }
 
 /// The FS-Merge row's variant: the settings that tell its runs apart.

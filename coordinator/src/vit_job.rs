@@ -6,8 +6,8 @@
 use crate::cluster::{self, Launch};
 use crate::job::Job;
 use crate::merge::{
-    check_classifier, check_rank, fs_merge_variant, prepare, variant, warn_if_global_rose,
-    Evaluator,
+    check_classifier, check_rank, fs_merge_variant, prepare, report_local_phase, variant,
+    warn_if_global_rose, Evaluator,
 };
 use crate::progress::Reporter;
 use crate::{report, train};
@@ -182,7 +182,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
         log.extend(outcome.log);
         if local {
             let sn = local_supernet_from_checkpoints(job, &plan, &refs)?;
-            report_local_phase(&sn, &heads, &ev, m.mode, &mut v, &mut results);
+            report_local_phase(local_gap(&sn, &heads, &ev), m.mode, &mut v, &mut results);
         }
         let merged = assemble(job, &models[0].cfg, outcome.tensors)?;
         (merged, outcome.workers)
@@ -242,7 +242,7 @@ fn train_in_process(
     };
     if m.mode != Mode::Global {
         log.extend(vit_merge::train_local(&loss, &settings, reporter)?);
-        report_local_phase(&sn, heads, ev, m.mode, v, results);
+        report_local_phase(local_gap(&sn, heads, ev), m.mode, v, results);
     }
     if m.mode != Mode::Local {
         let s = TrainSettings {
@@ -287,37 +287,6 @@ fn assemble(
         .context("assembling the merged ViT from the workers' folded tensors")?
         .into_vit()?;
     Ok(MergedVit { vit, heads })
-}
-
-/// After local training: evaluate the local SuperNet and its fold (`local_gap`), log them, add
-/// their rows to the results (the fold's only when a global phase follows: in `local` mode it
-/// is the FS-Merge row) and their gap to the FS-Merge variant.
-fn report_local_phase(
-    sn: &VitSuperNet,
-    heads: &[&Linear],
-    ev: &Evaluator,
-    mode: Mode,
-    v: &mut BTreeMap<String, serde_json::Value>,
-    results: &mut Vec<MethodResult>,
-) {
-    let (chain, folded) = local_gap(sn, heads, ev);
-    tracing::info!(
-        "local phase: local SuperNet {:.2}% mean task / {:.2}% joint, folded {:.2}% / {:.2}%",
-        100.0 * chain.mean_task_acc,
-        100.0 * chain.joint_acc.unwrap_or(0.0),
-        100.0 * folded.mean_task_acc,
-        100.0 * folded.joint_acc.unwrap_or(0.0)
-    );
-    // Local SuperNet minus folded model, in accuracy points (positive: folding lost).
-    let gap = 100.0 * (chain.mean_task_acc - folded.mean_task_acc);
-    v.insert(
-        "local_gap_points".into(),
-        json!((gap * 100.0).round() / 100.0),
-    );
-    results.push(chain);
-    if mode == Mode::LocalThenGlobal {
-        results.push(folded);
-    }
 }
 
 /// The whole SuperNet in this process with the M/U every stage checkpointed after its local

@@ -1,7 +1,8 @@
 //! The text tasks of the BERT merge: fsmerge's WordPiece tokenizer against transformers' on the
 //! real corpus (SpamAssassin mails, first names) and on hard cases; the BERT merge end to end
-//! (originals trained by fsmerge from their own seeds, baselines, FS-Merge, a merged checkpoint
-//! that transformers loads and that reproduces the reported accuracy); refused settings.
+//! (originals trained by fsmerge from their own seeds, baselines, FS-Merge global and
+//! local-then-global, a merged checkpoint that transformers loads and that reproduces the
+//! reported accuracy); refused settings.
 
 use fsmerge_common::checkpoint::{read_json, write_tensors};
 use fsmerge_common::config::JobConfig;
@@ -180,13 +181,37 @@ fn bert_merge_on_text_and_transformers_reproduces_it() {
         "{}",
         python_fixture("check_bert_merged.py", &[&out.join("merged"), &ref_file])
     );
+
+    // Local then global on the same originals: the unit problems alone already merge (the
+    // local SuperNet and its fold agree within a point), and the global phase keeps that.
+    let out2 = dir.path().join("local-then-global");
+    let models = format!("train.models_dir=\"{}\"", out.join("originals").display());
+    let o = merge(
+        &out2,
+        &[
+            &models,
+            "merge.mode=\"local-then-global\"",
+            "merge.epochs=5",
+            "merge.global_epochs=3",
+            "baselines.methods=[\"first\"]",
+        ],
+    );
+    assert!(o.status.success(), "merge failed: {}", stderr(&o));
+    let m: Metrics = read_json(&out2.join("metrics.json")).unwrap();
+    let get = |name: &str| m.results.iter().find(|r| r.method == name).unwrap();
+    let (chain, folded, fs) = (get("local supernet"), get("local folded"), get("fs-merge"));
+    assert!((chain.mean_task_acc - folded.mean_task_acc).abs() < 0.01);
+    assert!(fs.variant.contains_key("local_gap_points"), "{fs:?}");
+    for r in [folded, fs] {
+        assert!(r.mean_task_acc > get("first").mean_task_acc + 0.05, "{r:?}");
+    }
 }
 
 #[test]
 fn text_settings_a_bert_merge_cannot_run_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     for (set, field) in [
-        ("merge.mode=\"local\"", "merge.mode"),
+        ("merge.targets=\"nope\"", "targets"),
         ("merge.n_augmented=10", "merge.n_augmented"),
         ("cluster.stages=2", "cluster"),
         ("baselines.methods=[\"kd\"]", "baselines.methods"),

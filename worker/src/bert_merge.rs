@@ -1,6 +1,7 @@
 //! FS-Merge of BERTs in one process: the originals (`fsmerge train` on the text tasks), the
-//! teacher (every model's pooled output on the merge data), the global loss (method.md §9.1 on
-//! the pooler's output) and its training phase, through the one `optim::Run` loop. Text rows
+//! teacher (every model's pooled output on the merge data, and in local modes its stream after
+//! every unit), the losses (method.md §9.1 on the pooler's output; local unit problems) and the
+//! training phases, through the one `optim::Run` loop. Text rows
 //! hold token ids as f32 (`text_data`); `[PAD]` = 0 is what the attention mask hides.
 
 use crate::bert::Bert;
@@ -11,7 +12,7 @@ use crate::optim::OriginalSpec;
 use crate::progress::{LogRow, Progress};
 use crate::supernet::{own_mask, reconstruction_loss};
 use crate::train_merge::TrainSettings;
-use crate::vit_merge::{chunked, GLOBAL_SEED_OFFSET};
+use crate::vit_merge::{chunked, CHUNK, GLOBAL_SEED_OFFSET};
 use fsmerge_common::config::{StepForm, Targets};
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::Result;
@@ -102,33 +103,148 @@ pub fn train_original(
     Ok((frozen, val_acc, log))
 }
 
-/// Every model's pooled output on every merge input [n, N, d]: the reconstruction targets.
-pub fn teacher(models: &[&Bert], set: &MergeSet) -> Tensor {
-    tch::no_grad(|| {
-        let all: Vec<Tensor> = models.iter().map(|m| pooled(m, &set.x)).collect();
-        Tensor::stack(&all, 0)
-    })
+/// What the originals compute on the merge data.
+pub struct BertTeacher {
+    /// Every model's pooled output on every input [n, N, d]: the reconstruction targets.
+    pub pooled: Tensor,
+    /// Local modes: every model's hidden state after each unit [n, N, T, d] (0 = embeddings).
+    pub stream: Vec<Tensor>,
 }
 
-/// The global loss of a BERT SuperNet on the merge data.
+impl BertTeacher {
+    pub fn new(models: &[&Bert], set: &MergeSet, with_stream: bool) -> Self {
+        tch::no_grad(|| {
+            let pooled: Vec<Tensor> = models.iter().map(|m| pooled(m, &set.x)).collect();
+            let stream = if with_stream {
+                // Per model, every chunk's hidden states; then per unit, all rows of all models.
+                let n_rows = set.x.size()[0];
+                let states: Vec<Vec<Vec<Tensor>>> = models
+                    .iter()
+                    .map(|m| {
+                        (0..n_rows)
+                            .step_by(CHUNK as usize)
+                            .map(|s| {
+                                let (ids, mask) =
+                                    tokens(&set.x.narrow(0, s, CHUNK.min(n_rows - s)));
+                                m.forward(&ids, &mask)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                (0..models[0].blocks.len() + 1)
+                    .map(|l| {
+                        let per_model: Vec<Tensor> = states
+                            .iter()
+                            .map(|chunks| {
+                                Tensor::cat(
+                                    &chunks
+                                        .iter()
+                                        .map(|c| c[l].shallow_clone())
+                                        .collect::<Vec<_>>(),
+                                    0,
+                                )
+                            })
+                            .collect();
+                        Tensor::stack(&per_model, 0)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Self {
+                pooled: Tensor::stack(&pooled, 0),
+                stream,
+            }
+        })
+    }
+}
+
+/// Reconstruction of token states [n, B, T, d] over the real tokens only (`tokens` [B, T], 1 =
+/// token): `all` averages every model's slice, `own` (one-hot [n, B]) each input's own model's.
+fn token_loss(pred: &Tensor, target: &Tensor, tokens: &Tensor, own: Option<&Tensor>) -> Tensor {
+    let (n, _, _, d) = pred.size4().unwrap_or((0, 0, 0, 0));
+    let weight = tokens.to_kind(Kind::Float).unsqueeze(0).unsqueeze(-1);
+    let sq = (pred - target).square() * weight;
+    let count = tokens.to_kind(Kind::Float).sum(Kind::Float) * d as f64;
+    match own {
+        None => sq.sum(Kind::Float) / (count * n as f64),
+        Some(m) => (sq * m.unsqueeze(-1).unsqueeze(-1)).sum(Kind::Float) / count,
+    }
+}
+
+/// The losses of a BERT SuperNet on the merge data.
 pub struct BertLoss<'a> {
     pub sn: &'a BertSuperNet,
-    /// The teacher's pooled outputs [n, N, d].
-    pub pooled: &'a Tensor,
+    pub teacher: &'a BertTeacher,
     pub set: &'a MergeSet,
     pub targets: Targets,
     pub form: StepForm,
+    pub res_consistency: f64,
 }
 
 impl BertLoss<'_> {
+    fn own(&self, idx: &Tensor) -> Option<Tensor> {
+        (self.targets == Targets::Own)
+            .then(|| own_mask(&self.set.task.index_select(0, idx), self.sn.frozen.n))
+    }
+
     /// Output reconstruction of the samples `idx` (id-sliced with `own` targets).
     pub fn global(&self, idx: &Tensor) -> Tensor {
         let (ids, mask) = tokens(&self.set.x.index_select(0, idx));
         let pred = self.sn.forward(&ids, &mask, self.form);
-        let own = (self.targets == Targets::Own)
-            .then(|| own_mask(&self.set.task.index_select(0, idx), self.sn.frozen.n));
-        reconstruction_loss(&pred, &self.pooled.index_select(1, idx), own.as_ref())
+        let own = self.own(idx);
+        reconstruction_loss(
+            &pred,
+            &self.teacher.pooled.index_select(1, idx),
+            own.as_ref(),
+        )
     }
+
+    /// Local loss of the samples `idx`: the embeddings' and every block's problem (each
+    /// reconstructing the next stream through U_res on the real tokens, plus the residual
+    /// round-trip drift weighted by `res_consistency`) and the output's, summed: each
+    /// problem's own M/U get their own gradient, the shared M_res/U_res the sum.
+    pub fn local(&self, idx: &Tensor) -> Tensor {
+        let (ids, mask) = tokens(&self.set.x.index_select(0, idx));
+        let own = self.own(idx);
+        let stream = &self.teacher.stream;
+        let at = |l: usize| stream[l].index_select(1, idx);
+        let (pred, drift) = self.sn.local_embeddings(&ids, self.form);
+        let mut loss =
+            token_loss(&pred, &at(0), &mask, own.as_ref()) + drift * self.res_consistency;
+        let depth = stream.len().saturating_sub(1);
+        for l in 0..depth {
+            let (pred, drift) = self.sn.local_block(l, &at(l), &mask, self.form);
+            loss = loss
+                + token_loss(&pred, &at(l + 1), &mask, own.as_ref())
+                + drift * self.res_consistency;
+        }
+        let cls = at(depth).select(2, 0);
+        loss + reconstruction_loss(
+            &self.sn.local_output(&cls, self.form),
+            &self.teacher.pooled.index_select(1, idx),
+            own.as_ref(),
+        )
+    }
+}
+
+/// Train the SuperNet's local problems together (one step of every problem per batch).
+pub fn train_local(
+    loss: &BertLoss,
+    s: &TrainSettings,
+    progress: &dyn Progress,
+) -> Result<Vec<LogRow>> {
+    if loss.teacher.stream.len() < 2 {
+        return Err(fsmerge_common::Error::Compute(
+            "local training needs the originals' streams: build the teacher with streams".into(),
+        ));
+    }
+    s.run("local", loss.set.len(), s.seed).optimise(
+        &loss.sn.local_params(),
+        loss.set.len(),
+        progress,
+        |idx| loss.local(idx),
+    )
 }
 
 /// Train the whole SuperNet end to end (method.md §9.1), seeded as the ViT's global phase.

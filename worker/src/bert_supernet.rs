@@ -12,6 +12,11 @@
 //!
 //! Embedding tables fold row-wise (Tab* = Σ_i Tab_i M_emb⁽ⁱ⁾), every linear map by §3.1, so the
 //! SuperNet folds exactly into one standard BERT with a pooler (`fold`).
+//!
+//! Local mode (architecture.md §2, step 5) trains each unit on the originals' streams f_l
+//! (hidden states after each unit, [n, B, T, d]), through the shared residual merge M_res =
+//! M_emb and unmerge U_res: the embeddings' problem U_res LN_emb(M_emb emb) ≈ f_0, block l's
+//! U_res block(M_res f_l) ≈ f_{l+1}, the output's U_final pool(M_res f_L[CLS]) ≈ pooled.
 
 use crate::bert::{embed_tokens, mask_bias, Bert, BertBlock};
 use crate::mlp::Linear;
@@ -132,6 +137,8 @@ pub struct BertMu {
     pub u_pool: MuMatrix,
     pub m_pool: MuMatrix,
     pub u_final: MuMatrix,
+    /// Local mode: the residual unmerge shared by every unit (M_res is `m_emb`).
+    pub u_res: MuMatrix,
 }
 
 impl BertMu {
@@ -167,6 +174,8 @@ impl BertMu {
             u_pool: draw.width(Role::Unmerge)?,
             m_pool: draw.width(Role::Merge)?,
             u_final: draw.width(Role::Unmerge)?,
+            // Drawn last, so the global mode's M/U keep their values.
+            u_res: draw.width(Role::Unmerge)?,
         })
     }
 }
@@ -200,6 +209,13 @@ impl BertSuperNet {
         for m in [&mu.u_pool, &mu.m_pool, &mu.u_final] {
             v.extend(m.params());
         }
+        v
+    }
+
+    /// What local training moves: the global parameters and the shared residual unmerge.
+    pub fn local_params(&self) -> Vec<Tensor> {
+        let mut v = self.params();
+        v.extend(self.mu.u_res.params());
         v
     }
 
@@ -253,12 +269,12 @@ impl BertSuperNet {
         mu.ln_out.forward(&(x + m)).view([b, t, d])
     }
 
-    /// ŷ [n, B, d] for token ids [B, T] with attention mask [B, T], in `form`.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, form: StepForm) -> Tensor {
+    /// x*_0 [B, T, d]: the n embeddings (before their LayerNorm) merged by M_emb, literally or
+    /// through the folded tables; then the merged LN_emb.
+    fn embed(&self, ids: &Tensor, form: StepForm) -> Tensor {
         let f = &self.frozen;
         let (n, d) = (f.n as i64, f.cfg.hidden_size as i64);
         let (b, t) = ids.size2().unwrap_or((0, 0));
-        let bias = mask_bias(mask);
         let emb = match form {
             StepForm::Literal => {
                 let per_model: Vec<Tensor> = (0..n)
@@ -282,24 +298,94 @@ impl BertSuperNet {
                 embed_tokens(&w, &p, &ty, ids)
             }
         };
-        let mut x = self.mu.ln_emb.forward(&emb);
-        for l in 0..f.blocks.len() {
-            x = match form {
-                StepForm::Literal => self.block_literal(l, &x, &bias),
-                StepForm::Fold => self.fold_block(l).forward(&x, &bias, self.heads()),
-            };
+        self.mu.ln_emb.forward(&emb)
+    }
+
+    /// Block l in `form` (same function either way).
+    fn block(&self, l: usize, x: &Tensor, bias: &Tensor, form: StepForm) -> Tensor {
+        match form {
+            StepForm::Literal => self.block_literal(l, x, bias),
+            StepForm::Fold => self.fold_block(l).forward(x, bias, self.heads()),
         }
-        let cls = x.select(1, 0);
+    }
+
+    /// ŷ [n, B, d] for token ids [B, T] with attention mask [B, T], in `form`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor, form: StepForm) -> Tensor {
+        let bias = mask_bias(mask);
+        let mut x = self.embed(ids, form);
+        for l in 0..self.frozen.blocks.len() {
+            x = self.block(l, &x, &bias, form);
+        }
+        self.output(&x.select(1, 0), form)
+    }
+
+    /// ŷ [n, B, d] from the merged [CLS] state [B, d]: U_final tanh(pooler*(x)).
+    fn output(&self, cls: &Tensor, form: StepForm) -> Tensor {
+        let f = &self.frozen;
         let y = match form {
             StepForm::Literal => self
                 .mu
                 .m_pool
-                .merge(&f.pooler.branches(&self.mu.u_pool.unmerge(&cls))),
+                .merge(&f.pooler.branches(&self.mu.u_pool.unmerge(cls))),
             StepForm::Fold => {
-                folded_linear(&f.pooler, &self.mu.m_pool, &self.mu.u_pool).forward(&cls)
+                folded_linear(&f.pooler, &self.mu.m_pool, &self.mu.u_pool).forward(cls)
             }
         };
         self.mu.u_final.unmerge(&y.tanh())
+    }
+
+    /// U_res y [n, B, T, d] of a merged stream y [B, T, d], and the residual basis' drift: the
+    /// mean square of M_res U_res y − y.
+    fn unmerge_res(&self, y: &Tensor) -> (Tensor, Tensor) {
+        let (b, t, d) = y.size3().unwrap_or((0, 0, 0));
+        let flat = y.view([-1, d]);
+        let pred = self.mu.u_res.unmerge(&flat);
+        let drift = (self.mu.m_emb.merge(&pred) - &flat).square().mean(None);
+        (pred.view([-1, b, t, d]), drift)
+    }
+
+    /// M_res f [B, T, d] of the originals' streams f [n, B, T, d].
+    fn merge_res(&self, f: &Tensor) -> Tensor {
+        let (n, b, t, d) = f.size4().unwrap_or((0, 0, 0, 0));
+        self.mu.m_emb.merge(&f.view([n, b * t, d])).view([b, t, d])
+    }
+
+    /// The embeddings' local problem: the reconstruction U_res LN_emb(M_emb emb) of f_0
+    /// [n, B, T, d], and the drift.
+    pub fn local_embeddings(&self, ids: &Tensor, form: StepForm) -> (Tensor, Tensor) {
+        self.unmerge_res(&self.embed(ids, form))
+    }
+
+    /// Block l's local problem: U_res block(M_res f_l) for f_l [n, B, T, d] (the reconstruction
+    /// of f_{l+1}), and the drift.
+    pub fn local_block(
+        &self,
+        l: usize,
+        f_in: &Tensor,
+        mask: &Tensor,
+        form: StepForm,
+    ) -> (Tensor, Tensor) {
+        let y = self.block(l, &self.merge_res(f_in), &mask_bias(mask), form);
+        self.unmerge_res(&y)
+    }
+
+    /// The output's local problem: the originals' last [CLS] states [n, B, d] merged by M_res,
+    /// then the pooler and U_final → ŷ [n, B, d].
+    pub fn local_output(&self, f_cls: &Tensor, form: StepForm) -> Tensor {
+        self.output(&self.mu.m_emb.merge(f_cls), form)
+    }
+
+    /// The local SuperNet as trained: after every unit the stream goes through U_res and back
+    /// through M_res. The folded model skips that round trip; the accuracy gap between the two
+    /// is what local mode's shared residual basis costs.
+    pub fn forward_local_chain(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+        let bias = mask_bias(mask);
+        let round_trip = |y: &Tensor| self.merge_res(&self.unmerge_res(y).0);
+        let mut x = round_trip(&self.embed(ids, StepForm::Fold));
+        for l in 0..self.frozen.blocks.len() {
+            x = round_trip(&self.block(l, &x, &bias, StepForm::Fold));
+        }
+        self.output(&x.select(1, 0), StepForm::Fold)
     }
 
     /// The folded BERT and each task's classifier with its read-out folded in: W_t U_final⁽ᵗ⁾.
