@@ -728,18 +728,6 @@ impl JobConfig {
                 "image augmentation does not apply to text; set it to 0",
             ));
         }
-        if let Some(b) = self
-            .baselines
-            .methods
-            .iter()
-            .find(|b| matches!(b, Baseline::Regmean | Baseline::Kd))
-        {
-            return Err(Error::field(
-                "baselines.methods",
-                format!("`{b:?}` is not built for BERT yet (ensemble, first, average are)")
-                    .to_lowercase(),
-            ));
-        }
         Ok(())
     }
 

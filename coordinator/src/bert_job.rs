@@ -1,12 +1,12 @@
 //! The merge job for Hugging Face BERTs on the text tasks (`model.arch = "bert"`): originals
-//! (trained if missing), baselines (ensemble, first, average), FS-Merge (local / global /
+//! (trained if missing), baselines (ensemble, first, average, RegMean, KD), FS-Merge (local / global /
 //! local-then-global) in this process, fold, evaluate, and write the merged model as one standard
 //! `BertForSequenceClassification` whose classifier stacks every task's head.
 
 use crate::job::Job;
 use crate::merge::{
-    check_classifier, check_rank, fs_merge_variant, prepare, report_local_phase,
-    warn_if_global_rose, Evaluator,
+    check_classifier, check_rank, fs_merge_variant, kd_settings, prepare, report_local_phase,
+    variant, warn_if_global_rose, Evaluator,
 };
 use crate::progress::Reporter;
 use crate::{report, train};
@@ -91,31 +91,48 @@ pub fn run(job: &Job) -> Result<()> {
         results.push(ev.original(t, &|x| original_logits(model, x)));
     }
 
+    let clock = Instant::now();
+    let teacher = BertTeacher::new(&refs, &set, m.mode != Mode::Global);
+    let teacher_seconds = clock.elapsed().as_secs_f64();
+    let settings = TrainSettings::of(m, cfg.seed);
+    let mut log = Vec::new();
     for b in &cfg.baselines.methods {
         let clock = Instant::now();
-        let merged_row = |name: &str, merged: &MergedBert| {
+        let merged_row = |name: &str, v, merged: &MergedBert| {
             let seconds = clock.elapsed().as_secs_f64();
-            ev.result(name, BTreeMap::new(), seconds, &|x| merged.logits(x))
+            ev.result(name, v, seconds, &|x| merged.logits(x))
         };
         results.push(match b {
             Baseline::Ensemble => ev.result("ensemble", BTreeMap::new(), 0.0, &|x| {
                 refs.iter().map(|m| original_logits(m, x)).collect()
             }),
-            Baseline::First => merged_row("first", &bert_baselines::first(&refs)),
-            Baseline::Average => merged_row("average", &bert_baselines::average(&refs)),
-            // The config refuses these for BERT (`JobConfig::check_text`).
-            Baseline::Regmean | Baseline::Kd => {
-                bail!(Error::field(
-                    "baselines.methods",
-                    "regmean and kd are not built for BERT yet"
-                ))
+            Baseline::First => merged_row("first", BTreeMap::new(), &bert_baselines::first(&refs)),
+            Baseline::Average => {
+                merged_row("average", BTreeMap::new(), &bert_baselines::average(&refs))
+            }
+            Baseline::Regmean => {
+                let alpha = cfg.baselines.regmean_alpha;
+                let merged = bert_baselines::regmean(&refs, &set, alpha)?;
+                merged_row("regmean", variant(&[("alpha", json!(alpha))]), &merged)
+            }
+            Baseline::Kd => {
+                let (s, v) = kd_settings(m, &settings);
+                let (merged, rows) = bert_baselines::kd(
+                    &refs,
+                    &set,
+                    &teacher.pooled,
+                    cfg.baselines.kd_target_scale,
+                    &s,
+                    &reporter,
+                )?;
+                log.extend(rows);
+                merged_row("kd", v, &merged)
             }
         });
     }
 
     let clock = Instant::now();
     let mut v = fs_merge_variant(m);
-    let teacher = BertTeacher::new(&refs, &set, m.mode != Mode::Global);
     let sn = with_mu_seed(cfg.seed, || {
         BertSuperNet::new(&refs, m.mu_type, m.init, m.rank)
     })?;
@@ -131,8 +148,6 @@ pub fn run(job: &Job) -> Result<()> {
         .iter()
         .filter_map(|m| m.classifier.as_ref())
         .collect();
-    let settings = TrainSettings::of(m, cfg.seed);
-    let mut log = Vec::new();
     if m.mode != Mode::Global {
         log.extend(bert_merge::train_local(&loss, &settings, &reporter)?);
         report_local_phase(local_gap(&sn, &heads, &ev), m.mode, &mut v, &mut results);
@@ -150,7 +165,7 @@ pub fn run(job: &Job) -> Result<()> {
     }
     let (bert, heads) = sn.merged(&heads);
     let merged = MergedBert { bert, heads };
-    let seconds = clock.elapsed().as_secs_f64();
+    let seconds = clock.elapsed().as_secs_f64() + teacher_seconds;
     results.push(ev.result("fs-merge", v.clone(), seconds, &|x| merged.logits(x)));
 
     report::write(job, &plan, results, &log, started, Vec::new(), &|st| {

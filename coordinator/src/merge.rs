@@ -95,6 +95,24 @@ pub fn report_local_phase(
     }
 }
 
+/// KD's training settings (FS-Merge's, for all its epochs: the same budget) and its row's
+/// variant.
+pub fn kd_settings(
+    m: &MergeConfig,
+    settings: &TrainSettings,
+) -> (TrainSettings, BTreeMap<String, serde_json::Value>) {
+    let s = TrainSettings {
+        epochs: m.total_epochs(),
+        ..settings.clone()
+    };
+    let v = variant(&[
+        ("init", json!("first")),
+        ("epochs", json!(s.epochs)),
+        ("lr", json!(s.lr)),
+    ]);
+    (s, v)
+}
+
 /// The FS-Merge row's variant: the settings that tell its runs apart.
 pub fn fs_merge_variant(m: &MergeConfig) -> BTreeMap<String, serde_json::Value> {
     variant(&[
@@ -317,10 +335,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
                 ev.merged("regmean", v, clock.elapsed().as_secs_f64(), &merged)
             }
             Baseline::Kd => {
-                let s = TrainSettings {
-                    epochs: m.total_epochs(),
-                    ..settings.clone()
-                };
+                let (s, v) = kd_settings(m, &settings);
                 let (merged, rows) = baselines::kd(
                     &refs,
                     &set,
@@ -330,11 +345,6 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
                     &reporter,
                 )?;
                 log.extend(rows);
-                let v = variant(&[
-                    ("init", json!("first")),
-                    ("epochs", json!(s.epochs)),
-                    ("lr", json!(s.lr)),
-                ]);
                 ev.merged("kd", v, clock.elapsed().as_secs_f64(), &merged)
             }
         };

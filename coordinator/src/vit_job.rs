@@ -6,8 +6,8 @@
 use crate::cluster::{self, Launch};
 use crate::job::Job;
 use crate::merge::{
-    check_classifier, check_rank, fs_merge_variant, prepare, report_local_phase, variant,
-    warn_if_global_rose, Evaluator,
+    check_classifier, check_rank, fs_merge_variant, kd_settings, prepare, report_local_phase,
+    variant, warn_if_global_rose, Evaluator,
 };
 use crate::progress::Reporter;
 use crate::{report, train};
@@ -143,10 +143,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
                 merged_row("regmean", v, &merged, clock.elapsed().as_secs_f64())
             }
             Baseline::Kd => {
-                let s = TrainSettings {
-                    epochs: m.total_epochs(),
-                    ..settings.clone()
-                };
+                let (s, v) = kd_settings(m, &settings);
                 let (merged, rows) = vit_baselines::kd(
                     &refs,
                     &set,
@@ -156,11 +153,6 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
                     &reporter,
                 )?;
                 log.extend(rows);
-                let v = variant(&[
-                    ("init", json!("first")),
-                    ("epochs", json!(s.epochs)),
-                    ("lr", json!(s.lr)),
-                ]);
                 merged_row("kd", v, &merged, clock.elapsed().as_secs_f64())
             }
         };

@@ -59,8 +59,7 @@ pub fn regmean(
     tch::no_grad(|| {
         let mut body = Vec::new();
         for (l, avg_layer) in avg.body.iter().enumerate() {
-            let mut gram_sum: Option<Tensor> = None;
-            let mut rhs_sum: Option<Tensor> = None;
+            let mut sums = RegmeanSums::default();
             for (i, m) in models.iter().enumerate() {
                 let r = set.task_range(i);
                 let x = if l == 0 {
@@ -70,33 +69,45 @@ pub fn regmean(
                         .get(i as i64)
                         .narrow(0, r.start as i64, r.len() as i64)
                 };
-                let g = x.tr().matmul(&x);
-                let g = &g * alpha + g.diagonal(0, 0, 1).diag_embed(0, -2, -1) * (1.0 - alpha);
-                let rhs = g.matmul(&m.body[l].w.tr());
-                gram_sum = Some(match gram_sum {
-                    Some(s) => s + &g,
-                    None => g,
-                });
-                rhs_sum = Some(match rhs_sum {
-                    Some(s) => s + rhs,
-                    None => rhs,
-                });
+                sums.add(&x, &m.body[l].w, alpha);
             }
-            let (gram, rhs) = (
-                gram_sum.unwrap_or_else(|| Tensor::zeros([1], crate::tensor::F32)),
-                rhs_sum.unwrap_or_else(|| Tensor::zeros([1], crate::tensor::F32)),
-            );
-            let wt = regmean_solve(gram, &rhs, &format!("layer {l}"))?;
-            body.push(Linear {
-                w: wt.tr().contiguous(),
-                b: avg_layer.b.shallow_clone(),
-            });
+            let merged = avg_layer.copy();
+            sums.solve_into(&merged, &format!("layer {l}"))?;
+            body.push(merged);
         }
         Ok(MergedModel {
             body,
             heads: avg.heads,
         })
     })
+}
+
+/// RegMean's sums for one linear map over the models: Σ_i G_i and Σ_i G_i W_iᵀ, with
+/// G_i = α XᵢᵀXᵢ + (1−α) diag(XᵢᵀXᵢ) from the map's inputs Xᵢ [rows, in] inside model i.
+#[derive(Default)]
+pub struct RegmeanSums(Option<(Tensor, Tensor)>);
+
+impl RegmeanSums {
+    pub fn add(&mut self, x: &Tensor, w: &Tensor, alpha: f64) {
+        let g = x.tr().matmul(x);
+        let g = &g * alpha + g.diagonal(0, 0, 1).diag_embed(0, -2, -1) * (1.0 - alpha);
+        let rhs = g.matmul(&w.tr());
+        self.0 = Some(match self.0.take() {
+            Some((gs, rs)) => (gs + g, rs + rhs),
+            None => (g, rhs),
+        });
+    }
+
+    /// Overwrite `target`'s weight in place with W* (`regmean_solve`); nothing added, nothing
+    /// changed. `what` names the map in an error.
+    pub fn solve_into(self, target: &Linear, what: &str) -> Result<()> {
+        let Some((gram, rhs)) = self.0 else {
+            return Ok(());
+        };
+        let wt = regmean_solve(gram, &rhs, what)?;
+        tch::no_grad(|| target.w.shallow_clone().copy_(&wt.tr()));
+        Ok(())
+    }
 }
 
 /// Solve RegMean's normal equations (Σ G_i) W*ᵀ = Σ G_i W_iᵀ. A ridge of 1e-6 · mean(diag)
@@ -115,9 +126,57 @@ pub fn regmean_solve(gram: Tensor, rhs: &Tensor, what: &str) -> Result<Tensor> {
         .map_err(|e| Error::Compute(format!("RegMean {what}: {e}")))
 }
 
-/// Knowledge distillation: a full student body initialised from model 1, trained with MSE to
-/// each input's own model's features, rescaled to mean |·| = `target_scale` per task; at
-/// evaluation task t reads student(x)/s_t, folded into its head.
+/// Knowledge distillation, for every architecture: the student's `params` (initialised from
+/// model 1) are trained with MSE of `student(idx)` (its output on the merge inputs `idx`) to
+/// each input's own model's output in `outputs` [n, N, k], rescaled to mean |·| = `target_scale`
+/// per task. Returns the scales s_t (task t reads student(x)/s_t: see `rescaled_heads`) and the
+/// log.
+pub fn distill(
+    set: &MergeSet,
+    outputs: &Tensor,
+    target_scale: f64,
+    params: &[Tensor],
+    s: &TrainSettings,
+    progress: &dyn Progress,
+    student: impl Fn(&Tensor) -> Tensor,
+) -> Result<(Vec<f64>, Vec<LogRow>)> {
+    let mut scales = Vec::new();
+    let mut targets = Vec::new();
+    for t in 0..set.per_task.len() {
+        let r = set.task_range(t);
+        let f = outputs
+            .get(t as i64)
+            .narrow(0, r.start as i64, r.len() as i64);
+        let scale = target_scale / mean_abs(&f).max(1e-12);
+        targets.push(f * scale);
+        scales.push(scale);
+    }
+    let targets = Tensor::cat(&targets, 0);
+    for p in params {
+        let _ = p.set_requires_grad(true);
+    }
+    let log = optimise("kd", params, set.len(), s, progress, |idx| {
+        (student(idx) - targets.index_select(0, idx))
+            .square()
+            .mean(None)
+    })?;
+    Ok((scales, log))
+}
+
+/// The tasks' heads reading a distilled student: W_t / s_t (biases unchanged).
+pub fn rescaled_heads(heads: impl IntoIterator<Item = Linear>, scales: &[f64]) -> Vec<Linear> {
+    heads
+        .into_iter()
+        .zip(scales)
+        .map(|(h, &sc)| Linear {
+            w: h.w.detach() / sc,
+            b: h.b.detach().copy(),
+        })
+        .collect()
+}
+
+/// Knowledge distillation of MLPs (`distill`): a full student body initialised from model 1,
+/// its last features against each input's own model's.
 pub fn kd(
     models: &[&Mlp],
     set: &MergeSet,
@@ -126,41 +185,21 @@ pub fn kd(
     s: &TrainSettings,
     progress: &dyn Progress,
 ) -> Result<(MergedModel, Vec<LogRow>)> {
-    let last = &feats[feats.len() - 1];
-    let mut scales = Vec::new();
-    let mut targets = Vec::new();
-    for t in 0..models.len() {
-        let r = set.task_range(t);
-        let f = last.get(t as i64).narrow(0, r.start as i64, r.len() as i64);
-        let scale = target_scale / mean_abs(&f).max(1e-12);
-        targets.push(f * scale);
-        scales.push(scale);
-    }
-    let targets = Tensor::cat(&targets, 0);
-    let student: Vec<Linear> = models[0]
-        .body
-        .iter()
-        .map(|l| Linear {
-            w: l.w.detach().copy().set_requires_grad(true),
-            b: l.b.detach().copy().set_requires_grad(true),
-        })
-        .collect();
+    let student: Vec<Linear> = models[0].body.iter().map(Linear::copy).collect();
     let params: Vec<Tensor> = student
         .iter()
         .flat_map(|l| [l.w.shallow_clone(), l.b.shallow_clone()])
         .collect();
-    let log = optimise("kd", &params, set.len(), s, progress, |idx| {
-        let pred = body_forward(&student, &set.x.index_select(0, idx));
-        (pred - targets.index_select(0, idx)).square().mean(None)
-    })?;
+    let (scales, log) = distill(
+        set,
+        &feats[feats.len() - 1],
+        target_scale,
+        &params,
+        s,
+        progress,
+        |idx| body_forward(&student, &set.x.index_select(0, idx)),
+    )?;
     let body = student.iter().map(Linear::copy).collect();
-    let heads = models
-        .iter()
-        .zip(&scales)
-        .map(|(m, &sc)| Linear {
-            w: m.head.w.detach() / sc,
-            b: m.head.b.detach().copy(),
-        })
-        .collect();
+    let heads = rescaled_heads(models.iter().map(|m| m.head.copy()), &scales);
     Ok((MergedModel { body, heads }, log))
 }

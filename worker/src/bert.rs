@@ -45,6 +45,17 @@ impl BertBlock {
         let m = self.fc2.forward(&self.fc1.forward(&h).gelu("none"));
         self.ln_out.forward(&(h + m))
     }
+
+    /// The inputs of the block's linear maps — the stream (Q, K, V), the attention context
+    /// (output projection), the post-attention stream (fc1), the activations (fc2) — and the
+    /// block's output (RegMean's Gram matrices).
+    pub fn linear_inputs(&self, h: &Tensor, bias: &Tensor, heads: i64) -> ([Tensor; 4], Tensor) {
+        let ctx = attention(h, &self.q, &self.k, &self.v, heads, Some(bias));
+        let a = self.ln_att.forward(&(h + self.out.forward(&ctx)));
+        let z = self.fc1.forward(&a).gelu("none");
+        let y = self.ln_out.forward(&(&a + self.fc2.forward(&z)));
+        ([h.shallow_clone(), ctx, a, z], y)
+    }
 }
 
 /// The additive attention mask of transformers: 0 where `mask` is 1, the float minimum where 0;
@@ -232,11 +243,16 @@ impl Bert {
         })
     }
 
+    /// The embeddings' output (after their LayerNorm) [B, T, d] for token ids [B, T].
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        let emb = embed_tokens(&self.word, &self.position, &self.token_type, ids);
+        self.ln_emb.forward(&emb)
+    }
+
     /// Every hidden state as `transformers` reports them (embeddings, then each block's
     /// output) for token ids [B, T] and an attention mask [B, T] (1 = token, 0 = padding).
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Vec<Tensor> {
-        let emb = embed_tokens(&self.word, &self.position, &self.token_type, ids);
-        let mut h = self.ln_emb.forward(&emb);
+        let mut h = self.embed(ids);
         let bias = mask_bias(mask);
         let heads = self.cfg.num_attention_heads as i64;
         let mut states = vec![h.shallow_clone()];

@@ -2,8 +2,7 @@
 //! RegMean on every linear map of every block, and knowledge distillation into a copy of
 //! model 1. Each task keeps its own classifier.
 
-use crate::baselines::regmean_solve;
-use crate::eval::mean_abs;
+use crate::baselines::{distill, rescaled_heads, RegmeanSums};
 use crate::merge_data::MergeSet;
 use crate::mlp::{own_heads, Linear};
 use crate::progress::{LogRow, Progress};
@@ -61,7 +60,7 @@ pub fn regmean(models: &[&Vit], set: &MergeSet, alpha: f64) -> Result<MergedVit>
             })
             .collect();
         for (l, block) in merged.vit.blocks.iter().enumerate() {
-            let mut grams: Vec<Option<(Tensor, Tensor)>> = (0..6).map(|_| None).collect();
+            let mut sums: Vec<RegmeanSums> = (0..6).map(|_| RegmeanSums::default()).collect();
             for (i, m) in models.iter().enumerate() {
                 let b = &m.blocks[l];
                 let (inputs, out) = b.linear_inputs(&streams[i], heads);
@@ -74,24 +73,15 @@ pub fn regmean(models: &[&Vit], set: &MergeSet, alpha: f64) -> Result<MergedVit>
                     (&inputs[2], &b.fc1),
                     (&inputs[3], &b.fc2),
                 ];
-                for (slot, (x, lin)) in grams.iter_mut().zip(maps) {
-                    let x = x.reshape([-1, x.size()[2]]);
-                    let g = x.tr().matmul(&x);
-                    let g = &g * alpha + g.diagonal(0, 0, 1).diag_embed(0, -2, -1) * (1.0 - alpha);
-                    let rhs = g.matmul(&lin.w.tr());
-                    *slot = Some(match slot.take() {
-                        Some((gs, rs)) => (gs + g, rs + rhs),
-                        None => (g, rhs),
-                    });
+                for (sum, (x, lin)) in sums.iter_mut().zip(maps) {
+                    sum.add(&x.reshape([-1, x.size()[2]]), &lin.w, alpha);
                 }
             }
             let targets = [
                 &block.q, &block.k, &block.v, &block.out, &block.fc1, &block.fc2,
             ];
-            for (k, (slot, lin)) in grams.into_iter().zip(targets).enumerate() {
-                let Some((gram, rhs)) = slot else { continue };
-                let wt = regmean_solve(gram, &rhs, &format!("block {l}, linear map {k}"))?;
-                lin.w.shallow_clone().copy_(&wt.tr());
+            for (k, (sum, lin)) in sums.into_iter().zip(targets).enumerate() {
+                sum.solve_into(lin, &format!("block {l}, linear map {k}"))?;
             }
         }
         Ok(merged)
@@ -109,41 +99,20 @@ pub fn kd(
     s: &TrainSettings,
     progress: &dyn Progress,
 ) -> Result<(MergedVit, Vec<LogRow>)> {
-    let mut scales = Vec::new();
-    let mut targets = Vec::new();
-    for t in 0..models.len() {
-        let r = set.task_range(t);
-        let f = pooled
-            .get(t as i64)
-            .narrow(0, r.start as i64, r.len() as i64);
-        let scale = target_scale / mean_abs(&f).max(1e-12);
-        targets.push(f * scale);
-        scales.push(scale);
-    }
-    let targets = Tensor::cat(&targets, 0);
     let student = encoder_of(models[0]);
-    let params = student.params();
-    for p in &params {
-        let _ = p.set_requires_grad(true);
-    }
-    let log = s
-        .run("kd", set.len(), s.seed)
-        .optimise(&params, set.len(), progress, |idx| {
-            let pred = student.pooled(&images(&set.x.index_select(0, idx)));
-            (pred - targets.index_select(0, idx)).square().mean(None)
-        })?;
-    let heads = heads_of(models)
-        .into_iter()
-        .zip(&scales)
-        .map(|(h, &sc)| Linear {
-            w: h.w / sc,
-            b: h.b,
-        })
-        .collect();
+    let (scales, log) = distill(
+        set,
+        pooled,
+        target_scale,
+        &student.params(),
+        s,
+        progress,
+        |idx| student.pooled(&images(&set.x.index_select(0, idx))),
+    )?;
     Ok((
         MergedVit {
             vit: student.copy(),
-            heads,
+            heads: rescaled_heads(heads_of(models), &scales),
         },
         log,
     ))
