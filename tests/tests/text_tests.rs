@@ -219,6 +219,14 @@ fn text_settings_a_bert_merge_cannot_run_are_refused_by_name() {
         ("baselines.methods=[\"nope\"]", "baselines"),
         ("model.arch=\"vit\"", "model.arch"),
         ("data.max_tokens=4", "data.max_tokens"),
+        (
+            "data.path=\"/nonexistent\"",
+            "/nonexistent/spam-assassin/easy-ham-1",
+        ),
+        (
+            "data.vocab=\"/nonexistent/vocab.txt\"",
+            "/nonexistent/vocab.txt",
+        ),
     ] {
         let o = merge(&dir.path().join("x"), &[set]);
         assert!(!o.status.success(), "{set} was accepted");
@@ -226,4 +234,9 @@ fn text_settings_a_bert_merge_cannot_run_are_refused_by_name() {
         assert!(err.contains(field), "{set}: {err}");
     }
     assert!(!dir.path().join("x").exists());
+    // BERT merges have no worker stages yet: the coordinator says so.
+    let config = root().join("configs/spam-names-bert.toml");
+    let out = dir.path().join("x").display().to_string();
+    let o = fsmerge(&["coordinator", &config.display().to_string(), "--out", &out]);
+    assert!(!o.status.success() && stderr(&o).contains("fsmerge merge"));
 }
