@@ -5,8 +5,8 @@
 
 use crate::job::Job;
 use crate::merge::{
-    check_classifier, check_rank, fs_merge_variant, kd_settings, prepare, report_local_phase,
-    variant, warn_if_global_rose, Evaluator,
+    check_classifier, check_rank, fs_merge_variant, kd_settings, local_gap, prepare,
+    report_local_phase, stacked_labels, variant, warn_if_global_rose, Evaluator,
 };
 use crate::progress::Reporter;
 use crate::{report, train};
@@ -32,6 +32,7 @@ use fsmerge_worker::vit_merge::chunked;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Instant;
+use tch::Tensor;
 
 /// Load every task's original BERT and check it can be merged: a pooler, a classifier with one
 /// output per class of its task, positions for the data's `max_tokens`.
@@ -150,7 +151,7 @@ pub fn run(job: &Job) -> Result<()> {
         .collect();
     if m.mode != Mode::Global {
         log.extend(bert_merge::train_local(&loss, &settings, &reporter)?);
-        report_local_phase(local_gap(&sn, &heads, &ev), m.mode, &mut v, &mut results);
+        report_local_phase(local_rows(&sn, &heads, &ev), m.mode, &mut v, &mut results);
     }
     if m.mode != Mode::Local {
         let s = TrainSettings {
@@ -173,27 +174,25 @@ pub fn run(job: &Job) -> Result<()> {
     })
 }
 
-/// After local training: the local SuperNet as trained (U_res/M_res round trip after every
-/// unit) and the folded model it yields, as result rows.
-fn local_gap(sn: &BertSuperNet, heads: &[&Linear], ev: &Evaluator) -> (MethodResult, MethodResult) {
-    let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
-        let pred = chunked(x, 1, |c| {
-            let (ids, mask) = tokens(c);
-            sn.forward_local_chain(&ids, &mask)
-        });
-        heads
-            .iter()
-            .enumerate()
-            .map(|(t, h)| h.forward(&pred.get(t as i64)))
-            .collect()
-    });
+/// After local training: the rows of the local SuperNet as trained (U_res/M_res round trip
+/// after every unit) and of the folded model it yields.
+fn local_rows(
+    sn: &BertSuperNet,
+    heads: &[&Linear],
+    ev: &Evaluator,
+) -> (MethodResult, MethodResult) {
     let (bert, merged_heads) = sn.merged(heads);
     let folded = MergedBert {
         bert,
         heads: merged_heads,
     };
-    let row = ev.result("local folded", BTreeMap::new(), 0.0, &|x| folded.logits(x));
-    (chain, row)
+    let chain = |x: &Tensor| {
+        chunked(x, 1, |c| {
+            let (ids, mask) = tokens(c);
+            sn.forward_local_chain(&ids, &mask)
+        })
+    };
+    local_gap(ev, heads, &chain, &|x| folded.logits(x))
 }
 
 /// The merged BERT in HF layout (`merged/`: config.json + model.safetensors, one classifier of
@@ -204,17 +203,7 @@ fn write_model(
     merged: &MergedBert,
     v: &BTreeMap<String, serde_json::Value>,
 ) -> Result<()> {
-    let mut labels = Vec::new();
-    let mut tasks = Vec::new();
-    for t in &job.cfg.tasks {
-        let start = labels.len();
-        labels.extend(
-            t.classes
-                .iter()
-                .map(|&c| format!("{}:{}", t.name, CLASSES.get(c).unwrap_or(&"?"))),
-        );
-        tasks.push(json!({"name": t.name, "classes": t.classes, "logits": [start, labels.len()]}));
-    }
+    let (labels, tasks) = stacked_labels(job, &|c| CLASSES.get(c).unwrap_or(&"?").to_string());
     let dir = st.path("merged");
     merged.joint_checkpoint().save(&dir, &labels)?;
     write_json(

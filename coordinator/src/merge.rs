@@ -95,6 +95,49 @@ pub fn report_local_phase(
     }
 }
 
+/// The rows of a transformer's local phase: the local SuperNet as trained (`chain`: its read-out
+/// [n, N, d] of inputs, through each task's original head) and the folded model (`folded`: every
+/// task's logits).
+pub fn local_gap(
+    ev: &Evaluator,
+    heads: &[&Linear],
+    chain: &dyn Fn(&Tensor) -> Tensor,
+    folded: &dyn Fn(&Tensor) -> Vec<Tensor>,
+) -> (MethodResult, MethodResult) {
+    let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
+        let pred = chain(x);
+        heads
+            .iter()
+            .enumerate()
+            .map(|(t, h)| h.forward(&pred.get(t as i64)))
+            .collect()
+    });
+    (
+        chain,
+        ev.result("local folded", BTreeMap::new(), 0.0, folded),
+    )
+}
+
+/// The labels of a merged transformer's stacked classifier (`task:class`, with `class_name`)
+/// and, per task, its slice of the logits (`merged/fsmerge.json`).
+pub fn stacked_labels(
+    job: &Job,
+    class_name: &dyn Fn(usize) -> String,
+) -> (Vec<String>, Vec<serde_json::Value>) {
+    let mut labels = Vec::new();
+    let mut tasks = Vec::new();
+    for t in &job.cfg.tasks {
+        let start = labels.len();
+        labels.extend(
+            t.classes
+                .iter()
+                .map(|&c| format!("{}:{}", t.name, class_name(c))),
+        );
+        tasks.push(json!({"name": t.name, "classes": t.classes, "logits": [start, labels.len()]}));
+    }
+    (labels, tasks)
+}
+
 /// KD's training settings (FS-Merge's, for all its epochs: the same budget) and its row's
 /// variant.
 pub fn kd_settings(

@@ -55,6 +55,17 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
     let staging = Staging::new(&job.models_dir)?;
     let reporter = Reporter::new();
     let mut log = Vec::new();
+    // The vocabulary's size sets the BERTs' embedding tables: read it once.
+    let bert_config = if cfg.model.arch == Arch::Bert {
+        let vocab = WordPiece::load(&cfg.data.vocab)?;
+        Some(BertConfig::for_text(
+            &cfg.model.bert,
+            vocab.vocab_size(),
+            cfg.data.max_tokens,
+        ))
+    } else {
+        None
+    };
     for &t in missing {
         let task = &cfg.tasks[t];
         let train = splits.train.task_tensors(&task.classes);
@@ -70,21 +81,10 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
             };
             let (train, val) = ((&train.0, &train.1), (&val.0, &val.1));
             let dir = staging.path(&task.name);
-            let val_acc = if cfg.model.arch == Arch::Vit {
-                let config = VitConfig::for_images(&cfg.model.vit, cfg.data.dataset.image_side());
-                let (vit, val_acc, rows) =
-                    vit_merge::train_original(config, &spec, train, val, &reporter)?;
-                let labels: Vec<String> =
-                    task.classes.iter().map(|c| format!("class {c}")).collect();
-                vit.save(&dir, &labels)?;
-                log.extend(rows);
-                val_acc
-            } else {
-                let vocab = WordPiece::load(&cfg.data.vocab)?;
-                let config =
-                    BertConfig::for_text(&cfg.model.bert, vocab.vocab_size(), cfg.data.max_tokens);
+            // `bert_config` is set exactly for BERT jobs; otherwise this is a ViT.
+            let val_acc = if let Some(config) = &bert_config {
                 let (bert, val_acc, rows) =
-                    bert_merge::train_original(config, &spec, train, val, &reporter)?;
+                    bert_merge::train_original(config.clone(), &spec, train, val, &reporter)?;
                 let labels: Vec<String> = task
                     .classes
                     .iter()
@@ -95,6 +95,15 @@ fn train_missing(job: &Job, splits: &Splits, missing: &[usize]) -> Result<()> {
                     })
                     .collect();
                 bert.save(&dir, &labels)?;
+                log.extend(rows);
+                val_acc
+            } else {
+                let config = VitConfig::for_images(&cfg.model.vit, cfg.data.dataset.image_side());
+                let (vit, val_acc, rows) =
+                    vit_merge::train_original(config, &spec, train, val, &reporter)?;
+                let labels: Vec<String> =
+                    task.classes.iter().map(|c| format!("class {c}")).collect();
+                vit.save(&dir, &labels)?;
                 log.extend(rows);
                 val_acc
             };

@@ -6,8 +6,8 @@
 use crate::cluster::{self, Launch};
 use crate::job::Job;
 use crate::merge::{
-    check_classifier, check_rank, fs_merge_variant, kd_settings, prepare, report_local_phase,
-    variant, warn_if_global_rose, Evaluator,
+    check_classifier, check_rank, fs_merge_variant, kd_settings, local_gap, prepare,
+    report_local_phase, stacked_labels, variant, warn_if_global_rose, Evaluator,
 };
 use crate::progress::Reporter;
 use crate::{report, train};
@@ -174,7 +174,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
         log.extend(outcome.log);
         if local {
             let sn = local_supernet_from_checkpoints(job, &plan, &refs)?;
-            report_local_phase(local_gap(&sn, &heads, &ev), m.mode, &mut v, &mut results);
+            report_local_phase(local_rows(&sn, &heads, &ev), m.mode, &mut v, &mut results);
         }
         let merged = assemble(job, &models[0].cfg, outcome.tensors)?;
         (merged, outcome.workers)
@@ -234,7 +234,7 @@ fn train_in_process(
     };
     if m.mode != Mode::Global {
         log.extend(vit_merge::train_local(&loss, &settings, reporter)?);
-        report_local_phase(local_gap(&sn, heads, ev), m.mode, v, results);
+        report_local_phase(local_rows(&sn, heads, ev), m.mode, v, results);
     }
     if m.mode != Mode::Local {
         let s = TrainSettings {
@@ -314,24 +314,20 @@ fn local_supernet_from_checkpoints(job: &Job, plan: &Plan, refs: &[&Vit]) -> Res
     Ok(sn)
 }
 
-/// After local training: the local SuperNet as trained (U_res/M_res round trip between blocks)
-/// and the folded model it yields, as result rows.
-fn local_gap(sn: &VitSuperNet, heads: &[&Linear], ev: &Evaluator) -> (MethodResult, MethodResult) {
-    let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
-        let pred = vit_merge::chunked(x, 1, |c| sn.forward_local_chain(&vit_merge::images(c)));
-        heads
-            .iter()
-            .enumerate()
-            .map(|(t, h)| h.forward(&pred.get(t as i64)))
-            .collect()
-    });
+/// After local training: the rows of the local SuperNet as trained (U_res/M_res round trip
+/// between blocks) and of the folded model it yields.
+fn local_rows(sn: &VitSuperNet, heads: &[&Linear], ev: &Evaluator) -> (MethodResult, MethodResult) {
     let (vit, merged_heads) = sn.merged(heads);
     let folded = MergedVit {
         vit,
         heads: merged_heads,
     };
-    let row = ev.result("local folded", BTreeMap::new(), 0.0, &|x| folded.logits(x));
-    (chain, row)
+    local_gap(
+        ev,
+        heads,
+        &|x| vit_merge::chunked(x, 1, |c| sn.forward_local_chain(&vit_merge::images(c))),
+        &|x| folded.logits(x),
+    )
 }
 
 /// The merged ViT in HF layout (`merged/`: config.json + model.safetensors, one classifier of
@@ -342,13 +338,7 @@ fn write_model(
     merged: &MergedVit,
     v: &BTreeMap<String, serde_json::Value>,
 ) -> Result<()> {
-    let mut labels = Vec::new();
-    let mut tasks = Vec::new();
-    for t in &job.cfg.tasks {
-        let start = labels.len();
-        labels.extend(t.classes.iter().map(|c| format!("{}:class {c}", t.name)));
-        tasks.push(json!({"name": t.name, "classes": t.classes, "logits": [start, labels.len()]}));
-    }
+    let (labels, tasks) = stacked_labels(job, &|c| format!("class {c}"));
     let dir = st.path("merged");
     merged.joint_checkpoint().save(&dir, &labels)?;
     write_json(

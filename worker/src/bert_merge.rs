@@ -30,13 +30,19 @@ pub fn tokens(x: &Tensor) -> (Tensor, Tensor) {
 pub fn pooled(model: &Bert, x: &Tensor) -> Tensor {
     chunked(x, 0, |c| {
         let (ids, mask) = tokens(c);
-        model.pooled(&ids, &mask).unwrap_or_else(|| {
-            model
-                .forward(&ids, &mask)
-                .pop()
-                .map_or_else(|| ids.zeros_like(), |h| h.select(1, 0))
-        })
+        let last = model.forward(&ids, &mask).pop();
+        last.map_or_else(|| ids.zeros_like(), |h| pool_last(model, &h))
     })
+}
+
+/// The pooled output from the last hidden state [N, T, d]: tanh(pooler(h[CLS])), or h[CLS]
+/// without a pooler.
+fn pool_last(model: &Bert, last: &Tensor) -> Tensor {
+    let cls = last.select(1, 0);
+    match &model.pooler {
+        Some(p) => p.forward(&cls).tanh(),
+        None => cls,
+    }
 }
 
 /// Model t's logits on its own classifier, for text rows.
@@ -114,8 +120,7 @@ pub struct BertTeacher {
 impl BertTeacher {
     pub fn new(models: &[&Bert], set: &MergeSet, with_stream: bool) -> Self {
         tch::no_grad(|| {
-            let pooled: Vec<Tensor> = models.iter().map(|m| pooled(m, &set.x)).collect();
-            let stream = if with_stream {
+            let stream: Vec<Tensor> = if with_stream {
                 // Per model, every chunk's hidden states; then per unit, all rows of all models.
                 let n_rows = set.x.size()[0];
                 let states: Vec<Vec<Vec<Tensor>>> = models
@@ -151,6 +156,15 @@ impl BertTeacher {
             } else {
                 Vec::new()
             };
+            // With streams, the pooled outputs come from their last state (no second pass).
+            let pooled: Vec<Tensor> = models
+                .iter()
+                .enumerate()
+                .map(|(i, m)| match stream.last() {
+                    Some(last) => pool_last(m, &last.get(i as i64)),
+                    None => pooled(m, &set.x),
+                })
+                .collect();
             Self {
                 pooled: Tensor::stack(&pooled, 0),
                 stream,
