@@ -79,6 +79,19 @@ pub fn model_paths(dir: &Path, task: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The names of the tensors in a safetensors file (from its header).
+pub fn tensor_names(file: &Path) -> Result<Vec<String>> {
+    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    // SAFETY: the file is opened read-only and not modified while mapped by this process.
+    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Checkpoint {
+            file: file.to_path_buf(),
+            msg: format!("not a valid safetensors file ({e})"),
+        })?;
+    Ok(meta.tensors().into_keys().collect())
+}
+
 /// Read every named tensor from a safetensors file (memory-mapped; only these tensors are copied).
 pub fn read_tensors(file: &Path, names: &[String]) -> Result<BTreeMap<String, HostTensor>> {
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;

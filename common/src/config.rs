@@ -693,7 +693,7 @@ impl JobConfig {
         Ok(cfg)
     }
 
-    /// Text data and BERTs go together; what a BERT merge does not run yet is refused.
+    /// Text data and BERTs go together; what does not apply to text is refused.
     fn check_text(&self) -> Result<()> {
         let text = self.data.dataset.is_text();
         if text != (self.model.arch == Arch::Bert) {
@@ -713,12 +713,6 @@ impl JobConfig {
             return Err(Error::field(
                 "data.max_tokens",
                 format!("must be in 8..=512, got {}", self.data.max_tokens),
-            ));
-        }
-        if self.cluster.world() > 1 || self.cluster.backend == Backend::Nccl {
-            return Err(Error::field(
-                "cluster",
-                "BERT merges run in one process so far: one stage, one replica, the QUIC backend",
             ));
         }
         let m = &self.merge;
@@ -864,7 +858,7 @@ impl JobConfig {
         } else if !m.inner_layers.is_empty() {
             return Err(Error::field(
                 "merge.inner_layers",
-                "inner-feature terms are built for ViTs (model.arch = \"vit\")",
+                "inner-feature terms are defined for ViTs only (method.md §9.2: the reference code raises for BERT)",
             ));
         }
         if m.inner_weight.is_nan() || m.inner_weight < 0.0 {
@@ -877,11 +871,11 @@ impl JobConfig {
         positive(c.stages as f64, "cluster.stages")?;
         positive(c.replicas as f64, "cluster.replicas")?;
         positive(c.micro_batches as f64, "cluster.micro_batches")?;
-        // The plan's units: an MLP's layers; a ViT's embeddings and blocks.
+        // The plan's units: an MLP's layers; a transformer's embeddings and blocks.
         let (units, what) = match self.model.arch {
             Arch::Mlp => (self.model.hidden.len(), "layers"),
             Arch::Vit => (self.model.vit.layers + 1, "units (embeddings + blocks)"),
-            Arch::Bert => (1, "unit (BERT merges run in one process)"),
+            Arch::Bert => (self.model.bert.layers + 1, "units (embeddings + blocks)"),
         };
         if c.stages > units {
             return Err(Error::field(

@@ -1,23 +1,27 @@
 //! The merge job for Hugging Face BERTs on the text tasks (`model.arch = "bert"`): originals
 //! (trained if missing), baselines (ensemble, first, average, RegMean, KD), FS-Merge (local / global /
-//! local-then-global) in this process, fold, evaluate, and write the merged model as one standard
-//! `BertForSequenceClassification` whose classifier stacks every task's head.
+//! local-then-global) in this process or on the workers of the plan (`cluster`), fold, evaluate,
+//! and write the merged model as one standard `BertForSequenceClassification` whose classifier
+//! stacks every task's head.
 
+use crate::cluster::{self, Launch};
 use crate::job::Job;
 use crate::merge::{
     check_classifier, check_rank, fs_merge_variant, kd_settings, local_gap, prepare,
-    report_local_phase, stacked_labels, variant, warn_if_global_rose, Evaluator,
+    report_local_phase, restore_local_phase, stacked_labels, take_heads, variant,
+    warn_if_global_rose, Evaluator,
 };
 use crate::progress::Reporter;
 use crate::{report, train};
-use anyhow::{bail, Result};
-use fsmerge_common::checkpoint::write_json;
+use anyhow::{bail, Context, Result};
+use fsmerge_common::checkpoint::{write_json, HostTensor};
 use fsmerge_common::config::{Baseline, Mode};
 use fsmerge_common::fsio::Staging;
+use fsmerge_common::hf::BertConfig;
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{bert_unit_costs, Plan};
 use fsmerge_common::Error;
-use fsmerge_worker::bert::Bert;
+use fsmerge_worker::bert::{Bert, BertPart};
 use fsmerge_worker::bert_baselines;
 use fsmerge_worker::bert_merge::{
     self, original_logits, tokens, BertLoss, BertTeacher, MergedBert,
@@ -26,6 +30,7 @@ use fsmerge_worker::bert_supernet::BertSuperNet;
 use fsmerge_worker::eval::EvalSet;
 use fsmerge_worker::mlp::Linear;
 use fsmerge_worker::supernet::with_mu_seed;
+use fsmerge_worker::tensor::to_tch;
 use fsmerge_worker::text_data::CLASSES;
 use fsmerge_worker::train_merge::TrainSettings;
 use fsmerge_worker::vit_merge::chunked;
@@ -68,20 +73,28 @@ fn load_models(job: &Job) -> Result<Vec<Bert>> {
     Ok(models)
 }
 
-/// Run the BERT merge job in this process.
-pub fn run(job: &Job) -> Result<()> {
+/// Run the BERT merge job: FS-Merge on the workers of the plan when the job is distributed
+/// (`cluster::is_distributed`), else in this process.
+pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let started = Instant::now();
     let cfg = &job.cfg;
     let m = &cfg.merge;
+    let distributed = cluster::is_distributed(cfg, launch);
+    if resume && !distributed {
+        tracing::warn!(
+            "--resume: a BERT merge in one process keeps no checkpoints; the job starts over"
+        );
+    }
     let (splits, set) = prepare(job)?;
     let models = load_models(job)?;
     let refs: Vec<&Bert> = models.iter().collect();
     check_rank(m.rank, models[0].cfg.hidden_size)?;
     let plan = Plan::balanced(
         bert_unit_costs(&models[0].cfg, models.len(), cfg.data.max_tokens),
-        1,
-        1,
+        cfg.cluster.stages,
+        cfg.cluster.replicas,
     )?;
+    tracing::info!("plan: {}", plan.describe());
 
     let test = EvalSet::new(&splits.test, &cfg.tasks);
     let val = EvalSet::new(&splits.val, &cfg.tasks);
@@ -92,9 +105,16 @@ pub fn run(job: &Job) -> Result<()> {
         results.push(ev.original(t, &|x| original_logits(model, x)));
     }
 
+    // In this process FS-Merge trains on the teacher; distributed, the workers build their own
+    // and KD needs only the pooled outputs here.
+    let local = m.mode != Mode::Global;
     let clock = Instant::now();
-    let teacher = BertTeacher::new(&refs, &set, m.mode != Mode::Global);
-    let teacher_seconds = clock.elapsed().as_secs_f64();
+    let teacher = BertTeacher::new(&refs, &set, local && !distributed);
+    let teacher_seconds = if distributed {
+        0.0
+    } else {
+        clock.elapsed().as_secs_f64()
+    };
     let settings = TrainSettings::of(m, cfg.seed);
     let mut log = Vec::new();
     for b in &cfg.baselines.methods {
@@ -134,44 +154,70 @@ pub fn run(job: &Job) -> Result<()> {
 
     let clock = Instant::now();
     let mut v = fs_merge_variant(m);
-    let sn = with_mu_seed(cfg.seed, || {
-        BertSuperNet::new(&refs, m.mu_type, m.init, m.rank)
-    })?;
-    let loss = BertLoss {
-        sn: &sn,
-        teacher: &teacher,
-        set: &set,
-        targets: m.targets,
-        form: m.step_form,
-        res_consistency: m.res_consistency,
-    };
     let heads: Vec<&Linear> = models
         .iter()
         .filter_map(|m| m.classifier.as_ref())
         .collect();
-    if m.mode != Mode::Global {
-        log.extend(bert_merge::train_local(&loss, &settings, &reporter)?);
-        report_local_phase(local_rows(&sn, &heads, &ev), m.mode, &mut v, &mut results);
-    }
-    if m.mode != Mode::Local {
-        let s = TrainSettings {
-            epochs: match m.mode {
-                Mode::LocalThenGlobal => m.global_epochs,
-                _ => m.epochs,
-            },
-            ..settings.clone()
+    let new_supernet = || {
+        with_mu_seed(cfg.seed, || {
+            BertSuperNet::new(&refs, m.mu_type, m.init, m.rank)
+        })
+    };
+    let (merged, workers) = if distributed {
+        let outcome = cluster::run(job, &plan, launch, resume)?;
+        warn_if_global_rose(&outcome.log, m.lr);
+        log.extend(outcome.log);
+        if local {
+            let sn = new_supernet()?;
+            restore_local_phase(job, &plan, sn.named_params())?;
+            report_local_phase(local_rows(&sn, &heads, &ev)?, m.mode, &mut v, &mut results);
+        }
+        let merged = assemble(job, &models[0].cfg, outcome.tensors)?;
+        (merged, outcome.workers)
+    } else {
+        let sn = new_supernet()?;
+        let loss = BertLoss {
+            sn: &sn,
+            teacher: &teacher,
+            set: &set,
+            targets: m.targets,
+            form: m.step_form,
+            res_consistency: m.res_consistency,
         };
-        log.extend(bert_merge::train_global(&loss, &s, &reporter)?);
-        warn_if_global_rose(&log, m.lr);
-    }
-    let (bert, heads) = sn.merged(&heads);
-    let merged = MergedBert { bert, heads };
+        if local {
+            log.extend(bert_merge::train_local(&loss, &settings, &reporter)?);
+            report_local_phase(local_rows(&sn, &heads, &ev)?, m.mode, &mut v, &mut results);
+        }
+        if m.mode != Mode::Local {
+            let s = settings.global_phase(m);
+            log.extend(bert_merge::train_global(&loss, &s, &reporter)?);
+            warn_if_global_rose(&log, m.lr);
+        }
+        let (bert, heads) = sn.merged(&heads)?;
+        (MergedBert { bert, heads }, Vec::new())
+    };
     let seconds = clock.elapsed().as_secs_f64() + teacher_seconds;
     results.push(ev.result("fs-merge", v.clone(), seconds, &|x| merged.logits(x)));
 
-    report::write(job, &plan, results, &log, started, Vec::new(), &|st| {
+    report::write(job, &plan, results, &log, started, workers, &|st| {
         write_model(st, job, &merged, &v)
     })
+}
+
+/// The merged BERT from the stages' folded tensors (HF `BertModel` names, and each task's
+/// head).
+fn assemble(
+    job: &Job,
+    cfg: &BertConfig,
+    mut tensors: BTreeMap<String, HostTensor>,
+) -> Result<MergedBert> {
+    let heads = take_heads(job, &mut tensors)?;
+    let units = 0..cfg.num_hidden_layers + 1;
+    let tensors = tensors.into_iter().map(|(n, h)| (n, to_tch(&h))).collect();
+    let bert = BertPart::from_tensors(cfg.clone(), units, "", tensors)
+        .and_then(BertPart::into_bert)
+        .context("assembling the merged BERT from the workers' folded tensors")?;
+    Ok(MergedBert { bert, heads })
 }
 
 /// After local training: the rows of the local SuperNet as trained (U_res/M_res round trip
@@ -180,8 +226,8 @@ fn local_rows(
     sn: &BertSuperNet,
     heads: &[&Linear],
     ev: &Evaluator,
-) -> (MethodResult, MethodResult) {
-    let (bert, merged_heads) = sn.merged(heads);
+) -> Result<(MethodResult, MethodResult)> {
+    let (bert, merged_heads) = sn.merged(heads)?;
     let folded = MergedBert {
         bert,
         heads: merged_heads,
@@ -192,7 +238,7 @@ fn local_rows(
             sn.forward_local_chain(&ids, &mask)
         })
     };
-    local_gap(ev, heads, &chain, &|x| folded.logits(x))
+    Ok(local_gap(ev, heads, &chain, &|x| folded.logits(x)))
 }
 
 /// The merged BERT in HF layout (`merged/`: config.json + model.safetensors, one classifier of

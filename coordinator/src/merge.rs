@@ -8,12 +8,13 @@ use crate::progress::Reporter;
 use crate::{report, train};
 use anyhow::{bail, Context, Result};
 use fsmerge_common::checkpoint::{
-    body_bias, body_weight, check_same_architecture, head_bias, head_weight, HostTensor,
-    MlpCheckpoint,
+    body_bias, body_weight, check_same_architecture, head_bias, head_weight, read_tensors,
+    tensor_names, HostTensor, MlpCheckpoint,
 };
 use fsmerge_common::config::{Arch, Baseline, MergeConfig, Mode, TaskConfig};
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{mlp_unit_costs, Plan};
+use fsmerge_common::workdir::WorkDir;
 use fsmerge_common::Error;
 use fsmerge_worker::baselines;
 use fsmerge_worker::data;
@@ -21,7 +22,7 @@ use fsmerge_worker::eval::{ensemble_logits, evaluate, EvalSet, MergedModel};
 use fsmerge_worker::merge_data;
 use fsmerge_worker::mlp::{accuracy, Linear, Mlp};
 use fsmerge_worker::progress::LogRow;
-use fsmerge_worker::tensor::to_tch;
+use fsmerge_worker::tensor::{assign, to_tch};
 use fsmerge_worker::train_merge::{self, TrainSettings};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -296,18 +297,7 @@ pub fn prepare(job: &Job) -> Result<(data::Splits, merge_data::MergeSet)> {
 pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     match job.cfg.model.arch {
         Arch::Vit => return crate::vit_job::run(job, launch, resume),
-        Arch::Bert => {
-            if matches!(launch, Launch::External { .. }) {
-                bail!(fsmerge_common::Error::field(
-                    "model.arch",
-                    "BERT merges run in one process: use `fsmerge merge`, not `fsmerge coordinator`"
-                ));
-            }
-            if resume {
-                tracing::warn!("--resume: a BERT merge keeps no checkpoints; the job starts over");
-            }
-            return crate::bert_job::run(job);
-        }
+        Arch::Bert => return crate::bert_job::run(job, launch, resume),
         Arch::Mlp => {}
     }
     let started = Instant::now();
@@ -398,7 +388,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let outcome = cluster::run(job, &plan, launch, resume)?;
     warn_if_global_rose(&outcome.log, m.lr);
     log.extend(outcome.log);
-    let merged = assemble(job, &outcome.tensors, hidden.len())?;
+    let merged = assemble(job, outcome.tensors, hidden.len())?;
     let seconds = clock.elapsed().as_secs_f64();
     let v = fs_merge_variant(m);
     results.push(ev.merged("fs-merge", v.clone(), seconds, &merged));
@@ -408,12 +398,55 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     })
 }
 
+/// Each task's head from the stages' folded tensors (removed from `tensors`).
+pub fn take_heads(job: &Job, tensors: &mut BTreeMap<String, HostTensor>) -> Result<Vec<Linear>> {
+    let mut take = |name: String| -> Result<Tensor> {
+        tensors
+            .remove(&name)
+            .map(|h| to_tch(&h))
+            .with_context(|| format!("no worker sent the folded tensor `{name}`"))
+    };
+    job.cfg
+        .tasks
+        .iter()
+        .map(|t| {
+            Ok(Linear {
+                w: take(head_weight(Some(&t.name)))?,
+                b: take(head_bias(Some(&t.name)))?,
+            })
+        })
+        .collect()
+}
+
+/// Set `params` (a whole SuperNet's named parameters) to what the stages checkpointed after
+/// their local phase: each name from the first stage whose checkpoint holds it (the shared
+/// M_res/U_res are in every stage's, equal). A name in no checkpoint is an error.
+pub fn restore_local_phase(job: &Job, plan: &Plan, params: Vec<(String, Tensor)>) -> Result<()> {
+    let work = WorkDir::of_output(&job.out);
+    let mut left: BTreeMap<String, Tensor> = params.into_iter().collect();
+    for st in &plan.stages {
+        let (file, _) = work.checkpoint(st.index, "local");
+        let held = tensor_names(&file)?;
+        let names: Vec<String> = held.into_iter().filter(|n| left.contains_key(n)).collect();
+        for (name, value) in read_tensors(&file, &names)? {
+            if let Some(p) = left.remove(&name) {
+                assign(&[p], &[to_tch(&value)])?;
+            }
+        }
+    }
+    if let Some(name) = left.keys().next() {
+        bail!("no stage's local checkpoint holds the SuperNet tensor `{name}`");
+    }
+    Ok(())
+}
+
 /// The merged model from the stages' folded tensors.
 fn assemble(
     job: &Job,
-    tensors: &BTreeMap<String, HostTensor>,
+    mut tensors: BTreeMap<String, HostTensor>,
     depth: usize,
 ) -> Result<MergedModel> {
+    let heads = take_heads(job, &mut tensors)?;
     let get = |name: String| -> Result<Tensor> {
         tensors
             .get(&name)
@@ -425,17 +458,6 @@ fn assemble(
             Ok(Linear {
                 w: get(body_weight(l))?,
                 b: get(body_bias(l))?,
-            })
-        })
-        .collect::<Result<_>>()?;
-    let heads = job
-        .cfg
-        .tasks
-        .iter()
-        .map(|t| {
-            Ok(Linear {
-                w: get(head_weight(Some(&t.name)))?,
-                b: get(head_bias(Some(&t.name)))?,
             })
         })
         .collect::<Result<_>>()?;

@@ -7,34 +7,32 @@ use crate::cluster::{self, Launch};
 use crate::job::Job;
 use crate::merge::{
     check_classifier, check_rank, fs_merge_variant, kd_settings, local_gap, prepare,
-    report_local_phase, stacked_labels, variant, warn_if_global_rose, Evaluator,
+    report_local_phase, restore_local_phase, stacked_labels, take_heads, variant,
+    warn_if_global_rose, Evaluator,
 };
 use crate::progress::Reporter;
 use crate::{report, train};
 use anyhow::{bail, Context, Result};
-use fsmerge_common::checkpoint::{head_bias, head_weight, read_tensors, write_json, HostTensor};
-use fsmerge_common::config::{Backend, Baseline, Mode};
+use fsmerge_common::checkpoint::{write_json, HostTensor};
+use fsmerge_common::config::{Baseline, Mode};
 use fsmerge_common::fsio::Staging;
 use fsmerge_common::hf::VitConfig;
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_common::plan::{vit_unit_costs, Plan};
-use fsmerge_common::workdir::WorkDir;
 use fsmerge_common::Error;
 use fsmerge_worker::eval::EvalSet;
 use fsmerge_worker::merge_data::MergeSet;
 use fsmerge_worker::mlp::Linear;
 use fsmerge_worker::progress::LogRow;
 use fsmerge_worker::supernet::with_mu_seed;
-use fsmerge_worker::tensor::{assign, to_tch};
 use fsmerge_worker::train_merge::TrainSettings;
-use fsmerge_worker::vit::{unit_blocks, Vit, VitPart};
+use fsmerge_worker::vit::{Vit, VitPart};
 use fsmerge_worker::vit_baselines;
 use fsmerge_worker::vit_merge::{self, original_logits, MergedVit, VitLoss, VitTeacher};
 use fsmerge_worker::vit_supernet::VitSuperNet;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Instant;
-use tch::Tensor;
 
 /// Load every task's original ViT and check it can be merged: a classifier with one output per
 /// class of its task, single-channel input of the data's image size.
@@ -70,11 +68,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let started = Instant::now();
     let cfg = &job.cfg;
     let m = &cfg.merge;
-    // NCCL means GPU workers: the runtime is what puts a stage on its GPU, so a one-GPU job
-    // runs as one worker too.
-    let distributed = cfg.cluster.world() > 1
-        || matches!(launch, Launch::External { .. })
-        || cfg.cluster.backend == Backend::Nccl;
+    let distributed = cluster::is_distributed(cfg, launch);
     if resume && !distributed {
         tracing::warn!(
             "--resume: a ViT merge in one process keeps no checkpoints; the job starts over"
@@ -173,7 +167,10 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
         warn_if_global_rose(&outcome.log, m.lr);
         log.extend(outcome.log);
         if local {
-            let sn = local_supernet_from_checkpoints(job, &plan, &refs)?;
+            let sn = with_mu_seed(cfg.seed, || {
+                VitSuperNet::new(&refs, m.mu_type, m.init, m.rank)
+            })?;
+            restore_local_phase(job, &plan, sn.named_params())?;
             report_local_phase(local_rows(&sn, &heads, &ev), m.mode, &mut v, &mut results);
         }
         let merged = assemble(job, &models[0].cfg, outcome.tensors)?;
@@ -237,13 +234,7 @@ fn train_in_process(
         report_local_phase(local_rows(&sn, heads, ev), m.mode, v, results);
     }
     if m.mode != Mode::Local {
-        let s = TrainSettings {
-            epochs: match m.mode {
-                Mode::LocalThenGlobal => m.global_epochs,
-                _ => m.epochs,
-            },
-            ..settings.clone()
-        };
+        let s = settings.global_phase(m);
         log.extend(vit_merge::train_global(&loss, &s, reporter)?);
         warn_if_global_rose(log, m.lr);
     }
@@ -261,57 +252,12 @@ fn assemble(
     cfg: &VitConfig,
     mut tensors: BTreeMap<String, HostTensor>,
 ) -> Result<MergedVit> {
-    let mut heads = Vec::new();
-    for t in &job.cfg.tasks {
-        let mut take = |name: String| -> Result<Tensor> {
-            tensors
-                .remove(&name)
-                .map(|h| to_tch(&h))
-                .with_context(|| format!("no worker sent the folded tensor `{name}`"))
-        };
-        heads.push(Linear {
-            w: take(head_weight(Some(&t.name)))?,
-            b: take(head_bias(Some(&t.name)))?,
-        });
-    }
+    let heads = take_heads(job, &mut tensors)?;
     let units = 0..cfg.num_hidden_layers + 1;
     let vit = VitPart::from_tensors(cfg.clone(), units, "", tensors)
         .context("assembling the merged ViT from the workers' folded tensors")?
         .into_vit()?;
     Ok(MergedVit { vit, heads })
-}
-
-/// The whole SuperNet in this process with the M/U every stage checkpointed after its local
-/// phase (stage checkpoints use the SuperNet's tensor names; M_res/U_res are in each).
-fn local_supernet_from_checkpoints(job: &Job, plan: &Plan, refs: &[&Vit]) -> Result<VitSuperNet> {
-    let m = &job.cfg.merge;
-    let sn = with_mu_seed(job.cfg.seed, || {
-        VitSuperNet::new(refs, m.mu_type, m.init, m.rank)
-    })?;
-    let work = WorkDir::of_output(&job.out);
-    let mut params: BTreeMap<String, Tensor> = sn.named_params().into_iter().collect();
-    let last = plan.stages.len() - 1;
-    for st in &plan.stages {
-        let blocks = unit_blocks(&st.units);
-        let mine = |name: &str| {
-            let group = name.split('.').next().unwrap_or("");
-            match group.strip_prefix("block") {
-                Some(l) => l.parse().is_ok_and(|l: usize| blocks.contains(&l)),
-                None => matches!(group, "m_pre" | "u_res") || st.index == last,
-            }
-        };
-        let names: Vec<String> = params.keys().filter(|n| mine(n)).cloned().collect();
-        let (file, _) = work.checkpoint(st.index, "local");
-        for (name, value) in read_tensors(&file, &names)? {
-            if let Some(p) = params.remove(&name) {
-                assign(&[p], &[to_tch(&value)])?;
-            }
-        }
-    }
-    if let Some(name) = params.keys().next() {
-        bail!("no stage's local checkpoint holds the SuperNet tensor `{name}`");
-    }
-    Ok(sn)
 }
 
 /// After local training: the rows of the local SuperNet as trained (U_res/M_res round trip

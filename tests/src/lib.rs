@@ -248,3 +248,18 @@ impl Launched {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// Every result row's method with its mean-task and joint accuracy to two decimals (what two
+/// runs that should agree are compared on).
+pub fn scores(m: &fsmerge_common::metrics::Metrics) -> Vec<(String, String, String)> {
+    m.results
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone(),
+                format!("{:.2}", 100.0 * r.mean_task_acc),
+                format!("{:.2}", 100.0 * r.joint_acc.unwrap_or(0.0)),
+            )
+        })
+        .collect()
+}

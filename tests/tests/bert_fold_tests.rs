@@ -30,7 +30,7 @@ fn folded_bert_loads_in_transformers_and_matches() {
     let refs: Vec<&Bert> = models.iter().collect();
     tch::manual_seed(3);
     let sn = BertSuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::Random, 4).unwrap();
-    let folded = sn.fold();
+    let folded = sn.fold().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bert");
     folded.save(&out, &[]).unwrap();

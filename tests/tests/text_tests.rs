@@ -2,12 +2,12 @@
 //! real corpus (SpamAssassin mails, first names) and on hard cases; the BERT merge end to end
 //! (originals trained by fsmerge from their own seeds, baselines, FS-Merge global and
 //! local-then-global, a merged checkpoint that transformers loads and that reproduces the
-//! reported accuracy); refused settings.
+//! reported accuracy); the distributed merge against the single-process one; refused settings.
 
 use fsmerge_common::checkpoint::{read_json, write_tensors};
 use fsmerge_common::config::JobConfig;
 use fsmerge_common::metrics::Metrics;
-use fsmerge_tests::{fsmerge, python_fixture, root, stderr};
+use fsmerge_tests::{fsmerge, launch_config, max_rel_diff, python_fixture, root, scores, stderr};
 use fsmerge_worker::bert::Bert;
 use fsmerge_worker::bert_merge::tokens;
 use fsmerge_worker::data;
@@ -215,7 +215,8 @@ fn text_settings_a_bert_merge_cannot_run_are_refused_by_name() {
     for (set, field) in [
         ("merge.targets=\"nope\"", "targets"),
         ("merge.n_augmented=10", "merge.n_augmented"),
-        ("cluster.stages=2", "cluster"),
+        ("cluster.stages=4", "cluster.stages"),
+        ("merge.inner_layers=[0]", "merge.inner_layers"),
         ("baselines.methods=[\"nope\"]", "baselines"),
         ("model.arch=\"vit\"", "model.arch"),
         ("data.max_tokens=4", "data.max_tokens"),
@@ -234,9 +235,95 @@ fn text_settings_a_bert_merge_cannot_run_are_refused_by_name() {
         assert!(err.contains(field), "{set}: {err}");
     }
     assert!(!dir.path().join("x").exists());
-    // BERT merges have no worker stages yet: the coordinator says so.
+}
+
+/// The distributed BERT merge gives the single-process one: embedded workers on 3 stages
+/// (embeddings, block 0, block 1 + pooler) × 2 replicas with 3 micro-batches, and worker
+/// processes (`fsmerge coordinator` + 2 × `fsmerge worker`) on 2 stages; local-then-global, so
+/// the shared M_res/U_res, the local SuperNet rebuilt from the stages' checkpoints and the
+/// pipeline all take part.
+#[test]
+fn distributed_bert_merge_equals_the_single_process_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let small = [
+        "merge.n_originals=200",
+        "merge.mode=\"local-then-global\"",
+        "merge.epochs=4",
+        "merge.global_epochs=3",
+        "baselines.methods=[]",
+    ];
+    let o = merge(&dir.join("single"), &small);
+    assert!(o.status.success(), "merge failed: {}", stderr(&o));
+    let models = format!(
+        "train.models_dir=\"{}\"",
+        dir.join("single/originals").display()
+    );
+    let metrics =
+        |name: &str| -> Metrics { read_json(&dir.join(name).join("metrics.json")).unwrap() };
+    let merged = |name: &str| dir.join(name).join("merged/model.safetensors");
+    let reference = metrics("single");
+    let phases = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.join(name).join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["phase"].to_string())
+            .collect()
+    };
+    let mut sets: Vec<&str> = small.to_vec();
+    sets.extend([
+        models.as_str(),
+        "cluster.stages=3",
+        "cluster.replicas=2",
+        "cluster.micro_batches=3",
+    ]);
+    let o = merge(&dir.join("3x2"), &sets);
+    assert!(o.status.success(), "3x2 failed: {}", stderr(&o));
+    let diff = max_rel_diff(&merged("3x2"), &merged("single"));
+    println!("3x2: folded weights differ by {diff:.2e} (relative)");
+    assert!(diff <= 1e-4, "3x2: folded weights differ by {diff:e}");
+    let m = metrics("3x2");
+    assert_eq!(scores(&m), scores(&reference));
+    assert!(scores(&m)
+        .iter()
+        .any(|(method, _, _)| method == "local folded"));
+    assert_eq!(m.workers.len(), 6, "worker stats");
+    assert_eq!(
+        phases("3x2"),
+        phases("single"),
+        "one log row per step and phase"
+    );
+
+    // Worker processes, started apart from the coordinator.
+    let mut sets: Vec<String> = [
+        "data.max_tokens=32",
+        "train.epochs=2",
+        "merge.lr=1e-2",
+        models.as_str(),
+    ]
+    .iter()
+    .chain(&small)
+    .flat_map(|s| ["--set".to_string(), s.to_string()])
+    .collect();
+    sets.extend(["--threads".into(), "1".into()]);
     let config = root().join("configs/spam-names-bert.toml");
-    let out = dir.path().join("x").display().to_string();
-    let o = fsmerge(&["coordinator", &config.display().to_string(), "--out", &out]);
-    assert!(!o.status.success() && stderr(&o).contains("fsmerge merge"));
+    let job = launch_config(
+        &config.display().to_string(),
+        dir,
+        "processes",
+        2,
+        1,
+        &sets,
+        false,
+    );
+    let log = job.log.clone();
+    assert!(
+        job.finish(std::time::Duration::from_secs(300)),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    let diff = max_rel_diff(&merged("processes"), &merged("single"));
+    println!("processes 2x1: folded weights differ by {diff:.2e} (relative)");
+    assert!(diff <= 1e-4, "processes: folded weights differ by {diff:e}");
+    assert_eq!(scores(&metrics("processes")), scores(&reference));
 }

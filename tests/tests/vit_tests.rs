@@ -7,7 +7,9 @@
 use fsmerge_common::checkpoint::{read_json, write_tensors};
 use fsmerge_common::metrics::Metrics;
 use fsmerge_common::workdir::WorkDir;
-use fsmerge_tests::{fsmerge, launch_config, max_rel_diff, python_fixture, root, stderr, wait_for};
+use fsmerge_tests::{
+    fsmerge, launch_config, max_rel_diff, python_fixture, root, scores, stderr, wait_for,
+};
 use fsmerge_worker::data;
 use fsmerge_worker::eval::{evaluate, EvalSet};
 use fsmerge_worker::tensor::to_host;
@@ -194,19 +196,6 @@ fn vit_bad_input_is_named() {
 }
 
 /// Every result row as (method, mean task %, joint %), rounded as the report prints them.
-fn scores(m: &Metrics) -> Vec<(String, String, String)> {
-    m.results
-        .iter()
-        .map(|r| {
-            (
-                r.method.clone(),
-                format!("{:.2}", 100.0 * r.mean_task_acc),
-                format!("{:.2}", 100.0 * r.joint_acc.unwrap_or(0.0)),
-            )
-        })
-        .collect()
-}
-
 /// The same ViT merge (local-then-global, so both phases and the shared M_res/U_res) in one
 /// process and on the distributed runtime: embedded workers over 2 stages and over 3 stages ×
 /// 2 replicas with 3 micro-batches (a stage of embeddings alone, a middle stage), a global

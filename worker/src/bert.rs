@@ -4,11 +4,12 @@
 
 use crate::mlp::Linear;
 use crate::tensor::{to_host, to_tch};
-use crate::vit::{attention, LayerNorm};
+use crate::vit::{attention, check_part_units, unit_blocks, LayerNorm};
 use fsmerge_common::checkpoint::{write_json, write_tensors, HostTensor};
 use fsmerge_common::hf::{BertConfig, WeightFiles};
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -38,6 +39,30 @@ pub struct Bert {
 }
 
 impl BertBlock {
+    /// Every tensor under its HF name as block `l` of a `BertModel`.
+    pub fn named(&self, l: usize) -> Vec<(String, &Tensor)> {
+        let tensors = [
+            (&self.q.w, &self.q.b),
+            (&self.k.w, &self.k.b),
+            (&self.v.w, &self.v.b),
+            (&self.out.w, &self.out.b),
+            (&self.ln_att.w, &self.ln_att.b),
+            (&self.fc1.w, &self.fc1.b),
+            (&self.fc2.w, &self.fc2.b),
+            (&self.ln_out.w, &self.ln_out.b),
+        ];
+        BLOCK_PARTS
+            .iter()
+            .zip(tensors)
+            .flat_map(|(part, (w, b))| {
+                [
+                    (format!("encoder.layer.{l}.{part}.weight"), w),
+                    (format!("encoder.layer.{l}.{part}.bias"), b),
+                ]
+            })
+            .collect()
+    }
+
     /// Post-LN block: x ← LN_att(x + out(attention(x))); x ← LN_out(x + fc2(gelu(fc1 x))).
     pub fn forward(&self, h: &Tensor, bias: &Tensor, heads: i64) -> Tensor {
         let ctx = attention(h, &self.q, &self.k, &self.v, heads, Some(bias));
@@ -115,132 +140,11 @@ impl Bert {
         }
     }
 
+    /// Load an HF BERT folder (`BertModel` or `BertForSequenceClassification`).
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg = BertConfig::load(dir)?;
-        let files = WeightFiles::open(dir)?;
-        let prefix = if files.contains("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else {
-            ""
-        };
-        let mut names: Vec<String> = [
-            "embeddings.word_embeddings.weight",
-            "embeddings.position_embeddings.weight",
-            "embeddings.token_type_embeddings.weight",
-            "embeddings.LayerNorm.weight",
-            "embeddings.LayerNorm.bias",
-        ]
-        .iter()
-        .map(|n| format!("{prefix}{n}"))
-        .collect();
-        let parts = [
-            "attention.self.query",
-            "attention.self.key",
-            "attention.self.value",
-            "attention.output.dense",
-            "attention.output.LayerNorm",
-            "intermediate.dense",
-            "output.dense",
-            "output.LayerNorm",
-        ];
-        for l in 0..cfg.num_hidden_layers {
-            for p in parts {
-                for wb in ["weight", "bias"] {
-                    names.push(format!("{prefix}encoder.layer.{l}.{p}.{wb}"));
-                }
-            }
-        }
-        let pooler = files.contains(&format!("{prefix}pooler.dense.weight"));
-        if pooler {
-            names.push(format!("{prefix}pooler.dense.weight"));
-            names.push(format!("{prefix}pooler.dense.bias"));
-        }
-        let classifier = files.contains("classifier.weight");
-        if classifier {
-            names.push("classifier.weight".into());
-            names.push("classifier.bias".into());
-        }
-        let mut t = files.read(&names)?;
-        let mut take = |n: String| -> Tensor {
-            // Every name was read above (a missing one is an error there).
-            t.remove(&n)
-                .map(|h| to_tch(&h))
-                .unwrap_or_else(|| Tensor::zeros([0], crate::tensor::F32))
-        };
-        let eps = cfg.layer_norm_eps;
-        let word = take(format!("{prefix}embeddings.word_embeddings.weight"));
-        let position = take(format!("{prefix}embeddings.position_embeddings.weight"));
-        let token_type = take(format!("{prefix}embeddings.token_type_embeddings.weight"));
-        let ln_emb = LayerNorm {
-            w: take(format!("{prefix}embeddings.LayerNorm.weight")),
-            b: take(format!("{prefix}embeddings.LayerNorm.bias")),
-            eps,
-        };
-        let blocks = (0..cfg.num_hidden_layers)
-            .map(|l| {
-                let base = format!("{prefix}encoder.layer.{l}");
-                let mut lin = |p: &str| Linear {
-                    w: take(format!("{base}.{p}.weight")),
-                    b: take(format!("{base}.{p}.bias")),
-                };
-                let (q, k, v, out) = (
-                    lin("attention.self.query"),
-                    lin("attention.self.key"),
-                    lin("attention.self.value"),
-                    lin("attention.output.dense"),
-                );
-                let ln_att = LayerNorm {
-                    w: take(format!("{base}.attention.output.LayerNorm.weight")),
-                    b: take(format!("{base}.attention.output.LayerNorm.bias")),
-                    eps,
-                };
-                let mut lin = |p: &str| Linear {
-                    w: take(format!("{base}.{p}.weight")),
-                    b: take(format!("{base}.{p}.bias")),
-                };
-                let (fc1, fc2) = (lin("intermediate.dense"), lin("output.dense"));
-                let ln_out = LayerNorm {
-                    w: take(format!("{base}.output.LayerNorm.weight")),
-                    b: take(format!("{base}.output.LayerNorm.bias")),
-                    eps,
-                };
-                BertBlock {
-                    q,
-                    k,
-                    v,
-                    out,
-                    ln_att,
-                    fc1,
-                    fc2,
-                    ln_out,
-                }
-            })
-            .collect();
-        let pooler = pooler.then(|| Linear {
-            w: take(format!("{prefix}pooler.dense.weight")),
-            b: take(format!("{prefix}pooler.dense.bias")),
-        });
-        let classifier = classifier.then(|| Linear {
-            w: take("classifier.weight".into()),
-            b: take("classifier.bias".into()),
-        });
-        if classifier.is_some() && pooler.is_none() {
-            return Err(Error::Tensor {
-                file: dir.to_path_buf(),
-                tensor: format!("{prefix}pooler.dense.weight"),
-                msg: "a sequence classifier reads the pooler, which the weights lack".into(),
-            });
-        }
-        Ok(Self {
-            cfg,
-            word,
-            position,
-            token_type,
-            ln_emb,
-            blocks,
-            pooler,
-            classifier,
-        })
+        let units = 0..cfg.num_hidden_layers + 1;
+        BertPart::load(dir, units)?.into_bert()
     }
 
     /// The embeddings' output (after their LayerNorm) [B, T, d] for token ids [B, T].
@@ -320,34 +224,18 @@ impl Bert {
 
     /// The encoder's and pooler's tensors with their HF names (`BertModel`, no prefix).
     pub fn encoder_tensors(&self) -> Vec<(String, &Tensor)> {
-        let mut named: Vec<(String, &Tensor)> = vec![
-            ("embeddings.word_embeddings.weight".into(), &self.word),
-            (
-                "embeddings.position_embeddings.weight".into(),
-                &self.position,
-            ),
-            (
-                "embeddings.token_type_embeddings.weight".into(),
-                &self.token_type,
-            ),
+        let tables = [&self.word, &self.position, &self.token_type];
+        let mut named: Vec<(String, &Tensor)> = TABLE_NAMES
+            .iter()
+            .map(|n| n.to_string())
+            .zip(tables)
+            .collect();
+        named.extend([
             ("embeddings.LayerNorm.weight".into(), &self.ln_emb.w),
             ("embeddings.LayerNorm.bias".into(), &self.ln_emb.b),
-        ];
+        ]);
         for (l, b) in self.blocks.iter().enumerate() {
-            let base = format!("encoder.layer.{l}");
-            for (part, w, bias) in [
-                ("attention.self.query", &b.q.w, &b.q.b),
-                ("attention.self.key", &b.k.w, &b.k.b),
-                ("attention.self.value", &b.v.w, &b.v.b),
-                ("attention.output.dense", &b.out.w, &b.out.b),
-                ("attention.output.LayerNorm", &b.ln_att.w, &b.ln_att.b),
-                ("intermediate.dense", &b.fc1.w, &b.fc1.b),
-                ("output.dense", &b.fc2.w, &b.fc2.b),
-                ("output.LayerNorm", &b.ln_out.w, &b.ln_out.b),
-            ] {
-                named.push((format!("{base}.{part}.weight"), w));
-                named.push((format!("{base}.{part}.bias"), bias));
-            }
+            named.extend(b.named(l));
         }
         if let Some(p) = &self.pooler {
             named.push(("pooler.dense.weight".into(), &p.w));
@@ -455,5 +343,255 @@ impl Bert {
             / m.sum_dim_intlist(1, false, None).clamp_min(1e-9);
         let norm = mean.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12);
         mean / norm
+    }
+}
+
+/// HF names of the embeddings' tables (word, position, token type), without prefix.
+pub(crate) const TABLE_NAMES: [&str; 3] = [
+    "embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight",
+    "embeddings.token_type_embeddings.weight",
+];
+
+/// HF names of a block's linear maps and LayerNorms, in `BertBlock` field order.
+const BLOCK_PARTS: [&str; 8] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+    "intermediate.dense",
+    "output.dense",
+    "output.LayerNorm",
+];
+
+/// The tensors of one part of a BERT, as a pipeline stage holds them: plan units `units`
+/// (unit 0 is the embeddings, unit 1 + l is block l). The part that ends with the last block
+/// also holds the pooler and the classifier, when the model has them.
+pub struct BertPart {
+    pub cfg: BertConfig,
+    pub units: Range<usize>,
+    /// The (word, position, token type) tables and the embeddings' LayerNorm.
+    pub embeddings: Option<([Tensor; 3], LayerNorm)>,
+    /// Blocks `unit_blocks(&units)`, in order.
+    pub blocks: Vec<BertBlock>,
+    pub pooler: Option<Linear>,
+    pub classifier: Option<Linear>,
+    /// Bytes of the part's tensors (f32).
+    pub bytes: u64,
+}
+
+impl BertPart {
+    /// Read plan units `units` of the HF BERT folder `dir` (only their tensors are read; the
+    /// encoder's names with or without the `bert.` prefix).
+    pub fn load(dir: &Path, units: Range<usize>) -> Result<Self> {
+        let cfg = BertConfig::load(dir)?;
+        let count = cfg.num_hidden_layers + 1;
+        check_part_units(dir, &units, cfg.num_hidden_layers, "BERT")?;
+        let files = WeightFiles::open(dir)?;
+        let prefix = if files.contains(&format!("bert.{}", TABLE_NAMES[0])) {
+            "bert."
+        } else {
+            ""
+        };
+        let last = units.end == count;
+        let pooler = last && files.contains(&format!("{prefix}pooler.dense.weight"));
+        let classifier = last && files.contains("classifier.weight");
+        if classifier && !pooler {
+            return Err(Error::Tensor {
+                file: dir.to_path_buf(),
+                tensor: format!("{prefix}pooler.dense.weight"),
+                msg: "a sequence classifier reads the pooler, which the weights lack".into(),
+            });
+        }
+        let mut names: Vec<String> = Vec::new();
+        if units.start == 0 {
+            names.extend(TABLE_NAMES.iter().map(|n| format!("{prefix}{n}")));
+            names.extend(
+                ["embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+                    .map(|n| format!("{prefix}{n}")),
+            );
+        }
+        for l in unit_blocks(&units) {
+            for p in BLOCK_PARTS {
+                for wb in ["weight", "bias"] {
+                    names.push(format!("{prefix}encoder.layer.{l}.{p}.{wb}"));
+                }
+            }
+        }
+        if pooler {
+            names.extend(
+                ["pooler.dense.weight", "pooler.dense.bias"].map(|n| format!("{prefix}{n}")),
+            );
+        }
+        if classifier {
+            names.extend([
+                "classifier.weight".to_string(),
+                "classifier.bias".to_string(),
+            ]);
+        }
+        let tensors = files
+            .read(&names)?
+            .into_iter()
+            .map(|(n, h)| (n, to_tch(&h)))
+            .collect();
+        Self::from_tensors(cfg, units, prefix, tensors).map_err(|e| match e {
+            Error::Compute(msg) => Error::Checkpoint {
+                file: dir.to_path_buf(),
+                msg,
+            },
+            e => e,
+        })
+    }
+
+    /// Build the part from its tensors under their HF names (`prefix` before every name but the
+    /// classifier's). The embeddings and blocks of `units` must be there; on the last part the
+    /// pooler and classifier are taken when present.
+    pub fn from_tensors(
+        cfg: BertConfig,
+        units: Range<usize>,
+        prefix: &str,
+        mut t: BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        let last = units.end == cfg.num_hidden_layers + 1;
+        let bytes = t.values().map(|x| 4 * x.numel() as u64).sum();
+        let has_pooler = last && t.contains_key(&format!("{prefix}pooler.dense.weight"));
+        let has_classifier = last && t.contains_key("classifier.weight");
+        let mut take = |n: &str| -> Result<Tensor> {
+            t.remove(n)
+                .ok_or_else(|| Error::Compute(format!("the BERT's tensor `{n}` is missing")))
+        };
+        let eps = cfg.layer_norm_eps;
+        let embeddings = if units.start == 0 {
+            let [w, p, ty] = TABLE_NAMES.map(|n| format!("{prefix}{n}"));
+            let tables = [take(&w)?, take(&p)?, take(&ty)?];
+            let ln = LayerNorm {
+                w: take(&format!("{prefix}embeddings.LayerNorm.weight"))?,
+                b: take(&format!("{prefix}embeddings.LayerNorm.bias"))?,
+                eps,
+            };
+            Some((tables, ln))
+        } else {
+            None
+        };
+        let mut blocks = Vec::new();
+        for l in unit_blocks(&units) {
+            let base = format!("{prefix}encoder.layer.{l}");
+            let mut pair = |p: &str| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    take(&format!("{base}.{p}.weight"))?,
+                    take(&format!("{base}.{p}.bias"))?,
+                ))
+            };
+            let [q, k, v, out, ln_att, fc1, fc2, ln_out] = BLOCK_PARTS.map(&mut pair);
+            let lin = |p: Result<(Tensor, Tensor)>| p.map(|(w, b)| Linear { w, b });
+            let ln = |p: Result<(Tensor, Tensor)>| p.map(|(w, b)| LayerNorm { w, b, eps });
+            blocks.push(BertBlock {
+                q: lin(q)?,
+                k: lin(k)?,
+                v: lin(v)?,
+                out: lin(out)?,
+                ln_att: ln(ln_att)?,
+                fc1: lin(fc1)?,
+                fc2: lin(fc2)?,
+                ln_out: ln(ln_out)?,
+            });
+        }
+        let pooler = if has_pooler {
+            Some(Linear {
+                w: take(&format!("{prefix}pooler.dense.weight"))?,
+                b: take(&format!("{prefix}pooler.dense.bias"))?,
+            })
+        } else {
+            None
+        };
+        let classifier = if has_classifier {
+            Some(Linear {
+                w: take("classifier.weight")?,
+                b: take("classifier.bias")?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            units,
+            embeddings,
+            blocks,
+            pooler,
+            classifier,
+            bytes,
+        })
+    }
+
+    /// The whole model, when this part holds every unit.
+    pub fn into_bert(self) -> Result<Bert> {
+        let whole = 0..self.cfg.num_hidden_layers + 1;
+        match self.embeddings {
+            Some(([word, position, token_type], ln_emb)) if self.units == whole => Ok(Bert {
+                cfg: self.cfg,
+                word,
+                position,
+                token_type,
+                ln_emb,
+                blocks: self.blocks,
+                pooler: self.pooler,
+                classifier: self.classifier,
+            }),
+            _ => Err(Error::Compute(format!(
+                "units {:?} are part of a BERT, not all of its {}",
+                self.units, whole.end
+            ))),
+        }
+    }
+
+    /// Move every tensor to `device`.
+    pub fn to_device(&mut self, device: tch::Device) {
+        let mut ts: Vec<&mut Tensor> = Vec::new();
+        if let Some((tables, ln)) = &mut self.embeddings {
+            ts.extend(tables.iter_mut());
+            ts.extend([&mut ln.w, &mut ln.b]);
+        }
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.q, &mut b.k, &mut b.v, &mut b.out, &mut b.fc1, &mut b.fc2,
+            ] {
+                ts.extend([&mut l.w, &mut l.b]);
+            }
+            for n in [&mut b.ln_att, &mut b.ln_out] {
+                ts.extend([&mut n.w, &mut n.b]);
+            }
+        }
+        for l in self.pooler.iter_mut().chain(self.classifier.iter_mut()) {
+            ts.extend([&mut l.w, &mut l.b]);
+        }
+        for t in ts {
+            *t = t.to_device(device);
+        }
+    }
+
+    /// The part's units on one model's input: token ids [B, T] when it holds the embeddings,
+    /// else the stream [B, T, d], with the attention mask [B, T]. Returns every unit's output
+    /// stream, then the pooled output tanh(pooler(h[CLS])) when it holds the pooler.
+    pub fn trace(&self, input: &Tensor, mask: &Tensor) -> Vec<Tensor> {
+        let heads = self.cfg.num_attention_heads as i64;
+        let bias = mask_bias(mask);
+        let mut out = Vec::new();
+        let mut h = match &self.embeddings {
+            Some(([word, position, token_type], ln)) => {
+                let e = ln.forward(&embed_tokens(word, position, token_type, input));
+                out.push(e.shallow_clone());
+                e
+            }
+            None => input.shallow_clone(),
+        };
+        for b in &self.blocks {
+            h = b.forward(&h, &bias, heads);
+            out.push(h.shallow_clone());
+        }
+        if let Some(p) = &self.pooler {
+            out.push(p.forward(&h.select(1, 0)).tanh());
+        }
+        out
     }
 }

@@ -174,15 +174,23 @@ impl BertTeacher {
 }
 
 /// Reconstruction of token states [n, B, T, d] over the real tokens only (`tokens` [B, T], 1 =
-/// token): `all` averages every model's slice, `own` (one-hot [n, B]) each input's own model's.
+/// token): each text's mean over its real tokens, then the mean over texts, so every text weighs
+/// the same whatever its length, and a batch's loss is the mean of its samples' (replicas that
+/// split a batch by rows sum to it exactly). `all` averages every model's slice, `own` (one-hot
+/// [n, B]) takes each input's own model's.
 fn token_loss(pred: &Tensor, target: &Tensor, tokens: &Tensor, own: Option<&Tensor>) -> Tensor {
-    let (n, _, _, d) = pred.size4().unwrap_or((0, 0, 0, 0));
-    let weight = tokens.to_kind(Kind::Float).unsqueeze(0).unsqueeze(-1);
-    let sq = (pred - target).square() * weight;
-    let count = tokens.to_kind(Kind::Float).sum(Kind::Float) * d as f64;
+    let (n, b, _, d) = pred.size4().unwrap_or((0, 0, 0, 0));
+    let weight = tokens.to_kind(Kind::Float);
+    let per_text = weight.sum_dim_intlist(1, false, None).clamp_min(1.0) * d as f64;
+    // Σ over tokens and features, per model and text: [n, B].
+    let sq = ((pred - target).square() * weight.unsqueeze(0).unsqueeze(-1)).sum_dim_intlist(
+        [2, 3].as_slice(),
+        false,
+        None,
+    ) / per_text.unsqueeze(0);
     match own {
-        None => sq.sum(Kind::Float) / (count * n as f64),
-        Some(m) => (sq * m.unsqueeze(-1).unsqueeze(-1)).sum(Kind::Float) / count,
+        None => sq.sum(Kind::Float) / (b * n) as f64,
+        Some(m) => (sq * m).sum(Kind::Float) / b as f64,
     }
 }
 
@@ -214,31 +222,48 @@ impl BertLoss<'_> {
         )
     }
 
-    /// Local loss of the samples `idx`: the embeddings' and every block's problem (each
-    /// reconstructing the next stream through U_res on the real tokens, plus the residual
-    /// round-trip drift weighted by `res_consistency`) and the output's, summed: each
-    /// problem's own M/U get their own gradient, the shared M_res/U_res the sum.
+    /// Local loss of the samples `idx`: every unit's problem and the output's
+    /// (`local_loss`); each problem's own M/U get their own gradient, the shared M_res/U_res
+    /// the sum.
     pub fn local(&self, idx: &Tensor) -> Tensor {
         let (ids, mask) = tokens(&self.set.x.index_select(0, idx));
-        let own = self.own(idx);
-        let stream = &self.teacher.stream;
-        let at = |l: usize| stream[l].index_select(1, idx);
-        let (pred, drift) = self.sn.local_embeddings(&ids, self.form);
-        let mut loss =
-            token_loss(&pred, &at(0), &mask, own.as_ref()) + drift * self.res_consistency;
-        let depth = stream.len().saturating_sub(1);
-        for l in 0..depth {
-            let (pred, drift) = self.sn.local_block(l, &at(l), &mask, self.form);
-            loss = loss
-                + token_loss(&pred, &at(l + 1), &mask, own.as_ref())
-                + drift * self.res_consistency;
-        }
-        let cls = at(depth).select(2, 0);
-        loss + reconstruction_loss(
-            &self.sn.local_output(&cls, self.form),
+        let stream = |k: usize| self.teacher.stream[k].index_select(1, idx);
+        local_loss(
+            self.sn,
+            &ids,
+            &mask,
+            &stream,
             &self.teacher.pooled.index_select(1, idx),
-            own.as_ref(),
+            self.own(idx).as_ref(),
+            self.form,
+            self.res_consistency,
         )
+    }
+}
+
+/// The local loss of a SuperNet part on a batch: each held unit's reconstruction of the next
+/// stream over the real tokens plus the residual round-trip drift weighted by
+/// `res_consistency`, and with the output the reconstruction of the pooled outputs `pooled`
+/// [n, B, d]; summed. `stream(k)`: the originals' stream after unit k of the batch.
+#[allow(clippy::too_many_arguments)]
+pub fn local_loss(
+    sn: &BertSuperNet,
+    ids: &Tensor,
+    mask: &Tensor,
+    stream: &dyn Fn(usize) -> Tensor,
+    pooled: &Tensor,
+    own: Option<&Tensor>,
+    form: StepForm,
+    res_consistency: f64,
+) -> Tensor {
+    let p = sn.local_problems(ids, mask, stream, form);
+    let mut loss = Tensor::zeros([], (Kind::Float, mask.device()));
+    for (pred, target, drift) in &p.units {
+        loss = loss + token_loss(pred, target, mask, own) + drift * res_consistency;
+    }
+    match &p.output {
+        Some(pred) => loss + reconstruction_loss(pred, pooled, own),
+        None => loss,
     }
 }
 
@@ -253,12 +278,10 @@ pub fn train_local(
             "local training needs the originals' streams: build the teacher with streams".into(),
         ));
     }
-    s.run("local", loss.set.len(), s.seed).optimise(
-        &loss.sn.local_params(),
-        loss.set.len(),
-        progress,
-        |idx| loss.local(idx),
-    )
+    let (mut params, shared) = loss.sn.local_params();
+    params.extend(shared);
+    s.run("local", loss.set.len(), s.seed)
+        .optimise(&params, loss.set.len(), progress, |idx| loss.local(idx))
 }
 
 /// Train the whole SuperNet end to end (method.md §9.1), seeded as the ViT's global phase.

@@ -267,6 +267,59 @@ pub fn train_local(
     Ok(logs.into_iter().flatten().collect())
 }
 
+/// The two groups a stage's worker belongs to: its pipeline (every stage, same replica
+/// index) and its replicas (same stage).
+pub struct Collectives<'a> {
+    pub pipe: &'a mut dyn Collective,
+    pub replicas: &'a mut dyn Collective,
+}
+
+/// A transformer stage's local phase: its units' problems (and the output's on the last
+/// stage) in one run seeded like the single-process one; `loss(idx)` is the stage's part of
+/// the local loss of samples idx. Each step sums the gradients over the replicas, then the
+/// `shared` ones (M_res/U_res, held by every stage) and the loss over the stages: every copy of
+/// the shared parameters gets the single-process gradient, and every stage logs the total loss.
+pub fn train_local_shared(
+    data: &StageData,
+    s: &TrainSettings,
+    groups: Collectives,
+    own: &[Tensor],
+    shared: &[Tensor],
+    progress: &dyn Progress,
+    loss: &dyn Fn(&Tensor) -> Tensor,
+) -> Result<Vec<LogRow>> {
+    let Collectives { pipe, replicas } = groups;
+    let device = data.task.device();
+    let params: Vec<Tensor> = own
+        .iter()
+        .chain(shared)
+        .map(Tensor::shallow_clone)
+        .collect();
+    s.run("local", data.len(), s.seed)
+        .optimise_with(&params, data.len(), progress, |batch| {
+            let part = share(batch, replicas.rank(), replicas.size());
+            let (value, grads) = if part.is_empty() {
+                (0.0, zero_grads(&params))
+            } else {
+                let idx = index(part, device);
+                let l = scaled(loss(&idx), part.len(), batch.len());
+                // A stage of embeddings alone may have no local problem of its own: it only
+                // keeps its copy of M_res/U_res in step with the others.
+                let grads = if l.requires_grad() {
+                    gradients(&l, &params)?
+                } else {
+                    zero_grads(&params)
+                };
+                (l.double_value(&[]), grads)
+            };
+            let (mut grads, losses) = reduce_many(replicas, grads, &[value])?;
+            let shared_grads = grads.split_off(own.len());
+            let (shared_grads, losses) = reduce_many(pipe, shared_grads, &losses)?;
+            grads.extend(shared_grads);
+            Ok((losses[0], grads))
+        })
+}
+
 /// Train the global SuperNet's parameters of this stage in the pipeline `pipe` (member s is
 /// stage s of this replica index) with `micro_batches` micro-batches per replica share.
 pub fn train_global<S: PipelineStage + ?Sized>(
@@ -386,6 +439,49 @@ pub fn train_global<S: PipelineStage + ?Sized>(
             }
             reduce(replicas, grads, loss_sum)
         })
+}
+
+/// The teacher features of a stage: `trace(i, start, len)` runs model i's units on rows
+/// start..start + len of the stage input and returns every feature of those rows; the chunks
+/// of `CHUNK` rows are concatenated per feature and the models stacked: [n, N, ..] each.
+pub fn stacked_traces(
+    n: usize,
+    rows: i64,
+    trace: &dyn Fn(usize, i64, i64) -> Vec<Tensor>,
+) -> Vec<Tensor> {
+    let chunk = crate::vit_merge::CHUNK;
+    let per_model: Vec<Vec<Tensor>> = (0..n)
+        .map(|i| {
+            let chunks: Vec<Vec<Tensor>> = (0..rows)
+                .step_by(chunk as usize)
+                .map(|s| trace(i, s, chunk.min(rows - s)))
+                .collect();
+            let features = chunks.first().map_or(0, Vec::len);
+            (0..features)
+                .map(|k| {
+                    Tensor::cat(
+                        &chunks
+                            .iter()
+                            .map(|c| c[k].shallow_clone())
+                            .collect::<Vec<_>>(),
+                        0,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let features = per_model.first().map_or(0, Vec::len);
+    (0..features)
+        .map(|k| {
+            Tensor::stack(
+                &per_model
+                    .iter()
+                    .map(|m| m[k].shallow_clone())
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        })
+        .collect()
 }
 
 /// Move teacher features down the pipeline: stage 0 starts from the merge inputs, every later

@@ -8,6 +8,7 @@ pub mod baselines;
 pub mod bert;
 pub mod bert_baselines;
 pub mod bert_merge;
+pub mod bert_stage;
 pub mod bert_supernet;
 pub mod collective;
 pub mod data;

@@ -6,6 +6,7 @@
 //! and step), one reads the coordinator's messages (abort, shutdown, relayed NCCL ids). A worker
 //! that loses the coordinator, or is told to abort, exits at once with an error.
 
+use crate::bert_stage::BertStage;
 use crate::collective::nccl::{self, NcclGroup};
 use crate::collective::quic::{connect_mesh, QuicGroup};
 use crate::collective::{Collective, Solo};
@@ -317,14 +318,23 @@ impl Ctx<'_> {
         self.set_phase("load");
         let tasks: Vec<String> = job.tasks.iter().map(|t| t.name.clone()).collect();
         let (models, units) = (Path::new(&a.models_dir), plan.stages[stage_i].units.clone());
-        let mut stage: Box<dyn WorkerStage> = match job.model.arch {
-            Arch::Mlp => Box::new(StageNet::load(models, &tasks, units, &job.merge, job.seed)?),
-            Arch::Vit => Box::new(VitStage::load(models, &tasks, units, &job.merge, job.seed)?),
-            Arch::Bert => {
-                return Err(Error::field(
-                    "model.arch",
-                    "BERT merges run in one process (`fsmerge merge`), not on workers",
-                ))
+        // Stage 0 starts from the merge rows; every BERT stage reads their attention mask.
+        let needs_rows = (stage_i == 0 && !a.features_cached) || job.model.arch == Arch::Bert;
+        let rows = needs_rows
+            .then(|| feature_cache::merge_inputs(job))
+            .transpose()?;
+        let mut stage: Box<dyn WorkerStage> = match (job.model.arch, &rows) {
+            (Arch::Mlp, _) => {
+                Box::new(StageNet::load(models, &tasks, units, &job.merge, job.seed)?)
+            }
+            (Arch::Vit, _) => {
+                Box::new(VitStage::load(models, &tasks, units, &job.merge, job.seed)?)
+            }
+            (Arch::Bert, Some((x, _))) => Box::new(BertStage::load(
+                models, &tasks, units, &job.merge, job.seed, x,
+            )?),
+            (Arch::Bert, None) => {
+                return Err(Error::Compute("a BERT stage needs the merge rows".into()))
             }
         };
         stage.to_device(device);
@@ -333,9 +343,8 @@ impl Ctx<'_> {
         let mut data = if a.features_cached {
             feature_cache::load(&work.features(stage_i), stage.feature_count())?
         } else {
-            let start = (stage_i == 0)
-                .then(|| feature_cache::merge_inputs(job))
-                .transpose()?
+            let start = rows
+                .filter(|_| stage_i == 0)
                 .map(|(x, task)| (x.to_device(device), task.to_device(device)));
             let d = dist_train::flow_features(stage.as_ref(), pipe.as_mut(), start)?;
             if replica == 0 {
@@ -371,12 +380,8 @@ impl Ctx<'_> {
                 freed as f64 / 1e6
             );
             let s = TrainSettings {
-                epochs: match m.mode {
-                    Mode::LocalThenGlobal => m.global_epochs,
-                    _ => m.epochs,
-                },
                 seed: stage.global_seed(settings.seed),
-                ..settings.clone()
+                ..settings.global_phase(m)
             };
             let micro = if stages > 1 {
                 job.cluster.micro_batches

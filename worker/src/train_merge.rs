@@ -55,6 +55,19 @@ impl TrainSettings {
         }
     }
 
+    /// The global phase's settings: `merge.global_epochs` after a local phase, else
+    /// `merge.epochs`.
+    pub fn global_phase(&self, m: &fsmerge_common::config::MergeConfig) -> Self {
+        use fsmerge_common::config::Mode;
+        Self {
+            epochs: match m.mode {
+                Mode::LocalThenGlobal => m.global_epochs,
+                _ => m.epochs,
+            },
+            ..self.clone()
+        }
+    }
+
     /// A training run with these settings over `n` samples: AdamW + OneCycle, batches seeded
     /// by `seed` (each local problem has its own).
     pub fn run<'a>(&self, phase: &'a str, n: usize, seed: u64) -> Run<'a> {

@@ -178,6 +178,23 @@ pub fn unit_blocks(units: &Range<usize>) -> Range<usize> {
     units.start.max(1) - 1..units.end.saturating_sub(1)
 }
 
+/// A transformer part's plan units must be some of its model's (embeddings + `layers` blocks).
+pub(crate) fn check_part_units(
+    dir: &Path,
+    units: &Range<usize>,
+    layers: usize,
+    model: &str,
+) -> Result<()> {
+    if units.is_empty() || units.end > layers + 1 {
+        return Err(Error::Plan(format!(
+            "units {units:?} of {}: the {model} has {} (embeddings + {layers} blocks)",
+            dir.display(),
+            layers + 1
+        )));
+    }
+    Ok(())
+}
+
 /// HF names of the embedding tensors, in `VitPart::embeddings` order.
 pub const EMBEDDING_NAMES: [&str; 4] = [
     "embeddings.patch_embeddings.projection.weight",
@@ -202,13 +219,7 @@ impl VitPart {
     pub fn load(dir: &Path, units: Range<usize>) -> Result<Self> {
         let cfg = VitConfig::load(dir)?;
         let count = cfg.num_hidden_layers + 1;
-        if units.is_empty() || units.end > count {
-            return Err(Error::Plan(format!(
-                "units {units:?} of {}: the ViT has {count} (embeddings + {} blocks)",
-                dir.display(),
-                cfg.num_hidden_layers
-            )));
-        }
+        check_part_units(dir, &units, cfg.num_hidden_layers, "ViT")?;
         let files = WeightFiles::open(dir)?;
         let prefix = if files.contains("vit.embeddings.cls_token") {
             "vit."

@@ -14,16 +14,17 @@
 //! stage's units, [n, N, T, d], and on the last stage their pooled outputs [n, N, d] as well.
 
 use crate::collective::Collective;
-use crate::dist_train::{reduce_many, scaled, share, PipelineStage, StageData, WorkerStage};
+use crate::dist_train::{
+    stacked_traces, train_local_shared, Collectives, PipelineStage, StageData, WorkerStage,
+};
 use crate::mlp::Linear;
 use crate::mu::MuMatrix;
-use crate::optim::gradients;
 use crate::progress::{LogRow, Progress};
 use crate::supernet::{own_mask, reconstruction_loss, with_mu_seed};
 use crate::tensor::{named_groups, to_host};
 use crate::train_merge::TrainSettings;
 use crate::vit::{unit_blocks, VitPart};
-use crate::vit_merge::{chunked, images, inner_term, CHUNK, GLOBAL_SEED_OFFSET};
+use crate::vit_merge::{chunked, images, inner_term, GLOBAL_SEED_OFFSET};
 use crate::vit_supernet::{
     check_mergeable, local_read_out, read_out, shape_of, BlockMu, BlockUnit, DrawnMu, FrozenBlock,
     FrozenEmbed, FrozenLn, MergedLn, MuDraw,
@@ -246,49 +247,16 @@ impl PipelineStage for VitStage {
     }
 
     fn teacher(&self, input: &Tensor) -> Vec<Tensor> {
+        let first = self.units.start == 0;
+        let rows = input.size()[if first { 0 } else { 1 }];
         tch::no_grad(|| {
-            let per_model: Vec<Vec<Tensor>> = self
-                .originals
-                .iter()
-                .enumerate()
-                .map(|(i, part)| {
-                    let x = if self.units.start == 0 {
-                        input.shallow_clone()
-                    } else {
-                        input.get(i as i64)
-                    };
-                    let rows = x.size()[0];
-                    let chunks: Vec<Vec<Tensor>> = (0..rows)
-                        .step_by(CHUNK as usize)
-                        .map(|s| {
-                            let c = x.narrow(0, s, CHUNK.min(rows - s));
-                            part.trace(&if self.units.start == 0 { images(&c) } else { c })
-                        })
-                        .collect();
-                    (0..chunks.first().map_or(0, Vec::len))
-                        .map(|k| {
-                            Tensor::cat(
-                                &chunks
-                                    .iter()
-                                    .map(|c| c[k].shallow_clone())
-                                    .collect::<Vec<_>>(),
-                                0,
-                            )
-                        })
-                        .collect()
-                })
-                .collect();
-            (0..per_model.first().map_or(0, Vec::len))
-                .map(|k| {
-                    Tensor::stack(
-                        &per_model
-                            .iter()
-                            .map(|m| m[k].shallow_clone())
-                            .collect::<Vec<_>>(),
-                        0,
-                    )
-                })
-                .collect()
+            stacked_traces(self.n, rows, &|i, start, len| {
+                if first {
+                    self.originals[i].trace(&images(&input.narrow(0, start, len)))
+                } else {
+                    self.originals[i].trace(&input.get(i as i64).narrow(0, start, len))
+                }
+            })
         })
     }
 
@@ -431,10 +399,7 @@ impl WorkerStage for VitStage {
         seed.wrapping_add(GLOBAL_SEED_OFFSET)
     }
 
-    /// Every stage trains its blocks' problems (and the output's on the last stage) in one
-    /// run seeded like the single-process one. Each step sums the gradients over the replicas,
-    /// then the shared M_res/U_res gradients and the loss over the stages: every copy of
-    /// M_res/U_res gets the single-process gradient, and every stage logs the total loss.
+    /// The blocks' problems (and the output's on the last stage), M_res/U_res shared.
     fn train_local(
         &self,
         data: &StageData,
@@ -443,40 +408,11 @@ impl WorkerStage for VitStage {
         replicas: &mut dyn Collective,
         progress: &dyn Progress,
     ) -> Result<Vec<LogRow>> {
-        let device = data.task.device();
         let (own, shared) = self.local_params();
-        let params: Vec<Tensor> = own
-            .iter()
-            .chain(&shared)
-            .map(Tensor::shallow_clone)
-            .collect();
-        s.run("local", data.len(), s.seed)
-            .optimise_with(&params, data.len(), progress, |batch| {
-                let part = share(batch, replicas.rank(), replicas.size());
-                let (loss, grads) = if part.is_empty() {
-                    (0.0, params.iter().map(Tensor::zeros_like).collect())
-                } else {
-                    let idx = Tensor::from_slice(part).to_device(device);
-                    let loss = scaled(
-                        self.local_loss(data, &idx, s.targets, s.form),
-                        part.len(),
-                        batch.len(),
-                    );
-                    // A stage of embeddings alone has no local problem of its own: it only
-                    // keeps its copy of M_res/U_res in step with the others.
-                    let grads = if loss.requires_grad() {
-                        gradients(&loss, &params)?
-                    } else {
-                        params.iter().map(Tensor::zeros_like).collect()
-                    };
-                    (loss.double_value(&[]), grads)
-                };
-                let (mut grads, losses) = reduce_many(replicas, grads, &[loss])?;
-                let shared_grads = grads.split_off(own.len());
-                let (shared_grads, losses) = reduce_many(pipe, shared_grads, &losses)?;
-                grads.extend(shared_grads);
-                Ok((losses[0], grads))
-            })
+        let groups = Collectives { pipe, replicas };
+        train_local_shared(data, s, groups, &own, &shared, progress, &|idx| {
+            self.local_loss(data, idx, s.targets, s.form)
+        })
     }
 
     fn hand_over(&mut self, _pipe: &mut dyn Collective) -> Result<()> {

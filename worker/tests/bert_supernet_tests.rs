@@ -86,9 +86,10 @@ fn folding_is_exact_and_forms_agree() {
         randomise(&sn);
         // The folded BERT's pooled output read through U_final = the SuperNet's slices.
         let literal = tch::no_grad(|| sn.forward(&ids, &mask, StepForm::Literal));
-        let folded = sn.fold();
+        let folded = sn.fold().unwrap();
         let pooled = tch::no_grad(|| folded.pooled(&ids, &mask).unwrap());
-        let read = tch::no_grad(|| sn.mu.u_final.unmerge(&pooled));
+        let u_final = &sn.mu.output.as_ref().unwrap().u_final;
+        let read = tch::no_grad(|| u_final.unmerge(&pooled));
         let e = rel_err(&read, &literal);
         assert!(
             e < 1e-4,
@@ -116,5 +117,54 @@ fn folding_is_exact_and_forms_agree() {
                 "{mu_type:?} parameter {i}: gradient differs by {e}"
             );
         }
+    }
+}
+
+/// A pipeline stage's SuperNet part (`from_parts`) draws the single-process M/U values, and
+/// the parts chained give the whole SuperNet's output and fold.
+#[test]
+fn parts_compose_to_the_whole_supernet() {
+    use fsmerge_worker::bert::BertPart;
+    use std::collections::BTreeMap;
+    let ms = models(2);
+    let refs: Vec<&Bert> = ms.iter().collect();
+    let (ids, mask) = batch();
+    let part_of = |m: &Bert, units: std::ops::Range<usize>| {
+        let t: BTreeMap<String, Tensor> = m
+            .encoder_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        BertPart::from_tensors(m.cfg.clone(), units, "", t).unwrap()
+    };
+    let seeded = |f: &dyn Fn() -> BertSuperNet| fsmerge_worker::supernet::with_mu_seed(7, f);
+    let whole =
+        seeded(&|| BertSuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::Random, 4).unwrap());
+    let whole_params: BTreeMap<String, Tensor> = whole.named_params().into_iter().collect();
+    let want = tch::no_grad(|| whole.forward(&ids, &mask, StepForm::Literal));
+    let mut folded = BTreeMap::new();
+    let mut x = ids.shallow_clone();
+    for units in [0..1, 1..2, 2..3] {
+        let parts: Vec<BertPart> = ms.iter().map(|m| part_of(m, units.clone())).collect();
+        let part_refs: Vec<&BertPart> = parts.iter().collect();
+        let part = seeded(&|| {
+            BertSuperNet::from_parts(&part_refs, MuType::DiagonalAndLowRank, Init::Random, 4)
+                .unwrap()
+        });
+        for (name, p) in part.named_params() {
+            assert!(
+                rel_err(&p, &whole_params[&name]) == 0.0,
+                "{units:?}: {name}"
+            );
+        }
+        x = tch::no_grad(|| part.forward(&x, &mask, StepForm::Literal));
+        folded.extend(part.fold_named());
+    }
+    let e = rel_err(&x, &want);
+    assert!(e < 1e-6, "chained parts differ by {e}");
+    let whole_fold = whole.fold_named();
+    assert_eq!(folded.len(), whole_fold.len());
+    for (name, t) in &whole_fold {
+        assert!(rel_err(&folded[name], t) < 1e-6, "{name}");
     }
 }
