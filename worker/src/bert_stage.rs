@@ -15,7 +15,8 @@ use crate::bert_merge::{local_loss, tokens};
 use crate::bert_supernet::BertSuperNet;
 use crate::collective::Collective;
 use crate::dist_train::{
-    stacked_traces, train_local_shared, Collectives, PipelineStage, StageData, WorkerStage,
+    named_heads, stacked_traces, task_classifiers, train_local_shared, Collectives, PipelineStage,
+    StageData, WorkerStage,
 };
 use crate::mlp::Linear;
 use crate::progress::{LogRow, Progress};
@@ -23,9 +24,9 @@ use crate::supernet::{own_mask, with_mu_seed};
 use crate::tensor::to_host;
 use crate::train_merge::TrainSettings;
 use crate::vit_merge::GLOBAL_SEED_OFFSET;
-use fsmerge_common::checkpoint::{head_bias, head_weight, HostTensor};
+use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::config::{MergeConfig, Targets};
-use fsmerge_common::{Error, Result};
+use fsmerge_common::Result;
 use std::ops::Range;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -63,20 +64,8 @@ impl BertStage {
             BertSuperNet::from_parts(&refs, merge.mu_type, merge.init, merge.rank)
         })?;
         let classifiers = if sn.has_output() {
-            parts
-                .iter()
-                .zip(tasks)
-                .map(|(p, t)| {
-                    p.classifier
-                        .as_ref()
-                        .map(Linear::copy)
-                        .ok_or_else(|| Error::Tensor {
-                            file: models_dir.join(t),
-                            tensor: "classifier.weight".into(),
-                            msg: "the model has no classifier to fold its read-out into".into(),
-                        })
-                })
-                .collect::<Result<Vec<_>>>()?
+            let heads: Vec<_> = parts.iter().map(|p| p.classifier.as_ref()).collect();
+            task_classifiers(models_dir, tasks, &heads)?
         } else {
             Vec::new()
         };
@@ -94,12 +83,7 @@ impl BertStage {
     /// The originals' streams after unit k of samples `idx` [n, B, T, d]: the stage input for
     /// the unit before its first, else one of its features.
     fn stream(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
-        let start = self.sn.units().start;
-        if k + 1 == start {
-            data.input.index_select(1, idx)
-        } else {
-            data.feats[k - start].index_select(1, idx)
-        }
+        data.stream(self.sn.units().start, k).index_select(1, idx)
     }
 
     /// The stage's part of the local loss of samples `idx`.
@@ -244,10 +228,7 @@ impl WorkerStage for BertStage {
         }
         let classifiers: Vec<&Linear> = self.classifiers.iter().collect();
         if let Some(heads) = self.sn.folded_heads(&classifiers) {
-            for (name, head) in self.task_names.iter().zip(heads) {
-                out.push((head_weight(Some(name)), to_host(&head.w)?));
-                out.push((head_bias(Some(name)), to_host(&head.b)?));
-            }
+            out.extend(named_heads(&self.task_names, heads)?);
         }
         Ok(out)
     }

@@ -104,6 +104,16 @@ impl StageData {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The originals' stream after plan unit k, of a transformer stage whose first unit is
+    /// `first`: its input for the unit before the first, else one of its features.
+    pub fn stream(&self, first: usize, k: usize) -> &Tensor {
+        if k + 1 == first {
+            &self.input
+        } else {
+            &self.feats[k - first]
+        }
+    }
     pub fn to_device(&self, device: Device) -> Self {
         Self {
             input: self.input.to_device(device),
@@ -134,6 +144,41 @@ impl StageData {
         }
         freed
     }
+}
+
+/// Each task's classifier from the last stage's parts (`<models_dir>/<task>/`, in task order):
+/// the heads the read-out U_final folds into; a model without one is an error naming it.
+pub fn task_classifiers(
+    models_dir: &std::path::Path,
+    tasks: &[String],
+    classifiers: &[Option<&crate::mlp::Linear>],
+) -> Result<Vec<crate::mlp::Linear>> {
+    tasks
+        .iter()
+        .zip(classifiers)
+        .map(|(t, c)| {
+            c.map(crate::mlp::Linear::copy)
+                .ok_or_else(|| Error::Tensor {
+                    file: models_dir.join(t),
+                    tensor: "classifier.weight".into(),
+                    msg: "the model has no classifier to fold its read-out into".into(),
+                })
+        })
+        .collect()
+}
+
+/// Folded task heads under the merged model's names (`head_weight`/`head_bias` of each task).
+pub fn named_heads(
+    tasks: &[String],
+    heads: impl IntoIterator<Item = crate::mlp::Linear>,
+) -> Result<Vec<(String, HostTensor)>> {
+    use fsmerge_common::checkpoint::{head_bias, head_weight};
+    let mut out = Vec::new();
+    for (name, head) in tasks.iter().zip(heads) {
+        out.push((head_weight(Some(name)), crate::tensor::to_host(&head.w)?));
+        out.push((head_bias(Some(name)), crate::tensor::to_host(&head.b)?));
+    }
+    Ok(out)
 }
 
 /// Member `r` of `n`'s contiguous share of a batch.

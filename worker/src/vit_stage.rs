@@ -15,7 +15,8 @@
 
 use crate::collective::Collective;
 use crate::dist_train::{
-    stacked_traces, train_local_shared, Collectives, PipelineStage, StageData, WorkerStage,
+    named_heads, stacked_traces, task_classifiers, train_local_shared, Collectives, PipelineStage,
+    StageData, WorkerStage,
 };
 use crate::mlp::Linear;
 use crate::mu::MuMatrix;
@@ -29,10 +30,10 @@ use crate::vit_supernet::{
     check_mergeable, local_read_out, read_out, shape_of, BlockMu, BlockUnit, DrawnMu, FrozenBlock,
     FrozenEmbed, FrozenLn, MergedLn, MuDraw,
 };
-use fsmerge_common::checkpoint::{head_bias, head_weight, HostTensor};
+use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::config::{MergeConfig, StepForm, Targets};
 use fsmerge_common::hf::VitConfig;
-use fsmerge_common::{Error, Result};
+use fsmerge_common::Result;
 use std::ops::Range;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -111,20 +112,8 @@ impl VitStage {
             .collect::<Option<Vec<_>>>()
         {
             Some(lns) => {
-                let classifiers = parts
-                    .iter()
-                    .zip(tasks)
-                    .map(|(p, t)| {
-                        p.classifier
-                            .as_ref()
-                            .map(Linear::copy)
-                            .ok_or_else(|| Error::Tensor {
-                                file: models_dir.join(t),
-                                tensor: "classifier.weight".into(),
-                                msg: "the model has no classifier to fold its read-out into".into(),
-                            })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let heads: Vec<_> = parts.iter().map(|p| p.classifier.as_ref()).collect();
+                let classifiers = task_classifiers(models_dir, tasks, &heads)?;
                 Some(Output {
                     ln_post: MergedLn::new(&FrozenLn::stack(&lns), merge.init, eps),
                     u_final: drawn.u_final,
@@ -173,11 +162,7 @@ impl VitStage {
     /// The originals' streams at boundary k (after unit k) [n, N, T, d]: the stage input for
     /// the boundary before its first unit, else one of its features.
     fn stream<'d>(&self, data: &'d StageData, k: usize) -> &'d Tensor {
-        if k + 1 == self.units.start {
-            &data.input
-        } else {
-            &data.feats[k - self.units.start]
-        }
+        data.stream(self.units.start, k)
     }
 
     /// `stream` of samples `idx`.
@@ -454,11 +439,9 @@ impl WorkerStage for VitStage {
             if let Some(o) = &self.out {
                 out.push(("layernorm.weight".into(), to_host(&o.ln_post.w)?));
                 out.push(("layernorm.bias".into(), to_host(&o.ln_post.b)?));
-                for (t, (name, c)) in self.task_names.iter().zip(&o.classifiers).enumerate() {
-                    let head = o.u_final.fold_into_head(t, c);
-                    out.push((head_weight(Some(name)), to_host(&head.w)?));
-                    out.push((head_bias(Some(name)), to_host(&head.b)?));
-                }
+                let heads =
+                    (o.classifiers.iter().enumerate()).map(|(t, c)| o.u_final.fold_into_head(t, c));
+                out.extend(named_heads(&self.task_names, heads)?);
             }
             Ok(out)
         })
