@@ -9,20 +9,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-mod bert_job;
 mod cluster;
-mod doctor;
+mod cmd;
 mod job;
-mod merge;
-mod plots;
-mod progress;
 mod report;
-mod resume;
-mod session;
-mod summarize;
-mod train;
-mod vit_job;
-mod worker_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -82,7 +72,7 @@ enum Command {
         resume: bool,
     },
     /// Join a job as a worker.
-    Worker(worker_cmd::WorkerArgs),
+    Worker(cmd::worker::WorkerArgs),
     /// Mean and spread of the results of several runs (e.g. seeds) of the same job.
     Summarize {
         /// Run directories holding metrics.json.
@@ -90,19 +80,19 @@ enum Command {
     },
     /// Print libtorch, CUDA and NCCL status, the resolved rank/world/coordinator, and whether
     /// the coordinator answers.
-    Doctor(doctor::DoctorArgs),
+    Doctor(cmd::doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
-    progress::init_logging();
+    report::progress::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => job::Job::open(&args).and_then(|j| {
             let splits = fsmerge_worker::data::load(&j.cfg.data)?;
-            train::ensure_originals(&j, &splits, true)
+            job::originals::ensure_originals(&j, &splits, true)
         }),
         Command::Merge { job, resume } => {
-            job::Job::open(&job).and_then(|j| merge::run(&j, &cluster::Launch::Embedded, resume))
+            job::Job::open(&job).and_then(|j| job::run(&j, &cluster::Launch::Embedded, resume))
         }
         Command::Coordinator {
             job,
@@ -113,11 +103,11 @@ fn main() -> ExitCode {
                 Some(l) => l,
                 None => cluster::default_listen(&j.cfg)?,
             };
-            merge::run(&j, &cluster::Launch::External { listen }, resume)
+            job::run(&j, &cluster::Launch::External { listen }, resume)
         }),
-        Command::Worker(args) => worker_cmd::run(&args),
-        Command::Summarize { runs } => summarize::run(&runs),
-        Command::Doctor(args) => doctor::run(&args),
+        Command::Worker(args) => cmd::worker::run(&args),
+        Command::Summarize { runs } => cmd::summarize::run(&runs),
+        Command::Doctor(args) => cmd::doctor::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,9 +6,9 @@ use fsmerge_common::checkpoint::write_tensors;
 use fsmerge_common::config::{Init, MuType};
 use fsmerge_common::hf::BertConfig;
 use fsmerge_tests::python_fixture;
-use fsmerge_worker::bert::Bert;
-use fsmerge_worker::bert_supernet::BertSuperNet;
-use fsmerge_worker::tensor::to_host;
+use fsmerge_worker::core::tensor::to_host;
+use fsmerge_worker::families::bert::model::Bert;
+use fsmerge_worker::families::bert::supernet::BertSuperNet;
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 

@@ -4,10 +4,11 @@
 use fsmerge_common::checkpoint::{read_json, read_tensors, MergedConfig};
 use fsmerge_common::metrics::Metrics;
 use fsmerge_tests::{digits_config, fast, fsmerge, stderr};
+use fsmerge_worker::core::eval::{evaluate, EvalSet};
+use fsmerge_worker::core::linear::Linear;
+use fsmerge_worker::core::tensor::to_tch;
 use fsmerge_worker::data;
-use fsmerge_worker::eval::{evaluate, EvalSet, MergedModel};
-use fsmerge_worker::mlp::Linear;
-use fsmerge_worker::tensor::to_tch;
+use fsmerge_worker::families::mlp::model::MergedModel;
 
 fn run(dir: &std::path::Path, out: &str, extra: &[&str]) -> Metrics {
     let out = dir.join(out);

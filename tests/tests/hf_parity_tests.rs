@@ -4,8 +4,8 @@
 
 use fsmerge_common::checkpoint::read_tensors;
 use fsmerge_tests::root;
-use fsmerge_worker::tensor::{rel_err, to_tch};
-use fsmerge_worker::vit::Vit;
+use fsmerge_worker::core::tensor::{rel_err, to_tch};
+use fsmerge_worker::families::vit::model::Vit;
 use std::path::Path;
 
 fn reference(dir: &Path, names: &[String]) -> Vec<tch::Tensor> {
@@ -79,7 +79,7 @@ fn unknown_architecture_and_missing_tensor_are_named() {
 /// and MiniLM's sentence embeddings give the cosines data.md lists.
 #[test]
 fn bert_and_minilm_match_transformers() {
-    use fsmerge_worker::bert::Bert;
+    use fsmerge_worker::families::bert::model::Bert;
     let tmp = tempfile::tempdir().unwrap();
     let minilm = root().join("data/all-MiniLM-L6-v2");
     let o = std::process::Command::new(root().join(".venv/bin/python"))

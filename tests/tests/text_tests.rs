@@ -8,13 +8,13 @@ use fsmerge_common::checkpoint::{read_json, write_tensors};
 use fsmerge_common::config::JobConfig;
 use fsmerge_common::metrics::Metrics;
 use fsmerge_tests::{fsmerge, launch_config, max_rel_diff, python_fixture, root, scores, stderr};
-use fsmerge_worker::bert::Bert;
-use fsmerge_worker::bert_merge::tokens;
+use fsmerge_worker::core::eval::{evaluate, EvalSet};
+use fsmerge_worker::core::tensor::to_host;
 use fsmerge_worker::data;
-use fsmerge_worker::eval::{evaluate, EvalSet};
-use fsmerge_worker::tensor::to_host;
-use fsmerge_worker::text_data;
-use fsmerge_worker::wordpiece::WordPiece;
+use fsmerge_worker::data::text;
+use fsmerge_worker::data::wordpiece::WordPiece;
+use fsmerge_worker::families::bert::merge::tokens;
+use fsmerge_worker::families::bert::model::Bert;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -24,7 +24,7 @@ const MAX_TOKENS: usize = 64;
 fn wordpiece_matches_transformers_on_the_corpus() {
     let model = root().join("data/all-MiniLM-L6-v2");
     let vocab = WordPiece::load(&model.join("vocab.txt")).unwrap();
-    let all = text_data::texts(&root().join("data")).unwrap();
+    let all = text::texts(&root().join("data")).unwrap();
     assert!(all.len() > 14_000, "{} texts", all.len());
     let mut texts: Vec<String> = all.iter().step_by(23).map(|(t, _)| t.clone()).collect();
     texts.extend(

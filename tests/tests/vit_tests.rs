@@ -10,11 +10,11 @@ use fsmerge_common::workdir::WorkDir;
 use fsmerge_tests::{
     fsmerge, launch_config, max_rel_diff, python_fixture, root, scores, stderr, wait_for,
 };
+use fsmerge_worker::core::eval::{evaluate, EvalSet};
+use fsmerge_worker::core::tensor::to_host;
 use fsmerge_worker::data;
-use fsmerge_worker::eval::{evaluate, EvalSet};
-use fsmerge_worker::tensor::to_host;
-use fsmerge_worker::vit::Vit;
-use fsmerge_worker::vit_merge::images;
+use fsmerge_worker::families::vit::merge::images;
+use fsmerge_worker::families::vit::model::Vit;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -9,10 +9,10 @@
 //! FSMERGE_BENCH_N (models, default 2), FSMERGE_PYTHON (default: python of the active venv).
 
 use fsmerge_common::config::{Init, MuType, StepForm};
-use fsmerge_worker::mlp::Mlp;
-use fsmerge_worker::optim::{AdamW, Schedule};
-use fsmerge_worker::supernet::SuperNet;
-use fsmerge_worker::tensor::F32;
+use fsmerge_worker::core::tensor::F32;
+use fsmerge_worker::families::mlp::model::Mlp;
+use fsmerge_worker::families::mlp::supernet::SuperNet;
+use fsmerge_worker::train::optim::{AdamW, Schedule};
 use std::time::Instant;
 use tch::Tensor;
 use util::{env_usize, measuring, median, pytorch_step_ms};

@@ -12,10 +12,10 @@
 
 use fsmerge_common::config::{Init, MuType, StepForm, VitShape};
 use fsmerge_common::hf::VitConfig;
-use fsmerge_worker::optim::{AdamW, Schedule};
-use fsmerge_worker::tensor::F32;
-use fsmerge_worker::vit::Vit;
-use fsmerge_worker::vit_supernet::VitSuperNet;
+use fsmerge_worker::core::tensor::F32;
+use fsmerge_worker::families::vit::model::Vit;
+use fsmerge_worker::families::vit::supernet::VitSuperNet;
+use fsmerge_worker::train::optim::{AdamW, Schedule};
 use std::time::Instant;
 use tch::Tensor;
 use util::{env_usize, measuring, median, pytorch_step_ms};

@@ -4,10 +4,10 @@
 
 use fsmerge_common::config::{Init, MuType, StepForm};
 use fsmerge_common::hf::BertConfig;
-use fsmerge_worker::bert::Bert;
-use fsmerge_worker::bert_supernet::BertSuperNet;
-use fsmerge_worker::optim::gradients;
-use fsmerge_worker::tensor::{rel_err, F32};
+use fsmerge_worker::core::tensor::{rel_err, F32};
+use fsmerge_worker::families::bert::model::Bert;
+use fsmerge_worker::families::bert::supernet::BertSuperNet;
+use fsmerge_worker::train::optim::gradients;
 use tch::{Kind, Tensor};
 
 fn models(n: usize) -> Vec<Bert> {
@@ -124,7 +124,7 @@ fn folding_is_exact_and_forms_agree() {
 /// the parts chained give the whole SuperNet's output and fold.
 #[test]
 fn parts_compose_to_the_whole_supernet() {
-    use fsmerge_worker::bert::BertPart;
+    use fsmerge_worker::families::bert::model::BertPart;
     use std::collections::BTreeMap;
     let ms = models(2);
     let refs: Vec<&Bert> = ms.iter().collect();
@@ -137,7 +137,7 @@ fn parts_compose_to_the_whole_supernet() {
             .collect();
         BertPart::from_tensors(m.cfg.clone(), units, "", t).unwrap()
     };
-    let seeded = |f: &dyn Fn() -> BertSuperNet| fsmerge_worker::supernet::with_mu_seed(7, f);
+    let seeded = |f: &dyn Fn() -> BertSuperNet| fsmerge_worker::core::mu::with_mu_seed(7, f);
     let whole =
         seeded(&|| BertSuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::Random, 4).unwrap());
     let whole_params: BTreeMap<String, Tensor> = whole.named_params().into_iter().collect();

@@ -3,12 +3,14 @@
 //! independent, and training lowers the reconstruction loss.
 
 use fsmerge_common::config::{Init, MuType, StepForm, Targets};
-use fsmerge_worker::merge_data::MergeSet;
-use fsmerge_worker::mlp::{body_forward, Linear, Mlp};
-use fsmerge_worker::progress::Silent;
-use fsmerge_worker::supernet::SuperNet;
-use fsmerge_worker::tensor::{rel_err, F32};
-use fsmerge_worker::train_merge::{self, TrainSettings};
+use fsmerge_worker::core::linear::Linear;
+use fsmerge_worker::core::tensor::{rel_err, F32};
+use fsmerge_worker::data::merge_set::MergeSet;
+use fsmerge_worker::families::mlp::merge;
+use fsmerge_worker::families::mlp::model::{body_forward, Mlp};
+use fsmerge_worker::families::mlp::supernet::SuperNet;
+use fsmerge_worker::train::progress::Silent;
+use fsmerge_worker::train::settings::TrainSettings;
 use tch::{Kind, Tensor};
 
 const TYPES: [MuType; 4] = [
@@ -110,12 +112,12 @@ fn literal_and_fold_give_same_loss_and_gradients() {
             let sn = SuperNet::new(&refs, ty, init, 4).unwrap();
             randomize(&sn);
             let data = set(2, 8, 12);
-            let feats = train_merge::teacher_features(&refs, &data.x);
+            let feats = merge::teacher_features(&refs, &data.x);
             let idx = Tensor::arange(16, (Kind::Int64, tch::Device::Cpu));
             let params = sn.params();
-            let l1 = train_merge::global_loss(&sn, &data, &feats, &idx, targets, StepForm::Literal);
+            let l1 = merge::global_loss(&sn, &data, &feats, &idx, targets, StepForm::Literal);
             let g1 = Tensor::run_backward(&[&l1], &params, false, false);
-            let l2 = train_merge::global_loss(&sn, &data, &feats, &idx, targets, StepForm::Fold);
+            let l2 = merge::global_loss(&sn, &data, &feats, &idx, targets, StepForm::Fold);
             let g2 = Tensor::run_backward(&[&l2], &params, false, false);
             assert!(rel_err(&l2, &l1) <= 1e-5, "{ty:?}: losses differ");
             for (a, b) in g2.iter().zip(&g1) {
@@ -131,7 +133,7 @@ fn local_problems_are_independent() {
     let ms = models(2, 4);
     let refs: Vec<&Mlp> = ms.iter().collect();
     let data = set(2, 32, 12);
-    let feats = train_merge::teacher_features(&refs, &data.x);
+    let feats = merge::teacher_features(&refs, &data.x);
     let s = TrainSettings {
         epochs: 3,
         lr: 1e-2,
@@ -165,7 +167,7 @@ fn local_problems_are_independent() {
                 }
             }
         });
-        train_merge::train_local_layer(&sn, 1, &data, &feats, &s, &Silent).unwrap();
+        merge::train_local_layer(&sn, 1, &data, &feats, &s, &Silent).unwrap();
         sn.mu[1].params()
     };
     let clean = train_layer1(false);
@@ -181,7 +183,7 @@ fn training_lowers_reconstruction_loss() {
     let ms = models(2, 6);
     let refs: Vec<&Mlp> = ms.iter().collect();
     let data = set(2, 64, 12);
-    let feats = train_merge::teacher_features(&refs, &data.x);
+    let feats = merge::teacher_features(&refs, &data.x);
     let s = TrainSettings {
         epochs: 20,
         lr: 1e-2,
@@ -193,13 +195,13 @@ fn training_lowers_reconstruction_loss() {
     };
     let sn = SuperNet::new(&refs, MuType::DiagonalAndLowRank, Init::First, 4).unwrap();
     for l in 0..3 {
-        let before = train_merge::local_loss_full(&sn, l, &data, &feats, Targets::All);
-        train_merge::train_local_layer(&sn, l, &data, &feats, &s, &Silent).unwrap();
-        let after = train_merge::local_loss_full(&sn, l, &data, &feats, Targets::All);
+        let before = merge::local_loss_full(&sn, l, &data, &feats, Targets::All);
+        merge::train_local_layer(&sn, l, &data, &feats, &s, &Silent).unwrap();
+        let after = merge::local_loss_full(&sn, l, &data, &feats, Targets::All);
         assert!(after < 0.7 * before, "local layer {l}: {before} → {after}");
     }
-    let before = train_merge::global_loss_full(&sn, &data, &feats, Targets::Own);
-    train_merge::train_global(
+    let before = merge::global_loss_full(&sn, &data, &feats, Targets::Own);
+    merge::train_global(
         &sn,
         &data,
         &feats,
@@ -210,6 +212,6 @@ fn training_lowers_reconstruction_loss() {
         &Silent,
     )
     .unwrap();
-    let after = train_merge::global_loss_full(&sn, &data, &feats, Targets::Own);
+    let after = merge::global_loss_full(&sn, &data, &feats, Targets::Own);
     assert!(after < before, "global: {before} → {after}");
 }

@@ -4,10 +4,10 @@
 
 use fsmerge_common::config::{Init, MuType, StepForm, VitShape};
 use fsmerge_common::hf::VitConfig;
-use fsmerge_worker::optim::gradients;
-use fsmerge_worker::tensor::{rel_err, F32};
-use fsmerge_worker::vit::Vit;
-use fsmerge_worker::vit_supernet::VitSuperNet;
+use fsmerge_worker::core::tensor::{rel_err, F32};
+use fsmerge_worker::families::vit::model::Vit;
+use fsmerge_worker::families::vit::supernet::VitSuperNet;
+use fsmerge_worker::train::optim::gradients;
 use tch::Tensor;
 
 fn models(n: usize) -> Vec<Vit> {

@@ -1,0 +1,211 @@
+//! The rows of a job's results table: evaluation of a method on the test and validation
+//! splits, the variants that tell runs apart, and the local phase's rows.
+
+use crate::job::Job;
+use fsmerge_common::config::{MergeConfig, Mode};
+use fsmerge_common::metrics::MethodResult;
+use fsmerge_worker::core::eval::{accuracy, evaluate, EvalSet};
+use fsmerge_worker::core::linear::Linear;
+use fsmerge_worker::families::mlp::model::MergedModel;
+use fsmerge_worker::train::progress::LogRow;
+use fsmerge_worker::train::settings::TrainSettings;
+use serde_json::json;
+use std::collections::BTreeMap;
+use tch::Tensor;
+
+/// After a transformer's local training: log the rows of the local SuperNet as trained
+/// (`chain`) and of its fold, add them to the results (the fold's only when a global phase
+/// follows: in `local` mode it is the FS-Merge row) and their gap to the FS-Merge variant.
+pub fn report_local_phase(
+    (chain, folded): (MethodResult, MethodResult),
+    mode: Mode,
+    v: &mut BTreeMap<String, serde_json::Value>,
+    results: &mut Vec<MethodResult>,
+) {
+    tracing::info!(
+        "local phase: local SuperNet {:.2}% mean task / {:.2}% joint, folded {:.2}% / {:.2}%",
+        100.0 * chain.mean_task_acc,
+        100.0 * chain.joint_acc.unwrap_or(0.0),
+        100.0 * folded.mean_task_acc,
+        100.0 * folded.joint_acc.unwrap_or(0.0)
+    );
+    // Local SuperNet minus folded model, in accuracy points (positive: folding lost).
+    let gap = 100.0 * (chain.mean_task_acc - folded.mean_task_acc);
+    v.insert(
+        "local_gap_points".into(),
+        json!((gap * 100.0).round() / 100.0),
+    );
+    results.push(chain);
+    if mode == Mode::LocalThenGlobal {
+        results.push(folded);
+    }
+}
+
+/// The rows of a transformer's local phase: the local SuperNet as trained (`chain`: its read-out
+/// [n, N, d] of inputs, through each task's original head) and the folded model (`folded`: every
+/// task's logits).
+pub fn local_gap(
+    ev: &Evaluator,
+    heads: &[&Linear],
+    chain: &dyn Fn(&Tensor) -> Tensor,
+    folded: &dyn Fn(&Tensor) -> Vec<Tensor>,
+) -> (MethodResult, MethodResult) {
+    let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
+        let pred = chain(x);
+        heads
+            .iter()
+            .enumerate()
+            .map(|(t, h)| h.forward(&pred.get(t as i64)))
+            .collect()
+    });
+    (
+        chain,
+        ev.result("local folded", BTreeMap::new(), 0.0, folded),
+    )
+}
+
+/// The labels of a merged transformer's stacked classifier (`task:class`, with `class_name`)
+/// and, per task, its slice of the logits (`merged/fsmerge.json`).
+pub fn stacked_labels(
+    job: &Job,
+    class_name: &dyn Fn(usize) -> String,
+) -> (Vec<String>, Vec<serde_json::Value>) {
+    let mut labels = Vec::new();
+    let mut tasks = Vec::new();
+    for t in &job.cfg.tasks {
+        let start = labels.len();
+        labels.extend(
+            t.classes
+                .iter()
+                .map(|&c| format!("{}:{}", t.name, class_name(c))),
+        );
+        tasks.push(json!({"name": t.name, "classes": t.classes, "logits": [start, labels.len()]}));
+    }
+    (labels, tasks)
+}
+
+/// KD's training settings (FS-Merge's, for all its epochs: the same budget) and its row's
+/// variant.
+pub fn kd_settings(
+    m: &MergeConfig,
+    settings: &TrainSettings,
+) -> (TrainSettings, BTreeMap<String, serde_json::Value>) {
+    let s = TrainSettings {
+        epochs: m.total_epochs(),
+        ..settings.clone()
+    };
+    let v = variant(&[
+        ("init", json!("first")),
+        ("epochs", json!(s.epochs)),
+        ("lr", json!(s.lr)),
+    ]);
+    (s, v)
+}
+
+/// The FS-Merge row's variant: the settings that tell its runs apart.
+pub fn fs_merge_variant(m: &MergeConfig) -> BTreeMap<String, serde_json::Value> {
+    variant(&[
+        ("mode", json!(m.mode)),
+        ("mu_type", json!(m.mu_type)),
+        ("rank", json!(m.rank)),
+        ("init", json!(m.init)),
+        ("targets", json!(m.targets)),
+    ])
+}
+
+pub fn variant(pairs: &[(&str, serde_json::Value)]) -> BTreeMap<String, serde_json::Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+pub struct Evaluator<'a> {
+    test: &'a EvalSet,
+    val: &'a EvalSet,
+    names: Vec<String>,
+}
+
+impl<'a> Evaluator<'a> {
+    pub fn new(test: &'a EvalSet, val: &'a EvalSet, names: Vec<String>) -> Self {
+        Self { test, val, names }
+    }
+
+    pub fn result(
+        &self,
+        method: &str,
+        variant: BTreeMap<String, serde_json::Value>,
+        seconds: f64,
+        predict: &dyn Fn(&Tensor) -> Vec<Tensor>,
+    ) -> MethodResult {
+        let test = evaluate(self.test, predict);
+        let val = evaluate(self.val, predict);
+        tracing::info!(
+            "{method}: mean task accuracy {:.2}%, joint {:.2}%",
+            100.0 * test.mean(),
+            100.0 * test.joint
+        );
+        MethodResult {
+            method: method.to_string(),
+            variant,
+            per_task_acc: self
+                .names
+                .iter()
+                .cloned()
+                .zip(test.per_task.iter().copied())
+                .collect(),
+            mean_task_acc: test.mean(),
+            joint_acc: Some(test.joint),
+            val_mean_task_acc: val.mean(),
+            seconds,
+        }
+    }
+
+    /// The row of task t's original model (its own task only; no joint accuracy).
+    pub fn original(&self, t: usize, logits: &dyn Fn(&Tensor) -> Tensor) -> MethodResult {
+        let acc_on = |e: &EvalSet| tch::no_grad(|| accuracy(&logits(&e.tasks[t].0), &e.tasks[t].1));
+        let name = &self.names[t];
+        let acc = acc_on(self.test);
+        MethodResult {
+            method: format!("original:{name}"),
+            variant: BTreeMap::new(),
+            per_task_acc: [(name.clone(), acc)].into(),
+            mean_task_acc: acc,
+            joint_acc: None,
+            val_mean_task_acc: acc_on(self.val),
+            seconds: 0.0,
+        }
+    }
+
+    pub fn merged(
+        &self,
+        method: &str,
+        variant: BTreeMap<String, serde_json::Value>,
+        seconds: f64,
+        m: &MergedModel,
+    ) -> MethodResult {
+        self.result(method, variant, seconds, &|x| m.logits(x))
+    }
+}
+
+/// Warn when the global phase ended with a higher batch loss than it began with (the OneCycle
+/// peak was too high for the job).
+pub fn warn_if_global_rose(log: &[LogRow], lr: f64) {
+    let global: Vec<f64> = log
+        .iter()
+        .filter(|r| r.phase == "global")
+        .map(|r| r.loss)
+        .collect();
+    let k = (global.len() / 20).max(1);
+    if global.len() < 2 * k {
+        return;
+    }
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (before, after) = (mean(&global[..k]), mean(&global[global.len() - k..]));
+    if after > before {
+        tracing::warn!(
+            "global training ended with a higher loss than it started ({before:.4e} → {after:.4e}): \
+             the OneCycle peak lr is too high for this job; lower `merge.lr` (now {lr})"
+        );
+    }
+}

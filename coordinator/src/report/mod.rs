@@ -1,0 +1,113 @@
+//! The job's output, staged and committed atomically: merged model (safetensors + JSON config),
+//! metrics.json, results.md, plan.json and the training log (JSON lines).
+
+pub mod plots;
+pub mod progress;
+
+use crate::job::Job;
+use anyhow::Result;
+use fsmerge_common::checkpoint::{
+    body_bias, body_weight, head_bias, head_weight, write_json, write_tensors, MergedConfig,
+    MergedTask, MERGED_FORMAT,
+};
+use fsmerge_common::fsio::{write_atomic, Staging};
+use fsmerge_common::metrics::{peak_rss_mib, MethodResult, Metrics, WorkerStats};
+use fsmerge_common::plan::Plan;
+use fsmerge_worker::core::tensor::to_host;
+use fsmerge_worker::families::mlp::model::MergedModel;
+use fsmerge_worker::train::progress::LogRow;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Write the MLP merged model: `merged.safetensors` + `merged.json`.
+pub fn write_mlp_model(
+    staging: &Staging,
+    job: &Job,
+    merged: &MergedModel,
+    variant: &BTreeMap<String, serde_json::Value>,
+) -> Result<()> {
+    let cfg = &job.cfg;
+    let mut tensors = BTreeMap::new();
+    for (l, layer) in merged.body.iter().enumerate() {
+        tensors.insert(body_weight(l), to_host(&layer.w)?);
+        tensors.insert(body_bias(l), to_host(&layer.b)?);
+    }
+    for (task, head) in cfg.tasks.iter().zip(&merged.heads) {
+        tensors.insert(head_weight(Some(&task.name)), to_host(&head.w)?);
+        tensors.insert(head_bias(Some(&task.name)), to_host(&head.b)?);
+    }
+    write_tensors(&staging.path("merged.safetensors"), &tensors)?;
+    let config = MergedConfig {
+        format: MERGED_FORMAT.into(),
+        input_dim: merged.body[0].w.size()[1] as usize,
+        hidden: merged.body.iter().map(|l| l.w.size()[0] as usize).collect(),
+        tasks: cfg
+            .tasks
+            .iter()
+            .map(|t| MergedTask {
+                name: t.name.clone(),
+                classes: t.classes.clone(),
+            })
+            .collect(),
+        method: "fs-merge".into(),
+        variant: serde_json::to_value(variant)?,
+    };
+    write_json(&staging.path("merged.json"), &config)?;
+    Ok(())
+}
+
+/// Write the job's outputs: the merged model (`write_model` puts it into the staging
+/// directory), plan, config, training log, metrics, charts and the Markdown report; all
+/// committed at once.
+pub fn write(
+    job: &Job,
+    plan: &Plan,
+    results: Vec<MethodResult>,
+    log: &[LogRow],
+    started: Instant,
+    workers: Vec<WorkerStats>,
+    write_model: &dyn Fn(&Staging) -> Result<()>,
+) -> Result<()> {
+    let cfg = &job.cfg;
+    let staging = Staging::new(&job.out)?;
+    write_model(&staging)?;
+    write_json(&staging.path("plan.json"), plan)?;
+    write_json(&staging.path("config.json"), cfg)?;
+    write_jsonl(&staging.path("train_log.jsonl"), log)?;
+    let metrics = Metrics {
+        job: cfg.name.clone(),
+        seed: cfg.seed,
+        n_originals: cfg.merge.n_originals,
+        n_augmented: cfg.merge.n_augmented,
+        plan: serde_json::to_value(plan)?,
+        results,
+        peak_rss_mib: peak_rss_mib(),
+        total_seconds: started.elapsed().as_secs_f64(),
+        workers,
+    };
+    write_json(&staging.path("metrics.json"), &metrics)?;
+    let mut table = metrics.markdown(&job.task_names());
+    let charts = crate::report::plots::write(&staging.path(""), log, &metrics.results)?;
+    if !charts.is_empty() {
+        table.push('\n');
+        for c in &charts {
+            table.push_str(&format!("![{c}]({c})\n"));
+        }
+    }
+    write_atomic(&staging.path("results.md"), table.as_bytes())?;
+    let dir = staging.commit()?;
+    println!("{table}");
+    tracing::info!("results written to {}", dir.display());
+    Ok(())
+}
+
+/// Write training-log rows as JSON lines, atomically.
+pub fn write_jsonl(path: &std::path::Path, rows: &[LogRow]) -> Result<()> {
+    let mut lines = String::new();
+    for row in rows {
+        lines.push_str(&serde_json::to_string(row)?);
+        lines.push('\n');
+    }
+    write_atomic(path, lines.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! Pieces of the baselines every family shares: RegMean's Gram sums and solve, and
+//! knowledge distillation onto rescaled heads.
+
+use crate::core::eval::mean_abs;
+use crate::core::linear::Linear;
+use crate::data::merge_set::MergeSet;
+use crate::train::progress::{LogRow, Progress};
+use crate::train::settings::{optimise, TrainSettings};
+use fsmerge_common::{Error, Result};
+use tch::Tensor;
+
+/// RegMean's sums for one linear map over the models: Σ_i G_i and Σ_i G_i W_iᵀ, with
+/// G_i = α XᵢᵀXᵢ + (1−α) diag(XᵢᵀXᵢ) from the map's inputs Xᵢ [rows, in] inside model i.
+#[derive(Default)]
+pub struct RegmeanSums(Option<(Tensor, Tensor)>);
+
+impl RegmeanSums {
+    pub fn add(&mut self, x: &Tensor, w: &Tensor, alpha: f64) {
+        let g = x.tr().matmul(x);
+        let g = &g * alpha + g.diagonal(0, 0, 1).diag_embed(0, -2, -1) * (1.0 - alpha);
+        let rhs = g.matmul(&w.tr());
+        self.0 = Some(match self.0.take() {
+            Some((gs, rs)) => (gs + g, rs + rhs),
+            None => (g, rhs),
+        });
+    }
+
+    /// Overwrite `target`'s weight in place with W* (`regmean_solve`); nothing added, nothing
+    /// changed. `what` names the map in an error.
+    pub fn solve_into(self, target: &Linear, what: &str) -> Result<()> {
+        let Some((gram, rhs)) = self.0 else {
+            return Ok(());
+        };
+        let wt = regmean_solve(gram, &rhs, what)?;
+        tch::no_grad(|| target.w.shallow_clone().copy_(&wt.tr()));
+        Ok(())
+    }
+}
+
+/// Solve RegMean's normal equations (Σ G_i) W*ᵀ = Σ G_i W_iᵀ. A ridge of 1e-6 · mean(diag)
+/// keeps the system solvable when an input feature is dead in every model (its rows then do not
+/// matter). `what` names the map in the error.
+pub fn regmean_solve(gram: Tensor, rhs: &Tensor, what: &str) -> Result<Tensor> {
+    let dim = gram.size()[0];
+    let ridge = gram
+        .diagonal(0, 0, 1)
+        .mean(None)
+        .double_value(&[])
+        .max(1e-12)
+        * 1e-6;
+    let gram = gram + Tensor::eye(dim, crate::core::tensor::F32) * ridge;
+    Tensor::f_linalg_solve(&gram, rhs, true)
+        .map_err(|e| Error::Compute(format!("RegMean {what}: {e}")))
+}
+
+/// Knowledge distillation, for every architecture: the student's `params` (initialised from
+/// model 1) are trained with MSE of `student(idx)` (its output on the merge inputs `idx`) to
+/// each input's own model's output in `outputs` [n, N, k], rescaled to mean |·| = `target_scale`
+/// per task. Returns the scales s_t (task t reads student(x)/s_t: see `rescaled_heads`) and the
+/// log.
+pub fn distill(
+    set: &MergeSet,
+    outputs: &Tensor,
+    target_scale: f64,
+    params: &[Tensor],
+    s: &TrainSettings,
+    progress: &dyn Progress,
+    student: impl Fn(&Tensor) -> Tensor,
+) -> Result<(Vec<f64>, Vec<LogRow>)> {
+    let mut scales = Vec::new();
+    let mut targets = Vec::new();
+    for t in 0..set.per_task.len() {
+        let r = set.task_range(t);
+        let f = outputs
+            .get(t as i64)
+            .narrow(0, r.start as i64, r.len() as i64);
+        let scale = target_scale / mean_abs(&f).max(1e-12);
+        targets.push(f * scale);
+        scales.push(scale);
+    }
+    let targets = Tensor::cat(&targets, 0);
+    for p in params {
+        let _ = p.set_requires_grad(true);
+    }
+    let log = optimise("kd", params, set.len(), s, progress, |idx| {
+        (student(idx) - targets.index_select(0, idx))
+            .square()
+            .mean(None)
+    })?;
+    Ok((scales, log))
+}
+
+/// The tasks' heads reading a distilled student: W_t / s_t (biases unchanged).
+pub fn rescaled_heads(heads: impl IntoIterator<Item = Linear>, scales: &[f64]) -> Vec<Linear> {
+    heads
+        .into_iter()
+        .zip(scales)
+        .map(|(h, &sc)| Linear {
+            w: h.w.detach() / sc,
+            b: h.b.detach().copy(),
+        })
+        .collect()
+}

@@ -1,0 +1,88 @@
+//! LayerNorm: a model's own, n models' stacked (frozen), and the trainable one of a merged
+//! network.
+
+use crate::core::tensor::F32;
+use fsmerge_common::config::Init;
+use tch::Tensor;
+
+pub struct LayerNorm {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn init(d: i64, eps: f64) -> Self {
+        Self {
+            w: Tensor::ones([d], F32),
+            b: Tensor::zeros([d], F32),
+            eps,
+        }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let d = *x.size().last().unwrap_or(&0);
+        x.layer_norm([d], Some(&self.w), Some(&self.b), self.eps, false)
+    }
+}
+
+/// One LayerNorm of every model, stacked [n, d].
+pub(crate) struct FrozenLn {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl FrozenLn {
+    pub(crate) fn move_to(&mut self, device: tch::Device) {
+        self.w = self.w.to_device(device);
+        self.b = self.b.to_device(device);
+    }
+    pub(crate) fn stack(lns: &[&LayerNorm]) -> Self {
+        Self {
+            w: Tensor::stack(&lns.iter().map(|l| l.w.detach()).collect::<Vec<_>>(), 0),
+            b: Tensor::stack(&lns.iter().map(|l| l.b.detach()).collect::<Vec<_>>(), 0),
+        }
+    }
+}
+
+/// A trainable LayerNorm of the merged network (method.md §3.3: `first` copies model 1's,
+/// `average` takes the mean, `random` starts at (1, 0)).
+pub struct MergedLn {
+    pub w: Tensor,
+    pub b: Tensor,
+    eps: f64,
+}
+
+impl MergedLn {
+    pub(crate) fn new(f: &FrozenLn, init: Init, eps: f64) -> Self {
+        let (w, b) = match init {
+            Init::First => (f.w.get(0).copy(), f.b.get(0).copy()),
+            Init::Average => (f.w.mean_dim(0, false, None), f.b.mean_dim(0, false, None)),
+            Init::Random => (f.w.get(0).ones_like(), f.b.get(0).zeros_like()),
+        };
+        Self {
+            w: w.set_requires_grad(true),
+            b: b.set_requires_grad(true),
+            eps,
+        }
+    }
+    /// As a plain LayerNorm sharing these tensors (gradients flow through it).
+    pub(crate) fn layer_norm(&self) -> LayerNorm {
+        LayerNorm {
+            w: self.w.shallow_clone(),
+            b: self.b.shallow_clone(),
+            eps: self.eps,
+        }
+    }
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+        self.layer_norm().forward(x)
+    }
+    pub(crate) fn params(&self) -> [Tensor; 2] {
+        [self.w.shallow_clone(), self.b.shallow_clone()]
+    }
+    /// Move to `device` (the tensors stay leaves that require grad).
+    pub(crate) fn move_to(&mut self, device: tch::Device) {
+        for t in [&mut self.w, &mut self.b] {
+            *t = t.detach().to_device(device).set_requires_grad(true);
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Training of one stage's M/U across workers, through `optim::Run` like the single-process
+//! path: the same batches in the same order on every worker, split between replicas, with the
+//! gradients (and the batch loss) summed over the replicas in one flat buffer per step.
+//!
+//! - `local`: the stage's layer problems need nothing from other stages.
+//! - `global`: a pipeline over stages (GPipe schedule): each micro-batch's merged stream goes
+//!   forward stage to stage; the last stage computes the loss; gradients of the stream come
+//!   back, each carrying the micro-batch's loss so every stage knows the step's loss.
+//!
+//! Each replica scales its part's loss by its share of the batch, so the summed gradient is the
+//! full batch's gradient, as in the single-process run.
+
+use crate::core::loss::{own_mask, reconstruction_loss};
+use crate::core::tensor::{flatten_all, unflatten_like};
+use crate::dist::collective::Collective;
+use crate::dist::stage::{PipelineStage, StageData};
+use crate::train::optim::gradients;
+use crate::train::progress::{LogRow, Progress};
+use crate::train::settings::TrainSettings;
+use fsmerge_common::config::Targets;
+use fsmerge_common::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Member `r` of `n`'s contiguous share of a batch.
+pub fn share(batch: &[i64], r: usize, n: usize) -> &[i64] {
+    &batch[r * batch.len() / n..(r + 1) * batch.len() / n]
+}
+
+pub(crate) fn index(ids: &[i64], device: Device) -> Tensor {
+    Tensor::from_slice(ids).to_device(device)
+}
+
+pub(crate) fn mask(n: usize, data: &StageData, idx: &Tensor, targets: Targets) -> Option<Tensor> {
+    (targets == Targets::Own).then(|| own_mask(&data.task.index_select(0, idx), n))
+}
+
+/// Sum gradients and the loss over the replicas (one buffer); identity for one replica.
+pub(crate) fn reduce(
+    replicas: &mut dyn Collective,
+    grads: Vec<Tensor>,
+    loss: f64,
+) -> Result<(f64, Vec<Tensor>)> {
+    let (grads, losses) = reduce_many(replicas, grads, &[loss])?;
+    Ok((losses[0], grads))
+}
+
+/// Sum gradients and several losses over the replicas in one flat buffer.
+pub fn reduce_many(
+    replicas: &mut dyn Collective,
+    grads: Vec<Tensor>,
+    losses: &[f64],
+) -> Result<(Vec<Tensor>, Vec<f64>)> {
+    if replicas.size() == 1 {
+        return Ok((grads, losses.to_vec()));
+    }
+    let device = replicas.device();
+    let tail: Vec<f32> = losses.iter().map(|&l| l as f32).collect();
+    let mut flat = Tensor::cat(
+        &[
+            flatten_all(&grads).to_device(device),
+            Tensor::from_slice(&tail).to_device(device),
+        ],
+        0,
+    );
+    replicas.all_reduce_sum(&mut flat)?;
+    let total = flat.numel() as i64;
+    let k = losses.len() as i64;
+    let summed_losses: Vec<f64> = (total - k..total)
+        .map(|i| flat.double_value(&[i]))
+        .collect();
+    let summed = unflatten_like(&flat, &grads)
+        .into_iter()
+        .zip(&grads)
+        .map(|(g, like)| g.to_device(like.device()))
+        .collect();
+    Ok((summed, summed_losses))
+}
+
+/// A part's mean loss weighted by its share of the batch (unchanged for the whole batch, so
+/// one worker computes exactly what the single-process job does).
+pub fn scaled(loss: Tensor, part: usize, batch: usize) -> Tensor {
+    if part == batch {
+        loss
+    } else {
+        loss * (part as f64 / batch as f64)
+    }
+}
+
+pub(crate) fn zero_grads(params: &[Tensor]) -> Vec<Tensor> {
+    params.iter().map(Tensor::zeros_like).collect()
+}
+
+/// The two groups a stage's worker belongs to: its pipeline (every stage, same replica
+/// index) and its replicas (same stage).
+pub struct Collectives<'a> {
+    pub pipe: &'a mut dyn Collective,
+    pub replicas: &'a mut dyn Collective,
+}
+
+/// A transformer stage's local phase: its units' problems (and the output's on the last
+/// stage) in one run seeded like the single-process one; `loss(idx)` is the stage's part of
+/// the local loss of samples idx. Each step sums the gradients over the replicas, then the
+/// `shared` ones (M_res/U_res, held by every stage) and the loss over the stages: every copy of
+/// the shared parameters gets the single-process gradient, and every stage logs the total loss.
+pub fn train_local_shared(
+    data: &StageData,
+    s: &TrainSettings,
+    groups: Collectives,
+    own: &[Tensor],
+    shared: &[Tensor],
+    progress: &dyn Progress,
+    loss: &dyn Fn(&Tensor) -> Tensor,
+) -> Result<Vec<LogRow>> {
+    let Collectives { pipe, replicas } = groups;
+    let device = data.task.device();
+    let params: Vec<Tensor> = own
+        .iter()
+        .chain(shared)
+        .map(Tensor::shallow_clone)
+        .collect();
+    s.run("local", data.len(), s.seed)
+        .optimise_with(&params, data.len(), progress, |batch| {
+            let part = share(batch, replicas.rank(), replicas.size());
+            let (value, grads) = if part.is_empty() {
+                (0.0, zero_grads(&params))
+            } else {
+                let idx = index(part, device);
+                let l = scaled(loss(&idx), part.len(), batch.len());
+                // A stage of embeddings alone may have no local problem of its own: it only
+                // keeps its copy of M_res/U_res in step with the others.
+                let grads = if l.requires_grad() {
+                    gradients(&l, &params)?
+                } else {
+                    zero_grads(&params)
+                };
+                (l.double_value(&[]), grads)
+            };
+            let (mut grads, losses) = reduce_many(replicas, grads, &[value])?;
+            let shared_grads = grads.split_off(own.len());
+            let (shared_grads, losses) = reduce_many(pipe, shared_grads, &losses)?;
+            grads.extend(shared_grads);
+            Ok((losses[0], grads))
+        })
+}
+
+/// Train the global SuperNet's parameters of this stage in the pipeline `pipe` (member s is
+/// stage s of this replica index) with `micro_batches` micro-batches per replica share.
+pub fn train_global<S: PipelineStage + ?Sized>(
+    stage: &S,
+    data: &StageData,
+    s: &TrainSettings,
+    pipe: &mut dyn Collective,
+    replicas: &mut dyn Collective,
+    micro_batches: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<LogRow>> {
+    let device = data.task.device();
+    let params = stage.global_params();
+    let me = pipe.rank();
+    let first = me == 0;
+    let last = stage.is_last();
+    if last != (me + 1 == pipe.size()) {
+        return Err(Error::Plan(format!(
+            "stage {me} of {} disagrees with its units {:?} about being last",
+            pipe.size(),
+            stage.units()
+        )));
+    }
+    let dims = stage.stream_dims();
+    let f32_on = (Kind::Float, device);
+    s.run("global", data.len(), s.seed)
+        .optimise_with(&params, data.len(), progress, |batch| {
+            let part = share(batch, replicas.rank(), replicas.size());
+            let mbs: Vec<&[i64]> = (0..micro_batches)
+                .map(|k| share(part, k, micro_batches))
+                .filter(|mb| !mb.is_empty())
+                .collect();
+            let whole = mbs.len() == 1 && part.len() == batch.len();
+            // Forward: keep each micro-batch's input, output (or loss on the last stage), the
+            // stage's own loss terms, and the loss value, for its backward.
+            let mut saved = Vec::with_capacity(mbs.len());
+            for mb in &mbs {
+                let idx = index(mb, device);
+                let weight = |loss: Tensor| {
+                    if whole {
+                        loss
+                    } else {
+                        scaled(loss, mb.len(), batch.len())
+                    }
+                };
+                // Stage 0 reads the inputs; every other stage receives the merged stream and
+                // the value of the stages' own loss terms so far.
+                let (input, acc_in) = if first {
+                    (data.input.index_select(0, &idx), 0.0)
+                } else {
+                    let numel = mb.len() as i64 * dims.iter().product::<i64>();
+                    let mut t = Tensor::zeros([numel + 1], f32_on);
+                    pipe.recv(&mut t, me - 1)?;
+                    let shape: Vec<i64> = [mb.len() as i64].iter().chain(&dims).copied().collect();
+                    let stream = t.narrow(0, 0, numel).view(shape.as_slice());
+                    (
+                        stream.detach().set_requires_grad(true),
+                        t.double_value(&[numel]),
+                    )
+                };
+                let (out, own) = stage.forward(&input, &idx, data, s);
+                let own = own.map(weight);
+                let acc = acc_in + own.as_ref().map_or(0.0, |o| o.double_value(&[]));
+                if last {
+                    let target = data.feats[data.feats.len() - 1].index_select(1, &idx);
+                    let m = mask(stage.n(), data, &idx, s.targets);
+                    let recon = weight(reconstruction_loss(&out, &target, m.as_ref()));
+                    let value = recon.double_value(&[]) + acc;
+                    let loss = match own {
+                        Some(o) => recon + o,
+                        None => recon,
+                    };
+                    saved.push((input, loss, None, value));
+                } else {
+                    let acc_t = Tensor::from_slice(&[acc as f32]).to_device(device);
+                    pipe.send(
+                        &Tensor::cat(&[out.detach().reshape([-1]), acc_t], 0),
+                        me + 1,
+                    )?;
+                    saved.push((input, out, own, 0.0));
+                }
+            }
+            // Backward, last micro-batch first.
+            let mut grads = zero_grads(&params);
+            let mut loss_sum = 0.0;
+            for (input, out, own, value) in saved.into_iter().rev() {
+                let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+                if !first {
+                    wrt.push(input.shallow_clone());
+                }
+                let (mut g, loss) = if last {
+                    (gradients(&out, &wrt)?, value)
+                } else {
+                    let numel = out.numel() as i64;
+                    let mut back = Tensor::zeros([numel + 1], f32_on);
+                    pipe.recv(&mut back, me + 1)?;
+                    let g_out = back.narrow(0, 0, numel).view(out.size().as_slice());
+                    let value = back.double_value(&[numel]);
+                    let surrogate = (&out * &g_out).sum(Kind::Float);
+                    let surrogate = match own {
+                        Some(o) => surrogate + o,
+                        None => surrogate,
+                    };
+                    (gradients(&surrogate, &wrt)?, value)
+                };
+                loss_sum += loss;
+                if !first {
+                    let g_in = g.pop().unwrap_or_else(|| Tensor::zeros([0], f32_on));
+                    let loss_t = Tensor::from_slice(&[loss as f32]).to_device(device);
+                    pipe.send(&Tensor::cat(&[g_in.reshape([-1]), loss_t], 0), me - 1)?;
+                }
+                grads = if whole {
+                    g
+                } else {
+                    grads.iter().zip(&g).map(|(a, b)| a + b).collect()
+                };
+            }
+            reduce(replicas, grads, loss_sum)
+        })
+}
+
+/// The teacher features of a stage: `trace(i, start, len)` runs model i's units on rows
+/// start..start + len of the stage input and returns every feature of those rows; the chunks
+/// of `CHUNK` rows are concatenated per feature and the models stacked: [n, N, ..] each.
+pub fn stacked_traces(
+    n: usize,
+    rows: i64,
+    trace: &dyn Fn(usize, i64, i64) -> Vec<Tensor>,
+) -> Vec<Tensor> {
+    let chunk = crate::core::tensor::CHUNK;
+    let per_model: Vec<Vec<Tensor>> = (0..n)
+        .map(|i| {
+            let chunks: Vec<Vec<Tensor>> = (0..rows)
+                .step_by(chunk as usize)
+                .map(|s| trace(i, s, chunk.min(rows - s)))
+                .collect();
+            let features = chunks.first().map_or(0, Vec::len);
+            (0..features)
+                .map(|k| {
+                    Tensor::cat(
+                        &chunks
+                            .iter()
+                            .map(|c| c[k].shallow_clone())
+                            .collect::<Vec<_>>(),
+                        0,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let features = per_model.first().map_or(0, Vec::len);
+    (0..features)
+        .map(|k| {
+            Tensor::stack(
+                &per_model
+                    .iter()
+                    .map(|m| m[k].shallow_clone())
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        })
+        .collect()
+}
+
+/// Move teacher features down the pipeline: stage 0 starts from the merge inputs, every later
+/// stage receives the previous stage's last features; each computes its own and forwards its
+/// last layer's. `start` is (x, task) on stage 0.
+pub fn flow_features<S: PipelineStage + ?Sized>(
+    stage: &S,
+    pipe: &mut dyn Collective,
+    start: Option<(Tensor, Tensor)>,
+) -> Result<StageData> {
+    let me = pipe.rank();
+    let device = pipe.device();
+    let (input, task) = match start {
+        Some(s) => s,
+        None => {
+            let mut header = Tensor::zeros([1], (Kind::Float, device));
+            pipe.recv(&mut header, me - 1)?;
+            let len = header.double_value(&[0]) as i64;
+            let shape: Vec<i64> = [stage.n() as i64, len]
+                .iter()
+                .chain(&stage.stream_dims())
+                .copied()
+                .collect();
+            let mut input = Tensor::zeros(shape, (Kind::Float, device));
+            pipe.recv(&mut input, me - 1)?;
+            let mut task = Tensor::zeros([len], (Kind::Float, device));
+            pipe.recv(&mut task, me - 1)?;
+            (input, task.to_kind(Kind::Int64))
+        }
+    };
+    let feats = stage.teacher(&input);
+    if !stage.is_last() {
+        let out = &feats[feats.len() - 1];
+        let len = task.size()[0];
+        pipe.send(&Tensor::from_slice(&[len as f32]).to_device(device), me + 1)?;
+        pipe.send(&out.contiguous(), me + 1)?;
+        pipe.send(&task.to_kind(Kind::Float), me + 1)?;
+    }
+    Ok(StageData { input, feats, task })
+}

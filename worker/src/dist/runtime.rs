@@ -1,0 +1,604 @@
+//! A worker: registers with the coordinator over QUIC, receives its stage, links to the peers
+//! it exchanges data with, computes or restores the stage's teacher features, trains its phases
+//! (checkpointing each), folds its layers and sends them back.
+//!
+//! Two tokio tasks run beside the compute thread: one sends heartbeats (with the current phase
+//! and step), one reads the coordinator's messages (abort, shutdown, relayed NCCL ids). A worker
+//! that loses the coordinator, or is told to abort, exits at once with an error.
+
+use crate::core::tensor::{assign, to_host, to_tch};
+use crate::dist::collective::nccl::{self, NcclGroup};
+use crate::dist::collective::quic::{connect_mesh, QuicGroup};
+use crate::dist::collective::{Collective, Solo};
+use crate::dist::stage::WorkerStage;
+use crate::dist::{feature_cache, pipeline};
+use crate::family::{family, StageSpec};
+use crate::train::progress::{LogRow, Progress};
+use crate::train::settings::TrainSettings;
+use fsmerge_common::checkpoint::{read_json, read_tensors, write_json, write_tensors};
+use fsmerge_common::config::{Backend, JobConfig, Mode};
+use fsmerge_common::metrics::{peak_rss_mib, WorkerStats};
+use fsmerge_common::plan::Plan;
+use fsmerge_common::transport::{self, Identity, Timeouts};
+use fsmerge_common::wire::{self, Assignment, Hello, Message, NamedTensor};
+use fsmerge_common::workdir::{PhaseRecord, WorkDir};
+use fsmerge_common::{Error, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tch::Device;
+
+/// How to reach and trust the coordinator, and what this worker knows about itself.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `host:port` of the coordinator.
+    pub coordinator: String,
+    pub token: String,
+    pub fingerprint: String,
+    /// Rank and world size from the CLI, torchrun or Slurm (None: the coordinator assigns).
+    pub rank: Option<u32>,
+    pub world: Option<u32>,
+    /// Local rank (selects the GPU of an NCCL worker).
+    pub local_rank: usize,
+    /// Runs inside the coordinator's process (`fsmerge merge`): failures are reported, the
+    /// process is not exited.
+    pub embedded: bool,
+    /// Liveness of the control connection.
+    pub timeouts: Timeouts,
+}
+
+/// Where the worker is, for heartbeats and failure messages.
+#[derive(Debug, Clone, Default)]
+struct Beat {
+    phase: String,
+    step: u64,
+    total: u64,
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct BeatProgress(Shared<Beat>);
+
+impl Progress for BeatProgress {
+    fn start(&self, phase: &str, total: u64) {
+        *lock(&self.0) = Beat {
+            phase: phase.to_string(),
+            step: 0,
+            total,
+        };
+        tracing::debug!("{phase}: {total} steps");
+    }
+    fn step(&self, _: &str, step: u64, _: f64, _: f64) {
+        lock(&self.0).step = step;
+    }
+    fn finish(&self, phase: &str) {
+        tracing::debug!("{phase}: done");
+    }
+}
+
+/// The control connection's sending half, shared by the compute thread and the heartbeat task.
+#[derive(Clone)]
+struct Control {
+    tx: Arc<tokio::sync::Mutex<quinn::SendStream>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Control {
+    fn send(&self, msg: &Message) -> Result<()> {
+        let tx = self.tx.clone();
+        self.rt
+            .block_on(async move { wire::send(&mut *tx.lock().await, msg).await })
+    }
+}
+
+/// Run one worker to the end of the job.
+pub fn run(opts: &WorkerOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Compute(format!("tokio runtime: {e}")))?;
+    let id = Identity::generate()?;
+    let endpoint = rt.block_on(async {
+        transport::server("0.0.0.0:0".parse().expect("literal"), &id, opts.timeouts)
+    })?;
+    let coord = transport::resolve_addr(&opts.coordinator)?;
+    let conn = rt
+        .block_on(transport::connect(
+            &endpoint,
+            coord,
+            &opts.fingerprint,
+            opts.timeouts,
+        ))
+        .map_err(|e| Error::Peer {
+            peer: format!("coordinator {}", opts.coordinator),
+            msg: e.to_string(),
+        })?;
+    let local_ip = conn
+        .local_ip()
+        .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    let port = endpoint
+        .local_addr()
+        .map_err(|e| Error::Compute(format!("data endpoint: {e}")))?
+        .port();
+    let host = fsmerge_common::discovery::this_host();
+    let hello = Message::Hello(Hello {
+        token: opts.token.clone(),
+        rank: opts.rank,
+        world: opts.world,
+        host: host.clone(),
+        pid: std::process::id(),
+        data_addr: std::net::SocketAddr::new(local_ip, port).to_string(),
+        data_fingerprint: id.fingerprint.clone(),
+    });
+    let coordinator = |msg: String| Error::Peer {
+        peer: format!("coordinator {}", opts.coordinator),
+        msg,
+    };
+    let (tx, mut rx) = rt.block_on(async {
+        let (mut tx, rx) = conn
+            .open_bi()
+            .await
+            .map_err(|e| coordinator(e.to_string()))?;
+        wire::send(&mut tx, &hello).await?;
+        Ok::<_, Error>((tx, rx))
+    })?;
+    let assignment = match rt.block_on(wire::recv(&mut rx))? {
+        Some(Message::Assign(a)) => *a,
+        Some(Message::Refused { reason }) => return Err(coordinator(format!("refused: {reason}"))),
+        Some(other) => return Err(coordinator(format!("unexpected first message {other:?}"))),
+        None => return Err(coordinator("closed the connection".into())),
+    };
+    let control = Control {
+        tx: Arc::new(tokio::sync::Mutex::new(tx)),
+        rt: rt.handle().clone(),
+    };
+    let beat: Shared<Beat> = Arc::new(Mutex::new(Beat {
+        phase: "setup".into(),
+        ..Beat::default()
+    }));
+    let (nccl_tx, nccl_rx) = std::sync::mpsc::channel::<(u32, Vec<u8>)>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let rank = assignment.rank;
+    let job: JobConfig = serde_json::from_str(&assignment.job_json)
+        .map_err(|e| Error::Protocol(format!("job config from the coordinator: {e}")))?;
+    let heartbeat = Duration::from_secs_f64(job.cluster.heartbeat_secs);
+    {
+        let control = control.clone();
+        let beat = beat.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(heartbeat).await;
+                let b = lock(&beat).clone();
+                let msg = Message::Heartbeat {
+                    phase: b.phase,
+                    step: b.step,
+                    total: b.total,
+                };
+                if wire::send(&mut *control.tx.lock().await, &msg)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    let embedded = opts.embedded;
+    rt.spawn(async move {
+        loop {
+            match wire::recv(&mut rx).await {
+                Ok(Some(Message::Abort { reason })) => {
+                    tracing::error!("worker rank {rank}: aborted by the coordinator: {reason}");
+                    if !embedded {
+                        std::process::exit(1);
+                    }
+                    break;
+                }
+                Ok(Some(Message::Shutdown)) => {
+                    let _ = done_tx.send(());
+                    break;
+                }
+                Ok(Some(Message::NcclId { group, id })) => {
+                    let _ = nccl_tx.send((group, id));
+                }
+                Ok(Some(other)) => {
+                    tracing::warn!("worker rank {rank}: ignoring unexpected message {other:?}")
+                }
+                Ok(None) | Err(_) => {
+                    tracing::error!(
+                        "worker rank {rank}: lost the connection to the coordinator; stopping"
+                    );
+                    if !embedded {
+                        std::process::exit(1);
+                    }
+                    break;
+                }
+            }
+        }
+    });
+    let ctx = Ctx {
+        a: &assignment,
+        job: &job,
+        control: &control,
+        beat: &beat,
+        rt: rt.handle(),
+        endpoint: &endpoint,
+        opts,
+        host,
+    };
+    match ctx.work(&nccl_rx) {
+        Ok(_links) => {
+            // `_links` (the collectives) stay open until the coordinator's shutdown: closing a
+            // QUIC connection discards data still in flight to a peer that has not read it yet.
+            // Wait for the coordinator to confirm the job is complete (it may still need us
+            // alive, e.g. as the owner of an NCCL id).
+            let _ = done_rx.recv_timeout(Duration::from_secs(120));
+            endpoint.close(0u32.into(), b"done");
+            // Let the close reach the peers before the runtime goes away.
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            });
+            Ok(())
+        }
+        Err(e) => {
+            let phase = lock(&beat).phase.clone();
+            tracing::error!("worker rank {rank} failed in phase {phase}: {e}");
+            let _ = control.send(&Message::Failed {
+                phase,
+                msg: e.to_string(),
+            });
+            // Make sure the report leaves before the process does.
+            rt.block_on(async {
+                let _ = control.tx.lock().await.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            });
+            Err(e)
+        }
+    }
+}
+
+struct Ctx<'a> {
+    a: &'a Assignment,
+    job: &'a JobConfig,
+    control: &'a Control,
+    beat: &'a Shared<Beat>,
+    rt: &'a tokio::runtime::Handle,
+    endpoint: &'a quinn::Endpoint,
+    opts: &'a WorkerOptions,
+    host: String,
+}
+
+impl Ctx<'_> {
+    fn set_phase(&self, phase: &str) {
+        *lock(self.beat) = Beat {
+            phase: phase.to_string(),
+            ..Beat::default()
+        };
+    }
+
+    /// The worker's job; returns its collectives, which must outlive the job (see `run`).
+    fn work(
+        &self,
+        nccl_ids: &std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
+    ) -> Result<[Box<dyn Collective>; 2]> {
+        let a = self.a;
+        let job = self.job;
+        let plan: Plan = serde_json::from_str(&a.plan_json)
+            .map_err(|e| Error::Protocol(format!("plan from the coordinator: {e}")))?;
+        crate::set_threads(a.threads as usize);
+        let (stage_i, replica) = (a.stage as usize, a.replica as usize);
+        let (stages, replicas) = (plan.stages.len(), plan.replicas);
+        let rank_of = |s: usize, r: usize| (s * replicas + r) as u32;
+        let pipe_members: Vec<u32> = (0..stages).map(|s| rank_of(s, replica)).collect();
+        let replica_members: Vec<u32> = (0..replicas).map(|r| rank_of(stage_i, r)).collect();
+        let work = WorkDir::new(&a.work_dir);
+        tracing::info!(
+            "worker rank {} of {} on {}: stage {stage_i} (units {:?}), replica {replica}, {} backend",
+            a.rank,
+            a.world,
+            self.host,
+            plan.stages[stage_i].units,
+            a.backend
+        );
+
+        self.set_phase("connect");
+        let (mut pipe, mut reps, device) =
+            self.groups(&pipe_members, &replica_members, nccl_ids)?;
+        pipe.barrier()?;
+        reps.barrier()?;
+
+        self.set_phase("load");
+        let family = family(job.model.arch);
+        let units = plan.stages[stage_i].units.clone();
+        // Stage 0 starts from the merge rows; some families read them on every stage.
+        let needs_rows = (stage_i == 0 && !a.features_cached) || family.every_stage_reads_rows();
+        let rows = needs_rows
+            .then(|| feature_cache::merge_inputs(job))
+            .transpose()?;
+        let mut stage = family.load_stage(&StageSpec {
+            job,
+            models_dir: Path::new(&a.models_dir),
+            units,
+            rows: rows.as_ref().map(|(x, _)| x),
+        })?;
+        stage.to_device(device);
+
+        self.set_phase("features");
+        let mut data = if a.features_cached {
+            feature_cache::load(&work.features(stage_i), stage.feature_count())?
+        } else {
+            let start = rows
+                .filter(|_| stage_i == 0)
+                .map(|(x, task)| (x.to_device(device), task.to_device(device)));
+            let d = pipeline::flow_features(stage.as_ref(), pipe.as_mut(), start)?;
+            if replica == 0 {
+                feature_cache::save(&work.features(stage_i), &d)?;
+            }
+            d
+        }
+        .to_device(device);
+        stage.prepare(&data)?;
+
+        let m = &job.merge;
+        let settings = TrainSettings::of(m, job.seed);
+        let progress = BeatProgress(self.beat.clone());
+        let mut phase_seconds = BTreeMap::new();
+        let mut phase_steps = BTreeMap::new();
+        if matches!(m.mode, Mode::Local | Mode::LocalThenGlobal) {
+            self.phase(
+                &work,
+                stage.as_ref(),
+                "local",
+                &mut phase_seconds,
+                &mut phase_steps,
+                || stage.train_local(&data, &settings, pipe.as_mut(), reps.as_mut(), &progress),
+            )?;
+            self.set_phase("hand-over");
+            stage.hand_over(pipe.as_mut())?;
+        }
+        if matches!(m.mode, Mode::Global | Mode::LocalThenGlobal) {
+            let freed = data.keep_global_only(stage_i == 0, stage.is_last());
+            tracing::debug!(
+                "worker rank {}: freed {:.1} MB of teacher streams the global phase does not read",
+                a.rank,
+                freed as f64 / 1e6
+            );
+            let s = TrainSettings {
+                seed: stage.global_seed(settings.seed),
+                ..settings.global_phase(m)
+            };
+            let micro = if stages > 1 {
+                job.cluster.micro_batches
+            } else {
+                1
+            };
+            self.phase(
+                &work,
+                stage.as_ref(),
+                "global",
+                &mut phase_seconds,
+                &mut phase_steps,
+                || {
+                    pipeline::train_global(
+                        stage.as_ref(),
+                        &data,
+                        &s,
+                        pipe.as_mut(),
+                        reps.as_mut(),
+                        micro,
+                        &progress,
+                    )
+                },
+            )?;
+        }
+
+        self.set_phase("fold");
+        if replica == 0 {
+            let folded = stage.fold()?;
+            let count = folded.len() as u32;
+            for (name, t) in folded {
+                self.control.send(&Message::Folded {
+                    stage: a.stage,
+                    tensor: NamedTensor {
+                        name,
+                        shape: t.shape.iter().map(|&d| d as u64).collect(),
+                        data: t.data,
+                    },
+                })?;
+            }
+            self.control.send(&Message::FoldedDone {
+                stage: a.stage,
+                count,
+            })?;
+        }
+        let (pa, pc) = pipe.allreduce_time();
+        let (ra, rc) = reps.allreduce_time();
+        self.control.send(&Message::Stats(WorkerStats {
+            rank: a.rank,
+            host: self.host.clone(),
+            stage: a.stage,
+            replica: a.replica,
+            device: match device {
+                Device::Cuda(i) => format!("cuda:{i}"),
+                _ => "cpu".into(),
+            },
+            phase_steps,
+            peak_rss_mib: peak_rss_mib(),
+            weight_bytes: stage.weight_bytes(),
+            step_seconds: phase_seconds.values().sum(),
+            phase_seconds,
+            allreduce_seconds: pa + ra,
+            allreduce_calls: pc + rc,
+        }))?;
+        self.set_phase("done");
+        Ok([pipe, reps])
+    }
+
+    /// Run phase `phase` of the stage, or restore it from its checkpoint if the coordinator says
+    /// it is finished; replica 0 checkpoints it and reports it.
+    fn phase(
+        &self,
+        work: &WorkDir,
+        stage: &dyn WorkerStage,
+        phase: &str,
+        seconds: &mut BTreeMap<String, f64>,
+        steps: &mut BTreeMap<String, u64>,
+        train: impl FnOnce() -> Result<Vec<LogRow>>,
+    ) -> Result<()> {
+        let a = self.a;
+        let (st, js) = work.checkpoint(a.stage as usize, phase);
+        self.set_phase(phase);
+        let (record, restored) = if a.done_phases.iter().any(|p| p == phase) {
+            let names: Vec<String> = stage.named_params().into_iter().map(|(n, _)| n).collect();
+            let mut t = read_tensors(&st, &names)?;
+            let mut values = Vec::new();
+            let mut params = Vec::new();
+            for (name, p) in stage.named_params() {
+                let v = t.remove(&name).ok_or_else(|| Error::Tensor {
+                    file: st.clone(),
+                    tensor: name.clone(),
+                    msg: "missing from the checkpoint".into(),
+                })?;
+                values.push(to_tch(&v).to_device(p.device()));
+                params.push(p);
+            }
+            assign(&params, &values)?;
+            let record: PhaseRecord = read_json(&js)?;
+            tracing::info!(
+                "worker rank {}: stage {} {phase} restored from {} (not retrained)",
+                a.rank,
+                a.stage,
+                st.display()
+            );
+            (record, true)
+        } else {
+            let clock = Instant::now();
+            let log = train()?;
+            let record = PhaseRecord {
+                stage: a.stage as usize,
+                phase: phase.to_string(),
+                seconds: clock.elapsed().as_secs_f64(),
+                log,
+            };
+            if a.replica == 0 {
+                let mut tensors = BTreeMap::new();
+                for (name, p) in stage.named_params() {
+                    tensors.insert(name, to_host(&p)?);
+                }
+                write_json(&js, &record)?;
+                write_tensors(&st, &tensors)?;
+            }
+            (record, false)
+        };
+        seconds.insert(phase.to_string(), record.seconds);
+        steps.insert(phase.to_string(), record.log.len() as u64);
+        if a.replica == 0 {
+            self.control.send(&Message::PhaseDone {
+                stage: a.stage,
+                phase: phase.to_string(),
+                seconds: record.seconds,
+                restored,
+                log: record.log,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The pipeline group (same replica index, every stage) and the replica group (same stage),
+    /// on the configured backend, and the device tensors live on.
+    #[allow(clippy::type_complexity)]
+    fn groups(
+        &self,
+        pipe_members: &[u32],
+        replica_members: &[u32],
+        nccl_ids: &std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
+    ) -> Result<(Box<dyn Collective>, Box<dyn Collective>, Device)> {
+        let a = self.a;
+        let job = self.job;
+        match job.cluster.backend {
+            Backend::Quic => {
+                let needed: BTreeSet<u32> = pipe_members
+                    .iter()
+                    .chain(replica_members)
+                    .copied()
+                    .filter(|&r| r != a.rank)
+                    .collect();
+                // Longer than the coordinator's heartbeat deadline, so that when a worker dies
+                // the coordinator names it before its peers report a broken link.
+                let peer_timeouts = Timeouts {
+                    idle: Duration::from_secs_f64(1.5 * job.cluster.peer_timeout_secs),
+                    keep_alive: Duration::from_secs_f64(job.cluster.heartbeat_secs),
+                };
+                let links = self.rt.block_on(connect_mesh(
+                    self.endpoint,
+                    a.rank,
+                    &self.opts.token,
+                    &a.peers,
+                    &needed,
+                    peer_timeouts,
+                    Duration::from_secs_f64(job.cluster.register_timeout_secs),
+                ))?;
+                let group = |members: &[u32]| -> Result<Box<dyn Collective>> {
+                    if members.len() == 1 {
+                        Ok(Box::new(Solo))
+                    } else {
+                        Ok(Box::new(QuicGroup::new(
+                            a.rank,
+                            members,
+                            &links,
+                            self.rt.clone(),
+                        )?))
+                    }
+                };
+                Ok((group(pipe_members)?, group(replica_members)?, Device::Cpu))
+            }
+            Backend::Nccl => {
+                let device = nccl::device_for(self.opts.local_rank)?;
+                let replicas = replica_members.len() as u32;
+                // Group ids: pipelines 0..R (by replica), replica groups R.. (by stage).
+                let pipe_id = a.replica;
+                let rep_id = replicas + a.stage;
+                let mut ids: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+                for (gid, members) in [(pipe_id, pipe_members), (rep_id, replica_members)] {
+                    if members[0] == a.rank {
+                        let id = nccl::unique_id()?;
+                        self.control.send(&Message::NcclId {
+                            group: gid,
+                            id: id.clone(),
+                        })?;
+                        ids.insert(gid, id);
+                    }
+                }
+                let deadline =
+                    Instant::now() + Duration::from_secs_f64(job.cluster.register_timeout_secs);
+                while !(ids.contains_key(&pipe_id) && ids.contains_key(&rep_id)) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let (g, id) = nccl_ids.recv_timeout(left).map_err(|_| {
+                        Error::Collective("no NCCL unique id arrived from the coordinator".into())
+                    })?;
+                    ids.entry(g).or_insert(id);
+                }
+                let group = |gid: u32, members: &[u32]| -> Result<Box<dyn Collective>> {
+                    let me = members.iter().position(|&r| r == a.rank).unwrap_or(0);
+                    Ok(Box::new(NcclGroup::new(
+                        &ids[&gid],
+                        me,
+                        members.len(),
+                        device,
+                    )?))
+                };
+                Ok((
+                    group(pipe_id, pipe_members)?,
+                    group(rep_id, replica_members)?,
+                    device,
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! What a pipeline stage is to the distributed runtime, whatever the family: the
+//! `PipelineStage`/`WorkerStage` traits and the data a stage trains on.
+
+use crate::dist::collective::Collective;
+use crate::train::progress::{LogRow, Progress};
+use crate::train::settings::TrainSettings;
+use fsmerge_common::checkpoint::HostTensor;
+use fsmerge_common::{Error, Result};
+use std::ops::Range;
+use tch::{Device, Kind, Tensor};
+
+/// What the pipeline (teacher features, global phase) needs of a stage, whatever the
+/// architecture.
+pub trait PipelineStage {
+    /// Number of models merged.
+    fn n(&self) -> usize;
+    fn is_last(&self) -> bool;
+    /// The plan units the stage holds.
+    fn units(&self) -> Range<usize>;
+    /// Per-sample shape of the stream entering the stage from the previous one (the teacher's
+    /// [n, N, ..] and the merged [B, ..] alike).
+    fn stream_dims(&self) -> Vec<i64>;
+    /// The originals' features after each of the stage's units (and, on the last stage, what
+    /// the loss reconstructs, last) from the stage input: the merge inputs x [N, D] on stage 0,
+    /// else the previous stage's last features [n, N, ..].
+    fn teacher(&self, input: &Tensor) -> Vec<Tensor>;
+    /// Parameters the stage trains in the global phase.
+    fn global_params(&self) -> Vec<Tensor>;
+    /// The stage's part of the global SuperNet on the merged stream of samples `idx` (their x
+    /// on stage 0): the next merged stream, or on the last stage the per-model outputs
+    /// [n, B, ..]; and the loss terms the stage adds itself (a transformer's inner-feature
+    /// terms), as a mean over the samples.
+    fn forward(
+        &self,
+        input: &Tensor,
+        idx: &Tensor,
+        data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>);
+}
+
+/// What a worker does with its stage beyond the pipeline.
+pub trait WorkerStage: PipelineStage {
+    fn to_device(&mut self, device: Device);
+    /// Bytes of the original models' tensors this stage holds.
+    fn weight_bytes(&self) -> u64;
+    /// Number of feature tensors `teacher` returns (for the feature cache).
+    fn feature_count(&self) -> usize;
+    /// Once the teacher features exist: derive what training needs from them, and drop what
+    /// only the teacher needed.
+    fn prepare(&mut self, data: &StageData) -> Result<()> {
+        let _ = data;
+        Ok(())
+    }
+    /// Seed of the global phase's batch order, from the job seed.
+    fn global_seed(&self, seed: u64) -> u64 {
+        seed
+    }
+    /// Train the stage's local problems.
+    fn train_local(
+        &self,
+        data: &StageData,
+        s: &TrainSettings,
+        pipe: &mut dyn Collective,
+        replicas: &mut dyn Collective,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LogRow>>;
+    /// After local training: move what the next stage consumes there.
+    fn hand_over(&mut self, pipe: &mut dyn Collective) -> Result<()>;
+    /// Every trainable tensor, named, for checkpoints.
+    fn named_params(&self) -> Vec<(String, Tensor)>;
+    /// The folded stage under the merged model's tensor names.
+    fn fold(&self) -> Result<Vec<(String, HostTensor)>>;
+}
+
+/// What a stage trains on.
+pub struct StageData {
+    /// Stage input: x [N, D] on stage 0, else every model's features before the stage [n, N, k].
+    pub input: Tensor,
+    /// Every model's features after each of the stage's layers: `[j]` is [n, N, k_j].
+    pub feats: Vec<Tensor>,
+    /// Task of each sample [N] (i64).
+    pub task: Tensor,
+}
+
+impl StageData {
+    pub fn len(&self) -> usize {
+        self.task.size()[0] as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The originals' stream after plan unit k, of a transformer stage whose first unit is
+    /// `first`: its input for the unit before the first, else one of its features.
+    pub fn stream(&self, first: usize, k: usize) -> &Tensor {
+        if k + 1 == first {
+            &self.input
+        } else {
+            &self.feats[k - first]
+        }
+    }
+    pub fn to_device(&self, device: Device) -> Self {
+        Self {
+            input: self.input.to_device(device),
+            feats: self.feats.iter().map(|f| f.to_device(device)).collect(),
+            task: self.task.to_device(device),
+        }
+    }
+
+    /// Free what the global phase does not read — every feature but the last stage's targets,
+    /// and the input of a stage other than stage 0 (the teacher's streams: n·N·T·d floats per
+    /// ViT unit) — keeping the indices. Returns the bytes freed.
+    pub fn keep_global_only(&mut self, first: bool, last: bool) -> u64 {
+        let mut freed = 0;
+        let mut free = |t: &mut Tensor| {
+            freed += 4 * t.numel() as u64;
+            *t = Tensor::zeros([0], (Kind::Float, t.device()));
+        };
+        if !first {
+            free(&mut self.input);
+        }
+        let keep = if last {
+            self.feats.len().saturating_sub(1)
+        } else {
+            self.feats.len()
+        };
+        for f in &mut self.feats[..keep] {
+            free(f);
+        }
+        freed
+    }
+}
+
+/// Each task's classifier from the last stage's parts (`<models_dir>/<task>/`, in task order):
+/// the heads the read-out U_final folds into; a model without one is an error naming it.
+pub fn task_classifiers(
+    models_dir: &std::path::Path,
+    tasks: &[String],
+    classifiers: &[Option<&crate::core::linear::Linear>],
+) -> Result<Vec<crate::core::linear::Linear>> {
+    tasks
+        .iter()
+        .zip(classifiers)
+        .map(|(t, c)| {
+            c.map(crate::core::linear::Linear::copy)
+                .ok_or_else(|| Error::Tensor {
+                    file: models_dir.join(t),
+                    tensor: "classifier.weight".into(),
+                    msg: "the model has no classifier to fold its read-out into".into(),
+                })
+        })
+        .collect()
+}
+
+/// Folded task heads under the merged model's names (`head_weight`/`head_bias` of each task).
+pub fn named_heads(
+    tasks: &[String],
+    heads: impl IntoIterator<Item = crate::core::linear::Linear>,
+) -> Result<Vec<(String, HostTensor)>> {
+    use fsmerge_common::checkpoint::{head_bias, head_weight};
+    let mut out = Vec::new();
+    for (name, head) in tasks.iter().zip(heads) {
+        out.push((
+            head_weight(Some(name)),
+            crate::core::tensor::to_host(&head.w)?,
+        ));
+        out.push((
+            head_bias(Some(name)),
+            crate::core::tensor::to_host(&head.b)?,
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,45 @@
+//! Hugging Face BERTs (`BertForSequenceClassification`): post-LN encoder blocks and a pooler.
+
+pub mod baselines;
+pub mod merge;
+pub mod model;
+pub mod stage;
+pub mod supernet;
+
+use crate::dist::stage::WorkerStage;
+use crate::family::{Family, StageSpec};
+use fsmerge_common::config::{Arch, JobConfig};
+use fsmerge_common::hf::BertConfig;
+use fsmerge_common::plan::{bert_unit_costs, UnitCost};
+use fsmerge_common::{Error, Result};
+use std::path::Path;
+
+pub struct BertFamily;
+
+impl Family for BertFamily {
+    fn arch(&self) -> Arch {
+        Arch::Bert
+    }
+    fn unit_costs(&self, job: &JobConfig, models_dir: &Path) -> Result<Vec<UnitCost>> {
+        let cfg = BertConfig::load(&models_dir.join(&job.tasks[0].name))?;
+        Ok(bert_unit_costs(&cfg, job.tasks.len(), job.data.max_tokens))
+    }
+    fn every_stage_reads_rows(&self) -> bool {
+        true
+    }
+    fn load_stage(&self, spec: &StageSpec) -> Result<Box<dyn WorkerStage>> {
+        let (j, tasks) = (spec.job, spec.tasks());
+        let rows = spec
+            .rows
+            .ok_or_else(|| Error::Compute("a BERT stage needs the merge rows".into()))?;
+        let stage = stage::BertStage::load(
+            spec.models_dir,
+            &tasks,
+            spec.units.clone(),
+            &j.merge,
+            j.seed,
+            rows,
+        )?;
+        Ok(Box::new(stage))
+    }
+}

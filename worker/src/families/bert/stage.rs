@@ -1,0 +1,233 @@
+//! One stage of a distributed BERT merge: plan units `units` (unit 0 is the embeddings, unit
+//! 1 + l is block l) of every original BERT, read from their HF folders, as a part of the
+//! SuperNet (`BertSuperNet::from_parts`: the single-process M/U values). The stage holding the
+//! last block also holds the pooler, U_final and the task heads.
+//!
+//! Every unit needs the attention mask of its samples. The mask is a function of the merge
+//! rows (token ids, `[PAD]` = 0), which every worker rebuilds from the config and the data as
+//! stage 0 does (`feature_cache::merge_inputs`), so no stage sends it to another.
+//!
+//! Teacher features (`PipelineStage::teacher`) are the n models' streams after each of the
+//! stage's units, [n, N, T, d], and on the last stage their pooled outputs [n, N, d] as well.
+
+use crate::core::linear::Linear;
+use crate::core::loss::own_mask;
+use crate::core::mu::with_mu_seed;
+use crate::core::tensor::to_host;
+use crate::dist::collective::Collective;
+use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
+use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
+use crate::families::bert::merge::{local_loss, tokens};
+use crate::families::bert::model::BertPart;
+use crate::families::bert::supernet::BertSuperNet;
+use crate::train::progress::{LogRow, Progress};
+use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
+use fsmerge_common::checkpoint::HostTensor;
+use fsmerge_common::config::{MergeConfig, Targets};
+use fsmerge_common::Result;
+use std::ops::Range;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+pub struct BertStage {
+    sn: BertSuperNet,
+    task_names: Vec<String>,
+    /// The originals' parts, for the teacher features (dropped by `prepare`).
+    originals: Vec<BertPart>,
+    /// On the last stage, each task's classifier.
+    classifiers: Vec<Linear>,
+    /// Attention mask of every merge row [N, T] (1 = token, 0 = `[PAD]`).
+    mask: Tensor,
+    res_consistency: f64,
+    weight_bytes: u64,
+}
+
+impl BertStage {
+    /// Read units `units` of every task's BERT (`<models_dir>/<task>/`) and draw the job's M/U;
+    /// `rows` are the merge rows (token ids as f32 [N, T]), for the attention mask.
+    pub fn load(
+        models_dir: &Path,
+        tasks: &[String],
+        units: Range<usize>,
+        merge: &MergeConfig,
+        seed: u64,
+        rows: &Tensor,
+    ) -> Result<Self> {
+        let parts = tasks
+            .iter()
+            .map(|t| BertPart::load(&models_dir.join(t), units.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&BertPart> = parts.iter().collect();
+        let sn = with_mu_seed(seed, || {
+            BertSuperNet::from_parts(&refs, merge.mu_type, merge.init, merge.rank)
+        })?;
+        let classifiers = if sn.has_output() {
+            let heads: Vec<_> = parts.iter().map(|p| p.classifier.as_ref()).collect();
+            task_classifiers(models_dir, tasks, &heads)?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            sn,
+            task_names: tasks.to_vec(),
+            weight_bytes: parts.iter().map(|p| p.bytes).sum(),
+            originals: parts,
+            classifiers,
+            mask: tokens(rows).1,
+            res_consistency: merge.res_consistency,
+        })
+    }
+
+    /// The originals' streams after unit k of samples `idx` [n, B, T, d]: the stage input for
+    /// the unit before its first, else one of its features.
+    fn stream(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
+        data.stream(self.sn.units().start, k).index_select(1, idx)
+    }
+
+    /// The stage's part of the local loss of samples `idx`.
+    fn local_loss(&self, data: &StageData, idx: &Tensor, s: &TrainSettings) -> Tensor {
+        let own = (s.targets == Targets::Own)
+            .then(|| own_mask(&data.task.index_select(0, idx), self.n()));
+        let ids = if self.sn.has_embeddings() {
+            tokens(&data.input.index_select(0, idx)).0
+        } else {
+            Tensor::zeros([0], (Kind::Int64, idx.device()))
+        };
+        let pooled = if self.is_last() {
+            data.feats[data.feats.len() - 1].index_select(1, idx)
+        } else {
+            Tensor::zeros([0], (Kind::Float, idx.device()))
+        };
+        local_loss(
+            &self.sn,
+            &ids,
+            &self.mask.index_select(0, idx),
+            &|k| self.stream(data, k, idx),
+            &pooled,
+            own.as_ref(),
+            s.form,
+            self.res_consistency,
+        )
+    }
+}
+
+impl PipelineStage for BertStage {
+    fn n(&self) -> usize {
+        self.sn.frozen.n
+    }
+    fn is_last(&self) -> bool {
+        self.sn.has_output()
+    }
+    fn units(&self) -> Range<usize> {
+        self.sn.units()
+    }
+    fn stream_dims(&self) -> Vec<i64> {
+        vec![self.mask.size()[1], self.sn.frozen.cfg.hidden_size as i64]
+    }
+
+    fn teacher(&self, input: &Tensor) -> Vec<Tensor> {
+        let first = self.sn.has_embeddings();
+        let rows = input.size()[if first { 0 } else { 1 }];
+        tch::no_grad(|| {
+            stacked_traces(self.n(), rows, &|i, start, len| {
+                let mask = self.mask.narrow(0, start, len);
+                let x = if first {
+                    tokens(&input.narrow(0, start, len)).0
+                } else {
+                    input.get(i as i64).narrow(0, start, len)
+                };
+                self.originals[i].trace(&x, &mask)
+            })
+        })
+    }
+
+    fn global_params(&self) -> Vec<Tensor> {
+        self.sn.params()
+    }
+
+    fn forward(
+        &self,
+        input: &Tensor,
+        idx: &Tensor,
+        _data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>) {
+        let input = if self.sn.has_embeddings() {
+            tokens(input).0
+        } else {
+            input.shallow_clone()
+        };
+        let mask = self.mask.index_select(0, idx);
+        (self.sn.forward(&input, &mask, s.form), None)
+    }
+}
+
+impl WorkerStage for BertStage {
+    fn to_device(&mut self, device: Device) {
+        for p in &mut self.originals {
+            p.to_device(device);
+        }
+        self.sn.move_to(device);
+        for c in &mut self.classifiers {
+            c.w = c.w.to_device(device);
+            c.b = c.b.to_device(device);
+        }
+        self.mask = self.mask.to_device(device);
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn feature_count(&self) -> usize {
+        self.units().len() + usize::from(self.is_last())
+    }
+
+    /// The teacher is done: the originals go.
+    fn prepare(&mut self, _data: &StageData) -> Result<()> {
+        self.originals.clear();
+        Ok(())
+    }
+
+    fn global_seed(&self, seed: u64) -> u64 {
+        seed.wrapping_add(GLOBAL_SEED_OFFSET)
+    }
+
+    /// The units' problems (and the output's on the last stage), M_res/U_res shared.
+    fn train_local(
+        &self,
+        data: &StageData,
+        s: &TrainSettings,
+        pipe: &mut dyn Collective,
+        replicas: &mut dyn Collective,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LogRow>> {
+        let (own, shared) = self.sn.local_params();
+        let groups = Collectives { pipe, replicas };
+        train_local_shared(data, s, groups, &own, &shared, progress, &|idx| {
+            self.local_loss(data, idx, s)
+        })
+    }
+
+    fn hand_over(&mut self, _pipe: &mut dyn Collective) -> Result<()> {
+        Ok(())
+    }
+
+    fn named_params(&self) -> Vec<(String, Tensor)> {
+        self.sn.named_params()
+    }
+
+    /// The folded units under their HF `BertModel` names; on the last stage each task's head
+    /// with its read-out U_final⁽ᵗ⁾ folded in.
+    fn fold(&self) -> Result<Vec<(String, HostTensor)>> {
+        let mut out = Vec::new();
+        for (name, t) in self.sn.fold_named() {
+            out.push((name, to_host(&t)?));
+        }
+        let classifiers: Vec<&Linear> = self.classifiers.iter().collect();
+        if let Some(heads) = self.sn.folded_heads(&classifiers) {
+            out.extend(named_heads(&self.task_names, heads)?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,752 @@
+//! The FS-Merge SuperNet of n post-LN BERTs (method.md §5). The stream x* lives in merged
+//! space; unlike the pre-LN ViT the unmerges read the stream itself and the LayerNorms sit after
+//! each residual add:
+//!
+//! ```text
+//!   x*_0  = LN_emb(Σ_i M_emb⁽ⁱ⁾ (word_i[id] + pos_i[t] + type_i[0]))
+//!   attn:   q* = Σ_i M_q⁽ⁱ⁾(W_q,i U_att⁽ⁱ⁾ x* + b_q,i)   (k*, v* alike; V uses M_v), masked scores
+//!           x* ← LN_att(x* + Σ_i M_o⁽ⁱ⁾(W_o,i U_o⁽ⁱ⁾ attend(q*, k*, v*) + b_o,i))
+//!   MLP:    x* ← LN_out(x* + Σ_i M_2⁽ⁱ⁾(W_2,i U_1⁽ⁱ⁾ gelu(Σ_j M_1⁽ʲ⁾(W_1,j U_0⁽ʲ⁾ x* + b_1,j)) + b_2,i))
+//!   pooler: y* = tanh(Σ_i M_pool⁽ⁱ⁾(D_i U_pool⁽ⁱ⁾ x*[CLS] + b_i)),  ŷ = U_final y*
+//! ```
+//!
+//! Embedding tables fold row-wise (Tab* = Σ_i Tab_i M_emb⁽ⁱ⁾), every linear map by §3.1, so the
+//! SuperNet folds exactly into one standard BERT with a pooler (`fold`).
+//!
+//! Local mode (architecture.md §2, step 5) trains each unit on the originals' streams f_l
+//! (hidden states after each unit, [n, B, T, d]), through the shared residual merge M_res =
+//! M_emb and unmerge U_res: the embeddings' problem U_res LN_emb(M_emb emb) ≈ f_0, block l's
+//! U_res block(M_res f_l) ≈ f_{l+1}, the output's U_final pool(M_res f_L[CLS]) ≈ pooled.
+//!
+//! A SuperNet holds plan units `units` (unit 0 is the embeddings, unit 1 + l is block l; the
+//! part with the last block also holds the pooler and U_final): the single-process job holds
+//! them all, a pipeline stage (`stage`) its own. Every part draws the whole SuperNet's M/U
+//! in one fixed order and keeps its own, so a stage starts from the single-process values.
+//! M_emb (= M_res) and U_res are in every part: local mode sums their gradients over stages.
+
+use crate::core::attention::attend;
+use crate::core::layer_norm::{FrozenLn, LayerNorm, MergedLn};
+use crate::core::linear::Linear;
+use crate::core::merged_linear::{folded_linear, FrozenLayer};
+use crate::core::mu::{MuMatrix, Role};
+use crate::core::tensor::named_groups;
+use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
+use crate::families::bert::model::{embed_tokens, mask_bias, Bert, BertBlock, BertPart};
+use fsmerge_common::config::{Init, MuType, StepForm};
+use fsmerge_common::hf::BertConfig;
+use fsmerge_common::{Error, Result};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use tch::{Device, Tensor};
+
+struct FrozenBlock {
+    q: FrozenLayer,
+    k: FrozenLayer,
+    v: FrozenLayer,
+    o: FrozenLayer,
+    ln_att: FrozenLn,
+    fc1: FrozenLayer,
+    fc2: FrozenLayer,
+    ln_out: FrozenLn,
+}
+
+impl FrozenBlock {
+    fn stack(b: &[&BertBlock]) -> Self {
+        let lin = |f: &dyn Fn(&BertBlock) -> &Linear| {
+            FrozenLayer::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
+        };
+        let ln = |f: &dyn Fn(&BertBlock) -> &LayerNorm| {
+            FrozenLn::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
+        };
+        Self {
+            q: lin(&|b| &b.q),
+            k: lin(&|b| &b.k),
+            v: lin(&|b| &b.v),
+            o: lin(&|b| &b.out),
+            ln_att: ln(&|b| &b.ln_att),
+            fc1: lin(&|b| &b.fc1),
+            fc2: lin(&|b| &b.fc2),
+            ln_out: ln(&|b| &b.ln_out),
+        }
+    }
+
+    fn move_to(&mut self, device: Device) {
+        for l in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.fc1,
+            &mut self.fc2,
+        ] {
+            l.to_device(device);
+        }
+        self.ln_att.move_to(device);
+        self.ln_out.move_to(device);
+    }
+}
+
+/// Every model's embeddings: tables [n, rows, d] and LayerNorm.
+struct FrozenEmbeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    ln: FrozenLn,
+}
+
+/// One model's share of the units, borrowed from a whole `Bert` or a `BertPart`.
+struct UnitsOf<'a> {
+    cfg: &'a BertConfig,
+    embeddings: Option<([&'a Tensor; 3], &'a LayerNorm)>,
+    blocks: &'a [BertBlock],
+    pooler: Option<&'a Linear>,
+}
+
+/// Every original weight of the held units, stacked per model.
+pub struct FrozenBert {
+    pub n: usize,
+    pub cfg: BertConfig,
+    /// The plan units held (unit 0 is the embeddings, unit 1 + l is block l).
+    pub units: Range<usize>,
+    embeddings: Option<FrozenEmbeddings>,
+    /// Blocks `unit_blocks(&units)`.
+    blocks: Vec<FrozenBlock>,
+    /// On the part that holds the last block.
+    pooler: Option<FrozenLayer>,
+}
+
+fn shape_of(c: &BertConfig) -> [usize; 6] {
+    [
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+    ]
+}
+
+impl FrozenBert {
+    /// Every unit of whole models.
+    pub fn from_models(models: &[&Bert]) -> Result<Self> {
+        let units = models.first().map_or(0, |m| m.blocks.len() + 1);
+        let of = models
+            .iter()
+            .map(|m| UnitsOf {
+                cfg: &m.cfg,
+                embeddings: Some(([&m.word, &m.position, &m.token_type], &m.ln_emb)),
+                blocks: &m.blocks,
+                pooler: m.pooler.as_ref(),
+            })
+            .collect::<Vec<_>>();
+        Self::stack(&of, 0..units)
+    }
+
+    /// The units `parts` hold (every part holds the same ones).
+    pub fn from_parts(parts: &[&BertPart]) -> Result<Self> {
+        let units = parts.first().map_or(0..0, |p| p.units.clone());
+        let of = parts
+            .iter()
+            .map(|p| UnitsOf {
+                cfg: &p.cfg,
+                embeddings: p
+                    .embeddings
+                    .as_ref()
+                    .map(|([w, po, t], ln)| ([w, po, t], ln)),
+                blocks: &p.blocks,
+                pooler: p.pooler.as_ref(),
+            })
+            .collect::<Vec<_>>();
+        Self::stack(&of, units)
+    }
+
+    fn stack(models: &[UnitsOf], units: Range<usize>) -> Result<Self> {
+        check_mergeable(
+            &models.iter().collect::<Vec<_>>(),
+            |m: &UnitsOf| shape_of(m.cfg),
+            "hidden, layers, heads, intermediate, vocab, positions",
+        )?;
+        let n = models.len();
+        let cfg = models[0].cfg.clone();
+        let stack =
+            |ts: Vec<&Tensor>| Tensor::stack(&ts.iter().map(|t| t.detach()).collect::<Vec<_>>(), 0);
+        let embeddings = if units.start == 0 {
+            let e: Option<Vec<_>> = models.iter().map(|m| m.embeddings).collect();
+            let e =
+                e.ok_or_else(|| Error::Compute("a part of unit 0 lacks the embeddings".into()))?;
+            let table = |k: usize| stack(e.iter().map(|(t, _)| t[k]).collect());
+            Some(FrozenEmbeddings {
+                word: table(0),
+                position: table(1),
+                token_type: table(2),
+                ln: FrozenLn::stack(&e.iter().map(|(_, ln)| *ln).collect::<Vec<_>>()),
+            })
+        } else {
+            None
+        };
+        let blocks = (0..unit_blocks(&units).len())
+            .map(|j| FrozenBlock::stack(&models.iter().map(|m| &m.blocks[j]).collect::<Vec<_>>()))
+            .collect();
+        let pooler = if units.end == cfg.num_hidden_layers + 1 {
+            let poolers: Option<Vec<&Linear>> = models.iter().map(|m| m.pooler).collect();
+            let Some(poolers) = poolers else {
+                return Err(Error::Compute(
+                    "every BERT needs its pooler (pooler.dense): FS-Merge reconstructs pooled outputs"
+                        .into(),
+                ));
+            };
+            Some(FrozenLayer::stack(&poolers))
+        } else {
+            None
+        };
+        Ok(Self {
+            n,
+            cfg,
+            units,
+            embeddings,
+            blocks,
+            pooler,
+        })
+    }
+
+    fn move_to(&mut self, device: Device) {
+        if let Some(e) = &mut self.embeddings {
+            for t in [&mut e.word, &mut e.position, &mut e.token_type] {
+                *t = t.to_device(device);
+            }
+            e.ln.move_to(device);
+        }
+        for b in &mut self.blocks {
+            b.move_to(device);
+        }
+        if let Some(p) = &mut self.pooler {
+            p.to_device(device);
+        }
+    }
+}
+
+/// The trainable M/U and LayerNorms of one block.
+pub struct BertBlockMu {
+    pub u_att: MuMatrix,
+    pub m_q: MuMatrix,
+    pub m_k: MuMatrix,
+    pub m_v: MuMatrix,
+    pub u_o: MuMatrix,
+    pub m_o: MuMatrix,
+    pub ln_att: MergedLn,
+    pub u_0: MuMatrix,
+    pub m_1: MuMatrix,
+    pub u_1: MuMatrix,
+    pub m_2: MuMatrix,
+    pub ln_out: MergedLn,
+}
+
+impl BertBlockMu {
+    fn mus(&self) -> [&MuMatrix; 10] {
+        [
+            &self.u_att,
+            &self.m_q,
+            &self.m_k,
+            &self.m_v,
+            &self.u_o,
+            &self.m_o,
+            &self.u_0,
+            &self.m_1,
+            &self.u_1,
+            &self.m_2,
+        ]
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        let mut v: Vec<Tensor> = self.mus()[..6].iter().flat_map(|m| m.params()).collect();
+        v.extend(self.ln_att.params());
+        v.extend(self.mus()[6..].iter().flat_map(|m| m.params()));
+        v.extend(self.ln_out.params());
+        v
+    }
+
+    fn move_to(&mut self, device: Device) {
+        for m in [
+            &mut self.u_att,
+            &mut self.m_q,
+            &mut self.m_k,
+            &mut self.m_v,
+            &mut self.u_o,
+            &mut self.m_o,
+            &mut self.u_0,
+            &mut self.m_1,
+            &mut self.u_1,
+            &mut self.m_2,
+        ] {
+            m.to_device(device);
+        }
+        self.ln_att.move_to(device);
+        self.ln_out.move_to(device);
+    }
+}
+
+/// The pooler's merge and unmerge and the read-out U_final.
+pub struct OutputMu {
+    pub u_pool: MuMatrix,
+    pub m_pool: MuMatrix,
+    pub u_final: MuMatrix,
+}
+
+impl OutputMu {
+    fn params(&self) -> Vec<Tensor> {
+        [&self.u_pool, &self.m_pool, &self.u_final]
+            .iter()
+            .flat_map(|m| m.params())
+            .collect()
+    }
+}
+
+pub struct BertMu {
+    /// M_emb; in local mode also the residual merge M_res of every unit (every part holds it).
+    pub m_emb: MuMatrix,
+    /// With the embeddings.
+    pub ln_emb: Option<MergedLn>,
+    pub blocks: Vec<BertBlockMu>,
+    /// With the pooler.
+    pub output: Option<OutputMu>,
+    /// Local mode: the residual unmerge shared by every unit (every part holds it).
+    pub u_res: MuMatrix,
+}
+
+impl BertMu {
+    /// Every M/U of the whole SuperNet, drawn by `MuDraw` in one fixed order, of which the
+    /// part keeps its own (`att_heads` structures the attention M/U with the model's heads,
+    /// method.md §5.5; the rest fall back to diagonal + low rank). LayerNorms draw nothing.
+    fn new(f: &FrozenBert, mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
+        let c = &f.cfg;
+        let shape = [c.hidden_size, c.intermediate_size, c.num_attention_heads];
+        let draw = MuDraw::new(mu_type, init, f.n, shape, rank);
+        let eps = c.layer_norm_eps;
+        let m_emb = draw.width(Role::Merge)?;
+        let keep = unit_blocks(&f.units);
+        let mut blocks = Vec::new();
+        for l in 0..c.num_hidden_layers {
+            let [u_att, m_q, m_k, m_v, u_o, m_o] = [
+                draw.attention(Role::Unmerge)?,
+                draw.attention(Role::Merge)?,
+                draw.attention(Role::Merge)?,
+                draw.attention(Role::Merge)?,
+                draw.attention(Role::Unmerge)?,
+                draw.attention(Role::Merge)?,
+            ];
+            let [u_0, m_1, u_1, m_2] = [
+                draw.width(Role::Unmerge)?,
+                draw.hidden(Role::Merge)?,
+                draw.hidden(Role::Unmerge)?,
+                draw.width(Role::Merge)?,
+            ];
+            let Some(fb) = l.checked_sub(keep.start).and_then(|j| f.blocks.get(j)) else {
+                continue;
+            };
+            blocks.push(BertBlockMu {
+                u_att,
+                m_q,
+                m_k,
+                m_v,
+                u_o,
+                m_o,
+                ln_att: MergedLn::new(&fb.ln_att, init, eps),
+                u_0,
+                m_1,
+                u_1,
+                m_2,
+                ln_out: MergedLn::new(&fb.ln_out, init, eps),
+            });
+        }
+        let [u_pool, m_pool, u_final] = [
+            draw.width(Role::Unmerge)?,
+            draw.width(Role::Merge)?,
+            draw.width(Role::Unmerge)?,
+        ];
+        Ok(Self {
+            m_emb,
+            ln_emb: f
+                .embeddings
+                .as_ref()
+                .map(|e| MergedLn::new(&e.ln, init, eps)),
+            blocks,
+            output: f.pooler.as_ref().map(|_| OutputMu {
+                u_pool,
+                m_pool,
+                u_final,
+            }),
+            // Drawn last, so the global mode's M/U keep their values.
+            u_res: draw.width(Role::Unmerge)?,
+        })
+    }
+}
+
+pub struct BertSuperNet {
+    pub frozen: FrozenBert,
+    pub mu: BertMu,
+}
+
+impl BertSuperNet {
+    /// The SuperNet of whole models (every unit).
+    pub fn new(models: &[&Bert], mu_type: MuType, init: Init, rank: usize) -> Result<Self> {
+        let frozen = FrozenBert::from_models(models)?;
+        let mu = BertMu::new(&frozen, mu_type, init, rank)?;
+        Ok(Self { frozen, mu })
+    }
+
+    /// The SuperNet's part over the units `parts` hold (a pipeline stage).
+    pub fn from_parts(
+        parts: &[&BertPart],
+        mu_type: MuType,
+        init: Init,
+        rank: usize,
+    ) -> Result<Self> {
+        let frozen = FrozenBert::from_parts(parts)?;
+        let mu = BertMu::new(&frozen, mu_type, init, rank)?;
+        Ok(Self { frozen, mu })
+    }
+
+    /// The held units.
+    pub fn units(&self) -> Range<usize> {
+        self.frozen.units.clone()
+    }
+
+    /// Global index of the first held block.
+    fn first_block(&self) -> usize {
+        unit_blocks(&self.frozen.units).start
+    }
+
+    /// Whether the part holds the pooler and U_final (the SuperNet's output).
+    pub fn has_output(&self) -> bool {
+        self.mu.output.is_some()
+    }
+
+    /// Whether the part holds the embeddings (its input is token ids, not a stream).
+    pub fn has_embeddings(&self) -> bool {
+        self.frozen.embeddings.is_some()
+    }
+
+    /// The parameters the global phase trains: M_emb and LN_emb with the embeddings, the held
+    /// blocks' M/U and LayerNorms, the output's M/U.
+    pub fn params(&self) -> Vec<Tensor> {
+        let mu = &self.mu;
+        let mut v = Vec::new();
+        if let Some(ln) = &mu.ln_emb {
+            v.extend(mu.m_emb.params());
+            v.extend(ln.params());
+        }
+        v.extend(mu.blocks.iter().flat_map(BertBlockMu::params));
+        if let Some(o) = &mu.output {
+            v.extend(o.params());
+        }
+        v
+    }
+
+    /// What local training moves: the part's own (LN_emb, the blocks, the output) and the
+    /// shared residual merge and unmerge M_res = M_emb, U_res, whose gradients every part sums.
+    pub fn local_params(&self) -> (Vec<Tensor>, Vec<Tensor>) {
+        let mu = &self.mu;
+        let mut own: Vec<Tensor> = mu.ln_emb.iter().flat_map(MergedLn::params).collect();
+        own.extend(mu.blocks.iter().flat_map(BertBlockMu::params));
+        if let Some(o) = &mu.output {
+            own.extend(o.params());
+        }
+        let mut shared = mu.m_emb.params();
+        shared.extend(mu.u_res.params());
+        (own, shared)
+    }
+
+    /// Every trainable tensor, named by group (checkpoints): `m_emb`, `u_res`, `ln_emb`,
+    /// `block{l}` (global l), `output`.
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        let mu = &self.mu;
+        let mut groups = vec![
+            ("m_emb".to_string(), mu.m_emb.params()),
+            ("u_res".to_string(), mu.u_res.params()),
+        ];
+        if let Some(ln) = &mu.ln_emb {
+            groups.push(("ln_emb".into(), ln.params().into()));
+        }
+        for (j, b) in mu.blocks.iter().enumerate() {
+            groups.push((format!("block{}", self.first_block() + j), b.params()));
+        }
+        if let Some(o) = &mu.output {
+            groups.push(("output".into(), o.params()));
+        }
+        named_groups(groups)
+    }
+
+    /// Move every tensor to `device` (the trainable ones stay leaves that require grad).
+    pub fn move_to(&mut self, device: Device) {
+        self.frozen.move_to(device);
+        let mu = &mut self.mu;
+        mu.m_emb.to_device(device);
+        mu.u_res.to_device(device);
+        if let Some(ln) = &mut mu.ln_emb {
+            ln.move_to(device);
+        }
+        for b in &mut mu.blocks {
+            b.move_to(device);
+        }
+        if let Some(o) = &mut mu.output {
+            for m in [&mut o.u_pool, &mut o.m_pool, &mut o.u_final] {
+                m.to_device(device);
+            }
+        }
+    }
+
+    fn heads(&self) -> i64 {
+        self.frozen.cfg.num_attention_heads as i64
+    }
+
+    /// Block j of the part (global index first_block + j) folded into a plain post-LN block
+    /// (differentiable in M/U/LN).
+    fn fold_block(&self, j: usize, fb: &FrozenBlock) -> Option<BertBlock> {
+        let mu = self.mu.blocks.get(j)?;
+        Some(BertBlock {
+            q: folded_linear(&fb.q, &mu.m_q, &mu.u_att),
+            k: folded_linear(&fb.k, &mu.m_k, &mu.u_att),
+            v: folded_linear(&fb.v, &mu.m_v, &mu.u_att),
+            out: folded_linear(&fb.o, &mu.m_o, &mu.u_o),
+            ln_att: mu.ln_att.layer_norm(),
+            fc1: folded_linear(&fb.fc1, &mu.m_1, &mu.u_0),
+            fc2: folded_linear(&fb.fc2, &mu.m_2, &mu.u_1),
+            ln_out: mu.ln_out.layer_norm(),
+        })
+    }
+
+    /// Block j literally: n branches between each U and its M.
+    fn block_literal(
+        &self,
+        fb: &FrozenBlock,
+        mu: &BertBlockMu,
+        x: &Tensor,
+        bias: &Tensor,
+    ) -> Tensor {
+        let (b, t, d) = x.size3().unwrap_or((0, 0, 0));
+        let flat = x.view([-1, d]);
+        let ua = mu.u_att.unmerge(&flat);
+        let proj = |m: &MuMatrix, f: &FrozenLayer| m.merge(&f.branches(&ua)).view([b, t, d]);
+        let ctx = attend(
+            &proj(&mu.m_q, &fb.q),
+            &proj(&mu.m_k, &fb.k),
+            &proj(&mu.m_v, &fb.v),
+            self.heads(),
+            Some(bias),
+        )
+        .view([-1, d]);
+        let att = mu.m_o.merge(&fb.o.branches(&mu.u_o.unmerge(&ctx)));
+        let x = mu.ln_att.forward(&(flat + att));
+        let z = mu
+            .m_1
+            .merge(&fb.fc1.branches(&mu.u_0.unmerge(&x)))
+            .gelu("none");
+        let m = mu.m_2.merge(&fb.fc2.branches(&mu.u_1.unmerge(&z)));
+        mu.ln_out.forward(&(x + m)).view([b, t, d])
+    }
+
+    /// x*_0 [B, T, d] of token ids [B, T]: the n embeddings (before their LayerNorm) merged by
+    /// M_emb, literally or through the folded tables; then the merged LN_emb. None without the
+    /// embeddings.
+    fn embed(&self, ids: &Tensor, form: StepForm) -> Option<Tensor> {
+        let (e, ln) = (self.frozen.embeddings.as_ref()?, self.mu.ln_emb.as_ref()?);
+        let (n, d) = (self.frozen.n as i64, self.frozen.cfg.hidden_size as i64);
+        let (b, t) = ids.size2().unwrap_or((0, 0));
+        let emb = match form {
+            StepForm::Literal => {
+                let per_model: Vec<Tensor> = (0..n)
+                    .map(|i| {
+                        embed_tokens(
+                            &e.word.get(i),
+                            &e.position.get(i),
+                            &e.token_type.get(i),
+                            ids,
+                        )
+                        .view([1, b * t, d])
+                    })
+                    .collect();
+                self.mu
+                    .m_emb
+                    .merge(&Tensor::cat(&per_model, 0))
+                    .view([b, t, d])
+            }
+            StepForm::Fold => {
+                let [w, p, ty] =
+                    [&e.word, &e.position, &e.token_type].map(|t| self.mu.m_emb.merge(t));
+                embed_tokens(&w, &p, &ty, ids)
+            }
+        };
+        Some(ln.forward(&emb))
+    }
+
+    /// Held block j (global first_block + j) in `form` (same function either way).
+    fn block(&self, j: usize, x: &Tensor, bias: &Tensor, form: StepForm) -> Tensor {
+        let (Some(fb), Some(mu)) = (self.frozen.blocks.get(j), self.mu.blocks.get(j)) else {
+            return x.shallow_clone();
+        };
+        match form {
+            StepForm::Literal => self.block_literal(fb, mu, x, bias),
+            StepForm::Fold => match self.fold_block(j, fb) {
+                Some(folded) => folded.forward(x, bias, self.heads()),
+                None => x.shallow_clone(),
+            },
+        }
+    }
+
+    /// The held units on their input — token ids [B, T] with the embeddings, else the merged
+    /// stream [B, T, d] — with the attention mask [B, T], in `form`: the merged stream after
+    /// the last held block, or with the output ŷ [n, B, d]. For the whole SuperNet, ŷ of ids.
+    pub fn forward(&self, input: &Tensor, mask: &Tensor, form: StepForm) -> Tensor {
+        let bias = mask_bias(mask);
+        let mut x = self
+            .embed(input, form)
+            .unwrap_or_else(|| input.shallow_clone());
+        for j in 0..self.frozen.blocks.len() {
+            x = self.block(j, &x, &bias, form);
+        }
+        self.output(&x.select(1, 0), form).unwrap_or(x)
+    }
+
+    /// ŷ [n, B, d] from the merged [CLS] state [B, d]: U_final tanh(pooler*(x)); None without
+    /// the output.
+    fn output(&self, cls: &Tensor, form: StepForm) -> Option<Tensor> {
+        let (pooler, o) = (self.frozen.pooler.as_ref()?, self.mu.output.as_ref()?);
+        let y = match form {
+            StepForm::Literal => o.m_pool.merge(&pooler.branches(&o.u_pool.unmerge(cls))),
+            StepForm::Fold => folded_linear(pooler, &o.m_pool, &o.u_pool).forward(cls),
+        };
+        Some(o.u_final.unmerge(&y.tanh()))
+    }
+
+    /// U_res y [n, B, T, d] of a merged stream y [B, T, d], and the residual basis' drift: the
+    /// mean square of M_res U_res y − y.
+    fn unmerge_res(&self, y: &Tensor) -> (Tensor, Tensor) {
+        let (b, t, d) = y.size3().unwrap_or((0, 0, 0));
+        let flat = y.view([-1, d]);
+        let pred = self.mu.u_res.unmerge(&flat);
+        let drift = (self.mu.m_emb.merge(&pred) - &flat).square().mean(None);
+        (pred.view([-1, b, t, d]), drift)
+    }
+
+    /// M_res f [B, T, d] of the originals' streams f [n, B, T, d].
+    fn merge_res(&self, f: &Tensor) -> Tensor {
+        let (n, b, t, d) = f.size4().unwrap_or((0, 0, 0, 0));
+        self.mu.m_emb.merge(&f.view([n, b * t, d])).view([b, t, d])
+    }
+
+    /// The local problems of the held units on a batch, each unit's reconstruction with the
+    /// residual drift: the embeddings' U_res LN_emb(M_emb emb(ids)) of f_0, then block l's
+    /// U_res block(M_res f_l) of f_{l+1} (`stream(k)` gives f_k [n, B, T, d], the originals'
+    /// stream after unit k), and with the output its ŷ [n, B, d] from M_res f_L[CLS].
+    pub fn local_problems(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        stream: &dyn Fn(usize) -> Tensor,
+        form: StepForm,
+    ) -> LocalProblems {
+        let bias = mask_bias(mask);
+        let units = self
+            .embed(ids, form)
+            .map(|e| {
+                let (pred, drift) = self.unmerge_res(&e);
+                (pred, stream(0), drift)
+            })
+            .into_iter()
+            .chain((0..self.frozen.blocks.len()).map(|j| {
+                let l = self.first_block() + j;
+                let y = self.block(j, &self.merge_res(&stream(l)), &bias, form);
+                let (pred, drift) = self.unmerge_res(&y);
+                (pred, stream(l + 1), drift)
+            }))
+            .collect();
+        let output = self.frozen.pooler.as_ref().and_then(|_| {
+            let last = stream(self.frozen.units.end - 1).select(2, 0);
+            self.output(&self.mu.m_emb.merge(&last), form)
+        });
+        LocalProblems { units, output }
+    }
+
+    /// The local SuperNet as trained: after every unit the stream goes through U_res and back
+    /// through M_res. The folded model skips that round trip; the accuracy gap between the two
+    /// is what local mode's shared residual basis costs.
+    pub fn forward_local_chain(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+        let bias = mask_bias(mask);
+        let round_trip = |y: &Tensor| self.merge_res(&self.unmerge_res(y).0);
+        let mut x = self
+            .embed(ids, StepForm::Fold)
+            .map_or_else(|| ids.shallow_clone(), |e| round_trip(&e));
+        for j in 0..self.frozen.blocks.len() {
+            x = round_trip(&self.block(j, &x, &bias, StepForm::Fold));
+        }
+        self.output(&x.select(1, 0), StepForm::Fold).unwrap_or(x)
+    }
+
+    /// Each task's classifier with its read-out folded in, W_t U_final⁽ᵗ⁾ (with the output).
+    pub fn folded_heads(&self, classifiers: &[&Linear]) -> Option<Vec<Linear>> {
+        let o = self.mu.output.as_ref()?;
+        Some(
+            classifiers
+                .iter()
+                .enumerate()
+                .map(|(t, c)| o.u_final.fold_into_head(t, c))
+                .collect(),
+        )
+    }
+
+    /// The held units folded, under their HF `BertModel` names (detached copies): the tables
+    /// Σ_i Tab_i M_emb⁽ⁱ⁾ and LN_emb, the blocks, the pooler.
+    pub fn fold_named(&self) -> BTreeMap<String, Tensor> {
+        tch::no_grad(|| {
+            let c = |t: &Tensor| t.detach().copy();
+            let mut out = BTreeMap::new();
+            let mut put = |name: String, t: &Tensor| {
+                out.insert(name, c(t));
+            };
+            if let (Some(e), Some(ln)) = (&self.frozen.embeddings, &self.mu.ln_emb) {
+                let tables = [&e.word, &e.position, &e.token_type];
+                for (name, t) in crate::families::bert::model::TABLE_NAMES.iter().zip(tables) {
+                    put(name.to_string(), &self.mu.m_emb.merge(t));
+                }
+                put("embeddings.LayerNorm.weight".into(), &ln.w);
+                put("embeddings.LayerNorm.bias".into(), &ln.b);
+            }
+            for (j, fb) in self.frozen.blocks.iter().enumerate() {
+                if let Some(b) = self.fold_block(j, fb) {
+                    for (name, t) in b.named(self.first_block() + j) {
+                        put(name, t);
+                    }
+                }
+            }
+            if let (Some(p), Some(o)) = (&self.frozen.pooler, &self.mu.output) {
+                let folded = folded_linear(p, &o.m_pool, &o.u_pool);
+                put("pooler.dense.weight".into(), &folded.w);
+                put("pooler.dense.bias".into(), &folded.b);
+            }
+            out
+        })
+    }
+
+    /// The folded BERT with its pooler (detached), when the SuperNet holds every unit; task t
+    /// reads U_final⁽ᵗ⁾ of its pooled output (fold it into the task's classifier as W_t U_final⁽ᵗ⁾).
+    pub fn fold(&self) -> Result<Bert> {
+        BertPart::from_tensors(self.frozen.cfg.clone(), self.units(), "", self.fold_named())?
+            .into_bert()
+    }
+
+    /// The folded BERT and each task's classifier with its read-out folded in.
+    pub fn merged(&self, classifiers: &[&Linear]) -> Result<(Bert, Vec<Linear>)> {
+        let heads = self.folded_heads(classifiers).ok_or_else(|| {
+            Error::Compute("the SuperNet part has no output to fold the heads into".into())
+        })?;
+        Ok((self.fold()?, heads))
+    }
+}
+
+/// The local problems of a SuperNet part on one batch (`BertSuperNet::local_problems`).
+pub struct LocalProblems {
+    /// Per held unit: its reconstruction [n, B, T, d], its target, the residual drift.
+    pub units: Vec<(Tensor, Tensor, Tensor)>,
+    /// With the output: ŷ [n, B, d] (its target is the pooled outputs).
+    pub output: Option<Tensor>,
+}

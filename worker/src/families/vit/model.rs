@@ -1,0 +1,590 @@
+//! Hugging Face ViT (`ViTModel` / `ViTForImageClassification`) on tch: pre-LN encoder blocks,
+//! patch embedding by a strided convolution, [CLS] token and learned positions. Loaded from an
+//! HF folder (single or sharded safetensors) with the HF tensor names, with or without the
+//! `vit.` prefix of the classification model.
+
+use crate::core::attention::attention;
+use crate::core::layer_norm::LayerNorm;
+use crate::core::linear::Linear;
+use crate::core::tensor::{to_host, to_tch, F32};
+use crate::core::transformer::{check_part_units, unit_blocks};
+use fsmerge_common::checkpoint::{write_json, write_tensors, HostTensor};
+use fsmerge_common::hf::{VitConfig, WeightFiles};
+use fsmerge_common::{Error, Result};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use tch::Tensor;
+
+/// One pre-LN encoder block.
+pub struct Block {
+    pub ln_before: LayerNorm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub out: Linear,
+    pub ln_after: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+pub struct Vit {
+    pub cfg: VitConfig,
+    pub patch_w: Tensor,
+    pub patch_b: Tensor,
+    pub cls: Tensor,
+    pub pos: Tensor,
+    pub blocks: Vec<Block>,
+    pub ln_final: LayerNorm,
+    /// `ViTForImageClassification`'s head.
+    pub classifier: Option<Linear>,
+}
+
+impl Block {
+    /// Every tensor under its HF name as block `l` of a `ViTModel`.
+    pub fn named(&self, l: usize) -> Vec<(String, &Tensor)> {
+        let base = format!("encoder.layer.{l}");
+        let mut v = Vec::new();
+        for (part, w, bias) in [
+            ("layernorm_before", &self.ln_before.w, &self.ln_before.b),
+            ("attention.attention.query", &self.q.w, &self.q.b),
+            ("attention.attention.key", &self.k.w, &self.k.b),
+            ("attention.attention.value", &self.v.w, &self.v.b),
+            ("attention.output.dense", &self.out.w, &self.out.b),
+            ("layernorm_after", &self.ln_after.w, &self.ln_after.b),
+            ("intermediate.dense", &self.fc1.w, &self.fc1.b),
+            ("output.dense", &self.fc2.w, &self.fc2.b),
+        ] {
+            v.push((format!("{base}.{part}.weight"), w));
+            v.push((format!("{base}.{part}.bias"), bias));
+        }
+        v
+    }
+
+    pub fn forward(&self, x: &Tensor, heads: i64) -> Tensor {
+        let x = x + self.attention_branch(x, heads);
+        &x + self.mlp_branch(&x)
+    }
+
+    /// The inputs of the block's linear maps — LN_before x (q, k, v), the attention context
+    /// (out), LN_after x' (fc1), gelu(fc1 ·) (fc2) — and the block's output.
+    pub fn linear_inputs(&self, x: &Tensor, heads: i64) -> ([Tensor; 4], Tensor) {
+        let a = self.ln_before.forward(x);
+        let ctx = attention(&a, &self.q, &self.k, &self.v, heads, None);
+        let x = x + self.out.forward(&ctx);
+        let g = self.ln_after.forward(&x);
+        let z = self.fc1.forward(&g).gelu("none");
+        let y = &x + self.fc2.forward(&z);
+        ([a, ctx, g, z], y)
+    }
+
+    /// out(attention(LN_before x)): what the block adds to the stream first.
+    pub fn attention_branch(&self, x: &Tensor, heads: i64) -> Tensor {
+        let h = self.ln_before.forward(x);
+        self.out
+            .forward(&attention(&h, &self.q, &self.k, &self.v, heads, None))
+    }
+
+    /// fc2(gelu(fc1(LN_after x))): what the block adds to the stream second.
+    pub fn mlp_branch(&self, x: &Tensor) -> Tensor {
+        self.fc2
+            .forward(&self.fc1.forward(&self.ln_after.forward(x)).gelu("none"))
+    }
+}
+
+/// Patch embedding (a stride-p convolution), [CLS] in front, positions added: [B, 1 + P, D].
+pub fn embed_tokens(
+    pixels: &Tensor,
+    patch_w: &Tensor,
+    patch_b: &Tensor,
+    cls: &Tensor,
+    pos: &Tensor,
+    p: i64,
+) -> Tensor {
+    let x = pixels
+        .conv2d(patch_w, Some(patch_b), [p, p], [0, 0], [1, 1], 1)
+        .flatten(2, -1)
+        .transpose(1, 2);
+    let b = x.size()[0];
+    let cls = cls.expand([b, 1, -1], false);
+    Tensor::cat(&[cls, x], 1) + pos
+}
+
+/// The tensors of one part of a ViT, as a pipeline stage holds them: plan units `units`
+/// (unit 0 is the embeddings, unit 1 + l is block l). The part that ends with the last block
+/// also holds the final LayerNorm and, when the model has one, the classifier.
+pub struct VitPart {
+    pub cfg: VitConfig,
+    pub units: Range<usize>,
+    /// (patch kernel [d, C, p, p], patch bias [d], [CLS] [1, 1, d], positions [1, T, d]).
+    pub embeddings: Option<[Tensor; 4]>,
+    /// Blocks `first_block()..`, in order.
+    pub blocks: Vec<Block>,
+    pub ln_final: Option<LayerNorm>,
+    pub classifier: Option<Linear>,
+}
+
+/// HF names of the embedding tensors, in `VitPart::embeddings` order.
+pub const EMBEDDING_NAMES: [&str; 4] = [
+    "embeddings.patch_embeddings.projection.weight",
+    "embeddings.patch_embeddings.projection.bias",
+    "embeddings.cls_token",
+    "embeddings.position_embeddings",
+];
+
+const BLOCK_PARTS: [&str; 8] = [
+    "layernorm_before",
+    "attention.attention.query",
+    "attention.attention.key",
+    "attention.attention.value",
+    "attention.output.dense",
+    "layernorm_after",
+    "intermediate.dense",
+    "output.dense",
+];
+
+impl VitPart {
+    /// Read plan units `units` of the HF ViT folder `dir` (only their tensors are read).
+    pub fn load(dir: &Path, units: Range<usize>) -> Result<Self> {
+        let cfg = VitConfig::load(dir)?;
+        let count = cfg.num_hidden_layers + 1;
+        check_part_units(dir, &units, cfg.num_hidden_layers, "ViT")?;
+        let files = WeightFiles::open(dir)?;
+        let prefix = if files.contains("vit.embeddings.cls_token") {
+            "vit."
+        } else {
+            ""
+        };
+        let classifier = units.end == count && files.contains("classifier.weight");
+        let mut names: Vec<String> = Vec::new();
+        if units.start == 0 {
+            names.extend(EMBEDDING_NAMES.iter().map(|n| format!("{prefix}{n}")));
+        }
+        for l in unit_blocks(&units) {
+            for p in BLOCK_PARTS {
+                for wb in ["weight", "bias"] {
+                    names.push(format!("{prefix}encoder.layer.{l}.{p}.{wb}"));
+                }
+            }
+        }
+        if units.end == count {
+            names.extend(["layernorm.weight", "layernorm.bias"].map(|n| format!("{prefix}{n}")));
+        }
+        if classifier {
+            names.extend([
+                "classifier.weight".to_string(),
+                "classifier.bias".to_string(),
+            ]);
+        }
+        let t = files.read(&names)?;
+        Self::from_tensors(cfg, units, prefix, t)
+    }
+
+    /// Build the part from its tensors under their HF names (with `prefix` before every name
+    /// but the classifier's); a missing tensor is an error naming it.
+    pub fn from_tensors(
+        cfg: VitConfig,
+        units: Range<usize>,
+        prefix: &str,
+        mut t: BTreeMap<String, HostTensor>,
+    ) -> Result<Self> {
+        let has_classifier = t.contains_key("classifier.weight");
+        let mut take = |n: &str| -> Result<Tensor> {
+            t.remove(n)
+                .map(|h| to_tch(&h))
+                .ok_or_else(|| Error::Compute(format!("the ViT's tensor `{n}` is missing")))
+        };
+        let eps = cfg.layer_norm_eps;
+        let count = cfg.num_hidden_layers + 1;
+        let embeddings = if units.start == 0 {
+            let [w, b, cls, pos] = EMBEDDING_NAMES;
+            Some([
+                take(&format!("{prefix}{w}"))?,
+                take(&format!("{prefix}{b}"))?,
+                take(&format!("{prefix}{cls}"))?,
+                take(&format!("{prefix}{pos}"))?,
+            ])
+        } else {
+            None
+        };
+        let mut blocks = Vec::new();
+        for l in unit_blocks(&units) {
+            let base = format!("{prefix}encoder.layer.{l}");
+            let mut pair = |p: &str| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    take(&format!("{base}.{p}.weight"))?,
+                    take(&format!("{base}.{p}.bias"))?,
+                ))
+            };
+            let mut lin = |p: &str| pair(p).map(|(w, b)| Linear { w, b });
+            let (q, k, v, out, fc1, fc2) = (
+                lin("attention.attention.query")?,
+                lin("attention.attention.key")?,
+                lin("attention.attention.value")?,
+                lin("attention.output.dense")?,
+                lin("intermediate.dense")?,
+                lin("output.dense")?,
+            );
+            let mut ln = |p: &str| pair(p).map(|(w, b)| LayerNorm { w, b, eps });
+            let (ln_before, ln_after) = (ln("layernorm_before")?, ln("layernorm_after")?);
+            blocks.push(Block {
+                ln_before,
+                q,
+                k,
+                v,
+                out,
+                ln_after,
+                fc1,
+                fc2,
+            });
+        }
+        let ln_final = if units.end == count {
+            Some(LayerNorm {
+                w: take(&format!("{prefix}layernorm.weight"))?,
+                b: take(&format!("{prefix}layernorm.bias"))?,
+                eps,
+            })
+        } else {
+            None
+        };
+        let classifier = if units.end == count && has_classifier {
+            Some(Linear {
+                w: take("classifier.weight")?,
+                b: take("classifier.bias")?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            units,
+            embeddings,
+            blocks,
+            ln_final,
+            classifier,
+        })
+    }
+
+    /// Move every tensor to `device`.
+    pub fn to_device(&mut self, device: tch::Device) {
+        let mut ts: Vec<&mut Tensor> = self.embeddings.iter_mut().flatten().collect();
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.q, &mut b.k, &mut b.v, &mut b.out, &mut b.fc1, &mut b.fc2,
+            ] {
+                ts.extend([&mut l.w, &mut l.b]);
+            }
+            for n in [&mut b.ln_before, &mut b.ln_after] {
+                ts.extend([&mut n.w, &mut n.b]);
+            }
+        }
+        if let Some(n) = &mut self.ln_final {
+            ts.extend([&mut n.w, &mut n.b]);
+        }
+        if let Some(c) = &mut self.classifier {
+            ts.extend([&mut c.w, &mut c.b]);
+        }
+        for t in ts {
+            *t = t.to_device(device);
+        }
+    }
+
+    /// Global index of the part's first block.
+    pub fn first_block(&self) -> usize {
+        unit_blocks(&self.units).start
+    }
+
+    /// Bytes of the part's tensors.
+    pub fn bytes(&self) -> u64 {
+        let mut ts: Vec<&Tensor> = self.embeddings.iter().flatten().collect();
+        for b in &self.blocks {
+            for l in [&b.q, &b.k, &b.v, &b.out, &b.fc1, &b.fc2] {
+                ts.extend([&l.w, &l.b]);
+            }
+            for n in [&b.ln_before, &b.ln_after] {
+                ts.extend([&n.w, &n.b]);
+            }
+        }
+        if let Some(n) = &self.ln_final {
+            ts.extend([&n.w, &n.b]);
+        }
+        if let Some(c) = &self.classifier {
+            ts.extend([&c.w, &c.b]);
+        }
+        ts.iter().map(|t| 4 * t.numel() as u64).sum()
+    }
+
+    /// The part's units on one model's input: images [B, C, H, W] when it holds the
+    /// embeddings, else the stream [B, T, d]. Returns every unit's output stream, then the
+    /// pooled output ([CLS] after the final LayerNorm) when it holds that LayerNorm.
+    pub fn trace(&self, input: &Tensor) -> Vec<Tensor> {
+        let heads = self.cfg.num_attention_heads as i64;
+        let mut out = Vec::new();
+        let mut h = match &self.embeddings {
+            Some([w, b, cls, pos]) => {
+                let e = embed_tokens(input, w, b, cls, pos, self.cfg.patch_size as i64);
+                out.push(e.shallow_clone());
+                e
+            }
+            None => input.shallow_clone(),
+        };
+        for b in &self.blocks {
+            h = b.forward(&h, heads);
+            out.push(h.shallow_clone());
+        }
+        if let Some(ln) = &self.ln_final {
+            out.push(ln.forward(&h).select(1, 0));
+        }
+        out
+    }
+
+    /// The whole model, when this part holds every unit.
+    pub fn into_vit(self) -> Result<Vit> {
+        let whole = self.cfg.num_hidden_layers + 1;
+        match (self.embeddings, self.ln_final) {
+            (Some([patch_w, patch_b, cls, pos]), Some(ln_final)) if self.units == (0..whole) => {
+                Ok(Vit {
+                    cfg: self.cfg,
+                    patch_w,
+                    patch_b,
+                    cls,
+                    pos,
+                    blocks: self.blocks,
+                    ln_final,
+                    classifier: self.classifier,
+                })
+            }
+            _ => Err(Error::Compute(format!(
+                "units {:?} are part of a ViT, not all of its {whole}",
+                self.units
+            ))),
+        }
+    }
+}
+
+impl Vit {
+    /// Load an HF ViT folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = VitConfig::load(dir)?;
+        VitPart::load(dir, 0..cfg.num_hidden_layers + 1)?.into_vit()
+    }
+
+    /// A randomly initialised `ViTForImageClassification` as transformers initialises one:
+    /// weights N(0, 0.02), biases 0, LayerNorms (1, 0), [CLS] and positions N(0, 0.02).
+    pub fn init(cfg: VitConfig, classes: usize) -> Self {
+        let (d, h) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+        let normal = |shape: &[i64]| Tensor::randn(shape, F32) * 0.02;
+        let lin = |o: i64, i: i64| Linear {
+            w: normal(&[o, i]),
+            b: Tensor::zeros([o], F32),
+        };
+        let eps = cfg.layer_norm_eps;
+        let (p, c) = (cfg.patch_size as i64, cfg.num_channels as i64);
+        let tokens = (cfg.image_size as i64 / p).pow(2) + 1;
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|_| Block {
+                ln_before: LayerNorm::init(d, eps),
+                q: lin(d, d),
+                k: lin(d, d),
+                v: lin(d, d),
+                out: lin(d, d),
+                ln_after: LayerNorm::init(d, eps),
+                fc1: lin(h, d),
+                fc2: lin(d, h),
+            })
+            .collect();
+        Self {
+            patch_w: normal(&[d, c, p, p]),
+            patch_b: Tensor::zeros([d], F32),
+            cls: normal(&[1, 1, d]),
+            pos: normal(&[1, tokens, d]),
+            blocks,
+            ln_final: LayerNorm::init(d, eps),
+            classifier: Some(lin(classes as i64, d)),
+            cfg,
+        }
+    }
+
+    /// Every tensor under its HF name (`vit.` prefix and `classifier` when it has a head).
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let prefix = if self.classifier.is_some() {
+            "vit."
+        } else {
+            ""
+        };
+        let mut v: Vec<(String, &Tensor)> = vec![
+            ("embeddings.cls_token".into(), &self.cls),
+            ("embeddings.position_embeddings".into(), &self.pos),
+            (
+                "embeddings.patch_embeddings.projection.weight".into(),
+                &self.patch_w,
+            ),
+            (
+                "embeddings.patch_embeddings.projection.bias".into(),
+                &self.patch_b,
+            ),
+            ("layernorm.weight".into(), &self.ln_final.w),
+            ("layernorm.bias".into(), &self.ln_final.b),
+        ];
+        for (l, b) in self.blocks.iter().enumerate() {
+            v.extend(b.named(l));
+        }
+        let mut v: Vec<(String, &Tensor)> = v
+            .into_iter()
+            .map(|(n, t)| (format!("{prefix}{n}"), t))
+            .collect();
+        if let Some(c) = &self.classifier {
+            v.push(("classifier.weight".into(), &c.w));
+            v.push(("classifier.bias".into(), &c.b));
+        }
+        v
+    }
+
+    /// The trainable tensors (every one of `named_tensors`).
+    pub fn params(&self) -> Vec<Tensor> {
+        self.named_tensors()
+            .into_iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect()
+    }
+
+    /// A detached copy (for a student or a baseline built from this model).
+    pub fn copy(&self) -> Self {
+        let c = |t: &Tensor| t.detach().copy();
+        let ln = |l: &LayerNorm| LayerNorm {
+            w: c(&l.w),
+            b: c(&l.b),
+            eps: l.eps,
+        };
+        Self {
+            cfg: self.cfg.clone(),
+            patch_w: c(&self.patch_w),
+            patch_b: c(&self.patch_b),
+            cls: c(&self.cls),
+            pos: c(&self.pos),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    ln_before: ln(&b.ln_before),
+                    q: b.q.copy(),
+                    k: b.k.copy(),
+                    v: b.v.copy(),
+                    out: b.out.copy(),
+                    ln_after: ln(&b.ln_after),
+                    fc1: b.fc1.copy(),
+                    fc2: b.fc2.copy(),
+                })
+                .collect(),
+            ln_final: ln(&self.ln_final),
+            classifier: self.classifier.as_ref().map(Linear::copy),
+        }
+    }
+
+    /// Write an HF folder: `config.json` (with `labels` as id2label) and `model.safetensors`,
+    /// loadable by `ViTForImageClassification.from_pretrained` (or `ViTModel` without a head).
+    pub fn save(&self, dir: &Path, labels: &[String]) -> Result<()> {
+        let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
+        for (name, t) in self.named_tensors() {
+            tensors.insert(name, to_host(t)?);
+        }
+        write_tensors(&dir.join("model.safetensors"), &tensors)?;
+        write_json(&dir.join("config.json"), &self.config_json(labels))
+    }
+
+    fn config_json(&self, labels: &[String]) -> serde_json::Value {
+        let c = &self.cfg;
+        let id2label: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), l.clone().into()))
+            .collect();
+        let label2id: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), i.into()))
+            .collect();
+        let arch = if self.classifier.is_some() {
+            "ViTForImageClassification"
+        } else {
+            "ViTModel"
+        };
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": "vit",
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "hidden_act": c.hidden_act,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "initializer_range": 0.02,
+            "layer_norm_eps": c.layer_norm_eps,
+            "image_size": c.image_size,
+            "patch_size": c.patch_size,
+            "num_channels": c.num_channels,
+            "qkv_bias": c.qkv_bias,
+            "encoder_stride": c.patch_size,
+            "id2label": id2label,
+            "label2id": label2id,
+            "torch_dtype": "float32",
+        })
+    }
+
+    /// The [CLS] token after the final LayerNorm [B, D]: what the classifier reads and what
+    /// FS-Merge reconstructs.
+    pub fn pooled(&self, pixels: &Tensor) -> Tensor {
+        self.forward(pixels).1.select(1, 0)
+    }
+
+    /// Patch embeddings + [CLS] + positions: [B, 1 + P, D] from images [B, C, H, W].
+    pub fn embed(&self, pixels: &Tensor) -> Tensor {
+        embed_tokens(
+            pixels,
+            &self.patch_w,
+            &self.patch_b,
+            &self.cls,
+            &self.pos,
+            self.cfg.patch_size as i64,
+        )
+    }
+
+    /// Each block's attention-branch output (after the output projection, before the residual
+    /// add) [B, T, D], beside every hidden state: the inner features of method.md §9.2.
+    pub fn trace(&self, pixels: &Tensor) -> (Vec<Tensor>, Vec<Tensor>) {
+        let heads = self.cfg.num_attention_heads as i64;
+        let mut h = self.embed(pixels);
+        let (mut states, mut attn) = (vec![h.shallow_clone()], Vec::new());
+        for b in &self.blocks {
+            let a = b.attention_branch(&h, heads);
+            let x = &h + &a;
+            h = &x + b.mlp_branch(&x);
+            attn.push(a);
+            states.push(h.shallow_clone());
+        }
+        (states, attn)
+    }
+
+    /// Every hidden state as `transformers` reports them: the embeddings, then each block's
+    /// output; and the final layer-normed sequence.
+    pub fn forward(&self, pixels: &Tensor) -> (Vec<Tensor>, Tensor) {
+        let heads = self.cfg.num_attention_heads as i64;
+        let mut h = self.embed(pixels);
+        let mut states = vec![h.shallow_clone()];
+        for b in &self.blocks {
+            h = b.forward(&h, heads);
+            states.push(h.shallow_clone());
+        }
+        let last = self.ln_final.forward(&h);
+        (states, last)
+    }
+
+    /// Class logits of `ViTForImageClassification` (from the [CLS] token).
+    pub fn logits(&self, pixels: &Tensor) -> Option<Tensor> {
+        let (_, last) = self.forward(pixels);
+        self.classifier
+            .as_ref()
+            .map(|c| c.forward(&last.select(1, 0)))
+    }
+}

@@ -1,0 +1,451 @@
+//! One stage of a distributed ViT merge: plan units `units` (unit 0 is the embeddings, unit
+//! 1 + l is block l) of every original ViT, read from their HF folders, with the SuperNet's
+//! M/U of those units. The stage holding the last block also holds LN_post, U_final and the
+//! task heads.
+//!
+//! Every stage draws the whole SuperNet's M/U in the single-process order and keeps its own,
+//! so a distributed job starts from the same values as `VitSuperNet`. The residual stream is
+//! in merged space and every M/U sits inside a unit, so each stage owns its units' M/U outright
+//! (no hand-over). The exception is local mode's shared residual merge M_res (= M_pre) and
+//! unmerge U_res: every stage holds a copy and their gradients are summed over all workers
+//! each step, so the copies stay equal (Adam is element-wise).
+//!
+//! Teacher features (`PipelineStage::teacher`) are the n models' streams after each of the
+//! stage's units, [n, N, T, d], and on the last stage their pooled outputs [n, N, d] as well.
+
+use crate::core::layer_norm::{FrozenLn, MergedLn};
+use crate::core::linear::Linear;
+use crate::core::loss::{own_mask, reconstruction_loss};
+use crate::core::mu::{with_mu_seed, MuMatrix};
+use crate::core::tensor::{chunked, named_groups, to_host};
+use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
+use crate::dist::collective::Collective;
+use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
+use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
+use crate::families::vit::merge::{images, inner_term};
+use crate::families::vit::model::VitPart;
+use crate::families::vit::supernet::{
+    local_read_out, read_out, shape_of, BlockMu, BlockUnit, DrawnMu, FrozenBlock, FrozenEmbed,
+};
+use crate::train::progress::{LogRow, Progress};
+use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
+use fsmerge_common::checkpoint::HostTensor;
+use fsmerge_common::config::{MergeConfig, StepForm, Targets};
+use fsmerge_common::hf::VitConfig;
+use fsmerge_common::Result;
+use std::ops::Range;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// What only the last stage holds.
+struct Output {
+    ln_post: MergedLn,
+    u_final: MuMatrix,
+    /// Each task's classifier.
+    classifiers: Vec<Linear>,
+}
+
+pub struct VitStage {
+    units: Range<usize>,
+    cfg: VitConfig,
+    n: usize,
+    task_names: Vec<String>,
+    /// The originals' parts, for the teacher features (dropped by `release_originals`).
+    originals: Vec<VitPart>,
+    embed: Option<FrozenEmbed>,
+    blocks: Vec<FrozenBlock>,
+    mu: Vec<BlockMu>,
+    /// M_pre; in local mode also M_res of every block (every stage holds it).
+    m_pre: MuMatrix,
+    u_res: MuMatrix,
+    out: Option<Output>,
+    res_consistency: f64,
+    /// The stage's blocks among `merge.inner_layers` (global indices) and the terms' weight.
+    inner_layers: Vec<usize>,
+    inner_weight: f64,
+    /// Per inner block: (l, each input's own model's attention-branch output [N, T, d], each
+    /// model's mean |·| of it on its own task [n]); filled by `prepare`.
+    inner: Vec<(usize, Tensor, Tensor)>,
+    weight_bytes: u64,
+}
+
+impl VitStage {
+    /// Read units `units` of every task's ViT (`<models_dir>/<task>/`) and draw the job's M/U.
+    pub fn load(
+        models_dir: &Path,
+        tasks: &[String],
+        units: Range<usize>,
+        merge: &MergeConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        let parts = tasks
+            .iter()
+            .map(|t| VitPart::load(&models_dir.join(t), units.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        check_mergeable(
+            &parts.iter().collect::<Vec<_>>(),
+            |p| shape_of(&p.cfg),
+            "hidden, layers, heads, mlp, image, patch, channels",
+        )?;
+        let cfg = parts[0].cfg.clone();
+        let n = parts.len();
+        let embed = parts
+            .iter()
+            .map(|p| p.embeddings.as_ref().map(|[w, b, c, q]| [w, b, c, q]))
+            .collect::<Option<Vec<_>>>()
+            .map(|e| FrozenEmbed::stack(&e));
+        let blocks: Vec<FrozenBlock> = (0..parts[0].blocks.len())
+            .map(|j| FrozenBlock::stack(&parts.iter().map(|p| &p.blocks[j]).collect::<Vec<_>>()))
+            .collect();
+        let lns: Vec<_> = blocks.iter().map(|b| (&b.ln1, &b.ln2)).collect();
+        let draw = MuDraw::for_vit(&cfg, merge.mu_type, merge.init, n, merge.rank);
+        let eps = cfg.layer_norm_eps;
+        let keep = unit_blocks(&units);
+        let depth = cfg.num_hidden_layers;
+        let drawn = with_mu_seed(seed, || {
+            DrawnMu::draw(&draw, depth, keep.clone(), &lns, merge.init, eps)
+        })?;
+        let out = match parts
+            .iter()
+            .map(|p| p.ln_final.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(lns) => {
+                let heads: Vec<_> = parts.iter().map(|p| p.classifier.as_ref()).collect();
+                let classifiers = task_classifiers(models_dir, tasks, &heads)?;
+                Some(Output {
+                    ln_post: MergedLn::new(&FrozenLn::stack(&lns), merge.init, eps),
+                    u_final: drawn.u_final,
+                    classifiers,
+                })
+            }
+            None => None,
+        };
+        Ok(Self {
+            weight_bytes: parts.iter().map(VitPart::bytes).sum(),
+            units,
+            cfg,
+            n,
+            task_names: tasks.to_vec(),
+            originals: parts,
+            embed,
+            blocks,
+            mu: drawn.blocks,
+            m_pre: drawn.m_pre,
+            u_res: drawn.u_res,
+            inner_layers: merge
+                .inner_layers
+                .iter()
+                .copied()
+                .filter(|l| keep.contains(l))
+                .collect(),
+            inner_weight: merge.inner_weight,
+            inner: Vec::new(),
+            out,
+            res_consistency: merge.res_consistency,
+        })
+    }
+
+    fn first_block(&self) -> usize {
+        unit_blocks(&self.units).start
+    }
+
+    fn unit(&self, j: usize) -> BlockUnit<'_> {
+        BlockUnit {
+            frozen: &self.blocks[j],
+            mu: &self.mu[j],
+            heads: self.cfg.num_attention_heads as i64,
+        }
+    }
+
+    /// The originals' streams at boundary k (after unit k) [n, N, T, d]: the stage input for
+    /// the boundary before its first unit, else one of its features.
+    fn stream<'d>(&self, data: &'d StageData, k: usize) -> &'d Tensor {
+        data.stream(self.units.start, k)
+    }
+
+    /// `stream` of samples `idx`.
+    fn boundary(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
+        self.stream(data, k).index_select(1, idx)
+    }
+
+    /// The stage's part of the local loss of samples `idx`: each of its blocks' problems (with
+    /// the residual drift) and, on the last stage, the output's problem.
+    fn local_loss(
+        &self,
+        data: &StageData,
+        idx: &Tensor,
+        targets: Targets,
+        form: StepForm,
+    ) -> Tensor {
+        let mask =
+            (targets == Targets::Own).then(|| own_mask(&data.task.index_select(0, idx), self.n));
+        let n = self.n as i64;
+        let b = idx.size()[0];
+        let mut loss = Tensor::zeros([], (Kind::Float, idx.device()));
+        for j in 0..self.blocks.len() {
+            let l = self.first_block() + j;
+            let f_in = self.boundary(data, l, idx);
+            let (pred, drift) = self.unit(j).local(&self.m_pre, &self.u_res, &f_in, form);
+            let target = self.boundary(data, l + 1, idx).view([n, b, -1]);
+            loss = loss
+                + reconstruction_loss(&pred.view([n, b, -1]), &target, mask.as_ref())
+                + drift * self.res_consistency;
+        }
+        if let Some(o) = &self.out {
+            let cls = self.boundary(data, self.units.end - 1, idx).select(2, 0);
+            let pred = local_read_out(&self.m_pre, &o.ln_post, &o.u_final, &cls);
+            let pooled = &data.feats[data.feats.len() - 1];
+            loss += reconstruction_loss(&pred, &pooled.index_select(1, idx), mask.as_ref());
+        }
+        loss
+    }
+
+    /// The stage's own local parameters (its blocks; LN_post and U_final on the last stage)
+    /// and the shared M_res, U_res.
+    fn local_params(&self) -> (Vec<Tensor>, Vec<Tensor>) {
+        let mut own: Vec<Tensor> = self.mu.iter().flat_map(BlockMu::params).collect();
+        if let Some(o) = &self.out {
+            own.extend(o.ln_post.params());
+            own.extend(o.u_final.params());
+        }
+        let mut shared = self.m_pre.params();
+        shared.extend(self.u_res.params());
+        (own, shared)
+    }
+}
+
+impl PipelineStage for VitStage {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn is_last(&self) -> bool {
+        self.out.is_some()
+    }
+    fn units(&self) -> Range<usize> {
+        self.units.clone()
+    }
+    fn stream_dims(&self) -> Vec<i64> {
+        let tokens = (self.cfg.image_size / self.cfg.patch_size).pow(2) + 1;
+        vec![tokens as i64, self.cfg.hidden_size as i64]
+    }
+
+    fn teacher(&self, input: &Tensor) -> Vec<Tensor> {
+        let first = self.units.start == 0;
+        let rows = input.size()[if first { 0 } else { 1 }];
+        tch::no_grad(|| {
+            stacked_traces(self.n, rows, &|i, start, len| {
+                if first {
+                    self.originals[i].trace(&images(&input.narrow(0, start, len)))
+                } else {
+                    self.originals[i].trace(&input.get(i as i64).narrow(0, start, len))
+                }
+            })
+        })
+    }
+
+    fn global_params(&self) -> Vec<Tensor> {
+        let mut v = if self.embed.is_some() {
+            self.m_pre.params()
+        } else {
+            Vec::new()
+        };
+        v.extend(self.mu.iter().flat_map(BlockMu::params));
+        if let Some(o) = &self.out {
+            v.extend(o.ln_post.params());
+            v.extend(o.u_final.params());
+        }
+        v
+    }
+
+    /// The blocks with inner-feature terms run literally (their terms read the branches);
+    /// the others in `s.form`.
+    fn forward(
+        &self,
+        input: &Tensor,
+        idx: &Tensor,
+        data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>) {
+        let task = data.task.index_select(0, idx);
+        let mut x = match &self.embed {
+            Some(e) => e.merged(&self.m_pre, &images(input), s.form, &self.cfg),
+            None => input.shallow_clone(),
+        };
+        let mut own: Option<Tensor> = None;
+        for j in 0..self.blocks.len() {
+            let l = self.first_block() + j;
+            let inner = self.inner.iter().find(|(k, _, _)| *k == l);
+            x = match inner {
+                Some((_, g, scale)) => {
+                    let (y, r) = self.unit(j).literal(&x);
+                    let n = self.n as i64;
+                    let term = inner_term(
+                        &r,
+                        &g.index_select(0, idx),
+                        scale,
+                        &task,
+                        n,
+                        self.inner_weight,
+                    );
+                    own = Some(match own {
+                        Some(o) => o + term,
+                        None => term,
+                    });
+                    y
+                }
+                None => self.unit(j).forward(&x, s.form),
+            };
+        }
+        let out = match &self.out {
+            Some(o) => read_out(&o.ln_post, &o.u_final, &x),
+            None => x,
+        };
+        (out, own)
+    }
+}
+
+impl WorkerStage for VitStage {
+    fn to_device(&mut self, device: Device) {
+        for p in &mut self.originals {
+            p.to_device(device);
+        }
+        if let Some(e) = &mut self.embed {
+            e.move_to(device);
+        }
+        for b in &mut self.blocks {
+            b.move_to(device);
+        }
+        for mu in &mut self.mu {
+            mu.move_to(device);
+        }
+        self.m_pre.to_device(device);
+        self.u_res.to_device(device);
+        if let Some(o) = &mut self.out {
+            o.ln_post.move_to(device);
+            o.u_final.to_device(device);
+            for c in &mut o.classifiers {
+                c.w = c.w.to_device(device);
+                c.b = c.b.to_device(device);
+            }
+        }
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn feature_count(&self) -> usize {
+        self.units.len() + usize::from(self.is_last())
+    }
+
+    /// The inner-feature targets of the stage's inner blocks, computed from the originals'
+    /// streams as the single-process teacher does (same row chunks); then the originals go.
+    fn prepare(&mut self, data: &StageData) -> Result<()> {
+        let heads = self.cfg.num_attention_heads as i64;
+        let first = self.first_block();
+        let inner = tch::no_grad(|| {
+            self.inner_layers
+                .iter()
+                .map(|&l| {
+                    let f = self.stream(data, l);
+                    let all = Tensor::stack(
+                        &self
+                            .originals
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| {
+                                chunked(&f.get(i as i64), 0, |c| {
+                                    p.blocks[l - first].attention_branch(c, heads)
+                                })
+                            })
+                            .collect::<Vec<_>>(),
+                        0,
+                    );
+                    let mut own = all.get(0).zeros_like();
+                    let mut scales = Vec::with_capacity(self.n);
+                    for t in 0..self.n as i64 {
+                        let rows = data.task.eq(t).nonzero().squeeze_dim(1);
+                        let mine = all.get(t).index_select(0, &rows);
+                        scales.push(mine.abs().mean(Kind::Float).clamp_min(1e-12));
+                        own = own.index_copy(0, &rows, &mine);
+                    }
+                    (l, own, Tensor::stack(&scales, 0))
+                })
+                .collect()
+        });
+        self.inner = inner;
+        self.originals.clear();
+        Ok(())
+    }
+
+    fn global_seed(&self, seed: u64) -> u64 {
+        seed.wrapping_add(GLOBAL_SEED_OFFSET)
+    }
+
+    /// The blocks' problems (and the output's on the last stage), M_res/U_res shared.
+    fn train_local(
+        &self,
+        data: &StageData,
+        s: &TrainSettings,
+        pipe: &mut dyn Collective,
+        replicas: &mut dyn Collective,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LogRow>> {
+        let (own, shared) = self.local_params();
+        let groups = Collectives { pipe, replicas };
+        train_local_shared(data, s, groups, &own, &shared, progress, &|idx| {
+            self.local_loss(data, idx, s.targets, s.form)
+        })
+    }
+
+    fn hand_over(&mut self, _pipe: &mut dyn Collective) -> Result<()> {
+        Ok(())
+    }
+
+    fn named_params(&self) -> Vec<(String, Tensor)> {
+        let mut groups = vec![
+            ("m_pre".to_string(), self.m_pre.params()),
+            ("u_res".to_string(), self.u_res.params()),
+        ];
+        for (j, mu) in self.mu.iter().enumerate() {
+            groups.push((format!("block{}", self.first_block() + j), mu.params()));
+        }
+        if let Some(o) = &self.out {
+            groups.push(("ln_post".into(), o.ln_post.params().into()));
+            groups.push(("u_final".into(), o.u_final.params()));
+        }
+        named_groups(groups)
+    }
+
+    /// The folded units under their HF names (no `vit.` prefix); on the last stage the final
+    /// LayerNorm and each task's head with its read-out U_final⁽ᵗ⁾ folded in.
+    fn fold(&self) -> Result<Vec<(String, HostTensor)>> {
+        tch::no_grad(|| {
+            let mut out = Vec::new();
+            if let Some(e) = &self.embed {
+                let folded = e.fold(&self.m_pre, &self.cfg);
+                for (name, t) in crate::families::vit::model::EMBEDDING_NAMES
+                    .iter()
+                    .zip(&folded)
+                {
+                    out.push((name.to_string(), to_host(t)?));
+                }
+            }
+            for j in 0..self.blocks.len() {
+                let block = self.unit(j).fold();
+                for (name, t) in block.named(self.first_block() + j) {
+                    out.push((name, to_host(t)?));
+                }
+            }
+            if let Some(o) = &self.out {
+                out.push(("layernorm.weight".into(), to_host(&o.ln_post.w)?));
+                out.push(("layernorm.bias".into(), to_host(&o.ln_post.b)?));
+                let heads =
+                    (o.classifiers.iter().enumerate()).map(|(t, c)| o.u_final.fold_into_head(t, c));
+                out.extend(named_heads(&self.task_names, heads)?);
+            }
+            Ok(out)
+        })
+    }
+}
