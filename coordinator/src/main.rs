@@ -91,9 +91,8 @@ fn main() -> ExitCode {
             let splits = fsmerge_worker::data::load(&j.cfg.data)?;
             job::originals::ensure_originals(&j, &splits, true)
         }),
-        Command::Merge { job, resume } => {
-            job::Job::open(&job).and_then(|j| job::run(&j, &cluster::Launch::Embedded, resume))
-        }
+        Command::Merge { job, resume } => job::Job::open(&job)
+            .and_then(|j| job::merge::run(&j, &cluster::Launch::Embedded, resume)),
         Command::Coordinator {
             job,
             listen,
@@ -103,7 +102,7 @@ fn main() -> ExitCode {
                 Some(l) => l,
                 None => cluster::default_listen(&j.cfg)?,
             };
-            job::run(&j, &cluster::Launch::External { listen }, resume)
+            job::merge::run(&j, &cluster::Launch::External { listen }, resume)
         }),
         Command::Worker(args) => cmd::worker::run(&args),
         Command::Summarize { runs } => cmd::summarize::run(&runs),

@@ -2,11 +2,17 @@
 //! and the one place that maps `model.arch` to a family. A new family is a folder under
 //! `families/` that implements this trait, a config section, and one line in `family`.
 
+use crate::data::merge_set::MergeSet;
 use crate::dist::stage::WorkerStage;
 use crate::families::{bert, mlp, vit};
-use fsmerge_common::config::{Arch, JobConfig};
-use fsmerge_common::plan::UnitCost;
+use crate::train::progress::{LogRow, Progress};
+use crate::train::settings::TrainSettings;
+use fsmerge_common::checkpoint::HostTensor;
+use fsmerge_common::config::{Arch, Baseline, JobConfig};
+use fsmerge_common::plan::{Plan, UnitCost};
+use fsmerge_common::workdir::WorkDir;
 use fsmerge_common::Result;
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 use tch::Tensor;
@@ -44,6 +50,76 @@ pub trait Family: Sync {
     /// The stage `spec.units` of every task's original, with its M/U drawn as the whole
     /// SuperNet draws them in one process (the same init whatever the plan).
     fn load_stage(&self, spec: &StageSpec) -> Result<Box<dyn WorkerStage>>;
+    /// Every task's original, whole, checked against the job (a classifier with one output per
+    /// class, inputs of the data's shape `input_dim`, a width that `merge.rank` fits): what the
+    /// coordinator's job evaluates and derives the baselines from.
+    fn open(
+        &self,
+        job: &JobConfig,
+        models_dir: &Path,
+        input_dim: usize,
+    ) -> Result<Box<dyn Originals>>;
+}
+
+/// A model that gives every task's logits for data rows x [N, D].
+pub trait Predictor {
+    fn logits(&self, x: &Tensor) -> Vec<Tensor>;
+}
+
+/// A merged model of the original size: evaluated, and written in the family's layout.
+pub trait MergedNet: Predictor {
+    /// Write the model into the job's output folder `out` (staged; the job commits it).
+    fn write(
+        &self,
+        out: &Path,
+        job: &JobConfig,
+        variant: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<()>;
+}
+
+/// The two models of a local phase.
+pub struct LocalPhase {
+    /// The local SuperNet as trained, read through each task's original head.
+    pub chain: Box<dyn Predictor>,
+    /// The standard model it folds into.
+    pub folded: Box<dyn MergedNet>,
+}
+
+/// What a baseline needs besides the originals.
+pub struct BaselineInputs<'a> {
+    pub set: &'a MergeSet,
+    pub job: &'a JobConfig,
+    /// KD's training settings (FS-Merge's optimiser for all its epochs).
+    pub kd: &'a TrainSettings,
+    pub progress: &'a dyn Progress,
+}
+
+/// The job's originals, loaded whole in one process.
+pub trait Originals {
+    /// Task t's original on its own head, for data rows x [N, D].
+    fn logits(&self, t: usize, x: &Tensor) -> Tensor;
+    /// The merged model of a baseline (`first`, `average`, `regmean`, `kd`; the ensemble is
+    /// the originals themselves) and its training log.
+    fn baseline(
+        &self,
+        method: Baseline,
+        inputs: &BaselineInputs,
+    ) -> Result<(Box<dyn MergedNet>, Vec<LogRow>)>;
+    /// After a local phase: the local SuperNet as trained (M_res/U_res round trip between
+    /// units) and the model it folds into, from the stages' local checkpoints in `work`; None
+    /// for a family without a shared residual merge (its local fold is exact).
+    fn local_phase(
+        &self,
+        job: &JobConfig,
+        work: &WorkDir,
+        plan: &Plan,
+    ) -> Result<Option<LocalPhase>>;
+    /// The merged model from the stages' folded tensors.
+    fn assemble(
+        &self,
+        job: &JobConfig,
+        tensors: BTreeMap<String, HostTensor>,
+    ) -> Result<Box<dyn MergedNet>>;
 }
 
 /// The family of `model.arch = arch`.

@@ -28,15 +28,6 @@ pub enum Launch {
     External { listen: SocketAddr },
 }
 
-/// Whether a transformer job trains FS-Merge on workers: several stages or replicas, workers
-/// started separately, or NCCL (GPU workers: the runtime is what puts a stage on its GPU, so a
-/// one-GPU job runs as one worker too). Otherwise it trains in this process.
-pub fn is_distributed(cfg: &fsmerge_common::config::JobConfig, launch: &Launch) -> bool {
-    cfg.cluster.world() > 1
-        || matches!(launch, Launch::External { .. })
-        || cfg.cluster.backend == fsmerge_common::config::Backend::Nccl
-}
-
 /// Where `fsmerge coordinator` listens when `--listen` is not given: on every interface, at the
 /// port of the coordinator address resolved from the config, torchrun or Slurm (logged with its
 /// source), else at a free port.

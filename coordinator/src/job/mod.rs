@@ -1,14 +1,10 @@
-//! A job: its validated config and where its files go; and the merge job's steps (prepare →
-//! plan → originals → baselines → FS-Merge → assemble → report), today one module per family
-//! (`mlp`, `vit`, `bert`) over shared checks, rows and preparation.
+//! A job: its validated config and where its files go; the merge job (`merge`, one for every
+//! family), the originals it trains when missing, its preparation and its result rows.
 
-pub mod bert;
-pub mod checks;
-pub mod mlp;
+pub mod merge;
 pub mod originals;
 pub mod prepare;
 pub mod rows;
-pub mod vit;
 
 use crate::JobArgs;
 use anyhow::Result;
@@ -77,16 +73,5 @@ impl Job {
 
     pub fn task_names(&self) -> Vec<String> {
         self.cfg.tasks.iter().map(|t| t.name.clone()).collect()
-    }
-}
-
-/// Run the merge job of `job`'s model family: FS-Merge on the workers `launch` gives (threads
-/// of this process for `fsmerge merge`, processes for `fsmerge coordinator`).
-pub fn run(job: &Job, launch: &crate::cluster::Launch, resume: bool) -> Result<()> {
-    use fsmerge_common::config::Arch;
-    match job.cfg.model.arch {
-        Arch::Mlp => mlp::run(job, launch, resume),
-        Arch::Vit => vit::run(job, launch, resume),
-        Arch::Bert => bert::run(job, launch, resume),
     }
 }

@@ -1,12 +1,9 @@
 //! The rows of a job's results table: evaluation of a method on the test and validation
 //! splits, the variants that tell runs apart, and the local phase's rows.
 
-use crate::job::Job;
 use fsmerge_common::config::{MergeConfig, Mode};
 use fsmerge_common::metrics::MethodResult;
 use fsmerge_worker::core::eval::{accuracy, evaluate, EvalSet};
-use fsmerge_worker::core::linear::Linear;
-use fsmerge_worker::families::mlp::model::MergedModel;
 use fsmerge_worker::train::progress::LogRow;
 use fsmerge_worker::train::settings::TrainSettings;
 use serde_json::json;
@@ -39,49 +36,6 @@ pub fn report_local_phase(
     if mode == Mode::LocalThenGlobal {
         results.push(folded);
     }
-}
-
-/// The rows of a transformer's local phase: the local SuperNet as trained (`chain`: its read-out
-/// [n, N, d] of inputs, through each task's original head) and the folded model (`folded`: every
-/// task's logits).
-pub fn local_gap(
-    ev: &Evaluator,
-    heads: &[&Linear],
-    chain: &dyn Fn(&Tensor) -> Tensor,
-    folded: &dyn Fn(&Tensor) -> Vec<Tensor>,
-) -> (MethodResult, MethodResult) {
-    let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
-        let pred = chain(x);
-        heads
-            .iter()
-            .enumerate()
-            .map(|(t, h)| h.forward(&pred.get(t as i64)))
-            .collect()
-    });
-    (
-        chain,
-        ev.result("local folded", BTreeMap::new(), 0.0, folded),
-    )
-}
-
-/// The labels of a merged transformer's stacked classifier (`task:class`, with `class_name`)
-/// and, per task, its slice of the logits (`merged/fsmerge.json`).
-pub fn stacked_labels(
-    job: &Job,
-    class_name: &dyn Fn(usize) -> String,
-) -> (Vec<String>, Vec<serde_json::Value>) {
-    let mut labels = Vec::new();
-    let mut tasks = Vec::new();
-    for t in &job.cfg.tasks {
-        let start = labels.len();
-        labels.extend(
-            t.classes
-                .iter()
-                .map(|&c| format!("{}:{}", t.name, class_name(c))),
-        );
-        tasks.push(json!({"name": t.name, "classes": t.classes, "logits": [start, labels.len()]}));
-    }
-    (labels, tasks)
 }
 
 /// KD's training settings (FS-Merge's, for all its epochs: the same budget) and its row's
@@ -175,16 +129,6 @@ impl<'a> Evaluator<'a> {
             val_mean_task_acc: acc_on(self.val),
             seconds: 0.0,
         }
-    }
-
-    pub fn merged(
-        &self,
-        method: &str,
-        variant: BTreeMap<String, serde_json::Value>,
-        seconds: f64,
-        m: &MergedModel,
-    ) -> MethodResult {
-        self.result(method, variant, seconds, &|x| m.logits(x))
     }
 }
 

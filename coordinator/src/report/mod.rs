@@ -6,55 +6,12 @@ pub mod progress;
 
 use crate::job::Job;
 use anyhow::Result;
-use fsmerge_common::checkpoint::{
-    body_bias, body_weight, head_bias, head_weight, write_json, write_tensors, MergedConfig,
-    MergedTask, MERGED_FORMAT,
-};
+use fsmerge_common::checkpoint::write_json;
 use fsmerge_common::fsio::{write_atomic, Staging};
 use fsmerge_common::metrics::{peak_rss_mib, MethodResult, Metrics, WorkerStats};
 use fsmerge_common::plan::Plan;
-use fsmerge_worker::core::tensor::to_host;
-use fsmerge_worker::families::mlp::model::MergedModel;
 use fsmerge_worker::train::progress::LogRow;
-use std::collections::BTreeMap;
 use std::time::Instant;
-
-/// Write the MLP merged model: `merged.safetensors` + `merged.json`.
-pub fn write_mlp_model(
-    staging: &Staging,
-    job: &Job,
-    merged: &MergedModel,
-    variant: &BTreeMap<String, serde_json::Value>,
-) -> Result<()> {
-    let cfg = &job.cfg;
-    let mut tensors = BTreeMap::new();
-    for (l, layer) in merged.body.iter().enumerate() {
-        tensors.insert(body_weight(l), to_host(&layer.w)?);
-        tensors.insert(body_bias(l), to_host(&layer.b)?);
-    }
-    for (task, head) in cfg.tasks.iter().zip(&merged.heads) {
-        tensors.insert(head_weight(Some(&task.name)), to_host(&head.w)?);
-        tensors.insert(head_bias(Some(&task.name)), to_host(&head.b)?);
-    }
-    write_tensors(&staging.path("merged.safetensors"), &tensors)?;
-    let config = MergedConfig {
-        format: MERGED_FORMAT.into(),
-        input_dim: merged.body[0].w.size()[1] as usize,
-        hidden: merged.body.iter().map(|l| l.w.size()[0] as usize).collect(),
-        tasks: cfg
-            .tasks
-            .iter()
-            .map(|t| MergedTask {
-                name: t.name.clone(),
-                classes: t.classes.clone(),
-            })
-            .collect(),
-        method: "fs-merge".into(),
-        variant: serde_json::to_value(variant)?,
-    };
-    write_json(&staging.path("merged.json"), &config)?;
-    Ok(())
-}
 
 /// Write the job's outputs: the merged model (`write_model` puts it into the staging
 /// directory), plan, config, training log, metrics, charts and the Markdown report; all

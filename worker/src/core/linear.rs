@@ -1,6 +1,11 @@
 //! Linear maps and task heads (PyTorch layout), shared by every family.
 
+use crate::core::tensor::to_tch;
 use crate::core::tensor::F32;
+use fsmerge_common::checkpoint::{head_bias, head_weight, HostTensor};
+use fsmerge_common::config::TaskConfig;
+use fsmerge_common::{Error, Result};
+use std::collections::BTreeMap;
 use tch::Tensor;
 
 /// A linear layer, PyTorch layout: weight [out, in], bias [out].
@@ -45,4 +50,49 @@ pub fn stacked_heads(heads: &[Linear]) -> Linear {
         w: Tensor::cat(&w, 0),
         b: Tensor::cat(&b, 0),
     }
+}
+
+/// Each task's head from a stage's or the stages' folded tensors (removed from `tensors`), by
+/// the merged checkpoint's head names.
+pub fn take_heads(
+    tasks: &[TaskConfig],
+    tensors: &mut BTreeMap<String, HostTensor>,
+) -> Result<Vec<Linear>> {
+    let mut take = |name: String| -> Result<Tensor> {
+        tensors
+            .remove(&name)
+            .map(|h| to_tch(&h))
+            .ok_or_else(|| Error::Protocol(format!("no worker sent the folded tensor `{name}`")))
+    };
+    tasks
+        .iter()
+        .map(|t| {
+            Ok(Linear {
+                w: take(head_weight(Some(&t.name)))?,
+                b: take(head_bias(Some(&t.name)))?,
+            })
+        })
+        .collect()
+}
+
+/// The labels of a classifier that stacks every task's head (`task:class`, with `class_name`)
+/// and, per task, its slice of the logits (`fsmerge.json` of a merged HF folder).
+pub fn stacked_labels(
+    tasks: &[TaskConfig],
+    class_name: &dyn Fn(usize) -> String,
+) -> (Vec<String>, Vec<serde_json::Value>) {
+    let mut labels = Vec::new();
+    let mut slices = Vec::new();
+    for t in tasks {
+        let start = labels.len();
+        labels.extend(
+            t.classes
+                .iter()
+                .map(|&c| format!("{}:{}", t.name, class_name(c))),
+        );
+        slices.push(
+            serde_json::json!({"name": t.name, "classes": t.classes, "logits": [start, labels.len()]}),
+        );
+    }
+    (labels, slices)
 }

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod baselines;
+pub mod checks;
 pub mod eval;
 pub mod layer_norm;
 pub mod linear;

@@ -5,5 +5,6 @@
 pub mod collective;
 pub mod feature_cache;
 pub mod pipeline;
+pub mod restore;
 pub mod runtime;
 pub mod stage;

@@ -6,15 +6,13 @@
 
 use crate::core::eval::accuracy;
 use crate::core::linear::{stacked_heads, Linear};
-use crate::core::loss::{own_mask, reconstruction_loss};
-use crate::core::tensor::{chunked, CHUNK};
-use crate::data::merge_set::MergeSet;
+use crate::core::loss::reconstruction_loss;
+use crate::core::tensor::chunked;
 use crate::families::bert::model::Bert;
 use crate::families::bert::supernet::BertSuperNet;
 use crate::train::optim::OriginalSpec;
 use crate::train::progress::{LogRow, Progress};
-use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
-use fsmerge_common::config::{StepForm, Targets};
+use fsmerge_common::config::StepForm;
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::Result;
 use tch::{Kind, Tensor};
@@ -110,70 +108,6 @@ pub fn train_original(
     Ok((frozen, val_acc, log))
 }
 
-/// What the originals compute on the merge data.
-pub struct BertTeacher {
-    /// Every model's pooled output on every input [n, N, d]: the reconstruction targets.
-    pub pooled: Tensor,
-    /// Local modes: every model's hidden state after each unit [n, N, T, d] (0 = embeddings).
-    pub stream: Vec<Tensor>,
-}
-
-impl BertTeacher {
-    pub fn new(models: &[&Bert], set: &MergeSet, with_stream: bool) -> Self {
-        tch::no_grad(|| {
-            let stream: Vec<Tensor> = if with_stream {
-                // Per model, every chunk's hidden states; then per unit, all rows of all models.
-                let n_rows = set.x.size()[0];
-                let states: Vec<Vec<Vec<Tensor>>> = models
-                    .iter()
-                    .map(|m| {
-                        (0..n_rows)
-                            .step_by(CHUNK as usize)
-                            .map(|s| {
-                                let (ids, mask) =
-                                    tokens(&set.x.narrow(0, s, CHUNK.min(n_rows - s)));
-                                m.forward(&ids, &mask)
-                            })
-                            .collect()
-                    })
-                    .collect();
-                (0..models[0].blocks.len() + 1)
-                    .map(|l| {
-                        let per_model: Vec<Tensor> = states
-                            .iter()
-                            .map(|chunks| {
-                                Tensor::cat(
-                                    &chunks
-                                        .iter()
-                                        .map(|c| c[l].shallow_clone())
-                                        .collect::<Vec<_>>(),
-                                    0,
-                                )
-                            })
-                            .collect();
-                        Tensor::stack(&per_model, 0)
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            // With streams, the pooled outputs come from their last state (no second pass).
-            let pooled: Vec<Tensor> = models
-                .iter()
-                .enumerate()
-                .map(|(i, m)| match stream.last() {
-                    Some(last) => pool_last(m, &last.get(i as i64)),
-                    None => pooled(m, &set.x),
-                })
-                .collect();
-            Self {
-                pooled: Tensor::stack(&pooled, 0),
-                stream,
-            }
-        })
-    }
-}
-
 /// Reconstruction of token states [n, B, T, d] over the real tokens only (`tokens` [B, T], 1 =
 /// token): each text's mean over its real tokens, then the mean over texts, so every text weighs
 /// the same whatever its length, and a batch's loss is the mean of its samples' (replicas that
@@ -192,53 +126,6 @@ fn token_loss(pred: &Tensor, target: &Tensor, tokens: &Tensor, own: Option<&Tens
     match own {
         None => sq.sum(Kind::Float) / (b * n) as f64,
         Some(m) => (sq * m).sum(Kind::Float) / b as f64,
-    }
-}
-
-/// The losses of a BERT SuperNet on the merge data.
-pub struct BertLoss<'a> {
-    pub sn: &'a BertSuperNet,
-    pub teacher: &'a BertTeacher,
-    pub set: &'a MergeSet,
-    pub targets: Targets,
-    pub form: StepForm,
-    pub res_consistency: f64,
-}
-
-impl BertLoss<'_> {
-    fn own(&self, idx: &Tensor) -> Option<Tensor> {
-        (self.targets == Targets::Own)
-            .then(|| own_mask(&self.set.task.index_select(0, idx), self.sn.frozen.n))
-    }
-
-    /// Output reconstruction of the samples `idx` (id-sliced with `own` targets).
-    pub fn global(&self, idx: &Tensor) -> Tensor {
-        let (ids, mask) = tokens(&self.set.x.index_select(0, idx));
-        let pred = self.sn.forward(&ids, &mask, self.form);
-        let own = self.own(idx);
-        reconstruction_loss(
-            &pred,
-            &self.teacher.pooled.index_select(1, idx),
-            own.as_ref(),
-        )
-    }
-
-    /// Local loss of the samples `idx`: every unit's problem and the output's
-    /// (`local_loss`); each problem's own M/U get their own gradient, the shared M_res/U_res
-    /// the sum.
-    pub fn local(&self, idx: &Tensor) -> Tensor {
-        let (ids, mask) = tokens(&self.set.x.index_select(0, idx));
-        let stream = |k: usize| self.teacher.stream[k].index_select(1, idx);
-        local_loss(
-            self.sn,
-            &ids,
-            &mask,
-            &stream,
-            &self.teacher.pooled.index_select(1, idx),
-            self.own(idx).as_ref(),
-            self.form,
-            self.res_consistency,
-        )
     }
 }
 
@@ -268,35 +155,7 @@ pub fn local_loss(
     }
 }
 
-/// Train the SuperNet's local problems together (one step of every problem per batch).
-pub fn train_local(
-    loss: &BertLoss,
-    s: &TrainSettings,
-    progress: &dyn Progress,
-) -> Result<Vec<LogRow>> {
-    if loss.teacher.stream.len() < 2 {
-        return Err(fsmerge_common::Error::Compute(
-            "local training needs the originals' streams: build the teacher with streams".into(),
-        ));
-    }
-    let (mut params, shared) = loss.sn.local_params();
-    params.extend(shared);
-    s.run("local", loss.set.len(), s.seed)
-        .optimise(&params, loss.set.len(), progress, |idx| loss.local(idx))
-}
-
-/// Train the whole SuperNet end to end (method.md §9.1), seeded as the ViT's global phase.
-pub fn train_global(
-    loss: &BertLoss,
-    s: &TrainSettings,
-    progress: &dyn Progress,
-) -> Result<Vec<LogRow>> {
-    s.run(
-        "global",
-        loss.set.len(),
-        s.seed.wrapping_add(GLOBAL_SEED_OFFSET),
-    )
-    .optimise(&loss.sn.params(), loss.set.len(), progress, |idx| {
-        loss.global(idx)
-    })
+/// Every model's pooled output on the text rows x: [n, N, d] (KD's targets).
+pub fn teacher_pooled(models: &[&Bert], x: &Tensor) -> Tensor {
+    tch::no_grad(|| Tensor::stack(&models.iter().map(|m| pooled(m, x)).collect::<Vec<_>>(), 0))
 }

@@ -5,9 +5,10 @@ pub mod merge;
 pub mod model;
 pub mod stage;
 pub mod supernet;
+pub mod whole;
 
 use crate::dist::stage::WorkerStage;
-use crate::family::{Family, StageSpec};
+use crate::family::{Family, Originals, StageSpec};
 use fsmerge_common::checkpoint::MlpPart;
 use fsmerge_common::config::{Arch, JobConfig};
 use fsmerge_common::plan::{mlp_unit_costs, UnitCost};
@@ -39,5 +40,13 @@ impl Family for MlpFamily {
             j.seed,
         )?;
         Ok(Box::new(stage))
+    }
+    fn open(
+        &self,
+        job: &JobConfig,
+        models_dir: &Path,
+        input_dim: usize,
+    ) -> Result<Box<dyn Originals>> {
+        Ok(Box::new(whole::open(job, models_dir, input_dim)?))
     }
 }

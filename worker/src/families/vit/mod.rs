@@ -5,9 +5,10 @@ pub mod merge;
 pub mod model;
 pub mod stage;
 pub mod supernet;
+pub mod whole;
 
 use crate::dist::stage::WorkerStage;
-use crate::family::{Family, StageSpec};
+use crate::family::{Family, Originals, StageSpec};
 use fsmerge_common::config::{Arch, JobConfig};
 use fsmerge_common::hf::VitConfig;
 use fsmerge_common::plan::{vit_unit_costs, UnitCost};
@@ -34,5 +35,8 @@ impl Family for VitFamily {
             j.seed,
         )?;
         Ok(Box::new(stage))
+    }
+    fn open(&self, job: &JobConfig, models_dir: &Path, _: usize) -> Result<Box<dyn Originals>> {
+        Ok(Box::new(whole::open(job, models_dir)?))
     }
 }

@@ -1,17 +1,16 @@
-//! Checks of the originals against the job before any work: width for `merge.rank`, one
-//! classifier output per class.
+//! Checks of the originals against the job, made before any work: a classifier with one output
+//! per class of its task, and a width that `merge.rank` fits.
 
-use anyhow::{bail, Result};
 use fsmerge_common::config::TaskConfig;
-use fsmerge_common::Error;
+use fsmerge_common::{Error, Result};
 use std::path::Path;
 
-/// Check that `merge.rank` fits the transformers' width.
+/// Check that `merge.rank` fits the models' (smallest) width.
 pub fn check_rank(rank: usize, width: usize) -> Result<()> {
     if rank > width {
-        bail!(Error::field(
+        return Err(Error::field(
             "merge.rank",
-            format!("{rank} is larger than the models' width {width}")
+            format!("{rank} is larger than the models' width {width}"),
         ));
     }
     Ok(())
@@ -20,7 +19,7 @@ pub fn check_rank(rank: usize, width: usize) -> Result<()> {
 /// Check that task `task`'s original in `dir` has a classifier with one output per class.
 pub fn check_classifier(dir: &Path, task: &TaskConfig, outputs: Option<usize>) -> Result<()> {
     if outputs != Some(task.classes.len()) {
-        bail!(Error::Tensor {
+        return Err(Error::Tensor {
             file: dir.to_path_buf(),
             tensor: "classifier.weight".into(),
             msg: format!(

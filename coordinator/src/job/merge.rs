@@ -1,0 +1,127 @@
+//! The merge job, one for every model family (architecture.md §2): prepare (data, merge set,
+//! originals trained if missing) → plan → originals → baselines → FS-Merge on the workers
+//! (teacher features, train M/U, fold) → assemble → report. The family is seen only through
+//! `fsmerge_worker::family`. `fsmerge merge` runs it with embedded workers, `fsmerge
+//! coordinator` with worker processes.
+
+use crate::cluster::{self, Launch};
+use crate::job::prepare::prepare;
+use crate::job::rows::{
+    fs_merge_variant, kd_settings, report_local_phase, variant, warn_if_global_rose, Evaluator,
+};
+use crate::job::Job;
+use crate::report;
+use crate::report::progress::Reporter;
+use anyhow::{Context, Result};
+use fsmerge_common::config::{Baseline, Mode};
+use fsmerge_common::plan::Plan;
+use fsmerge_common::workdir::WorkDir;
+use fsmerge_worker::core::eval::EvalSet;
+use fsmerge_worker::family::{family, BaselineInputs, Originals};
+use fsmerge_worker::train::settings::TrainSettings;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Run the merge job of `job`: FS-Merge on the workers `launch` gives (threads of this process
+/// for `fsmerge merge`, processes for `fsmerge coordinator`), whatever the family.
+pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
+    let started = Instant::now();
+    let cfg = &job.cfg;
+    let m = &cfg.merge;
+    let family = family(cfg.model.arch);
+    let (splits, set) = prepare(job)?;
+    let originals = family.open(cfg, &job.models_dir, splits.train.dim)?;
+    let plan = Plan::balanced(
+        family.unit_costs(cfg, &job.models_dir)?,
+        cfg.cluster.stages,
+        cfg.cluster.replicas,
+    )?;
+    tracing::info!("plan: {}", plan.describe());
+
+    let test = EvalSet::new(&splits.test, &cfg.tasks);
+    let val = EvalSet::new(&splits.val, &cfg.tasks);
+    let ev = Evaluator::new(&test, &val, job.task_names());
+    let mut results = Vec::new();
+    let mut log = Vec::new();
+    for t in 0..cfg.tasks.len() {
+        results.push(ev.original(t, &|x| originals.logits(t, x)));
+    }
+    let ensemble = |x: &tch::Tensor| -> Vec<tch::Tensor> {
+        (0..cfg.tasks.len())
+            .map(|t| originals.logits(t, x))
+            .collect()
+    };
+    let reporter = Reporter::new();
+    let (kd, kd_variant) = kd_settings(m, &TrainSettings::of(m, cfg.seed));
+    let inputs = BaselineInputs {
+        set: &set,
+        job: cfg,
+        kd: &kd,
+        progress: &reporter,
+    };
+    for &b in &cfg.baselines.methods {
+        let clock = Instant::now();
+        if b == Baseline::Ensemble {
+            results.push(ev.result("ensemble", BTreeMap::new(), 0.0, &ensemble));
+            continue;
+        }
+        let (merged, rows) = originals.baseline(b, &inputs)?;
+        log.extend(rows);
+        let (name, v) = match b {
+            Baseline::Regmean => (
+                "regmean",
+                variant(&[("alpha", json!(cfg.baselines.regmean_alpha))]),
+            ),
+            Baseline::Kd => ("kd", kd_variant.clone()),
+            Baseline::First => ("first", BTreeMap::new()),
+            _ => ("average", BTreeMap::new()),
+        };
+        let seconds = clock.elapsed().as_secs_f64();
+        results.push(ev.result(name, v, seconds, &|x| merged.logits(x)));
+    }
+
+    let clock = Instant::now();
+    let mut v = fs_merge_variant(m);
+    if !m.inner_layers.is_empty() {
+        v.insert("inner_layers".into(), json!(m.inner_layers));
+    }
+    let outcome = cluster::run(job, &plan, launch, resume)?;
+    warn_if_global_rose(&outcome.log, m.lr);
+    log.extend(outcome.log);
+    if m.mode != Mode::Global {
+        local_rows(job, originals.as_ref(), &plan, &ev, &mut v, &mut results)?;
+    }
+    let merged = originals
+        .assemble(cfg, outcome.tensors)
+        .context("assembling the merged model from the workers' folded tensors")?;
+    let seconds = clock.elapsed().as_secs_f64();
+    results.push(ev.result("fs-merge", v.clone(), seconds, &|x| merged.logits(x)));
+
+    report::write(job, &plan, results, &log, started, outcome.workers, &|st| {
+        Ok(merged.write(&st.path(""), cfg, &v)?)
+    })
+}
+
+/// After a local phase: the rows of the local SuperNet as trained and of its fold (for a family
+/// whose local problems share a residual merge), and their gap in the FS-Merge variant.
+fn local_rows(
+    job: &Job,
+    originals: &dyn Originals,
+    plan: &Plan,
+    ev: &Evaluator,
+    v: &mut BTreeMap<String, serde_json::Value>,
+    results: &mut Vec<fsmerge_common::metrics::MethodResult>,
+) -> Result<()> {
+    let work = WorkDir::of_output(&job.out);
+    if let Some(local) = originals.local_phase(&job.cfg, &work, plan)? {
+        let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
+            local.chain.logits(x)
+        });
+        let folded = ev.result("local folded", BTreeMap::new(), 0.0, &|x| {
+            local.folded.logits(x)
+        });
+        report_local_phase((chain, folded), job.cfg.merge.mode, v, results);
+    }
+    Ok(())
+}
