@@ -3,6 +3,7 @@
 //! `families/` that implements this trait, a config section, and one line in `family`.
 
 use crate::data::merge_set::MergeSet;
+use crate::data::rows::Splits;
 use crate::dist::stage::WorkerStage;
 use crate::families::{bert, mlp, vit};
 use crate::train::progress::{LogRow, Progress};
@@ -14,7 +15,7 @@ use fsmerge_common::workdir::WorkDir;
 use fsmerge_common::Result;
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// What a worker needs to build its stage of a job.
@@ -50,6 +51,20 @@ pub trait Family: Sync {
     /// The stage `spec.units` of every task's original, with its M/U drawn as the whole
     /// SuperNet draws them in one process (the same init whatever the plan).
     fn load_stage(&self, spec: &StageSpec) -> Result<Box<dyn WorkerStage>>;
+    /// The files of task `task`'s original in `models_dir`: it is missing when neither exists
+    /// (a lone one is an error for the loader to name).
+    fn original_files(&self, models_dir: &Path, task: &str) -> [PathBuf; 2];
+    /// Train the originals of tasks `tasks` (indices into `job.tasks`), each from its own seed
+    /// (`seeds`), on their classes of `splits`, and write them into `out` in the family's
+    /// layout. Returns the training log.
+    fn train_originals(
+        &self,
+        job: &JobConfig,
+        tasks: &[(usize, u64)],
+        splits: &Splits,
+        out: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LogRow>>;
     /// Every task's original, whole, checked against the job (a classifier with one output per
     /// class, inputs of the data's shape `input_dim`, a width that `merge.rank` fits): what the
     /// coordinator's job evaluates and derives the baselines from.

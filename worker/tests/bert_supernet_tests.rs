@@ -24,8 +24,8 @@ fn models(n: usize) -> Vec<Bert> {
             let mut m = Bert::init(cfg.clone());
             tch::no_grad(|| {
                 for b in &mut m.blocks {
-                    let _ = b.ln_att.w.g_add_(&(Tensor::randn([16], F32) * 0.3));
-                    let _ = b.ln_out.b.g_add_(&(Tensor::randn([16], F32) * 0.3));
+                    let _ = b.ln_attn.w.g_add_(&(Tensor::randn([16], F32) * 0.3));
+                    let _ = b.ln_mlp.b.g_add_(&(Tensor::randn([16], F32) * 0.3));
                 }
             });
             m

@@ -25,8 +25,8 @@ fn models(n: usize) -> Vec<Vit> {
             // Move the LayerNorms off (1, 0) so that LN handling is exercised.
             tch::no_grad(|| {
                 for b in &mut m.blocks {
-                    let _ = b.ln_before.w.g_add_(&(Tensor::randn([16], F32) * 0.3));
-                    let _ = b.ln_after.b.g_add_(&(Tensor::randn([16], F32) * 0.3));
+                    let _ = b.ln_attn.w.g_add_(&(Tensor::randn([16], F32) * 0.3));
+                    let _ = b.ln_mlp.b.g_add_(&(Tensor::randn([16], F32) * 0.3));
                 }
             });
             m

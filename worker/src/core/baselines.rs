@@ -1,8 +1,9 @@
-//! Pieces of the baselines every family shares: RegMean's Gram sums and solve, and
-//! knowledge distillation onto rescaled heads.
+//! The baselines every family shares: `first` and `average` of encoders, RegMean's Gram sums
+//! and solve, and knowledge distillation onto rescaled heads.
 
 use crate::core::eval::mean_abs;
-use crate::core::linear::Linear;
+use crate::core::linear::{own_heads, Linear};
+use crate::core::tensor::set_to_mean;
 use crate::data::merge_set::MergeSet;
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::{optimise, TrainSettings};
@@ -100,4 +101,32 @@ pub fn rescaled_heads(heads: impl IntoIterator<Item = Linear>, scales: &[f64]) -
             b: h.b.detach().copy(),
         })
         .collect()
+}
+
+/// An encoder model (ViT, BERT) as the generic baselines see it.
+pub trait Encoder: Sized {
+    /// The model's own classification head.
+    fn classifier(&self) -> Option<&Linear>;
+    /// A detached copy of the encoder, without the classifier.
+    fn encoder_copy(&self) -> Self;
+    /// The encoder's tensors (no classifier), in the same order for models of one shape.
+    fn encoder_tensors(&self) -> Vec<(String, &Tensor)>;
+}
+
+/// Copies of each model's own head: a merged encoder keeps every task's.
+pub fn heads_of<M: Encoder>(models: &[&M]) -> Vec<Linear> {
+    own_heads(models.iter().map(|m| m.classifier()))
+}
+
+/// `first`: model 1's encoder for every task.
+pub fn first<M: Encoder>(models: &[&M]) -> (M, Vec<Linear>) {
+    (models[0].encoder_copy(), heads_of(models))
+}
+
+/// `average`: the element-wise mean of every encoder tensor.
+pub fn average<M: Encoder>(models: &[&M]) -> (M, Vec<Linear>) {
+    let merged = models[0].encoder_copy();
+    let all: Vec<Vec<(String, &Tensor)>> = models.iter().map(|m| m.encoder_tensors()).collect();
+    set_to_mean(&merged.encoder_tensors(), &all);
+    (merged, heads_of(models))
 }

@@ -26,7 +26,7 @@ impl LayerNorm {
 }
 
 /// One LayerNorm of every model, stacked [n, d].
-pub(crate) struct FrozenLn {
+pub struct FrozenLn {
     w: Tensor,
     b: Tensor,
 }

@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod baselines;
 pub mod checks;
+pub mod encoder_block;
 pub mod eval;
 pub mod layer_norm;
 pub mod linear;

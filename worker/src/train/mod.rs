@@ -2,5 +2,6 @@
 //! reporting.
 
 pub mod optim;
+pub mod originals;
 pub mod progress;
 pub mod settings;

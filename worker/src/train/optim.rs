@@ -2,6 +2,7 @@
 //! linear annealing and β1 cycling 0.95 → 0.85 → 0.95), as the authors' trainer uses them, and
 //! the one training loop (`Run`) that the originals, the M/U matrices and KD all go through.
 
+use crate::core::eval::accuracy;
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::{Error, Result};
 use rand::seq::SliceRandom;
@@ -176,6 +177,40 @@ impl OriginalSpec<'_> {
             logits(&train.0.index_select(0, idx))
                 .cross_entropy_for_logits(&train.1.index_select(0, idx))
         })
+    }
+}
+
+/// A classifier trained from scratch by `fsmerge train` (a ViT, a BERT).
+pub trait Classifier: Sized {
+    /// Every tensor the training updates.
+    fn params(&self) -> Vec<Tensor>;
+    /// Class logits of data rows x [N, D].
+    fn logits(&self, x: &Tensor) -> Tensor;
+    /// A detached copy: the trained model, outside autograd.
+    fn frozen(&self) -> Self;
+}
+
+impl OriginalSpec<'_> {
+    /// Train the classifier `init` draws (after seeding libtorch with `seed`) with `fit`;
+    /// returns it frozen, its validation accuracy and the training log.
+    pub fn train<M: Classifier>(
+        &self,
+        weight_decay: f64,
+        init: impl FnOnce() -> M,
+        train: (&Tensor, &Tensor),
+        val: (&Tensor, &Tensor),
+        progress: &dyn Progress,
+    ) -> Result<(M, f64, Vec<LogRow>)> {
+        tch::manual_seed(self.seed as i64);
+        let model = init();
+        let params = model.params();
+        for p in &params {
+            let _ = p.set_requires_grad(true);
+        }
+        let log = self.fit(&params, weight_decay, train, progress, |x| model.logits(x))?;
+        let frozen = model.frozen();
+        let val_acc = tch::no_grad(|| accuracy(&frozen.logits(val.0), val.1));
+        Ok((frozen, val_acc, log))
     }
 }
 

@@ -2,9 +2,7 @@
 //! RegMean on every linear map, and knowledge distillation into a copy of model 1. Each task
 //! keeps its own classifier.
 
-use crate::core::baselines::{distill, rescaled_heads, RegmeanSums};
-use crate::core::linear::{own_heads, Linear};
-use crate::core::tensor::set_to_mean;
+use crate::core::baselines::{average, distill, heads_of, rescaled_heads, Encoder, RegmeanSums};
 use crate::data::merge_set::MergeSet;
 use crate::families::bert::merge::{pooled, tokens, MergedBert};
 use crate::families::bert::model::{mask_bias, Bert};
@@ -13,42 +11,16 @@ use crate::train::settings::TrainSettings;
 use fsmerge_common::Result;
 use tch::Tensor;
 
-fn heads_of(models: &[&Bert]) -> Vec<Linear> {
-    own_heads(models.iter().map(|m| m.classifier.as_ref()))
-}
-
-/// A copy of `model` without its classifier.
-fn encoder_of(model: &Bert) -> Bert {
-    let mut b = model.copy();
-    b.classifier = None;
-    b
-}
-
-/// Model 1's encoder for every task.
-pub fn first(models: &[&Bert]) -> MergedBert {
-    MergedBert {
-        bert: encoder_of(models[0]),
-        heads: heads_of(models),
-    }
-}
-
-/// Element-wise mean of every encoder tensor (embedding tables included).
-pub fn average(models: &[&Bert]) -> MergedBert {
-    let bert = encoder_of(models[0]);
-    let all: Vec<Vec<(String, &Tensor)>> = models.iter().map(|m| m.encoder_tensors()).collect();
-    set_to_mean(&bert.encoder_tensors(), &all);
-    MergedBert {
-        bert,
-        heads: heads_of(models),
-    }
-}
-
 /// RegMean (method.md §13): every linear map of every block, and the pooler, becomes
 /// W*ᵀ = (Σ_i G_i)⁻¹ Σ_i G_i W_iᵀ with G_i from the map's inputs inside model i on its own
 /// task's merge data (real tokens only; the pooler reads [CLS]); embeddings, LayerNorms and
 /// biases are averaged.
 pub fn regmean(models: &[&Bert], set: &MergeSet, alpha: f64) -> Result<MergedBert> {
-    let merged = average(models);
+    let (encoder, heads) = average(models);
+    let merged = MergedBert {
+        bert: encoder,
+        heads,
+    };
     let heads = models[0].cfg.num_attention_heads as i64;
     tch::no_grad(|| {
         // Each model's own task: its token ids, the rows of real tokens, the stream.
@@ -69,7 +41,7 @@ pub fn regmean(models: &[&Bert], set: &MergeSet, alpha: f64) -> Result<MergedBer
             for (i, m) in models.iter().enumerate() {
                 let b = &m.blocks[l];
                 let (bias, real, stream) = &mut own[i];
-                let (inputs, out) = b.linear_inputs(stream, bias, heads);
+                let (inputs, out) = b.linear_inputs_post_ln(stream, bias, heads);
                 *stream = out;
                 let maps = [
                     (&inputs[0], &b.q),
@@ -113,7 +85,7 @@ pub fn kd(
     s: &TrainSettings,
     progress: &dyn Progress,
 ) -> Result<(MergedBert, Vec<LogRow>)> {
-    let student = encoder_of(models[0]);
+    let student = models[0].encoder_copy();
     let (scales, log) = distill(
         set,
         pooled_targets,

@@ -4,13 +4,12 @@
 //! training phases, through the one `optim::Run` loop. Text rows
 //! hold token ids as f32 (`data::text`); `[PAD]` = 0 is what the attention mask hides.
 
-use crate::core::eval::accuracy;
 use crate::core::linear::{stacked_heads, Linear};
 use crate::core::loss::reconstruction_loss;
-use crate::core::tensor::chunked;
+use crate::core::tensor::{chunked, F32};
 use crate::families::bert::model::Bert;
 use crate::families::bert::supernet::BertSuperNet;
-use crate::train::optim::OriginalSpec;
+use crate::train::optim::{Classifier, OriginalSpec};
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::config::StepForm;
 use fsmerge_common::hf::BertConfig;
@@ -79,35 +78,6 @@ impl MergedBert {
 /// Decoupled weight decay of the originals' AdamW (BERT's usual 0.01).
 const ORIGINAL_WEIGHT_DECAY: f64 = 0.01;
 
-/// Train one original BERT from its own seed (transformers' init, a classifier on the pooled
-/// output): AdamW + OneCycle, cross-entropy. Returns the model, its validation accuracy and the
-/// training log.
-pub fn train_original(
-    config: BertConfig,
-    spec: &OriginalSpec,
-    train: (&Tensor, &Tensor),
-    val: (&Tensor, &Tensor),
-    progress: &dyn Progress,
-) -> Result<(Bert, f64, Vec<LogRow>)> {
-    tch::manual_seed(spec.seed as i64);
-    let d = config.hidden_size as i64;
-    let mut model = Bert::init(config);
-    model.classifier = Some(Linear {
-        w: Tensor::randn([spec.classes as i64, d], crate::core::tensor::F32) * 0.02,
-        b: Tensor::zeros([spec.classes as i64], crate::core::tensor::F32),
-    });
-    let params = model.params();
-    for p in &params {
-        let _ = p.set_requires_grad(true);
-    }
-    let log = spec.fit(&params, ORIGINAL_WEIGHT_DECAY, train, progress, |x| {
-        original_logits(&model, x)
-    })?;
-    let frozen = model.copy();
-    let val_acc = tch::no_grad(|| accuracy(&original_logits(&frozen, val.0), val.1));
-    Ok((frozen, val_acc, log))
-}
-
 /// Reconstruction of token states [n, B, T, d] over the real tokens only (`tokens` [B, T], 1 =
 /// token): each text's mean over its real tokens, then the mean over texts, so every text weighs
 /// the same whatever its length, and a batch's loss is the mean of its samples' (replicas that
@@ -158,4 +128,39 @@ pub fn local_loss(
 /// Every model's pooled output on the text rows x: [n, N, d] (KD's targets).
 pub fn teacher_pooled(models: &[&Bert], x: &Tensor) -> Tensor {
     tch::no_grad(|| Tensor::stack(&models.iter().map(|m| pooled(m, x)).collect::<Vec<_>>(), 0))
+}
+
+impl Classifier for Bert {
+    fn params(&self) -> Vec<Tensor> {
+        Bert::params(self)
+    }
+    fn logits(&self, x: &Tensor) -> Tensor {
+        original_logits(self, x)
+    }
+    fn frozen(&self) -> Self {
+        self.copy()
+    }
+}
+
+/// Train one original BERT from its own seed (transformers' init, a classifier on the pooled
+/// output): AdamW + OneCycle, cross-entropy. Returns the model, its validation accuracy and the
+/// training log.
+pub fn train_original(
+    config: BertConfig,
+    spec: &OriginalSpec,
+    train: (&Tensor, &Tensor),
+    val: (&Tensor, &Tensor),
+    progress: &dyn Progress,
+) -> Result<(Bert, f64, Vec<LogRow>)> {
+    let classes = spec.classes as i64;
+    let init = || {
+        let d = config.hidden_size as i64;
+        let mut model = Bert::init(config);
+        model.classifier = Some(Linear {
+            w: Tensor::randn([classes, d], F32) * 0.02,
+            b: Tensor::zeros([classes], F32),
+        });
+        model
+    };
+    spec.train(ORIGINAL_WEIGHT_DECAY, init, train, val, progress)
 }

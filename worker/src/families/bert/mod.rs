@@ -7,13 +7,18 @@ pub mod stage;
 pub mod supernet;
 pub mod whole;
 
+use crate::data::rows::Splits;
+use crate::data::text::CLASSES;
+use crate::data::wordpiece::WordPiece;
 use crate::dist::stage::WorkerStage;
 use crate::family::{Family, Originals, StageSpec};
+use crate::train::originals::train_each;
+use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::config::{Arch, JobConfig};
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::plan::{bert_unit_costs, UnitCost};
 use fsmerge_common::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub struct BertFamily;
 
@@ -42,6 +47,37 @@ impl Family for BertFamily {
             rows,
         )?;
         Ok(Box::new(stage))
+    }
+    fn original_files(&self, models_dir: &Path, task: &str) -> [PathBuf; 2] {
+        let dir = models_dir.join(task);
+        [dir.join("model.safetensors"), dir.join("config.json")]
+    }
+    fn train_originals(
+        &self,
+        job: &JobConfig,
+        tasks: &[(usize, u64)],
+        splits: &Splits,
+        out: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LogRow>> {
+        // The vocabulary's size sets the embedding tables: read it once.
+        let vocab = WordPiece::load(&job.data.vocab)?;
+        let config = BertConfig::for_text(&job.model.bert, vocab.vocab_size(), job.data.max_tokens);
+        train_each(job, tasks, splits, &mut |task, spec, (train, val)| {
+            let (bert, val_acc, rows) =
+                merge::train_original(config.clone(), spec, train, val, progress)?;
+            let labels: Vec<String> = task
+                .classes
+                .iter()
+                .map(|&c| {
+                    CLASSES
+                        .get(c)
+                        .map_or(format!("class {c}"), |s| s.to_string())
+                })
+                .collect();
+            bert.save(&out.join(&task.name), &labels)?;
+            Ok((val_acc, rows))
+        })
     }
     fn open(&self, job: &JobConfig, models_dir: &Path, _: usize) -> Result<Box<dyn Originals>> {
         Ok(Box::new(whole::open(job, models_dir)?))

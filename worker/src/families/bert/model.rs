@@ -2,7 +2,8 @@
 //! and token-type embeddings, post-LN encoder blocks, exact GELU, a padding mask. Loaded from an
 //! HF folder with the HF tensor names, with or without the `bert.` prefix.
 
-use crate::core::attention::attention;
+use crate::core::baselines::Encoder;
+use crate::core::encoder_block::{EncoderBlock, Layout, Part};
 use crate::core::layer_norm::LayerNorm;
 use crate::core::linear::Linear;
 use crate::core::tensor::{to_host, to_tch};
@@ -15,74 +16,17 @@ use std::ops::Range;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-/// One post-LN encoder block.
-pub struct BertBlock {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub out: Linear,
-    pub ln_att: LayerNorm,
-    pub fc1: Linear,
-    pub fc2: Linear,
-    pub ln_out: LayerNorm,
-}
-
 pub struct Bert {
     pub cfg: BertConfig,
     pub word: Tensor,
     pub position: Tensor,
     pub token_type: Tensor,
     pub ln_emb: LayerNorm,
-    pub blocks: Vec<BertBlock>,
+    pub blocks: Vec<EncoderBlock>,
     /// `pooler.dense` (tanh after it), when the checkpoint has one.
     pub pooler: Option<Linear>,
     /// `BertForSequenceClassification`'s head on the pooled output, when the checkpoint has one.
     pub classifier: Option<Linear>,
-}
-
-impl BertBlock {
-    /// Every tensor under its HF name as block `l` of a `BertModel`.
-    pub fn named(&self, l: usize) -> Vec<(String, &Tensor)> {
-        let tensors = [
-            (&self.q.w, &self.q.b),
-            (&self.k.w, &self.k.b),
-            (&self.v.w, &self.v.b),
-            (&self.out.w, &self.out.b),
-            (&self.ln_att.w, &self.ln_att.b),
-            (&self.fc1.w, &self.fc1.b),
-            (&self.fc2.w, &self.fc2.b),
-            (&self.ln_out.w, &self.ln_out.b),
-        ];
-        BLOCK_PARTS
-            .iter()
-            .zip(tensors)
-            .flat_map(|(part, (w, b))| {
-                [
-                    (format!("encoder.layer.{l}.{part}.weight"), w),
-                    (format!("encoder.layer.{l}.{part}.bias"), b),
-                ]
-            })
-            .collect()
-    }
-
-    /// Post-LN block: x ← LN_att(x + out(attention(x))); x ← LN_out(x + fc2(gelu(fc1 x))).
-    pub fn forward(&self, h: &Tensor, bias: &Tensor, heads: i64) -> Tensor {
-        let ctx = attention(h, &self.q, &self.k, &self.v, heads, Some(bias));
-        let h = self.ln_att.forward(&(h + self.out.forward(&ctx)));
-        let m = self.fc2.forward(&self.fc1.forward(&h).gelu("none"));
-        self.ln_out.forward(&(h + m))
-    }
-
-    /// The inputs of the block's linear maps — the stream (Q, K, V), the attention context
-    /// (output projection), the post-attention stream (fc1), the activations (fc2) — and the
-    /// block's output (RegMean's Gram matrices).
-    pub fn linear_inputs(&self, h: &Tensor, bias: &Tensor, heads: i64) -> ([Tensor; 4], Tensor) {
-        let ctx = attention(h, &self.q, &self.k, &self.v, heads, Some(bias));
-        let a = self.ln_att.forward(&(h + self.out.forward(&ctx)));
-        let z = self.fc1.forward(&a).gelu("none");
-        let y = self.ln_out.forward(&(&a + self.fc2.forward(&z)));
-        ([h.shallow_clone(), ctx, a, z], y)
-    }
 }
 
 /// The additive attention mask of transformers: 0 where `mask` is 1, the float minimum where 0;
@@ -119,16 +63,7 @@ impl Bert {
             eps: cfg.layer_norm_eps,
         };
         let blocks = (0..cfg.num_hidden_layers)
-            .map(|_| BertBlock {
-                q: lin(d, d),
-                k: lin(d, d),
-                v: lin(d, d),
-                out: lin(d, d),
-                ln_att: ln(),
-                fc1: lin(h, d),
-                fc2: lin(d, h),
-                ln_out: ln(),
-            })
+            .map(|_| EncoderBlock::init(d, h, cfg.layer_norm_eps, &lin))
             .collect();
         Self {
             word: normal(&[cfg.vocab_size as i64, d]),
@@ -163,7 +98,7 @@ impl Bert {
         let heads = self.cfg.num_attention_heads as i64;
         let mut states = vec![h.shallow_clone()];
         for b in &self.blocks {
-            h = b.forward(&h, &bias, heads);
+            h = b.forward_post_ln(&h, &bias, heads);
             states.push(h.shallow_clone());
         }
         states
@@ -186,20 +121,7 @@ impl Bert {
             position: f(&self.position),
             token_type: f(&self.token_type),
             ln_emb: ln(&self.ln_emb),
-            blocks: self
-                .blocks
-                .iter()
-                .map(|b| BertBlock {
-                    q: lin(&b.q),
-                    k: lin(&b.k),
-                    v: lin(&b.v),
-                    out: lin(&b.out),
-                    ln_att: ln(&b.ln_att),
-                    fc1: lin(&b.fc1),
-                    fc2: lin(&b.fc2),
-                    ln_out: ln(&b.ln_out),
-                })
-                .collect(),
+            blocks: self.blocks.iter().map(|b| b.map(f)).collect(),
             pooler: self.pooler.as_ref().map(lin),
             classifier: self.classifier.as_ref().map(lin),
         }
@@ -237,7 +159,7 @@ impl Bert {
             ("embeddings.LayerNorm.bias".into(), &self.ln_emb.b),
         ]);
         for (l, b) in self.blocks.iter().enumerate() {
-            named.extend(b.named(l));
+            named.extend(b.named(l, &BERT_BLOCK));
         }
         if let Some(p) = &self.pooler {
             named.push(("pooler.dense.weight".into(), &p.w));
@@ -355,16 +277,16 @@ pub(crate) const TABLE_NAMES: [&str; 3] = [
     "embeddings.token_type_embeddings.weight",
 ];
 
-/// HF names of a block's linear maps and LayerNorms, in `BertBlock` field order.
-const BLOCK_PARTS: [&str; 8] = [
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "attention.output.LayerNorm",
-    "intermediate.dense",
-    "output.dense",
-    "output.LayerNorm",
+/// HF names of a BERT block's parts (`BertLayer`), in the order of its tensors.
+pub const BERT_BLOCK: Layout = [
+    ("attention.self.query", Part::Q),
+    ("attention.self.key", Part::K),
+    ("attention.self.value", Part::V),
+    ("attention.output.dense", Part::Out),
+    ("attention.output.LayerNorm", Part::LnAttn),
+    ("intermediate.dense", Part::Fc1),
+    ("output.dense", Part::Fc2),
+    ("output.LayerNorm", Part::LnMlp),
 ];
 
 /// The tensors of one part of a BERT, as a pipeline stage holds them: plan units `units`
@@ -376,7 +298,7 @@ pub struct BertPart {
     /// The (word, position, token type) tables and the embeddings' LayerNorm.
     pub embeddings: Option<([Tensor; 3], LayerNorm)>,
     /// Blocks `unit_blocks(&units)`, in order.
-    pub blocks: Vec<BertBlock>,
+    pub blocks: Vec<EncoderBlock>,
     pub pooler: Option<Linear>,
     pub classifier: Option<Linear>,
     /// Bytes of the part's tensors (f32).
@@ -415,7 +337,7 @@ impl BertPart {
             );
         }
         for l in unit_blocks(&units) {
-            for p in BLOCK_PARTS {
+            for (p, _) in BERT_BLOCK {
                 for wb in ["weight", "bias"] {
                     names.push(format!("{prefix}encoder.layer.{l}.{p}.{wb}"));
                 }
@@ -485,19 +407,7 @@ impl BertPart {
                     take(&format!("{base}.{p}.bias"))?,
                 ))
             };
-            let [q, k, v, out, ln_att, fc1, fc2, ln_out] = BLOCK_PARTS.map(&mut pair);
-            let lin = |p: Result<(Tensor, Tensor)>| p.map(|(w, b)| Linear { w, b });
-            let ln = |p: Result<(Tensor, Tensor)>| p.map(|(w, b)| LayerNorm { w, b, eps });
-            blocks.push(BertBlock {
-                q: lin(q)?,
-                k: lin(k)?,
-                v: lin(v)?,
-                out: lin(out)?,
-                ln_att: ln(ln_att)?,
-                fc1: lin(fc1)?,
-                fc2: lin(fc2)?,
-                ln_out: ln(ln_out)?,
-            });
+            blocks.push(EncoderBlock::from_pairs(&BERT_BLOCK, eps, &mut pair)?);
         }
         let pooler = if has_pooler {
             Some(Linear {
@@ -560,7 +470,7 @@ impl BertPart {
             ] {
                 ts.extend([&mut l.w, &mut l.b]);
             }
-            for n in [&mut b.ln_att, &mut b.ln_out] {
+            for n in [&mut b.ln_attn, &mut b.ln_mlp] {
                 ts.extend([&mut n.w, &mut n.b]);
             }
         }
@@ -588,12 +498,26 @@ impl BertPart {
             None => input.shallow_clone(),
         };
         for b in &self.blocks {
-            h = b.forward(&h, &bias, heads);
+            h = b.forward_post_ln(&h, &bias, heads);
             out.push(h.shallow_clone());
         }
         if let Some(p) = &self.pooler {
             out.push(p.forward(&h.select(1, 0)).tanh());
         }
         out
+    }
+}
+
+impl Encoder for Bert {
+    fn classifier(&self) -> Option<&Linear> {
+        self.classifier.as_ref()
+    }
+    fn encoder_copy(&self) -> Self {
+        let mut b = self.copy();
+        b.classifier = None;
+        b
+    }
+    fn encoder_tensors(&self) -> Vec<(String, &Tensor)> {
+        Bert::encoder_tensors(self)
     }
 }

@@ -25,66 +25,20 @@
 //! M_emb (= M_res) and U_res are in every part: local mode sums their gradients over stages.
 
 use crate::core::attention::attend;
+use crate::core::encoder_block::{EncoderBlock, FrozenBlock};
 use crate::core::layer_norm::{FrozenLn, LayerNorm, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::merged_linear::{folded_linear, FrozenLayer};
 use crate::core::mu::{MuMatrix, Role};
 use crate::core::tensor::named_groups;
 use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
-use crate::families::bert::model::{embed_tokens, mask_bias, Bert, BertBlock, BertPart};
+use crate::families::bert::model::{embed_tokens, mask_bias, Bert, BertPart, BERT_BLOCK};
 use fsmerge_common::config::{Init, MuType, StepForm};
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use tch::{Device, Tensor};
-
-struct FrozenBlock {
-    q: FrozenLayer,
-    k: FrozenLayer,
-    v: FrozenLayer,
-    o: FrozenLayer,
-    ln_att: FrozenLn,
-    fc1: FrozenLayer,
-    fc2: FrozenLayer,
-    ln_out: FrozenLn,
-}
-
-impl FrozenBlock {
-    fn stack(b: &[&BertBlock]) -> Self {
-        let lin = |f: &dyn Fn(&BertBlock) -> &Linear| {
-            FrozenLayer::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
-        };
-        let ln = |f: &dyn Fn(&BertBlock) -> &LayerNorm| {
-            FrozenLn::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
-        };
-        Self {
-            q: lin(&|b| &b.q),
-            k: lin(&|b| &b.k),
-            v: lin(&|b| &b.v),
-            o: lin(&|b| &b.out),
-            ln_att: ln(&|b| &b.ln_att),
-            fc1: lin(&|b| &b.fc1),
-            fc2: lin(&|b| &b.fc2),
-            ln_out: ln(&|b| &b.ln_out),
-        }
-    }
-
-    fn move_to(&mut self, device: Device) {
-        for l in [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.fc1,
-            &mut self.fc2,
-        ] {
-            l.to_device(device);
-        }
-        self.ln_att.move_to(device);
-        self.ln_out.move_to(device);
-    }
-}
 
 /// Every model's embeddings: tables [n, rows, d] and LayerNorm.
 struct FrozenEmbeddings {
@@ -98,7 +52,7 @@ struct FrozenEmbeddings {
 struct UnitsOf<'a> {
     cfg: &'a BertConfig,
     embeddings: Option<([&'a Tensor; 3], &'a LayerNorm)>,
-    blocks: &'a [BertBlock],
+    blocks: &'a [EncoderBlock],
     pooler: Option<&'a Linear>,
 }
 
@@ -233,12 +187,12 @@ pub struct BertBlockMu {
     pub m_v: MuMatrix,
     pub u_o: MuMatrix,
     pub m_o: MuMatrix,
-    pub ln_att: MergedLn,
+    pub ln_attn: MergedLn,
     pub u_0: MuMatrix,
     pub m_1: MuMatrix,
     pub u_1: MuMatrix,
     pub m_2: MuMatrix,
-    pub ln_out: MergedLn,
+    pub ln_mlp: MergedLn,
 }
 
 impl BertBlockMu {
@@ -259,9 +213,9 @@ impl BertBlockMu {
 
     fn params(&self) -> Vec<Tensor> {
         let mut v: Vec<Tensor> = self.mus()[..6].iter().flat_map(|m| m.params()).collect();
-        v.extend(self.ln_att.params());
+        v.extend(self.ln_attn.params());
         v.extend(self.mus()[6..].iter().flat_map(|m| m.params()));
-        v.extend(self.ln_out.params());
+        v.extend(self.ln_mlp.params());
         v
     }
 
@@ -280,8 +234,8 @@ impl BertBlockMu {
         ] {
             m.to_device(device);
         }
-        self.ln_att.move_to(device);
-        self.ln_out.move_to(device);
+        self.ln_attn.move_to(device);
+        self.ln_mlp.move_to(device);
     }
 }
 
@@ -350,12 +304,12 @@ impl BertMu {
                 m_v,
                 u_o,
                 m_o,
-                ln_att: MergedLn::new(&fb.ln_att, init, eps),
+                ln_attn: MergedLn::new(&fb.ln_attn, init, eps),
                 u_0,
                 m_1,
                 u_1,
                 m_2,
-                ln_out: MergedLn::new(&fb.ln_out, init, eps),
+                ln_mlp: MergedLn::new(&fb.ln_mlp, init, eps),
             });
         }
         let [u_pool, m_pool, u_final] = [
@@ -501,17 +455,17 @@ impl BertSuperNet {
 
     /// Block j of the part (global index first_block + j) folded into a plain post-LN block
     /// (differentiable in M/U/LN).
-    fn fold_block(&self, j: usize, fb: &FrozenBlock) -> Option<BertBlock> {
+    fn fold_block(&self, j: usize, fb: &FrozenBlock) -> Option<EncoderBlock> {
         let mu = self.mu.blocks.get(j)?;
-        Some(BertBlock {
+        Some(EncoderBlock {
             q: folded_linear(&fb.q, &mu.m_q, &mu.u_att),
             k: folded_linear(&fb.k, &mu.m_k, &mu.u_att),
             v: folded_linear(&fb.v, &mu.m_v, &mu.u_att),
             out: folded_linear(&fb.o, &mu.m_o, &mu.u_o),
-            ln_att: mu.ln_att.layer_norm(),
+            ln_attn: mu.ln_attn.layer_norm(),
             fc1: folded_linear(&fb.fc1, &mu.m_1, &mu.u_0),
             fc2: folded_linear(&fb.fc2, &mu.m_2, &mu.u_1),
-            ln_out: mu.ln_out.layer_norm(),
+            ln_mlp: mu.ln_mlp.layer_norm(),
         })
     }
 
@@ -536,13 +490,13 @@ impl BertSuperNet {
         )
         .view([-1, d]);
         let att = mu.m_o.merge(&fb.o.branches(&mu.u_o.unmerge(&ctx)));
-        let x = mu.ln_att.forward(&(flat + att));
+        let x = mu.ln_attn.forward(&(flat + att));
         let z = mu
             .m_1
             .merge(&fb.fc1.branches(&mu.u_0.unmerge(&x)))
             .gelu("none");
         let m = mu.m_2.merge(&fb.fc2.branches(&mu.u_1.unmerge(&z)));
-        mu.ln_out.forward(&(x + m)).view([b, t, d])
+        mu.ln_mlp.forward(&(x + m)).view([b, t, d])
     }
 
     /// x*_0 [B, T, d] of token ids [B, T]: the n embeddings (before their LayerNorm) merged by
@@ -587,7 +541,7 @@ impl BertSuperNet {
         match form {
             StepForm::Literal => self.block_literal(fb, mu, x, bias),
             StepForm::Fold => match self.fold_block(j, fb) {
-                Some(folded) => folded.forward(x, bias, self.heads()),
+                Some(folded) => folded.forward_post_ln(x, bias, self.heads()),
                 None => x.shallow_clone(),
             },
         }
@@ -713,7 +667,7 @@ impl BertSuperNet {
             }
             for (j, fb) in self.frozen.blocks.iter().enumerate() {
                 if let Some(b) = self.fold_block(j, fb) {
-                    for (name, t) in b.named(self.first_block() + j) {
+                    for (name, t) in b.named(self.first_block() + j, &BERT_BLOCK) {
                         put(name, t);
                     }
                 }

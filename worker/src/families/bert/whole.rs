@@ -3,6 +3,7 @@
 //! tensors and written as one `BertForSequenceClassification` whose classifier stacks every
 //! task's head.
 
+use crate::core::baselines::{average, first};
 use crate::core::checks::{check_classifier, check_rank};
 use crate::core::linear::{stacked_labels, take_heads, Linear};
 use crate::core::mu::with_mu_seed;
@@ -87,8 +88,14 @@ impl Originals for BertOriginals {
     ) -> Result<(Box<dyn MergedNet>, Vec<LogRow>)> {
         let (refs, set, b) = (self.refs(), inputs.set, &inputs.job.baselines);
         let (merged, log) = match method {
-            Baseline::First => (baselines::first(&refs), Vec::new()),
-            Baseline::Average => (baselines::average(&refs), Vec::new()),
+            Baseline::First => {
+                let (bert, heads) = first(&refs);
+                (MergedBert { bert, heads }, Vec::new())
+            }
+            Baseline::Average => {
+                let (bert, heads) = average(&refs);
+                (MergedBert { bert, heads }, Vec::new())
+            }
             Baseline::Regmean => (baselines::regmean(&refs, set, b.regmean_alpha)?, Vec::new()),
             Baseline::Kd => baselines::kd(
                 &refs,

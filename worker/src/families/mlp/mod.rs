@@ -7,13 +7,16 @@ pub mod stage;
 pub mod supernet;
 pub mod whole;
 
+use crate::data::rows::Splits;
 use crate::dist::stage::WorkerStage;
 use crate::family::{Family, Originals, StageSpec};
-use fsmerge_common::checkpoint::MlpPart;
+use crate::train::originals::train_each;
+use crate::train::progress::{LogRow, Progress};
+use fsmerge_common::checkpoint::{model_paths, MlpPart};
 use fsmerge_common::config::{Arch, JobConfig};
 use fsmerge_common::plan::{mlp_unit_costs, UnitCost};
 use fsmerge_common::Result;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub struct MlpFamily;
 
@@ -40,6 +43,34 @@ impl Family for MlpFamily {
             j.seed,
         )?;
         Ok(Box::new(stage))
+    }
+    fn original_files(&self, models_dir: &Path, task: &str) -> [PathBuf; 2] {
+        let (st, js) = model_paths(models_dir, task);
+        [st, js]
+    }
+    fn train_originals(
+        &self,
+        job: &JobConfig,
+        tasks: &[(usize, u64)],
+        splits: &Splits,
+        out: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LogRow>> {
+        train_each(job, tasks, splits, &mut |task, spec, (train, val)| {
+            let spec = model::TrainSpec {
+                input_dim: splits.train.dim,
+                hidden: &job.model.hidden,
+                task: &task.name,
+                classes: &task.classes,
+                epochs: spec.epochs,
+                lr: spec.lr,
+                batch_size: spec.batch_size,
+                seed: spec.seed,
+            };
+            let (ck, val_acc, rows) = model::train_original(&spec, train, val, progress)?;
+            ck.save(out)?;
+            Ok((val_acc, rows))
+        })
     }
     fn open(
         &self,

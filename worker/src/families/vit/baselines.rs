@@ -2,9 +2,7 @@
 //! RegMean on every linear map of every block, and knowledge distillation into a copy of
 //! model 1. Each task keeps its own classifier.
 
-use crate::core::baselines::{distill, rescaled_heads, RegmeanSums};
-use crate::core::linear::{own_heads, Linear};
-use crate::core::tensor::set_to_mean;
+use crate::core::baselines::{average, distill, heads_of, rescaled_heads, Encoder, RegmeanSums};
 use crate::data::merge_set::MergeSet;
 use crate::families::vit::merge::{images, MergedVit};
 use crate::families::vit::model::Vit;
@@ -13,41 +11,15 @@ use crate::train::settings::TrainSettings;
 use fsmerge_common::Result;
 use tch::Tensor;
 
-fn heads_of(models: &[&Vit]) -> Vec<Linear> {
-    own_heads(models.iter().map(|m| m.classifier.as_ref()))
-}
-
-/// A copy of `model` without its classifier.
-fn encoder_of(model: &Vit) -> Vit {
-    let mut v = model.copy();
-    v.classifier = None;
-    v
-}
-
-/// Model 1's encoder for every task.
-pub fn first(models: &[&Vit]) -> MergedVit {
-    MergedVit {
-        vit: encoder_of(models[0]),
-        heads: heads_of(models),
-    }
-}
-
-/// Element-wise mean of every encoder tensor.
-pub fn average(models: &[&Vit]) -> MergedVit {
-    let vit = encoder_of(models[0]);
-    let all: Vec<Vec<(String, &Tensor)>> = models.iter().map(|m| m.named_tensors()).collect();
-    set_to_mean(&vit.named_tensors(), &all);
-    MergedVit {
-        vit,
-        heads: heads_of(models),
-    }
-}
-
 /// RegMean: every linear map of every block becomes W*ᵀ = (Σ_i G_i)⁻¹ Σ_i G_i W_iᵀ with
 /// G_i = α XᵢᵀXᵢ + (1−α) diag(XᵢᵀXᵢ), Xᵢ = the map's inputs (all tokens) inside model i on its
 /// own task's merge data; everything else (embeddings, LayerNorms, biases) is averaged.
 pub fn regmean(models: &[&Vit], set: &MergeSet, alpha: f64) -> Result<MergedVit> {
-    let merged = average(models);
+    let (encoder, heads) = average(models);
+    let merged = MergedVit {
+        vit: encoder,
+        heads,
+    };
     let heads = models[0].cfg.num_attention_heads as i64;
     tch::no_grad(|| {
         // Each model's stream on its own task's inputs, advanced block by block.
@@ -63,7 +35,7 @@ pub fn regmean(models: &[&Vit], set: &MergeSet, alpha: f64) -> Result<MergedVit>
             let mut sums: Vec<RegmeanSums> = (0..6).map(|_| RegmeanSums::default()).collect();
             for (i, m) in models.iter().enumerate() {
                 let b = &m.blocks[l];
-                let (inputs, out) = b.linear_inputs(&streams[i], heads);
+                let (inputs, out) = b.linear_inputs_pre_ln(&streams[i], heads);
                 streams[i] = out;
                 let maps = [
                     (&inputs[0], &b.q),
@@ -99,7 +71,7 @@ pub fn kd(
     s: &TrainSettings,
     progress: &dyn Progress,
 ) -> Result<(MergedVit, Vec<LogRow>)> {
-    let student = encoder_of(models[0]);
+    let student = models[0].encoder_copy();
     let (scales, log) = distill(
         set,
         pooled,

@@ -2,12 +2,11 @@
 //! losses (method.md §9: id-sliced or all-slice output reconstruction, optional inner attention
 //! terms; local block problems) and the training phases, each through the one `optim::Run` loop.
 
-use crate::core::eval::accuracy;
 use crate::core::linear::{stacked_heads, Linear};
 use crate::core::loss::own_mask;
 use crate::core::tensor::chunked;
 use crate::families::vit::model::Vit;
-use crate::train::optim::OriginalSpec;
+use crate::train::optim::{Classifier, OriginalSpec};
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::hf::VitConfig;
 use fsmerge_common::Result;
@@ -53,30 +52,7 @@ pub fn original_logits(model: &Vit, x: &Tensor) -> Tensor {
 }
 
 /// Decoupled weight decay of the originals' AdamW (a common ViT setting).
-const ORIGINAL_WEIGHT_DECAY: f64 = 0.05;
-
-/// Train one original ViT from its own seed: AdamW + OneCycle, cross-entropy. Returns the
-/// model, its validation accuracy and the training log.
-pub fn train_original(
-    config: VitConfig,
-    spec: &OriginalSpec,
-    train: (&Tensor, &Tensor),
-    val: (&Tensor, &Tensor),
-    progress: &dyn Progress,
-) -> Result<(Vit, f64, Vec<LogRow>)> {
-    tch::manual_seed(spec.seed as i64);
-    let model = Vit::init(config, spec.classes);
-    let params = model.params();
-    for p in &params {
-        let _ = p.set_requires_grad(true);
-    }
-    let log = spec.fit(&params, ORIGINAL_WEIGHT_DECAY, train, progress, |x| {
-        original_logits(&model, x)
-    })?;
-    let frozen = model.copy();
-    let val_acc = tch::no_grad(|| accuracy(&original_logits(&frozen, val.0), val.1));
-    Ok((frozen, val_acc, log))
-}
+pub const ORIGINAL_WEIGHT_DECAY: f64 = 0.05;
 
 /// One block's inner-feature term (method.md §9.2) on a batch: the SuperNet's attention
 /// branches `r` [n, B·T, d] against each input's own model's `g` [B, T, d], the input's own
@@ -108,4 +84,35 @@ pub fn teacher_pooled(models: &[&Vit], x: &Tensor) -> Tensor {
             .collect();
         Tensor::stack(&pooled, 0)
     })
+}
+
+impl Classifier for Vit {
+    fn params(&self) -> Vec<Tensor> {
+        Vit::params(self)
+    }
+    fn logits(&self, x: &Tensor) -> Tensor {
+        original_logits(self, x)
+    }
+    fn frozen(&self) -> Self {
+        self.copy()
+    }
+}
+
+/// Train one original ViT from its own seed: AdamW + OneCycle, cross-entropy. Returns the
+/// model, its validation accuracy and the training log.
+pub fn train_original(
+    config: VitConfig,
+    spec: &OriginalSpec,
+    train: (&Tensor, &Tensor),
+    val: (&Tensor, &Tensor),
+    progress: &dyn Progress,
+) -> Result<(Vit, f64, Vec<LogRow>)> {
+    let classes = spec.classes;
+    spec.train(
+        ORIGINAL_WEIGHT_DECAY,
+        || Vit::init(config, classes),
+        train,
+        val,
+        progress,
+    )
 }

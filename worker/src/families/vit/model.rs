@@ -3,7 +3,8 @@
 //! HF folder (single or sharded safetensors) with the HF tensor names, with or without the
 //! `vit.` prefix of the classification model.
 
-use crate::core::attention::attention;
+use crate::core::baselines::Encoder;
+use crate::core::encoder_block::{EncoderBlock, Layout, Part};
 use crate::core::layer_norm::LayerNorm;
 use crate::core::linear::Linear;
 use crate::core::tensor::{to_host, to_tch, F32};
@@ -16,80 +17,16 @@ use std::ops::Range;
 use std::path::Path;
 use tch::Tensor;
 
-/// One pre-LN encoder block.
-pub struct Block {
-    pub ln_before: LayerNorm,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub out: Linear,
-    pub ln_after: LayerNorm,
-    pub fc1: Linear,
-    pub fc2: Linear,
-}
-
 pub struct Vit {
     pub cfg: VitConfig,
     pub patch_w: Tensor,
     pub patch_b: Tensor,
     pub cls: Tensor,
     pub pos: Tensor,
-    pub blocks: Vec<Block>,
+    pub blocks: Vec<EncoderBlock>,
     pub ln_final: LayerNorm,
     /// `ViTForImageClassification`'s head.
     pub classifier: Option<Linear>,
-}
-
-impl Block {
-    /// Every tensor under its HF name as block `l` of a `ViTModel`.
-    pub fn named(&self, l: usize) -> Vec<(String, &Tensor)> {
-        let base = format!("encoder.layer.{l}");
-        let mut v = Vec::new();
-        for (part, w, bias) in [
-            ("layernorm_before", &self.ln_before.w, &self.ln_before.b),
-            ("attention.attention.query", &self.q.w, &self.q.b),
-            ("attention.attention.key", &self.k.w, &self.k.b),
-            ("attention.attention.value", &self.v.w, &self.v.b),
-            ("attention.output.dense", &self.out.w, &self.out.b),
-            ("layernorm_after", &self.ln_after.w, &self.ln_after.b),
-            ("intermediate.dense", &self.fc1.w, &self.fc1.b),
-            ("output.dense", &self.fc2.w, &self.fc2.b),
-        ] {
-            v.push((format!("{base}.{part}.weight"), w));
-            v.push((format!("{base}.{part}.bias"), bias));
-        }
-        v
-    }
-
-    pub fn forward(&self, x: &Tensor, heads: i64) -> Tensor {
-        let x = x + self.attention_branch(x, heads);
-        &x + self.mlp_branch(&x)
-    }
-
-    /// The inputs of the block's linear maps — LN_before x (q, k, v), the attention context
-    /// (out), LN_after x' (fc1), gelu(fc1 ·) (fc2) — and the block's output.
-    pub fn linear_inputs(&self, x: &Tensor, heads: i64) -> ([Tensor; 4], Tensor) {
-        let a = self.ln_before.forward(x);
-        let ctx = attention(&a, &self.q, &self.k, &self.v, heads, None);
-        let x = x + self.out.forward(&ctx);
-        let g = self.ln_after.forward(&x);
-        let z = self.fc1.forward(&g).gelu("none");
-        let y = &x + self.fc2.forward(&z);
-        ([a, ctx, g, z], y)
-    }
-
-    /// out(attention(LN_before x)): what the block adds to the stream first.
-    pub fn attention_branch(&self, x: &Tensor, heads: i64) -> Tensor {
-        let h = self.ln_before.forward(x);
-        self.out
-            .forward(&attention(&h, &self.q, &self.k, &self.v, heads, None))
-    }
-
-    /// fc2(gelu(fc1(LN_after x))): what the block adds to the stream second.
-    pub fn mlp_branch(&self, x: &Tensor) -> Tensor {
-        self.fc2
-            .forward(&self.fc1.forward(&self.ln_after.forward(x)).gelu("none"))
-    }
 }
 
 /// Patch embedding (a stride-p convolution), [CLS] in front, positions added: [B, 1 + P, D].
@@ -119,7 +56,7 @@ pub struct VitPart {
     /// (patch kernel [d, C, p, p], patch bias [d], [CLS] [1, 1, d], positions [1, T, d]).
     pub embeddings: Option<[Tensor; 4]>,
     /// Blocks `first_block()..`, in order.
-    pub blocks: Vec<Block>,
+    pub blocks: Vec<EncoderBlock>,
     pub ln_final: Option<LayerNorm>,
     pub classifier: Option<Linear>,
 }
@@ -132,15 +69,16 @@ pub const EMBEDDING_NAMES: [&str; 4] = [
     "embeddings.position_embeddings",
 ];
 
-const BLOCK_PARTS: [&str; 8] = [
-    "layernorm_before",
-    "attention.attention.query",
-    "attention.attention.key",
-    "attention.attention.value",
-    "attention.output.dense",
-    "layernorm_after",
-    "intermediate.dense",
-    "output.dense",
+/// HF names of a ViT block's parts (`ViTLayer`), in the order of its tensors.
+pub const VIT_BLOCK: Layout = [
+    ("layernorm_before", Part::LnAttn),
+    ("attention.attention.query", Part::Q),
+    ("attention.attention.key", Part::K),
+    ("attention.attention.value", Part::V),
+    ("attention.output.dense", Part::Out),
+    ("layernorm_after", Part::LnMlp),
+    ("intermediate.dense", Part::Fc1),
+    ("output.dense", Part::Fc2),
 ];
 
 impl VitPart {
@@ -161,7 +99,7 @@ impl VitPart {
             names.extend(EMBEDDING_NAMES.iter().map(|n| format!("{prefix}{n}")));
         }
         for l in unit_blocks(&units) {
-            for p in BLOCK_PARTS {
+            for (p, _) in VIT_BLOCK {
                 for wb in ["weight", "bias"] {
                     names.push(format!("{prefix}encoder.layer.{l}.{p}.{wb}"));
                 }
@@ -216,27 +154,7 @@ impl VitPart {
                     take(&format!("{base}.{p}.bias"))?,
                 ))
             };
-            let mut lin = |p: &str| pair(p).map(|(w, b)| Linear { w, b });
-            let (q, k, v, out, fc1, fc2) = (
-                lin("attention.attention.query")?,
-                lin("attention.attention.key")?,
-                lin("attention.attention.value")?,
-                lin("attention.output.dense")?,
-                lin("intermediate.dense")?,
-                lin("output.dense")?,
-            );
-            let mut ln = |p: &str| pair(p).map(|(w, b)| LayerNorm { w, b, eps });
-            let (ln_before, ln_after) = (ln("layernorm_before")?, ln("layernorm_after")?);
-            blocks.push(Block {
-                ln_before,
-                q,
-                k,
-                v,
-                out,
-                ln_after,
-                fc1,
-                fc2,
-            });
+            blocks.push(EncoderBlock::from_pairs(&VIT_BLOCK, eps, &mut pair)?);
         }
         let ln_final = if units.end == count {
             Some(LayerNorm {
@@ -268,16 +186,6 @@ impl VitPart {
     /// Move every tensor to `device`.
     pub fn to_device(&mut self, device: tch::Device) {
         let mut ts: Vec<&mut Tensor> = self.embeddings.iter_mut().flatten().collect();
-        for b in &mut self.blocks {
-            for l in [
-                &mut b.q, &mut b.k, &mut b.v, &mut b.out, &mut b.fc1, &mut b.fc2,
-            ] {
-                ts.extend([&mut l.w, &mut l.b]);
-            }
-            for n in [&mut b.ln_before, &mut b.ln_after] {
-                ts.extend([&mut n.w, &mut n.b]);
-            }
-        }
         if let Some(n) = &mut self.ln_final {
             ts.extend([&mut n.w, &mut n.b]);
         }
@@ -286,6 +194,9 @@ impl VitPart {
         }
         for t in ts {
             *t = t.to_device(device);
+        }
+        for b in &mut self.blocks {
+            *b = b.map(&|t| t.to_device(device));
         }
     }
 
@@ -298,12 +209,7 @@ impl VitPart {
     pub fn bytes(&self) -> u64 {
         let mut ts: Vec<&Tensor> = self.embeddings.iter().flatten().collect();
         for b in &self.blocks {
-            for l in [&b.q, &b.k, &b.v, &b.out, &b.fc1, &b.fc2] {
-                ts.extend([&l.w, &l.b]);
-            }
-            for n in [&b.ln_before, &b.ln_after] {
-                ts.extend([&n.w, &n.b]);
-            }
+            ts.extend(b.named(0, &VIT_BLOCK).into_iter().map(|(_, t)| t));
         }
         if let Some(n) = &self.ln_final {
             ts.extend([&n.w, &n.b]);
@@ -329,7 +235,7 @@ impl VitPart {
             None => input.shallow_clone(),
         };
         for b in &self.blocks {
-            h = b.forward(&h, heads);
+            h = b.forward_pre_ln(&h, heads);
             out.push(h.shallow_clone());
         }
         if let Some(ln) = &self.ln_final {
@@ -382,16 +288,7 @@ impl Vit {
         let (p, c) = (cfg.patch_size as i64, cfg.num_channels as i64);
         let tokens = (cfg.image_size as i64 / p).pow(2) + 1;
         let blocks = (0..cfg.num_hidden_layers)
-            .map(|_| Block {
-                ln_before: LayerNorm::init(d, eps),
-                q: lin(d, d),
-                k: lin(d, d),
-                v: lin(d, d),
-                out: lin(d, d),
-                ln_after: LayerNorm::init(d, eps),
-                fc1: lin(h, d),
-                fc2: lin(d, h),
-            })
+            .map(|_| EncoderBlock::init(d, h, eps, &lin))
             .collect();
         Self {
             patch_w: normal(&[d, c, p, p]),
@@ -427,7 +324,7 @@ impl Vit {
             ("layernorm.bias".into(), &self.ln_final.b),
         ];
         for (l, b) in self.blocks.iter().enumerate() {
-            v.extend(b.named(l));
+            v.extend(b.named(l, &VIT_BLOCK));
         }
         let mut v: Vec<(String, &Tensor)> = v
             .into_iter()
@@ -462,20 +359,7 @@ impl Vit {
             patch_b: c(&self.patch_b),
             cls: c(&self.cls),
             pos: c(&self.pos),
-            blocks: self
-                .blocks
-                .iter()
-                .map(|b| Block {
-                    ln_before: ln(&b.ln_before),
-                    q: b.q.copy(),
-                    k: b.k.copy(),
-                    v: b.v.copy(),
-                    out: b.out.copy(),
-                    ln_after: ln(&b.ln_after),
-                    fc1: b.fc1.copy(),
-                    fc2: b.fc2.copy(),
-                })
-                .collect(),
+            blocks: self.blocks.iter().map(|b| b.map(&c)).collect(),
             ln_final: ln(&self.ln_final),
             classifier: self.classifier.as_ref().map(Linear::copy),
         }
@@ -573,7 +457,7 @@ impl Vit {
         let mut h = self.embed(pixels);
         let mut states = vec![h.shallow_clone()];
         for b in &self.blocks {
-            h = b.forward(&h, heads);
+            h = b.forward_pre_ln(&h, heads);
             states.push(h.shallow_clone());
         }
         let last = self.ln_final.forward(&h);
@@ -586,5 +470,23 @@ impl Vit {
         self.classifier
             .as_ref()
             .map(|c| c.forward(&last.select(1, 0)))
+    }
+}
+
+impl Encoder for Vit {
+    fn classifier(&self) -> Option<&Linear> {
+        self.classifier.as_ref()
+    }
+    fn encoder_copy(&self) -> Self {
+        let mut v = self.copy();
+        v.classifier = None;
+        v
+    }
+    fn encoder_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut v = self.named_tensors();
+        if self.classifier.is_some() {
+            v.truncate(v.len() - 2);
+        }
+        v
     }
 }

@@ -13,6 +13,7 @@
 //! Teacher features (`PipelineStage::teacher`) are the n models' streams after each of the
 //! stage's units, [n, N, T, d], and on the last stage their pooled outputs [n, N, d] as well.
 
+use crate::core::encoder_block::FrozenBlock;
 use crate::core::layer_norm::{FrozenLn, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::loss::{own_mask, reconstruction_loss};
@@ -23,9 +24,9 @@ use crate::dist::collective::Collective;
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
 use crate::families::vit::merge::{images, inner_term};
-use crate::families::vit::model::VitPart;
+use crate::families::vit::model::{VitPart, VIT_BLOCK};
 use crate::families::vit::supernet::{
-    local_read_out, read_out, shape_of, BlockMu, BlockUnit, DrawnMu, FrozenBlock, FrozenEmbed,
+    local_read_out, read_out, shape_of, BlockMu, BlockUnit, DrawnMu, FrozenEmbed,
 };
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
@@ -97,7 +98,7 @@ impl VitStage {
         let blocks: Vec<FrozenBlock> = (0..parts[0].blocks.len())
             .map(|j| FrozenBlock::stack(&parts.iter().map(|p| &p.blocks[j]).collect::<Vec<_>>()))
             .collect();
-        let lns: Vec<_> = blocks.iter().map(|b| (&b.ln1, &b.ln2)).collect();
+        let lns: Vec<_> = blocks.iter().map(|b| (&b.ln_attn, &b.ln_mlp)).collect();
         let draw = MuDraw::for_vit(&cfg, merge.mu_type, merge.init, n, merge.rank);
         let eps = cfg.layer_norm_eps;
         let keep = unit_blocks(&units);
@@ -434,7 +435,7 @@ impl WorkerStage for VitStage {
             }
             for j in 0..self.blocks.len() {
                 let block = self.unit(j).fold();
-                for (name, t) in block.named(self.first_block() + j) {
+                for (name, t) in block.named(self.first_block() + j, &VIT_BLOCK) {
                     out.push((name, to_host(t)?));
                 }
             }

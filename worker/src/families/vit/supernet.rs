@@ -18,62 +18,17 @@
 //! M_pre: the embedding's merge is the stream's merge) and a shared unmerge U_res.
 
 use crate::core::attention::attend;
+use crate::core::encoder_block::{EncoderBlock, FrozenBlock};
 use crate::core::layer_norm::{FrozenLn, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::merged_linear::{fold_layer, folded_linear, FrozenLayer};
 use crate::core::mu::{MuMatrix, Role};
 use crate::core::transformer::{check_mergeable, MuDraw};
-use crate::families::vit::model::{embed_tokens, Block, Vit};
+use crate::families::vit::model::{embed_tokens, Vit};
 use fsmerge_common::config::{Init, MuType, StepForm};
 use fsmerge_common::hf::VitConfig;
 use fsmerge_common::{Error, Result};
 use tch::Tensor;
-
-/// Block l of every model, frozen.
-pub(crate) struct FrozenBlock {
-    pub(crate) ln1: FrozenLn,
-    q: FrozenLayer,
-    k: FrozenLayer,
-    v: FrozenLayer,
-    o: FrozenLayer,
-    pub(crate) ln2: FrozenLn,
-    fc1: FrozenLayer,
-    fc2: FrozenLayer,
-}
-
-impl FrozenBlock {
-    pub(crate) fn move_to(&mut self, device: tch::Device) {
-        self.ln1.move_to(device);
-        self.ln2.move_to(device);
-        for l in [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.fc1,
-            &mut self.fc2,
-        ] {
-            l.to_device(device);
-        }
-    }
-
-    /// The same block of every model.
-    pub(crate) fn stack(b: &[&Block]) -> Self {
-        let lin = |f: &dyn Fn(&Block) -> &Linear| {
-            FrozenLayer::stack(&b.iter().map(|b| f(b)).collect::<Vec<_>>())
-        };
-        Self {
-            ln1: FrozenLn::stack(&b.iter().map(|b| &b.ln_before).collect::<Vec<_>>()),
-            q: lin(&|b| &b.q),
-            k: lin(&|b| &b.k),
-            v: lin(&|b| &b.v),
-            o: lin(&|b| &b.out),
-            ln2: FrozenLn::stack(&b.iter().map(|b| &b.ln_after).collect::<Vec<_>>()),
-            fc1: lin(&|b| &b.fc1),
-            fc2: lin(&|b| &b.fc2),
-        }
-    }
-}
 
 /// The embeddings of every model, frozen.
 pub(crate) struct FrozenEmbed {
@@ -172,15 +127,15 @@ pub(crate) struct BlockUnit<'a> {
 
 impl BlockUnit<'_> {
     /// Folded into a plain pre-LN block (differentiable in M/U/LN).
-    pub(crate) fn fold(&self) -> Block {
+    pub(crate) fn fold(&self) -> EncoderBlock {
         let (fb, mu) = (self.frozen, self.mu);
-        Block {
-            ln_before: mu.ln1.layer_norm(),
+        EncoderBlock {
+            ln_attn: mu.ln1.layer_norm(),
             q: folded_linear(&fb.q, &mu.m_q, &mu.u_att),
             k: folded_linear(&fb.k, &mu.m_k, &mu.u_att),
             v: folded_linear(&fb.v, &mu.m_v, &mu.u_att),
             out: folded_linear(&fb.o, &mu.m_o, &mu.u_o),
-            ln_after: mu.ln2.layer_norm(),
+            ln_mlp: mu.ln2.layer_norm(),
             fc1: folded_linear(&fb.fc1, &mu.m_1, &mu.u_0),
             fc2: folded_linear(&fb.fc2, &mu.m_2, &mu.u_1),
         }
@@ -217,7 +172,7 @@ impl BlockUnit<'_> {
     pub(crate) fn forward(&self, x: &Tensor, form: StepForm) -> Tensor {
         match form {
             StepForm::Literal => self.literal(x).0,
-            StepForm::Fold => self.fold().forward(x, self.heads),
+            StepForm::Fold => self.fold().forward_pre_ln(x, self.heads),
         }
     }
 
@@ -449,7 +404,7 @@ impl VitMu {
         let c = &f.cfg;
         let draw = MuDraw::for_vit(c, mu_type, init, f.n, rank);
         let eps = c.layer_norm_eps;
-        let lns: Vec<_> = f.blocks.iter().map(|b| (&b.ln1, &b.ln2)).collect();
+        let lns: Vec<_> = f.blocks.iter().map(|b| (&b.ln_attn, &b.ln_mlp)).collect();
         let depth = f.blocks.len();
         let d = DrawnMu::draw(&draw, depth, 0..depth, &lns, init, eps)?;
         Ok(Self {
@@ -527,7 +482,7 @@ impl VitSuperNet {
     }
 
     /// Block l folded into a plain pre-LN block (differentiable in M/U/LN).
-    pub fn fold_block(&self, l: usize) -> Block {
+    pub fn fold_block(&self, l: usize) -> EncoderBlock {
         self.unit(l).fold()
     }
 

@@ -3,6 +3,7 @@
 //! tensors and written as one `ViTForImageClassification` whose classifier stacks every task's
 //! head.
 
+use crate::core::baselines::{average, first};
 use crate::core::checks::{check_classifier, check_rank};
 use crate::core::linear::{stacked_labels, take_heads, Linear};
 use crate::core::mu::with_mu_seed;
@@ -79,8 +80,14 @@ impl Originals for VitOriginals {
     ) -> Result<(Box<dyn MergedNet>, Vec<LogRow>)> {
         let (refs, set, b) = (self.refs(), inputs.set, &inputs.job.baselines);
         let (merged, log) = match method {
-            Baseline::First => (baselines::first(&refs), Vec::new()),
-            Baseline::Average => (baselines::average(&refs), Vec::new()),
+            Baseline::First => {
+                let (vit, heads) = first(&refs);
+                (MergedVit { vit, heads }, Vec::new())
+            }
+            Baseline::Average => {
+                let (vit, heads) = average(&refs);
+                (MergedVit { vit, heads }, Vec::new())
+            }
             Baseline::Regmean => (baselines::regmean(&refs, set, b.regmean_alpha)?, Vec::new()),
             Baseline::Kd => baselines::kd(
                 &refs,
