@@ -727,12 +727,34 @@ impl JobConfig {
 
     /// Check every value that can be checked without data.
     pub fn validate(&self) -> Result<()> {
+        self.check_name()?;
+        self.check_tasks()?;
+        self.check_data()?;
+        self.check_hidden()?;
+        self.check_train()?;
+        self.check_merge_optimizer()?;
+        self.check_text()?;
+        let width = self.model_width()?;
+        self.check_mu(width)?;
+        self.check_inner_terms()?;
+        self.check_cluster()?;
+        self.check_augment()?;
+        self.check_baselines()
+    }
+
+    /// The job name becomes a directory, so it must be a plain, visible one.
+    fn check_name(&self) -> Result<()> {
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return Err(Error::field(
                 "name",
                 format!("`{}` is not a usable directory name", self.name),
             ));
         }
+        Ok(())
+    }
+
+    /// Merging needs at least two distinct, well-formed tasks over existing classes.
+    fn check_tasks(&self) -> Result<()> {
         if self.tasks.len() < 2 {
             return Err(Error::field(
                 "tasks",
@@ -775,6 +797,11 @@ impl JobConfig {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The validation and test splits must each take a proper fraction of the data.
+    fn check_data(&self) -> Result<()> {
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return Err(Error::field(
                 "data.val_fraction",
@@ -787,15 +814,29 @@ impl JobConfig {
                 format!("must be in (0, 1), got {}", self.data.test_fraction),
             ));
         }
+        Ok(())
+    }
+
+    /// The hidden widths (an MLP's layers) must name at least one layer, none of width 0.
+    fn check_hidden(&self) -> Result<()> {
         if self.model.hidden.is_empty() || self.model.hidden.contains(&0) {
             return Err(Error::field(
                 "model.hidden",
                 "needs at least one layer, every width ≥ 1",
             ));
         }
+        Ok(())
+    }
+
+    /// Training the originals needs positive epochs, learning rate and batch size.
+    fn check_train(&self) -> Result<()> {
         positive(self.train.epochs as f64, "train.epochs")?;
         positive(self.train.lr, "train.lr")?;
-        positive(self.train.batch_size as f64, "train.batch_size")?;
+        positive(self.train.batch_size as f64, "train.batch_size")
+    }
+
+    /// The merge's own optimisation needs usable step sizes, batches and decay.
+    fn check_merge_optimizer(&self) -> Result<()> {
         let m = &self.merge;
         positive(m.lr, "merge.lr")?;
         positive(m.batch_size as f64, "merge.batch_size")?;
@@ -806,12 +847,21 @@ impl JobConfig {
                 format!("must be ≥ 0, got {}", m.weight_decay),
             ));
         }
-        self.check_text()?;
-        let width = match self.model.arch {
+        Ok(())
+    }
+
+    /// Check the architecture's own settings and return the layer width that bounds the M/U rank.
+    fn model_width(&self) -> Result<usize> {
+        Ok(match self.model.arch {
             Arch::Mlp => *self.model.hidden.iter().min().unwrap_or(&0),
             Arch::Vit => self.model.vit.check(self.data.dataset.image_side())?,
             Arch::Bert => self.model.bert.check()?,
-        };
+        })
+    }
+
+    /// The M/U structure must fit the model: a usable rank, a compatible init and architecture.
+    fn check_mu(&self, width: usize) -> Result<()> {
+        let m = &self.merge;
         if matches!(
             m.mu_type,
             MuType::LowRank | MuType::DiagonalAndLowRank | MuType::AttHeads
@@ -845,6 +895,12 @@ impl JobConfig {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Inner-feature terms exist only for a ViT's real blocks, and their weights cannot be negative.
+    fn check_inner_terms(&self) -> Result<()> {
+        let m = &self.merge;
         if self.model.arch == Arch::Vit {
             if let Some(l) = m.inner_layers.iter().find(|&&l| l >= self.model.vit.layers) {
                 return Err(Error::field(
@@ -867,6 +923,11 @@ impl JobConfig {
         if m.res_consistency.is_nan() || m.res_consistency < 0.0 {
             return Err(Error::field("merge.res_consistency", "must be ≥ 0"));
         }
+        Ok(())
+    }
+
+    /// The pipeline plan must fit the model, and failure detection must have sane timings.
+    fn check_cluster(&self) -> Result<()> {
         let c = &self.cluster;
         positive(c.stages as f64, "cluster.stages")?;
         positive(c.replicas as f64, "cluster.replicas")?;
@@ -894,7 +955,12 @@ impl JobConfig {
                 ),
             ));
         }
-        let a = &m.augment;
+        Ok(())
+    }
+
+    /// Augmentation strengths and probabilities must be meaningful, and mixing needs pairs.
+    fn check_augment(&self) -> Result<()> {
+        let a = &self.merge.augment;
         if [a.noise_std, a.mixup_alpha, a.cutmix_alpha]
             .iter()
             .any(|v| v.is_nan() || *v < 0.0)
@@ -916,14 +982,18 @@ impl JobConfig {
                 format!("must be an even number ≥ 2, got {}", a.mix_batch),
             ));
         }
+        Ok(())
+    }
+
+    /// The baselines' knobs must lie in the ranges their methods are defined on.
+    fn check_baselines(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.baselines.regmean_alpha) {
             return Err(Error::field(
                 "baselines.regmean_alpha",
                 format!("must be in [0, 1], got {}", self.baselines.regmean_alpha),
             ));
         }
-        positive(self.baselines.kd_target_scale, "baselines.kd_target_scale")?;
-        Ok(())
+        positive(self.baselines.kd_target_scale, "baselines.kd_target_scale")
     }
 }
 
