@@ -27,6 +27,21 @@ pub struct Link {
 }
 
 impl Link {
+    /// The link over a pair's stream, named after the peer so its errors say who failed.
+    fn new(
+        p: &PeerInfo,
+        conn: quinn::Connection,
+        tx: quinn::SendStream,
+        rx: quinn::RecvStream,
+    ) -> Self {
+        Self {
+            name: peer_name(p),
+            tx: Mutex::new(tx),
+            rx: Mutex::new(rx),
+            _conn: conn,
+        }
+    }
+
     async fn send(&self, bytes: &[u8]) -> Result<()> {
         let mut tx = self.tx.lock().await;
         wire::write_frame(&mut *tx, bytes)
@@ -75,88 +90,99 @@ pub async fn connect_mesh(
     timeouts: Timeouts,
     deadline: Duration,
 ) -> Result<BTreeMap<u32, Arc<Link>>> {
-    let info = |r: u32| {
-        peers.iter().find(|p| p.rank == r).ok_or_else(|| {
-            Error::Rendezvous(format!("the coordinator sent no address for rank {r}"))
-        })
-    };
+    let mut links = dial_higher(endpoint, me, token, peers, needed, timeouts).await?;
+    links.extend(accept_lower(endpoint, me, token, peers, needed, deadline).await?);
+    Ok(links)
+}
+
+/// The coordinator's entry for rank `r`: without one there is no address to dial or name to give.
+fn peer_info(peers: &[PeerInfo], r: u32) -> Result<&PeerInfo> {
+    peers
+        .iter()
+        .find(|p| p.rank == r)
+        .ok_or_else(|| Error::Rendezvous(format!("the coordinator sent no address for rank {r}")))
+}
+
+/// Dial every needed rank above `me`, in rank order: the lower rank of a pair is the one that
+/// dials.
+async fn dial_higher(
+    endpoint: &quinn::Endpoint,
+    me: u32,
+    token: &str,
+    peers: &[PeerInfo],
+    needed: &BTreeSet<u32>,
+    timeouts: Timeouts,
+) -> Result<BTreeMap<u32, Arc<Link>>> {
     let mut links = BTreeMap::new();
     for &r in needed.iter().filter(|&&r| r > me) {
-        let p = info(r)?;
-        let addr = transport::resolve_addr(&p.data_addr)?;
-        let conn = transport::connect(endpoint, addr, &p.fingerprint, timeouts)
-            .await
-            .map_err(|e| Error::Peer {
-                peer: peer_name(p),
-                msg: e.to_string(),
-            })?;
-        let (mut tx, rx) = conn.open_bi().await.map_err(|e| Error::Peer {
-            peer: peer_name(p),
-            msg: format!("opening a stream: {e}"),
-        })?;
-        let hello = Message::PeerHello {
-            token: token.to_string(),
-            rank: me,
-        };
-        wire::send(&mut tx, &hello).await?;
-        tracing::debug!(
-            "rank {me}: dialed {} at {} (connection {})",
-            peer_name(p),
-            conn.remote_address(),
-            conn.stable_id()
-        );
-        links.insert(
-            r,
-            Arc::new(Link {
-                name: peer_name(p),
-                tx: Mutex::new(tx),
-                rx: Mutex::new(rx),
-                _conn: conn,
-            }),
-        );
+        let p = peer_info(peers, r)?;
+        links.insert(r, Arc::new(dial(endpoint, me, token, p, timeouts).await?));
     }
+    Ok(links)
+}
+
+/// Connect to `p` (checking its certificate), open the pair's one stream and present the job
+/// token as rank `me`, so that `p` can tell this worker from a stranger.
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    me: u32,
+    token: &str,
+    p: &PeerInfo,
+    timeouts: Timeouts,
+) -> Result<Link> {
+    let addr = transport::resolve_addr(&p.data_addr)?;
+    let conn = transport::connect(endpoint, addr, &p.fingerprint, timeouts)
+        .await
+        .map_err(|e| Error::Peer {
+            peer: peer_name(p),
+            msg: e.to_string(),
+        })?;
+    let (mut tx, rx) = conn.open_bi().await.map_err(|e| Error::Peer {
+        peer: peer_name(p),
+        msg: format!("opening a stream: {e}"),
+    })?;
+    let hello = Message::PeerHello {
+        token: token.to_string(),
+        rank: me,
+    };
+    wire::send(&mut tx, &hello).await?;
+    tracing::debug!(
+        "rank {me}: dialed {} at {} (connection {})",
+        peer_name(p),
+        conn.remote_address(),
+        conn.stable_id()
+    );
+    Ok(Link::new(p, conn, tx, rx))
+}
+
+/// Accept connections until every needed rank below `me` has presented the token: strangers,
+/// wrong tokens and unexpected ranks are refused and logged, and `deadline` bounds the wait.
+async fn accept_lower(
+    endpoint: &quinn::Endpoint,
+    me: u32,
+    token: &str,
+    peers: &[PeerInfo],
+    needed: &BTreeSet<u32>,
+    deadline: Duration,
+) -> Result<BTreeMap<u32, Arc<Link>>> {
+    let mut links = BTreeMap::new();
     let mut waiting: BTreeSet<u32> = needed.iter().copied().filter(|&r| r < me).collect();
     let until = Instant::now() + deadline;
     while !waiting.is_empty() {
         let left = until.saturating_duration_since(Instant::now());
-        let incoming = tokio::time::timeout(left, endpoint.accept())
-            .await
-            .map_err(|_| {
-                Error::Rendezvous(format!(
-                    "worker rank {me}: ranks {waiting:?} did not connect within {deadline:?}"
-                ))
-            })?
-            .ok_or_else(|| Error::Rendezvous("data endpoint closed".into()))?;
+        let incoming = next_incoming(endpoint, me, &waiting, left, deadline).await?;
         let from = incoming.remote_address();
-        let accepted = async {
-            let conn = incoming.await.map_err(|e| e.to_string())?;
-            let (tx, mut rx) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-            match wire::recv(&mut rx).await.map_err(|e| e.to_string())? {
-                Some(Message::PeerHello { token: t, rank }) if token_matches(&t, token) => {
-                    Ok((conn, tx, rx, rank))
-                }
-                Some(Message::PeerHello { .. }) => Err("wrong job token".to_string()),
-                _ => Err("no peer hello".to_string()),
-            }
-        };
-        match tokio::time::timeout(left, accepted).await {
+        // The hello gets the same `left` as the wait for the connection, not what remains of it.
+        match tokio::time::timeout(left, receive_hello(incoming, token)).await {
             Ok(Ok((conn, tx, rx, rank))) if waiting.remove(&rank) => {
-                let p = info(rank)?;
+                let p = peer_info(peers, rank)?;
                 tracing::debug!(
                     "rank {me}: accepted {} from {} (connection {})",
                     peer_name(p),
                     conn.remote_address(),
                     conn.stable_id()
                 );
-                links.insert(
-                    rank,
-                    Arc::new(Link {
-                        name: peer_name(p),
-                        tx: Mutex::new(tx),
-                        rx: Mutex::new(rx),
-                        _conn: conn,
-                    }),
-                );
+                links.insert(rank, Arc::new(Link::new(p, conn, tx, rx)));
             }
             Ok(Ok((conn, _, _, rank))) => {
                 tracing::warn!(
@@ -169,6 +195,42 @@ pub async fn connect_mesh(
         }
     }
     Ok(links)
+}
+
+/// The next connection attempt within `left`, so that a missing rank fails the rendezvous with
+/// the ranks still awaited rather than hanging.
+async fn next_incoming(
+    endpoint: &quinn::Endpoint,
+    me: u32,
+    waiting: &BTreeSet<u32>,
+    left: Duration,
+    deadline: Duration,
+) -> Result<quinn::Incoming> {
+    tokio::time::timeout(left, endpoint.accept())
+        .await
+        .map_err(|_| {
+            Error::Rendezvous(format!(
+                "worker rank {me}: ranks {waiting:?} did not connect within {deadline:?}"
+            ))
+        })?
+        .ok_or_else(|| Error::Rendezvous("data endpoint closed".into()))
+}
+
+/// An accepted connection with its stream and the rank its hello claims.
+type Greeted = (quinn::Connection, quinn::SendStream, quinn::RecvStream, u32);
+
+/// The accepting side of the hello: finish the handshake, take the dialer's stream and admit it
+/// only if its first message is a hello with the job token; the error says why it was refused.
+async fn receive_hello(incoming: quinn::Incoming, token: &str) -> Result<Greeted, String> {
+    let conn = incoming.await.map_err(|e| e.to_string())?;
+    let (tx, mut rx) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    match wire::recv(&mut rx).await.map_err(|e| e.to_string())? {
+        Some(Message::PeerHello { token: t, rank }) if token_matches(&t, token) => {
+            Ok((conn, tx, rx, rank))
+        }
+        Some(Message::PeerHello { .. }) => Err("wrong job token".to_string()),
+        _ => Err("no peer hello".to_string()),
+    }
 }
 
 /// Time spent in all-reduces, for the report.
@@ -398,13 +460,18 @@ mod tests {
         keep_alive: Duration::from_millis(500),
     };
 
-    /// Three workers link up while garbage and a wrong token knock on rank 2's door; then the
-    /// ring all-reduce sums exactly and point-to-point delivers.
-    #[test]
-    fn mesh_refuses_strangers_and_the_ring_sums() {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let token = "t0k3n";
-        let ids: Vec<Identity> = (0..3).map(|_| Identity::generate().unwrap()).collect();
+    const TOKEN: &str = "t0k3n";
+
+    /// Data endpoints on localhost, their identities, and the peer list the coordinator would
+    /// send for them.
+    struct Mesh {
+        ids: Vec<Identity>,
+        eps: Vec<quinn::Endpoint>,
+        peers: Vec<PeerInfo>,
+    }
+
+    fn mesh(rt: &tokio::runtime::Runtime, n: usize) -> Mesh {
+        let ids: Vec<Identity> = (0..n).map(|_| Identity::generate().unwrap()).collect();
         let eps: Vec<quinn::Endpoint> = ids
             .iter()
             .map(|id| {
@@ -413,7 +480,7 @@ mod tests {
                 })
             })
             .collect();
-        let peers: Vec<PeerInfo> = (0..3)
+        let peers: Vec<PeerInfo> = (0..n)
             .map(|r| PeerInfo {
                 rank: r as u32,
                 host: "localhost".into(),
@@ -421,76 +488,97 @@ mod tests {
                 fingerprint: ids[r].fingerprint.clone(),
             })
             .collect();
-        // Threads keep their links until every thread is done: dropping a connection discards
-        // data still in flight (a worker keeps its links until the coordinator's shutdown).
-        let done = std::sync::Arc::new(std::sync::Barrier::new(3));
+        Mesh { ids, eps, peers }
+    }
+
+    /// Worker `me` of three: links up, all-reduces (me + 1) * [1..=7], rank 0 sends [42, -1] to
+    /// rank 1 (which checks it); returns the all-reduced values. It keeps its links until every
+    /// worker is `done`: dropping a connection discards data still in flight (a worker keeps its
+    /// links until the coordinator's shutdown).
+    fn worker(
+        me: u32,
+        ep: &quinn::Endpoint,
+        peers: &[PeerInfo],
+        handle: tokio::runtime::Handle,
+        done: &std::sync::Barrier,
+    ) -> Vec<f32> {
+        if me < 2 {
+            // Let the strangers reach rank 2 first.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        let needed: BTreeSet<u32> = (0..3).filter(|&r| r != me).collect();
+        let links = handle
+            .block_on(connect_mesh(
+                ep,
+                me,
+                TOKEN,
+                peers,
+                &needed,
+                T,
+                Duration::from_secs(20),
+            ))
+            .unwrap();
+        let mut g = QuicGroup::new(me, &[0, 1, 2], &links, handle).unwrap();
+        let mut t = Tensor::from_slice(&[1.0f32, 2., 3., 4., 5., 6., 7.]) * (me + 1) as f64;
+        g.all_reduce_sum(&mut t).unwrap();
+        let got = Vec::<f32>::try_from(&t).unwrap();
+        if me == 0 {
+            g.send(&Tensor::from_slice(&[42.0f32, -1.0]), 1).unwrap();
+        }
+        if me == 1 {
+            let mut r = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+            g.recv(&mut r, 0).unwrap();
+            assert_eq!(Vec::<f32>::try_from(&r).unwrap(), vec![42.0, -1.0]);
+        }
+        g.barrier().unwrap();
+        done.wait();
+        got
+    }
+
+    /// Strangers on `target`'s data endpoint: one sends garbage bytes, one a hello with a wrong
+    /// token, each framed as the wire module frames them.
+    async fn strangers_knock(target: std::net::SocketAddr, fp: String) {
+        let ep = transport::client().unwrap();
+        for payload in [
+            b"garbage!".to_vec(),
+            wire::encode(&Message::PeerHello {
+                token: "wrong".into(),
+                rank: 0,
+            })
+            .map(|p| {
+                let mut f = (p.len() as u32).to_le_bytes().to_vec();
+                f.extend(p);
+                f
+            })
+            .unwrap(),
+        ] {
+            let conn = transport::connect(&ep, target, &fp, T).await.unwrap();
+            let (mut tx, _rx) = conn.open_bi().await.unwrap();
+            tx.write_all(&payload).await.unwrap();
+            let _ = tx.finish();
+            let _ = conn.closed().await;
+        }
+    }
+
+    /// Three workers link up while garbage and a wrong token knock on rank 2's door; then the
+    /// ring all-reduce sums exactly and point-to-point delivers.
+    #[test]
+    fn mesh_refuses_strangers_and_the_ring_sums() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let m = mesh(&rt, 3);
+        let done = Arc::new(std::sync::Barrier::new(3));
         let handles: Vec<_> = (0..3u32)
             .map(|me| {
                 let done = done.clone();
-                let ep = eps[me as usize].clone();
-                let peers = peers.clone();
+                let ep = m.eps[me as usize].clone();
+                let peers = m.peers.clone();
                 let handle = rt.handle().clone();
-                std::thread::spawn(move || {
-                    if me < 2 {
-                        // Let the strangers reach rank 2 first.
-                        std::thread::sleep(Duration::from_millis(1500));
-                    }
-                    let needed: BTreeSet<u32> = (0..3).filter(|&r| r != me).collect();
-                    let links = handle
-                        .block_on(connect_mesh(
-                            &ep,
-                            me,
-                            token,
-                            &peers,
-                            &needed,
-                            T,
-                            Duration::from_secs(20),
-                        ))
-                        .unwrap();
-                    let mut g = QuicGroup::new(me, &[0, 1, 2], &links, handle).unwrap();
-                    let mut t =
-                        Tensor::from_slice(&[1.0f32, 2., 3., 4., 5., 6., 7.]) * (me + 1) as f64;
-                    g.all_reduce_sum(&mut t).unwrap();
-                    let got = Vec::<f32>::try_from(&t).unwrap();
-                    if me == 0 {
-                        g.send(&Tensor::from_slice(&[42.0f32, -1.0]), 1).unwrap();
-                    }
-                    if me == 1 {
-                        let mut r = Tensor::zeros([2], (Kind::Float, Device::Cpu));
-                        g.recv(&mut r, 0).unwrap();
-                        assert_eq!(Vec::<f32>::try_from(&r).unwrap(), vec![42.0, -1.0]);
-                    }
-                    g.barrier().unwrap();
-                    done.wait();
-                    got
-                })
+                std::thread::spawn(move || worker(me, &ep, &peers, handle, &done))
             })
             .collect();
         // Strangers first: garbage bytes and a wrong token, on rank 2's data endpoint.
-        let target = eps[2].local_addr().unwrap();
-        let fp = ids[2].fingerprint.clone();
-        let strangers = rt.spawn(async move {
-            let ep = transport::client().unwrap();
-            for payload in [
-                b"garbage!".to_vec(),
-                wire::encode(&Message::PeerHello {
-                    token: "wrong".into(),
-                    rank: 0,
-                })
-                .map(|p| {
-                    let mut f = (p.len() as u32).to_le_bytes().to_vec();
-                    f.extend(p);
-                    f
-                })
-                .unwrap(),
-            ] {
-                let conn = transport::connect(&ep, target, &fp, T).await.unwrap();
-                let (mut tx, _rx) = conn.open_bi().await.unwrap();
-                tx.write_all(&payload).await.unwrap();
-                let _ = tx.finish();
-                let _ = conn.closed().await;
-            }
-        });
+        let target = m.eps[2].local_addr().unwrap();
+        let strangers = rt.spawn(strangers_knock(target, m.ids[2].fingerprint.clone()));
         for h in handles {
             let got = h.join().unwrap();
             assert_eq!(got, vec![6.0, 12., 18., 24., 30., 36., 42.]);
