@@ -154,20 +154,25 @@ pub fn train_global<S: PipelineStage + ?Sized>(
     micro_batches: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<LogRow>> {
-    let device = data.task.device();
     let params = stage.global_params();
     let me = pipe.rank();
-    let first = me == 0;
-    let last = stage.is_last();
-    if last != (me + 1 == pipe.size()) {
+    if stage.is_last() != (me + 1 == pipe.size()) {
         return Err(Error::Plan(format!(
             "stage {me} of {} disagrees with its units {:?} about being last",
             pipe.size(),
             stage.units()
         )));
     }
-    let dims = stage.stream_dims();
-    let f32_on = (Kind::Float, device);
+    let step = GlobalStep {
+        stage,
+        data,
+        s,
+        me,
+        first: me == 0,
+        last: stage.is_last(),
+        dims: stage.stream_dims(),
+        device: data.task.device(),
+    };
     s.run("global", data.len(), s.seed)
         .optimise_with(&params, data.len(), progress, |batch| {
             let part = share(batch, replicas.rank(), replicas.size());
@@ -176,92 +181,158 @@ pub fn train_global<S: PipelineStage + ?Sized>(
                 .filter(|mb| !mb.is_empty())
                 .collect();
             let whole = mbs.len() == 1 && part.len() == batch.len();
-            // Forward: keep each micro-batch's input, output (or loss on the last stage), the
-            // stage's own loss terms, and the loss value, for its backward.
-            let mut saved = Vec::with_capacity(mbs.len());
-            for mb in &mbs {
-                let idx = index(mb, device);
-                let weight = |loss: Tensor| {
-                    if whole {
-                        loss
-                    } else {
-                        scaled(loss, mb.len(), batch.len())
-                    }
-                };
-                // Stage 0 reads the inputs; every other stage receives the merged stream and
-                // the value of the stages' own loss terms so far.
-                let (input, acc_in) = if first {
-                    (data.input.index_select(0, &idx), 0.0)
-                } else {
-                    let numel = mb.len() as i64 * dims.iter().product::<i64>();
-                    let mut t = Tensor::zeros([numel + 1], f32_on);
-                    pipe.recv(&mut t, me - 1)?;
-                    let shape: Vec<i64> = [mb.len() as i64].iter().chain(&dims).copied().collect();
-                    let stream = t.narrow(0, 0, numel).view(shape.as_slice());
-                    (
-                        stream.detach().set_requires_grad(true),
-                        t.double_value(&[numel]),
-                    )
-                };
-                let (out, own) = stage.forward(&input, &idx, data, s);
-                let own = own.map(weight);
-                let acc = acc_in + own.as_ref().map_or(0.0, |o| o.double_value(&[]));
-                if last {
-                    let target = data.feats[data.feats.len() - 1].index_select(1, &idx);
-                    let m = mask(stage.n(), data, &idx, s.targets);
-                    let recon = weight(reconstruction_loss(&out, &target, m.as_ref()));
-                    let value = recon.double_value(&[]) + acc;
-                    let loss = match own {
-                        Some(o) => recon + o,
-                        None => recon,
-                    };
-                    saved.push((input, loss, None, value));
-                } else {
-                    let acc_t = Tensor::from_slice(&[acc as f32]).to_device(device);
-                    pipe.send(
-                        &Tensor::cat(&[out.detach().reshape([-1]), acc_t], 0),
-                        me + 1,
-                    )?;
-                    saved.push((input, out, own, 0.0));
-                }
-            }
-            // Backward, last micro-batch first.
-            let mut grads = zero_grads(&params);
-            let mut loss_sum = 0.0;
-            for (input, out, own, value) in saved.into_iter().rev() {
-                let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
-                if !first {
-                    wrt.push(input.shallow_clone());
-                }
-                let (mut g, loss) = if last {
-                    (gradients(&out, &wrt)?, value)
-                } else {
-                    let numel = out.numel() as i64;
-                    let mut back = Tensor::zeros([numel + 1], f32_on);
-                    pipe.recv(&mut back, me + 1)?;
-                    let g_out = back.narrow(0, 0, numel).view(out.size().as_slice());
-                    let value = back.double_value(&[numel]);
-                    let surrogate = (&out * &g_out).sum(Kind::Float);
-                    let surrogate = match own {
-                        Some(o) => surrogate + o,
-                        None => surrogate,
-                    };
-                    (gradients(&surrogate, &wrt)?, value)
-                };
-                loss_sum += loss;
-                if !first {
-                    let g_in = g.pop().unwrap_or_else(|| Tensor::zeros([0], f32_on));
-                    let loss_t = Tensor::from_slice(&[loss as f32]).to_device(device);
-                    pipe.send(&Tensor::cat(&[g_in.reshape([-1]), loss_t], 0), me - 1)?;
-                }
-                grads = if whole {
-                    g
-                } else {
-                    grads.iter().zip(&g).map(|(a, b)| a + b).collect()
-                };
-            }
-            reduce(replicas, grads, loss_sum)
+            let saved = mbs
+                .iter()
+                .map(|mb| step.forward(mb, batch.len(), whole, pipe))
+                .collect::<Result<Vec<_>>>()?;
+            let (grads, loss) = step.backward(&params, saved, whole, pipe)?;
+            reduce(replicas, grads, loss)
         })
+}
+
+/// One stage's part of a global step (GPipe): every micro-batch forward, then every one
+/// backward, last first.
+struct GlobalStep<'a, S: ?Sized> {
+    stage: &'a S,
+    data: &'a StageData,
+    s: &'a TrainSettings,
+    me: usize,
+    first: bool,
+    last: bool,
+    /// Per-sample shape of the merged stream entering the stage.
+    dims: Vec<i64>,
+    device: Device,
+}
+
+/// What a micro-batch's backward needs from its forward: the stage input (a leaf that requires
+/// grad, except on stage 0), the stage output (on the last stage: the loss), the stage's own
+/// loss terms, and (last stage) the loss value.
+struct Saved {
+    input: Tensor,
+    out: Tensor,
+    own: Option<Tensor>,
+    value: f64,
+}
+
+impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
+    /// The micro-batch `mb` of a batch of `batch` samples forward through this stage: stage 0
+    /// reads its inputs, every other stage receives the merged stream and the value of the
+    /// stages' own loss terms so far; the last stage computes the loss, the others send on.
+    fn forward(
+        &self,
+        mb: &[i64],
+        batch: usize,
+        whole: bool,
+        pipe: &mut dyn Collective,
+    ) -> Result<Saved> {
+        let (me, f32_on) = (self.me, (Kind::Float, self.device));
+        let idx = index(mb, self.device);
+        let weight = |loss: Tensor| {
+            if whole {
+                loss
+            } else {
+                scaled(loss, mb.len(), batch)
+            }
+        };
+        let (input, acc_in) = if self.first {
+            (self.data.input.index_select(0, &idx), 0.0)
+        } else {
+            let numel = mb.len() as i64 * self.dims.iter().product::<i64>();
+            let mut t = Tensor::zeros([numel + 1], f32_on);
+            pipe.recv(&mut t, me - 1)?;
+            let shape: Vec<i64> = [mb.len() as i64]
+                .iter()
+                .chain(&self.dims)
+                .copied()
+                .collect();
+            let stream = t.narrow(0, 0, numel).view(shape.as_slice());
+            (
+                stream.detach().set_requires_grad(true),
+                t.double_value(&[numel]),
+            )
+        };
+        let (out, own) = self.stage.forward(&input, &idx, self.data, self.s);
+        let own = own.map(weight);
+        let acc = acc_in + own.as_ref().map_or(0.0, |o| o.double_value(&[]));
+        if self.last {
+            let feats = &self.data.feats;
+            let target = feats[feats.len() - 1].index_select(1, &idx);
+            let m = mask(self.stage.n(), self.data, &idx, self.s.targets);
+            let recon = weight(reconstruction_loss(&out, &target, m.as_ref()));
+            let value = recon.double_value(&[]) + acc;
+            let loss = match own {
+                Some(o) => recon + o,
+                None => recon,
+            };
+            Ok(Saved {
+                input,
+                out: loss,
+                own: None,
+                value,
+            })
+        } else {
+            let acc_t = Tensor::from_slice(&[acc as f32]).to_device(self.device);
+            pipe.send(
+                &Tensor::cat(&[out.detach().reshape([-1]), acc_t], 0),
+                me + 1,
+            )?;
+            Ok(Saved {
+                input,
+                out,
+                own,
+                value: 0.0,
+            })
+        }
+    }
+
+    /// Every micro-batch backward, last first: the last stage from its loss, the others from
+    /// the stream's gradient the next stage sends back (with the micro-batch's loss); each
+    /// stage but the first sends its input's gradient back. Returns the summed gradients of
+    /// `params` and the batch's loss.
+    fn backward(
+        &self,
+        params: &[Tensor],
+        saved: Vec<Saved>,
+        whole: bool,
+        pipe: &mut dyn Collective,
+    ) -> Result<(Vec<Tensor>, f64)> {
+        let (me, f32_on) = (self.me, (Kind::Float, self.device));
+        let mut grads = zero_grads(params);
+        let mut loss_sum = 0.0;
+        for m in saved.into_iter().rev() {
+            let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+            if !self.first {
+                wrt.push(m.input.shallow_clone());
+            }
+            let (mut g, loss) = if self.last {
+                (gradients(&m.out, &wrt)?, m.value)
+            } else {
+                let numel = m.out.numel() as i64;
+                let mut back = Tensor::zeros([numel + 1], f32_on);
+                pipe.recv(&mut back, me + 1)?;
+                let g_out = back.narrow(0, 0, numel).view(m.out.size().as_slice());
+                let value = back.double_value(&[numel]);
+                let surrogate = (&m.out * &g_out).sum(Kind::Float);
+                let surrogate = match m.own {
+                    Some(o) => surrogate + o,
+                    None => surrogate,
+                };
+                (gradients(&surrogate, &wrt)?, value)
+            };
+            loss_sum += loss;
+            if !self.first {
+                let g_in = g.pop().unwrap_or_else(|| Tensor::zeros([0], f32_on));
+                let loss_t = Tensor::from_slice(&[loss as f32]).to_device(self.device);
+                pipe.send(&Tensor::cat(&[g_in.reshape([-1]), loss_t], 0), me - 1)?;
+            }
+            grads = if whole {
+                g
+            } else {
+                grads.iter().zip(&g).map(|(a, b)| a + b).collect()
+            };
+        }
+        Ok((grads, loss_sum))
+    }
 }
 
 /// The teacher features of a stage: `trace(i, start, len)` runs model i's units on rows

@@ -10,7 +10,7 @@ use crate::core::tensor::{assign, to_host, to_tch};
 use crate::dist::collective::nccl::{self, NcclGroup};
 use crate::dist::collective::quic::{connect_mesh, QuicGroup};
 use crate::dist::collective::{Collective, Solo};
-use crate::dist::stage::WorkerStage;
+use crate::dist::stage::{StageData, WorkerStage};
 use crate::dist::{feature_cache, pipeline};
 use crate::family::{family, StageSpec};
 use crate::train::progress::{LogRow, Progress};
@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// How to reach and trust the coordinator, and what this worker knows about itself.
 #[derive(Debug, Clone)]
@@ -107,53 +107,8 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
     let endpoint = rt.block_on(async {
         transport::server("0.0.0.0:0".parse().expect("literal"), &id, opts.timeouts)
     })?;
-    let coord = transport::resolve_addr(&opts.coordinator)?;
-    let conn = rt
-        .block_on(transport::connect(
-            &endpoint,
-            coord,
-            &opts.fingerprint,
-            opts.timeouts,
-        ))
-        .map_err(|e| Error::Peer {
-            peer: format!("coordinator {}", opts.coordinator),
-            msg: e.to_string(),
-        })?;
-    let local_ip = conn
-        .local_ip()
-        .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
-    let port = endpoint
-        .local_addr()
-        .map_err(|e| Error::Compute(format!("data endpoint: {e}")))?
-        .port();
     let host = fsmerge_common::discovery::this_host();
-    let hello = Message::Hello(Hello {
-        token: opts.token.clone(),
-        rank: opts.rank,
-        world: opts.world,
-        host: host.clone(),
-        pid: std::process::id(),
-        data_addr: std::net::SocketAddr::new(local_ip, port).to_string(),
-        data_fingerprint: id.fingerprint.clone(),
-    });
-    let coordinator = |msg: String| Error::Peer {
-        peer: format!("coordinator {}", opts.coordinator),
-        msg,
-    };
-    let (tx, mut rx) = rt.block_on(async {
-        let (mut tx, rx) = conn
-            .open_bi()
-            .await
-            .map_err(|e| coordinator(e.to_string()))?;
-        wire::send(&mut tx, &hello).await?;
-        Ok::<_, Error>((tx, rx))
-    })?;
-    let assignment = match rt.block_on(wire::recv(&mut rx))? {
-        Some(Message::Assign(a)) => *a,
-        Some(Message::Refused { reason }) => return Err(coordinator(format!("refused: {reason}"))),
-        Some(other) => return Err(coordinator(format!("unexpected first message {other:?}"))),
-        None => return Err(coordinator("closed the connection".into())),
-    };
+    let (conn, tx, rx, assignment) = register(&rt, opts, &id, &endpoint, &host)?;
     let control = Control {
         tx: Arc::new(tokio::sync::Mutex::new(tx)),
         rt: rt.handle().clone(),
@@ -168,60 +123,8 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
     let job: JobConfig = serde_json::from_str(&assignment.job_json)
         .map_err(|e| Error::Protocol(format!("job config from the coordinator: {e}")))?;
     let heartbeat = Duration::from_secs_f64(job.cluster.heartbeat_secs);
-    {
-        let control = control.clone();
-        let beat = beat.clone();
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(heartbeat).await;
-                let b = lock(&beat).clone();
-                let msg = Message::Heartbeat {
-                    phase: b.phase,
-                    step: b.step,
-                    total: b.total,
-                };
-                if wire::send(&mut *control.tx.lock().await, &msg)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-    }
-    let embedded = opts.embedded;
-    rt.spawn(async move {
-        loop {
-            match wire::recv(&mut rx).await {
-                Ok(Some(Message::Abort { reason })) => {
-                    tracing::error!("worker rank {rank}: aborted by the coordinator: {reason}");
-                    if !embedded {
-                        std::process::exit(1);
-                    }
-                    break;
-                }
-                Ok(Some(Message::Shutdown)) => {
-                    let _ = done_tx.send(());
-                    break;
-                }
-                Ok(Some(Message::NcclId { group, id })) => {
-                    let _ = nccl_tx.send((group, id));
-                }
-                Ok(Some(other)) => {
-                    tracing::warn!("worker rank {rank}: ignoring unexpected message {other:?}")
-                }
-                Ok(None) | Err(_) => {
-                    tracing::error!(
-                        "worker rank {rank}: lost the connection to the coordinator; stopping"
-                    );
-                    if !embedded {
-                        std::process::exit(1);
-                    }
-                    break;
-                }
-            }
-        }
-    });
+    rt.spawn(heartbeats(control.clone(), beat.clone(), heartbeat));
+    rt.spawn(listen(rx, rank, opts.embedded, nccl_tx, done_tx));
     let ctx = Ctx {
         a: &assignment,
         job: &job,
@@ -263,6 +166,133 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
     }
 }
 
+/// Connect to the coordinator, say hello (token, rank, data-plane address and certificate)
+/// and receive this worker's assignment; a refusal is an error naming the coordinator.
+fn register(
+    rt: &tokio::runtime::Runtime,
+    opts: &WorkerOptions,
+    id: &Identity,
+    endpoint: &quinn::Endpoint,
+    host: &str,
+) -> Result<(
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    Assignment,
+)> {
+    let coordinator = |msg: String| Error::Peer {
+        peer: format!("coordinator {}", opts.coordinator),
+        msg,
+    };
+    let coord = transport::resolve_addr(&opts.coordinator)?;
+    let conn = rt
+        .block_on(transport::connect(
+            endpoint,
+            coord,
+            &opts.fingerprint,
+            opts.timeouts,
+        ))
+        .map_err(|e| coordinator(e.to_string()))?;
+    let local_ip = conn
+        .local_ip()
+        .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    let port = endpoint
+        .local_addr()
+        .map_err(|e| Error::Compute(format!("data endpoint: {e}")))?
+        .port();
+    let hello = Message::Hello(Hello {
+        token: opts.token.clone(),
+        rank: opts.rank,
+        world: opts.world,
+        host: host.to_string(),
+        pid: std::process::id(),
+        data_addr: std::net::SocketAddr::new(local_ip, port).to_string(),
+        data_fingerprint: id.fingerprint.clone(),
+    });
+    let (tx, mut rx) = rt.block_on(async {
+        let (mut tx, rx) = conn
+            .open_bi()
+            .await
+            .map_err(|e| coordinator(e.to_string()))?;
+        wire::send(&mut tx, &hello).await?;
+        Ok::<_, Error>((tx, rx))
+    })?;
+    let assignment = match rt.block_on(wire::recv(&mut rx))? {
+        Some(Message::Assign(a)) => *a,
+        Some(Message::Refused { reason }) => return Err(coordinator(format!("refused: {reason}"))),
+        Some(other) => return Err(coordinator(format!("unexpected first message {other:?}"))),
+        None => return Err(coordinator("closed the connection".into())),
+    };
+    Ok((conn, tx, rx, assignment))
+}
+
+/// Send a heartbeat with the current phase and step every `every`, until the connection fails.
+async fn heartbeats(control: Control, beat: Shared<Beat>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let b = lock(&beat).clone();
+        let msg = Message::Heartbeat {
+            phase: b.phase,
+            step: b.step,
+            total: b.total,
+        };
+        if wire::send(&mut *control.tx.lock().await, &msg)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// Read the coordinator's messages: relay NCCL ids, signal the shutdown; on an abort or a lost
+/// connection, stop (a worker process exits at once).
+async fn listen(
+    mut rx: quinn::RecvStream,
+    rank: u32,
+    embedded: bool,
+    nccl: std::sync::mpsc::Sender<(u32, Vec<u8>)>,
+    done: std::sync::mpsc::Sender<()>,
+) {
+    loop {
+        match wire::recv(&mut rx).await {
+            Ok(Some(Message::Abort { reason })) => {
+                tracing::error!("worker rank {rank}: aborted by the coordinator: {reason}");
+                if !embedded {
+                    std::process::exit(1);
+                }
+                break;
+            }
+            Ok(Some(Message::Shutdown)) => {
+                let _ = done.send(());
+                break;
+            }
+            Ok(Some(Message::NcclId { group, id })) => {
+                let _ = nccl.send((group, id));
+            }
+            Ok(Some(other)) => {
+                tracing::warn!("worker rank {rank}: ignoring unexpected message {other:?}")
+            }
+            Ok(None) | Err(_) => {
+                tracing::error!(
+                    "worker rank {rank}: lost the connection to the coordinator; stopping"
+                );
+                if !embedded {
+                    std::process::exit(1);
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// Seconds and optimiser steps of each phase a worker ran or restored.
+#[derive(Default)]
+struct Timings {
+    seconds: BTreeMap<String, f64>,
+    steps: BTreeMap<String, u64>,
+}
+
 struct Ctx<'a> {
     a: &'a Assignment,
     job: &'a JobConfig,
@@ -288,7 +318,6 @@ impl Ctx<'_> {
         nccl_ids: &std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
     ) -> Result<[Box<dyn Collective>; 2]> {
         let a = self.a;
-        let job = self.job;
         let plan: Plan = serde_json::from_str(&a.plan_json)
             .map_err(|e| Error::Protocol(format!("plan from the coordinator: {e}")))?;
         crate::set_threads(a.threads as usize);
@@ -314,9 +343,42 @@ impl Ctx<'_> {
         reps.barrier()?;
 
         self.set_phase("load");
+        let (mut stage, rows) = self.load_stage(&plan, device)?;
+        self.set_phase("features");
+        let mut data = self.features(stage.as_ref(), rows, pipe.as_mut(), device, &work)?;
+        stage.prepare(&data)?;
+        let timings = self.train(
+            stage.as_mut(),
+            &mut data,
+            [pipe.as_mut(), reps.as_mut()],
+            &work,
+            stages,
+        )?;
+        self.set_phase("fold");
+        if replica == 0 {
+            self.send_folded(stage.as_ref())?;
+        }
+        self.send_stats(
+            stage.as_ref(),
+            device,
+            [pipe.as_ref(), reps.as_ref()],
+            timings,
+        )?;
+        self.set_phase("done");
+        Ok([pipe, reps])
+    }
+
+    /// The stage of this worker, with its M/U on `device`, and the merge rows when it reads
+    /// them (stage 0 computing teacher features; every stage of some families).
+    #[allow(clippy::type_complexity)]
+    fn load_stage(
+        &self,
+        plan: &Plan,
+        device: Device,
+    ) -> Result<(Box<dyn WorkerStage>, Option<(Tensor, Tensor)>)> {
+        let (a, job) = (self.a, self.job);
+        let stage_i = a.stage as usize;
         let family = family(job.model.arch);
-        let units = plan.stages[stage_i].units.clone();
-        // Stage 0 starts from the merge rows; some families read them on every stage.
         let needs_rows = (stage_i == 0 && !a.features_cached) || family.every_stage_reads_rows();
         let rows = needs_rows
             .then(|| feature_cache::merge_inputs(job))
@@ -324,46 +386,65 @@ impl Ctx<'_> {
         let mut stage = family.load_stage(&StageSpec {
             job,
             models_dir: Path::new(&a.models_dir),
-            units,
+            units: plan.stages[stage_i].units.clone(),
             rows: rows.as_ref().map(|(x, _)| x),
         })?;
         stage.to_device(device);
+        Ok((stage, rows))
+    }
 
-        self.set_phase("features");
-        let mut data = if a.features_cached {
+    /// The stage's teacher features: from the cache when the coordinator says they exist, else
+    /// computed down the pipeline (stage 0 from the merge rows) and cached by replica 0.
+    fn features(
+        &self,
+        stage: &dyn WorkerStage,
+        rows: Option<(Tensor, Tensor)>,
+        pipe: &mut dyn Collective,
+        device: Device,
+        work: &WorkDir,
+    ) -> Result<StageData> {
+        let a = self.a;
+        let stage_i = a.stage as usize;
+        let data = if a.features_cached {
             feature_cache::load(&work.features(stage_i), stage.feature_count())?
         } else {
             let start = rows
                 .filter(|_| stage_i == 0)
                 .map(|(x, task)| (x.to_device(device), task.to_device(device)));
-            let d = pipeline::flow_features(stage.as_ref(), pipe.as_mut(), start)?;
-            if replica == 0 {
+            let d = pipeline::flow_features(stage, pipe, start)?;
+            if a.replica == 0 {
                 feature_cache::save(&work.features(stage_i), &d)?;
             }
             d
-        }
-        .to_device(device);
-        stage.prepare(&data)?;
+        };
+        Ok(data.to_device(device))
+    }
 
+    /// The job's training phases on this stage (local, then global, as the mode says), each
+    /// run or restored by `phase`; `groups` is [pipeline, replicas].
+    fn train(
+        &self,
+        stage: &mut dyn WorkerStage,
+        data: &mut StageData,
+        groups: [&mut dyn Collective; 2],
+        work: &WorkDir,
+        stages: usize,
+    ) -> Result<Timings> {
+        let (a, job) = (self.a, self.job);
+        let [pipe, reps] = groups;
         let m = &job.merge;
         let settings = TrainSettings::of(m, job.seed);
         let progress = BeatProgress(self.beat.clone());
-        let mut phase_seconds = BTreeMap::new();
-        let mut phase_steps = BTreeMap::new();
+        let mut t = Timings::default();
         if matches!(m.mode, Mode::Local | Mode::LocalThenGlobal) {
-            self.phase(
-                &work,
-                stage.as_ref(),
-                "local",
-                &mut phase_seconds,
-                &mut phase_steps,
-                || stage.train_local(&data, &settings, pipe.as_mut(), reps.as_mut(), &progress),
-            )?;
+            self.phase(work, stage, "local", &mut t, || {
+                stage.train_local(data, &settings, pipe, reps, &progress)
+            })?;
             self.set_phase("hand-over");
-            stage.hand_over(pipe.as_mut())?;
+            stage.hand_over(pipe)?;
         }
         if matches!(m.mode, Mode::Global | Mode::LocalThenGlobal) {
-            let freed = data.keep_global_only(stage_i == 0, stage.is_last());
+            let freed = data.keep_global_only(a.stage == 0, stage.is_last());
             tracing::debug!(
                 "worker rank {}: freed {:.1} MB of teacher streams the global phase does not read",
                 a.rank,
@@ -378,47 +459,45 @@ impl Ctx<'_> {
             } else {
                 1
             };
-            self.phase(
-                &work,
-                stage.as_ref(),
-                "global",
-                &mut phase_seconds,
-                &mut phase_steps,
-                || {
-                    pipeline::train_global(
-                        stage.as_ref(),
-                        &data,
-                        &s,
-                        pipe.as_mut(),
-                        reps.as_mut(),
-                        micro,
-                        &progress,
-                    )
-                },
-            )?;
-        }
-
-        self.set_phase("fold");
-        if replica == 0 {
-            let folded = stage.fold()?;
-            let count = folded.len() as u32;
-            for (name, t) in folded {
-                self.control.send(&Message::Folded {
-                    stage: a.stage,
-                    tensor: NamedTensor {
-                        name,
-                        shape: t.shape.iter().map(|&d| d as u64).collect(),
-                        data: t.data,
-                    },
-                })?;
-            }
-            self.control.send(&Message::FoldedDone {
-                stage: a.stage,
-                count,
+            self.phase(work, stage, "global", &mut t, || {
+                pipeline::train_global(stage, data, &s, pipe, reps, micro, &progress)
             })?;
         }
-        let (pa, pc) = pipe.allreduce_time();
-        let (ra, rc) = reps.allreduce_time();
+        Ok(t)
+    }
+
+    /// Send the folded stage to the coordinator, tensor by tensor, then the count.
+    fn send_folded(&self, stage: &dyn WorkerStage) -> Result<()> {
+        let a = self.a;
+        let folded = stage.fold()?;
+        let count = folded.len() as u32;
+        for (name, t) in folded {
+            self.control.send(&Message::Folded {
+                stage: a.stage,
+                tensor: NamedTensor {
+                    name,
+                    shape: t.shape.iter().map(|&d| d as u64).collect(),
+                    data: t.data,
+                },
+            })?;
+        }
+        self.control.send(&Message::FoldedDone {
+            stage: a.stage,
+            count,
+        })
+    }
+
+    /// Send this worker's statistics (its last message of the job).
+    fn send_stats(
+        &self,
+        stage: &dyn WorkerStage,
+        device: Device,
+        groups: [&dyn Collective; 2],
+        t: Timings,
+    ) -> Result<()> {
+        let a = self.a;
+        let (pa, pc) = groups[0].allreduce_time();
+        let (ra, rc) = groups[1].allreduce_time();
         self.control.send(&Message::Stats(WorkerStats {
             rank: a.rank,
             host: self.host.clone(),
@@ -428,16 +507,14 @@ impl Ctx<'_> {
                 Device::Cuda(i) => format!("cuda:{i}"),
                 _ => "cpu".into(),
             },
-            phase_steps,
+            phase_steps: t.steps,
             peak_rss_mib: peak_rss_mib(),
             weight_bytes: stage.weight_bytes(),
-            step_seconds: phase_seconds.values().sum(),
-            phase_seconds,
+            step_seconds: t.seconds.values().sum(),
+            phase_seconds: t.seconds,
             allreduce_seconds: pa + ra,
             allreduce_calls: pc + rc,
-        }))?;
-        self.set_phase("done");
-        Ok([pipe, reps])
+        }))
     }
 
     /// Run phase `phase` of the stage, or restore it from its checkpoint if the coordinator says
@@ -447,8 +524,7 @@ impl Ctx<'_> {
         work: &WorkDir,
         stage: &dyn WorkerStage,
         phase: &str,
-        seconds: &mut BTreeMap<String, f64>,
-        steps: &mut BTreeMap<String, u64>,
+        timings: &mut Timings,
         train: impl FnOnce() -> Result<Vec<LogRow>>,
     ) -> Result<()> {
         let a = self.a;
@@ -496,8 +572,10 @@ impl Ctx<'_> {
             }
             (record, false)
         };
-        seconds.insert(phase.to_string(), record.seconds);
-        steps.insert(phase.to_string(), record.log.len() as u64);
+        timings.seconds.insert(phase.to_string(), record.seconds);
+        timings
+            .steps
+            .insert(phase.to_string(), record.log.len() as u64);
         if a.replica == 0 {
             self.control.send(&Message::PhaseDone {
                 stage: a.stage,
