@@ -30,6 +30,38 @@ pub struct JobConfig {
     /// How the SuperNet is laid out over workers (one stage, one replica by default).
     #[serde(default)]
     pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+/// How the merged model is written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Largest safetensors shard of an HF output folder, in MB (10⁶ bytes): above it the
+    /// weights are split into `model-0000i-of-0000N.safetensors` + an index, as
+    /// `transformers`' `save_pretrained` does (its default is 5 GB).
+    #[serde(default = "default_max_shard_mb")]
+    pub max_shard_mb: f64,
+}
+
+fn default_max_shard_mb() -> f64 {
+    5000.0
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            max_shard_mb: default_max_shard_mb(),
+        }
+    }
+}
+
+impl OutputConfig {
+    /// `max_shard_mb` in bytes.
+    pub fn max_shard_bytes(&self) -> u64 {
+        (self.max_shard_mb * 1e6) as u64
+    }
 }
 
 /// Collective backend of the data plane.
@@ -739,7 +771,8 @@ impl JobConfig {
         self.check_inner_terms()?;
         self.check_cluster()?;
         self.check_augment()?;
-        self.check_baselines()
+        self.check_baselines()?;
+        positive(self.output.max_shard_mb, "output.max_shard_mb")
     }
 
     /// The job name becomes a directory, so it must be a plain, visible one.

@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod error;
 pub mod fsio;
 pub mod hf;
+pub mod hf_writer;
 pub mod metrics;
 pub mod plan;
 pub mod transport;

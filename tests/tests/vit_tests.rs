@@ -39,7 +39,8 @@ fn vit_merge_end_to_end_and_transformers_reproduces_it() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     let out = dir.path().join("run");
-    let m = merge(&out, &models, &[]);
+    // Shards of 30 kB: the merged folder is written as save_pretrained writes a large model.
+    let m = merge(&out, &models, &["--set", "output.max_shard_mb=0.03"]);
     let methods: Vec<&str> = m.results.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(
         methods,
@@ -71,6 +72,17 @@ fn vit_merge_end_to_end_and_transformers_reproduces_it() {
     }
     let report = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(report.contains("![accuracy.png](accuracy.png)"));
+
+    let index: serde_json::Value =
+        read_json(&out.join("merged/model.safetensors.index.json")).unwrap();
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(shards.len() > 1, "{shards:?}");
+    assert!(!out.join("merged/model.safetensors").exists());
 
     // The merged checkpoint alone (fsmerge's loader) reproduces the reported accuracies: task t
     // reads its slice of the stacked classifier.

@@ -111,3 +111,17 @@ pub fn chunked(x: &Tensor, dim: i64, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
         .collect();
     Tensor::cat(&parts, dim)
 }
+
+/// Write an HF folder's weights `named` into `dir`, one tensor at a time to host memory, in
+/// safetensors shards of at most `max_shard_bytes` (`fsmerge_common::hf_writer`).
+pub fn write_hf_weights(
+    dir: &std::path::Path,
+    named: Vec<(String, &Tensor)>,
+    max_shard_bytes: u64,
+) -> Result<()> {
+    let mut w = fsmerge_common::hf_writer::ShardedWriter::new(dir, max_shard_bytes)?;
+    for (name, t) in named {
+        w.add(name, to_host(t)?)?;
+    }
+    w.finish().map(|_| ())
+}

@@ -65,8 +65,13 @@ pub trait WorkerStage: PipelineStage {
         replicas: &mut dyn Collective,
         progress: &dyn Progress,
     ) -> Result<Vec<LogRow>>;
-    /// After local training: move what the next stage consumes there.
-    fn hand_over(&mut self, pipe: &mut dyn Collective) -> Result<()>;
+    /// After local training: move what the next stage consumes there (an MLP stage's last U,
+    /// which the next stage's first layer folds in; a transformer's shared residual merge is
+    /// held by every stage, so it has nothing to move).
+    fn hand_over(&mut self, pipe: &mut dyn Collective) -> Result<()> {
+        let _ = pipe;
+        Ok(())
+    }
     /// Every trainable tensor, named, for checkpoints.
     fn named_params(&self) -> Vec<(String, Tensor)>;
     /// The folded stage under the merged model's tensor names.

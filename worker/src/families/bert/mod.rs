@@ -75,7 +75,7 @@ impl Family for BertFamily {
                         .map_or(format!("class {c}"), |s| s.to_string())
                 })
                 .collect();
-            bert.save(&out.join(&task.name), &labels)?;
+            bert.save_sharded(&out.join(&task.name), &labels, job.output.max_shard_bytes())?;
             Ok((val_acc, rows))
         })
     }

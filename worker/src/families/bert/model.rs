@@ -6,10 +6,11 @@ use crate::core::baselines::Encoder;
 use crate::core::encoder_block::{EncoderBlock, Layout, Part};
 use crate::core::layer_norm::LayerNorm;
 use crate::core::linear::Linear;
-use crate::core::tensor::{to_host, to_tch};
+use crate::core::tensor::{to_tch, write_hf_weights};
 use crate::core::transformer::{check_part_units, unit_blocks};
-use fsmerge_common::checkpoint::{write_json, write_tensors, HostTensor};
+use fsmerge_common::checkpoint::write_json;
 use fsmerge_common::hf::{BertConfig, WeightFiles};
+use fsmerge_common::hf_writer::DEFAULT_MAX_SHARD_BYTES;
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -172,6 +173,11 @@ impl Bert {
     /// by `BertModel.from_pretrained`; with a classifier, a `BertForSequenceClassification`
     /// folder (encoder under `bert.`) whose labels are `labels` (or `LABEL_i` when empty).
     pub fn save(&self, dir: &Path, labels: &[String]) -> Result<()> {
+        self.save_sharded(dir, labels, DEFAULT_MAX_SHARD_BYTES)
+    }
+
+    /// `save`, with the weights in safetensors shards of at most `max_shard_bytes`.
+    pub fn save_sharded(&self, dir: &Path, labels: &[String], max_shard_bytes: u64) -> Result<()> {
         let named = self.encoder_tensors();
         // A sequence classifier is saved as transformers does: the encoder under `bert.`.
         let prefix = if self.classifier.is_some() {
@@ -186,10 +192,6 @@ impl Bert {
         if let Some(c) = &self.classifier {
             named.push(("classifier.weight".into(), &c.w));
             named.push(("classifier.bias".into(), &c.b));
-        }
-        let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
-        for (name, t) in named {
-            tensors.insert(name, to_host(t)?);
         }
         let (arch, outputs) = match &self.classifier {
             Some(c) => ("BertForSequenceClassification", c.w.size()[0]),
@@ -213,7 +215,7 @@ impl Bert {
                 )
             })
             .collect();
-        write_tensors(&dir.join("model.safetensors"), &tensors)?;
+        write_hf_weights(dir, named, max_shard_bytes)?;
         let c = &self.cfg;
         write_json(
             &dir.join("config.json"),

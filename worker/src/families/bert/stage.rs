@@ -209,10 +209,6 @@ impl WorkerStage for BertStage {
         })
     }
 
-    fn hand_over(&mut self, _pipe: &mut dyn Collective) -> Result<()> {
-        Ok(())
-    }
-
     fn named_params(&self) -> Vec<(String, Tensor)> {
         self.sn.named_params()
     }

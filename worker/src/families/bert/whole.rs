@@ -194,7 +194,8 @@ impl MergedNet for MergedBert {
         let (labels, tasks) =
             stacked_labels(&job.tasks, &|c| CLASSES.get(c).unwrap_or(&"?").to_string());
         let dir = out.join("merged");
-        self.joint_checkpoint().save(&dir, &labels)?;
+        self.joint_checkpoint()
+            .save_sharded(&dir, &labels, job.output.max_shard_bytes())?;
         write_json(
             &dir.join("fsmerge.json"),
             &serde_json::json!({"method": "fs-merge", "variant": variant, "tasks": tasks, "input": "WordPiece ids of data.vocab (BERT uncased), [CLS] text [SEP] padded with [PAD] to data.max_tokens"}),

@@ -56,7 +56,7 @@ impl Family for VitFamily {
             let (vit, val_acc, rows) =
                 merge::train_original(config.clone(), spec, train, val, progress)?;
             let labels: Vec<String> = task.classes.iter().map(|c| format!("class {c}")).collect();
-            vit.save(&out.join(&task.name), &labels)?;
+            vit.save_sharded(&out.join(&task.name), &labels, job.output.max_shard_bytes())?;
             Ok((val_acc, rows))
         })
     }

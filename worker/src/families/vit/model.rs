@@ -7,10 +7,11 @@ use crate::core::baselines::Encoder;
 use crate::core::encoder_block::{EncoderBlock, Layout, Part};
 use crate::core::layer_norm::LayerNorm;
 use crate::core::linear::Linear;
-use crate::core::tensor::{to_host, to_tch, F32};
+use crate::core::tensor::{to_tch, write_hf_weights, F32};
 use crate::core::transformer::{check_part_units, unit_blocks};
-use fsmerge_common::checkpoint::{write_json, write_tensors, HostTensor};
+use fsmerge_common::checkpoint::{write_json, HostTensor};
 use fsmerge_common::hf::{VitConfig, WeightFiles};
+use fsmerge_common::hf_writer::DEFAULT_MAX_SHARD_BYTES;
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -368,11 +369,12 @@ impl Vit {
     /// Write an HF folder: `config.json` (with `labels` as id2label) and `model.safetensors`,
     /// loadable by `ViTForImageClassification.from_pretrained` (or `ViTModel` without a head).
     pub fn save(&self, dir: &Path, labels: &[String]) -> Result<()> {
-        let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
-        for (name, t) in self.named_tensors() {
-            tensors.insert(name, to_host(t)?);
-        }
-        write_tensors(&dir.join("model.safetensors"), &tensors)?;
+        self.save_sharded(dir, labels, DEFAULT_MAX_SHARD_BYTES)
+    }
+
+    /// `save`, with the weights in safetensors shards of at most `max_shard_bytes`.
+    pub fn save_sharded(&self, dir: &Path, labels: &[String], max_shard_bytes: u64) -> Result<()> {
+        write_hf_weights(dir, self.named_tensors(), max_shard_bytes)?;
         write_json(&dir.join("config.json"), &self.config_json(labels))
     }
 

@@ -400,10 +400,6 @@ impl WorkerStage for VitStage {
         })
     }
 
-    fn hand_over(&mut self, _pipe: &mut dyn Collective) -> Result<()> {
-        Ok(())
-    }
-
     fn named_params(&self) -> Vec<(String, Tensor)> {
         let mut groups = vec![
             ("m_pre".to_string(), self.m_pre.params()),

@@ -181,7 +181,8 @@ impl MergedNet for MergedVit {
     ) -> Result<()> {
         let (labels, tasks) = stacked_labels(&job.tasks, &|c| format!("class {c}"));
         let dir = out.join("merged");
-        self.joint_checkpoint().save(&dir, &labels)?;
+        self.joint_checkpoint()
+            .save_sharded(&dir, &labels, job.output.max_shard_bytes())?;
         write_json(
             &dir.join("fsmerge.json"),
             &serde_json::json!({"method": "fs-merge", "variant": variant, "tasks": tasks, "input": "square grey images, normalised as fsmerge's data loader does"}),

@@ -1,0 +1,165 @@
+//! An HF model folder's weights written tensor by tensor as they come, never the whole model in
+//! memory: safetensors shards of at most `max_shard_bytes`, named and indexed as `transformers`'
+//! `save_pretrained` names them (`model-00001-of-00003.safetensors` …,
+//! `model.safetensors.index.json` with the total size and every tensor's file), or one
+//! `model.safetensors` when everything fits in one shard. Each file is written atomically;
+//! the folder itself is made atomic by the caller's staging directory.
+
+use crate::checkpoint::{write_json, write_tensors, HostTensor};
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// `transformers`' default `max_shard_size` (5 GB).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+pub struct ShardedWriter {
+    dir: PathBuf,
+    max_shard_bytes: u64,
+    /// The shard being filled.
+    pending: BTreeMap<String, HostTensor>,
+    pending_bytes: u64,
+    /// Shards written so far (under temporary names until `finish` knows their count), with
+    /// the names of their tensors.
+    written: Vec<(PathBuf, Vec<String>)>,
+    total_bytes: u64,
+}
+
+impl ShardedWriter {
+    pub fn new(dir: &Path, max_shard_bytes: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max_shard_bytes: max_shard_bytes.max(1),
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            written: Vec::new(),
+            total_bytes: 0,
+        })
+    }
+
+    /// Add one tensor; the shard being filled is written out first when this one would take
+    /// it past the limit (a tensor larger than the limit gets a shard of its own).
+    pub fn add(&mut self, name: String, t: HostTensor) -> Result<()> {
+        if self.pending.contains_key(&name) || self.written.iter().any(|(_, n)| n.contains(&name)) {
+            return Err(Error::Tensor {
+                file: self.dir.clone(),
+                tensor: name,
+                msg: "written twice".into(),
+            });
+        }
+        let bytes = 4 * t.data.len() as u64;
+        if !self.pending.is_empty() && self.pending_bytes + bytes > self.max_shard_bytes {
+            self.flush()?;
+        }
+        self.pending_bytes += bytes;
+        self.total_bytes += bytes;
+        self.pending.insert(name, t);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let file = self
+            .dir
+            .join(format!(".shard-{}.tmp", self.written.len() + 1));
+        write_tensors(&file, &self.pending)?;
+        let names = std::mem::take(&mut self.pending).into_keys().collect();
+        self.written.push((file, names));
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Write the last shard and name the files: `model.safetensors` for one shard, else the
+    /// numbered shards and their index. Returns the files written.
+    pub fn finish(mut self) -> Result<Vec<PathBuf>> {
+        if !self.pending.is_empty() || self.written.is_empty() {
+            self.flush()?;
+        }
+        let count = self.written.len();
+        let rename = |from: &Path, to: PathBuf| -> Result<PathBuf> {
+            std::fs::rename(from, &to).map_err(|e| Error::io(&to, e))?;
+            Ok(to)
+        };
+        if count == 1 {
+            let (file, _) = &self.written[0];
+            return Ok(vec![rename(file, self.dir.join("model.safetensors"))?]);
+        }
+        let mut files = Vec::new();
+        let mut weight_map = BTreeMap::new();
+        for (i, (file, names)) in self.written.iter().enumerate() {
+            let name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+            for n in names {
+                weight_map.insert(n.clone(), name.clone());
+            }
+            files.push(rename(file, self.dir.join(&name))?);
+        }
+        let index = self.dir.join("model.safetensors.index.json");
+        write_json(
+            &index,
+            &serde_json::json!({
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": weight_map,
+            }),
+        )?;
+        files.push(index);
+        Ok(files)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hf::WeightFiles;
+
+    fn tensor(n: usize, v: f32) -> HostTensor {
+        HostTensor::new(vec![n], vec![v; n])
+    }
+
+    #[test]
+    fn shards_above_the_limit_and_indexes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        // 40 bytes a shard: tensors of 24, 24, 8, 48 bytes → [a], [b, c], [d].
+        let mut w = ShardedWriter::new(dir.path(), 40).unwrap();
+        for (name, n) in [("a", 6), ("b", 6), ("c", 2), ("d", 12)] {
+            w.add(name.into(), tensor(n, n as f32)).unwrap();
+        }
+        let files = w.finish().unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "model-00001-of-00003.safetensors",
+                "model-00002-of-00003.safetensors",
+                "model-00003-of-00003.safetensors",
+                "model.safetensors.index.json"
+            ]
+        );
+        let index: serde_json::Value =
+            crate::checkpoint::read_json(&dir.path().join("model.safetensors.index.json")).unwrap();
+        assert_eq!(index["metadata"]["total_size"], 104);
+        assert_eq!(index["weight_map"]["c"], "model-00002-of-00003.safetensors");
+        let all = WeightFiles::open(dir.path())
+            .unwrap()
+            .read(&["a", "b", "c", "d"].map(String::from))
+            .unwrap();
+        assert_eq!(all["d"].data, vec![12.0; 12]);
+        assert_eq!(all["c"].shape, vec![2]);
+        // Nothing but the model files is left.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
+    }
+
+    #[test]
+    fn one_shard_is_model_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardedWriter::new(dir.path(), 1000).unwrap();
+        w.add("a".into(), tensor(3, 1.0)).unwrap();
+        w.add("b".into(), tensor(3, 2.0)).unwrap();
+        assert!(w.add("a".into(), tensor(3, 1.0)).is_err());
+        let files = w.finish().unwrap();
+        assert_eq!(files, vec![dir.path().join("model.safetensors")]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
