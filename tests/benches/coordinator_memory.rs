@@ -1,0 +1,107 @@
+//! The coordinator's memory against the models' size (run: `cargo bench -p fsmerge-tests
+//! --bench coordinator_memory`): the fmnist ViT job with 2 stages as worker processes, at width
+//! 64 and 256 (MLP 2× the width, 4 blocks), every baseline; prints the coordinator's and each
+//! worker's peak RSS (VmHWM) and the weights each worker holds. Every `fsmerge` process starts
+//! at ~470 MiB resident (the binary links libtorch_cuda), so what matters is the growth between
+//! the widths: the target of the redesign is a coordinator that stays flat (it holds no model)
+//! while the workers grow with their stages.
+//!
+//! Sized by `FSMERGE_BENCH_WIDTHS` (default `64,256`); training is one epoch of everything, as
+//! only memory is measured.
+
+use fsmerge_common::checkpoint::read_json;
+use fsmerge_common::metrics::Metrics;
+use fsmerge_tests::{fsmerge_bin, root, wait_for};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn run(dir: &Path, width: usize) -> Metrics {
+    let out = dir.join(format!("w{width}"));
+    let rdv = dir.join(format!("w{width}.work/rendezvous.json"));
+    let sets = [
+        format!(
+            "train.models_dir=\"{}\"",
+            dir.join(format!("models-{width}")).display()
+        ),
+        format!("model.vit.width={width}"),
+        format!("model.vit.mlp_dim={}", 2 * width),
+        "train.epochs=1".into(),
+        "merge.epochs=1".into(),
+        "merge.global_epochs=1".into(),
+        "merge.n_augmented=100".into(),
+        "cluster.stages=2".into(),
+        "threads=1".into(),
+    ];
+    let config = root().join("configs/fmnist-vit.toml");
+    let mut coordinator = Command::new(fsmerge_bin())
+        .args(["coordinator"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--out"])
+        .arg(&out)
+        .args(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]))
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut workers: Vec<_> = (0..2)
+        .map(|r| {
+            Command::new(fsmerge_bin())
+                .args(["worker", "--rank", &r.to_string(), "--rendezvous"])
+                .arg(&rdv)
+                .current_dir(root())
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ok = wait_for(&mut coordinator, Duration::from_secs(3600), "coordinator").success();
+    for w in &mut workers {
+        wait_for(w, Duration::from_secs(60), "worker");
+    }
+    assert!(ok, "width {width} failed");
+    read_json(&out.join("metrics.json")).unwrap()
+}
+
+fn main() {
+    let widths: Vec<usize> = std::env::var("FSMERGE_BENCH_WIDTHS")
+        .unwrap_or_else(|_| "64,256".into())
+        .split(',')
+        .filter_map(|w| w.trim().parse().ok())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    println!("| width | models (MB) | coordinator peak RSS (MiB) | workers' peak RSS (MiB) | weights per worker (MB) |");
+    println!("|---:|---:|---:|---|---|");
+    let mut coordinator = Vec::new();
+    for &w in &widths {
+        let m = run(dir.path(), w);
+        let total: u64 = m.workers.iter().map(|w| w.weight_bytes).sum();
+        let rss: Vec<String> = m
+            .workers
+            .iter()
+            .map(|w| format!("{:.0}", w.peak_rss_mib))
+            .collect();
+        let held: Vec<String> = m
+            .workers
+            .iter()
+            .map(|w| format!("{:.1}", w.weight_bytes as f64 / 1e6))
+            .collect();
+        println!(
+            "| {w} | {:.1} | {:.0} | {} | {} |",
+            total as f64 / 1e6,
+            m.peak_rss_mib,
+            rss.join(" / "),
+            held.join(" / ")
+        );
+        coordinator.push(m.peak_rss_mib);
+    }
+    if let (Some(first), Some(last)) = (coordinator.first(), coordinator.last()) {
+        println!(
+            "\ncoordinator growth from width {} to {}: {:+.0} MiB (target: flat; it must hold no model)",
+            widths[0],
+            widths[widths.len() - 1],
+            last - first
+        );
+    }
+}
