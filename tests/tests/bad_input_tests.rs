@@ -115,11 +115,12 @@ fn head_task_count_mismatch_is_named() {
 #[test]
 fn config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--set", "merge.rnak=3"], "rnak"),
         (&["--set", "merge.rank=100"], "merge.rank"),
         (&["--set", "merge.n_originals=100000"], "merge.n_originals"),
         (&["--set", "merge.mu_type=low_rank"], "merge.init"),
+        (&["--set", "output.max_shard_mb=0"], "output.max_shard_mb"),
     ];
     for (extra, needle) in cases {
         let err = merge_fails(dir.path(), &digits_config(), extra);

@@ -2,6 +2,8 @@
 //! and the one place that maps `model.arch` to a family. A new family is a folder under
 //! `families/` that implements this trait, a config section, and one line in `family`.
 
+use crate::core::baselines::{average, first, Encoder};
+use crate::core::linear::Linear;
 use crate::data::merge_set::MergeSet;
 use crate::data::rows::Splits;
 use crate::dist::stage::WorkerStage;
@@ -144,4 +146,61 @@ pub fn family(arch: Arch) -> &'static dyn Family {
         Arch::Vit => &vit::VitFamily,
         Arch::Bert => &bert::BertFamily,
     }
+}
+
+/// A SuperNet's per-model outputs [n, B, d] read through each task's original head: the row of
+/// a local SuperNet as trained.
+pub struct HeadsReadOut {
+    heads: Vec<Linear>,
+    forward: Box<dyn Fn(&Tensor) -> Tensor>,
+}
+
+impl HeadsReadOut {
+    pub fn new(heads: &[&Linear], forward: impl Fn(&Tensor) -> Tensor + 'static) -> Self {
+        Self {
+            heads: heads.iter().map(|h| h.copy()).collect(),
+            forward: Box::new(forward),
+        }
+    }
+}
+
+impl Predictor for HeadsReadOut {
+    fn logits(&self, x: &Tensor) -> Vec<Tensor> {
+        let pred = (self.forward)(x);
+        self.heads
+            .iter()
+            .enumerate()
+            .map(|(t, h)| h.forward(&pred.get(t as i64)))
+            .collect()
+    }
+}
+
+/// The ensemble is not a merged model: the job evaluates it from `Originals::logits`.
+pub fn ensemble_is_not_merged() -> fsmerge_common::Error {
+    fsmerge_common::Error::Compute("the ensemble is the originals, not a merged model".into())
+}
+
+/// A baseline of an encoder family: `first` and `average` written once (`core::baselines`),
+/// RegMean and KD the family's; `wrap` makes a merged model of an encoder and the heads.
+pub fn encoder_baseline<M: Encoder, R: MergedNet + 'static>(
+    models: &[&M],
+    method: Baseline,
+    wrap: impl Fn(M, Vec<Linear>) -> R,
+    regmean: impl FnOnce() -> Result<R>,
+    kd: impl FnOnce() -> Result<(R, Vec<LogRow>)>,
+) -> Result<(Box<dyn MergedNet>, Vec<LogRow>)> {
+    let (merged, log) = match method {
+        Baseline::First => {
+            let (encoder, heads) = first(models);
+            (wrap(encoder, heads), Vec::new())
+        }
+        Baseline::Average => {
+            let (encoder, heads) = average(models);
+            (wrap(encoder, heads), Vec::new())
+        }
+        Baseline::Regmean => (regmean()?, Vec::new()),
+        Baseline::Kd => kd()?,
+        Baseline::Ensemble => return Err(ensemble_is_not_merged()),
+    };
+    Ok((Box::new(merged), log))
 }

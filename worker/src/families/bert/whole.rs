@@ -3,7 +3,6 @@
 //! tensors and written as one `BertForSequenceClassification` whose classifier stacks every
 //! task's head.
 
-use crate::core::baselines::{average, first};
 use crate::core::checks::{check_classifier, check_rank};
 use crate::core::linear::{stacked_labels, take_heads, Linear};
 use crate::core::mu::with_mu_seed;
@@ -14,7 +13,9 @@ use crate::families::bert::baselines;
 use crate::families::bert::merge::{original_logits, teacher_pooled, tokens, MergedBert};
 use crate::families::bert::model::{Bert, BertPart};
 use crate::families::bert::supernet::BertSuperNet;
-use crate::family::{BaselineInputs, LocalPhase, MergedNet, Originals, Predictor};
+use crate::family::{
+    encoder_baseline, BaselineInputs, HeadsReadOut, LocalPhase, MergedNet, Originals, Predictor,
+};
 use crate::train::progress::LogRow;
 use fsmerge_common::checkpoint::{write_json, HostTensor};
 use fsmerge_common::config::{Baseline, JobConfig};
@@ -87,31 +88,22 @@ impl Originals for BertOriginals {
         inputs: &BaselineInputs,
     ) -> Result<(Box<dyn MergedNet>, Vec<LogRow>)> {
         let (refs, set, b) = (self.refs(), inputs.set, &inputs.job.baselines);
-        let (merged, log) = match method {
-            Baseline::First => {
-                let (bert, heads) = first(&refs);
-                (MergedBert { bert, heads }, Vec::new())
-            }
-            Baseline::Average => {
-                let (bert, heads) = average(&refs);
-                (MergedBert { bert, heads }, Vec::new())
-            }
-            Baseline::Regmean => (baselines::regmean(&refs, set, b.regmean_alpha)?, Vec::new()),
-            Baseline::Kd => baselines::kd(
-                &refs,
-                set,
-                &teacher_pooled(&refs, &set.x),
-                b.kd_target_scale,
-                inputs.kd,
-                inputs.progress,
-            )?,
-            Baseline::Ensemble => {
-                return Err(Error::Compute(
-                    "the ensemble is the originals, not a merged model".into(),
-                ))
-            }
-        };
-        Ok((Box::new(merged), log))
+        encoder_baseline(
+            &refs,
+            method,
+            |bert, heads| MergedBert { bert, heads },
+            || baselines::regmean(&refs, set, b.regmean_alpha),
+            || {
+                baselines::kd(
+                    &refs,
+                    set,
+                    &teacher_pooled(&refs, &set.x),
+                    b.kd_target_scale,
+                    inputs.kd,
+                    inputs.progress,
+                )
+            },
+        )
     }
 
     fn local_phase(
@@ -131,10 +123,12 @@ impl Originals for BertOriginals {
             bert,
             heads: merged_heads,
         };
-        let chain = LocalChain {
-            heads: heads.into_iter().map(Linear::copy).collect(),
-            sn,
-        };
+        let chain = HeadsReadOut::new(&heads, move |x: &Tensor| {
+            chunked(x, 1, |c| {
+                let (ids, mask) = tokens(c);
+                sn.forward_local_chain(&ids, &mask)
+            })
+        });
         Ok(Some(LocalPhase {
             chain: Box::new(chain),
             folded: Box::new(folded),
@@ -152,27 +146,6 @@ impl Originals for BertOriginals {
         let tensors = tensors.into_iter().map(|(n, h)| (n, to_tch(&h))).collect();
         let bert = BertPart::from_tensors(cfg, units, "", tensors).and_then(BertPart::into_bert)?;
         Ok(Box::new(MergedBert { bert, heads }))
-    }
-}
-
-/// The local SuperNet as trained (U_res/M_res round trip after every unit), read through each
-/// task's original head.
-struct LocalChain {
-    sn: BertSuperNet,
-    heads: Vec<Linear>,
-}
-
-impl Predictor for LocalChain {
-    fn logits(&self, x: &Tensor) -> Vec<Tensor> {
-        let pred = chunked(x, 1, |c| {
-            let (ids, mask) = tokens(c);
-            self.sn.forward_local_chain(&ids, &mask)
-        });
-        self.heads
-            .iter()
-            .enumerate()
-            .map(|(t, h)| h.forward(&pred.get(t as i64)))
-            .collect()
     }
 }
 

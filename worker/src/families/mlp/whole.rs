@@ -7,7 +7,9 @@ use crate::core::tensor::{to_host, to_tch};
 use crate::families::mlp::baselines;
 use crate::families::mlp::merge::teacher_features;
 use crate::families::mlp::model::{MergedModel, Mlp};
-use crate::family::{BaselineInputs, LocalPhase, MergedNet, Originals, Predictor};
+use crate::family::{
+    ensemble_is_not_merged, BaselineInputs, LocalPhase, MergedNet, Originals, Predictor,
+};
 use crate::train::progress::LogRow;
 use fsmerge_common::checkpoint::{
     body_bias, body_weight, check_same_architecture, head_bias, head_weight, write_json,
@@ -114,11 +116,7 @@ impl Originals for MlpOriginals {
                 inputs.kd,
                 inputs.progress,
             )?,
-            Baseline::Ensemble => {
-                return Err(Error::Compute(
-                    "the ensemble is the originals, not a merged model".into(),
-                ))
-            }
+            Baseline::Ensemble => return Err(ensemble_is_not_merged()),
         };
         Ok((Box::new(merged), log))
     }

@@ -3,7 +3,6 @@
 //! tensors and written as one `ViTForImageClassification` whose classifier stacks every task's
 //! head.
 
-use crate::core::baselines::{average, first};
 use crate::core::checks::{check_classifier, check_rank};
 use crate::core::linear::{stacked_labels, take_heads, Linear};
 use crate::core::mu::with_mu_seed;
@@ -13,7 +12,9 @@ use crate::families::vit::baselines;
 use crate::families::vit::merge::{images, original_logits, teacher_pooled, MergedVit};
 use crate::families::vit::model::{Vit, VitPart};
 use crate::families::vit::supernet::VitSuperNet;
-use crate::family::{BaselineInputs, LocalPhase, MergedNet, Originals, Predictor};
+use crate::family::{
+    encoder_baseline, BaselineInputs, HeadsReadOut, LocalPhase, MergedNet, Originals, Predictor,
+};
 use crate::train::progress::LogRow;
 use fsmerge_common::checkpoint::{write_json, HostTensor};
 use fsmerge_common::config::{Baseline, JobConfig};
@@ -79,31 +80,22 @@ impl Originals for VitOriginals {
         inputs: &BaselineInputs,
     ) -> Result<(Box<dyn MergedNet>, Vec<LogRow>)> {
         let (refs, set, b) = (self.refs(), inputs.set, &inputs.job.baselines);
-        let (merged, log) = match method {
-            Baseline::First => {
-                let (vit, heads) = first(&refs);
-                (MergedVit { vit, heads }, Vec::new())
-            }
-            Baseline::Average => {
-                let (vit, heads) = average(&refs);
-                (MergedVit { vit, heads }, Vec::new())
-            }
-            Baseline::Regmean => (baselines::regmean(&refs, set, b.regmean_alpha)?, Vec::new()),
-            Baseline::Kd => baselines::kd(
-                &refs,
-                set,
-                &teacher_pooled(&refs, &set.x),
-                b.kd_target_scale,
-                inputs.kd,
-                inputs.progress,
-            )?,
-            Baseline::Ensemble => {
-                return Err(Error::Compute(
-                    "the ensemble is the originals, not a merged model".into(),
-                ))
-            }
-        };
-        Ok((Box::new(merged), log))
+        encoder_baseline(
+            &refs,
+            method,
+            |vit, heads| MergedVit { vit, heads },
+            || baselines::regmean(&refs, set, b.regmean_alpha),
+            || {
+                baselines::kd(
+                    &refs,
+                    set,
+                    &teacher_pooled(&refs, &set.x),
+                    b.kd_target_scale,
+                    inputs.kd,
+                    inputs.progress,
+                )
+            },
+        )
     }
 
     fn local_phase(
@@ -123,10 +115,9 @@ impl Originals for VitOriginals {
             vit,
             heads: merged_heads,
         };
-        let chain = LocalChain {
-            heads: heads.into_iter().map(Linear::copy).collect(),
-            sn,
-        };
+        let chain = HeadsReadOut::new(&heads, move |x: &Tensor| {
+            chunked(x, 1, |c| sn.forward_local_chain(&images(c)))
+        });
         Ok(Some(LocalPhase {
             chain: Box::new(chain),
             folded: Box::new(folded),
@@ -143,24 +134,6 @@ impl Originals for VitOriginals {
         let units = 0..cfg.num_hidden_layers + 1;
         let vit = VitPart::from_tensors(cfg, units, "", tensors)?.into_vit()?;
         Ok(Box::new(MergedVit { vit, heads }))
-    }
-}
-
-/// The local SuperNet as trained (U_res/M_res round trip between blocks), read through each
-/// task's original head.
-struct LocalChain {
-    sn: VitSuperNet,
-    heads: Vec<Linear>,
-}
-
-impl Predictor for LocalChain {
-    fn logits(&self, x: &Tensor) -> Vec<Tensor> {
-        let pred = chunked(x, 1, |c| self.sn.forward_local_chain(&images(c)));
-        self.heads
-            .iter()
-            .enumerate()
-            .map(|(t, h)| h.forward(&pred.get(t as i64)))
-            .collect()
     }
 }
 
