@@ -1,5 +1,6 @@
-//! The partition plan: the SuperNet's units (one per MLP layer) are cut into S contiguous stages
-//! of near-equal cost, each with R data-parallel replicas. The single-machine job uses one stage
+//! The partition plan: the SuperNet's units (a family's layers or blocks, each with the cost its
+//! family gives it: `Family::unit_costs`) are cut into S contiguous stages of near-equal cost,
+//! each with R data-parallel replicas. The single-machine job uses one stage
 //! and one replica through the same types the distributed runtime uses.
 
 use crate::{Error, Result};
@@ -39,69 +40,6 @@ pub fn mlp_unit_costs(input_dim: usize, hidden: &[usize], n_models: usize) -> Ve
             c
         })
         .collect()
-}
-
-/// ViT units (embedding, each block): per image, T tokens through the n frozen branches —
-/// patch projection P·C·p²·d, block T·(4d² + 2dh) — plus the M/U work of every merged feature
-/// (`MU_COST_PER_FEATURE` per token and merge); bytes of the n models' tensors of the unit.
-pub fn vit_unit_costs(cfg: &crate::hf::VitConfig, n_models: usize) -> Vec<UnitCost> {
-    let (d, h, p, c) = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.patch_size,
-        cfg.num_channels,
-    );
-    let patches = (cfg.image_size / p).pow(2);
-    let tokens = patches + 1;
-    let embed_params = c * p * p * d + d + d + tokens * d;
-    let block_params = 4 * (d * d + d) + 2 * d * h + h + d + 4 * d;
-    let mut units = vec![UnitCost {
-        name: "embeddings".into(),
-        flops: (n_models * (patches * c * p * p * d + tokens * d * MU_COST_PER_FEATURE)) as u64,
-        bytes: (n_models * embed_params * 4) as u64,
-    }];
-    for l in 0..cfg.num_hidden_layers {
-        // Six d-wide merges and one h-wide merge per token.
-        let mu = (6 * d + h) * MU_COST_PER_FEATURE;
-        units.push(UnitCost {
-            name: format!("block{l}"),
-            flops: (n_models * tokens * (4 * d * d + 2 * d * h + mu)) as u64,
-            bytes: (n_models * block_params * 4) as u64,
-        });
-    }
-    units
-}
-
-/// BERT units (embeddings, each block) for texts of `tokens` tokens: the embedding tables'
-/// merge per token, and per block T·(4d² + 2dh) through the n branches plus the M/U work;
-/// bytes of the n models' tensors of the unit (the pooler rides with the last block).
-pub fn bert_unit_costs(
-    cfg: &crate::hf::BertConfig,
-    n_models: usize,
-    tokens: usize,
-) -> Vec<UnitCost> {
-    let (d, h) = (cfg.hidden_size, cfg.intermediate_size);
-    let tables = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * d + 2 * d;
-    let block_params = 4 * (d * d + d) + 2 * d * h + h + d + 4 * d;
-    let mut units = vec![UnitCost {
-        name: "embeddings".into(),
-        flops: (n_models * tokens * d * MU_COST_PER_FEATURE) as u64,
-        bytes: (n_models * tables * 4) as u64,
-    }];
-    for l in 0..cfg.num_hidden_layers {
-        let mu = (6 * d + h) * MU_COST_PER_FEATURE;
-        let pooler = if l + 1 == cfg.num_hidden_layers {
-            d * d + d
-        } else {
-            0
-        };
-        units.push(UnitCost {
-            name: format!("block{l}"),
-            flops: (n_models * tokens * (4 * d * d + 2 * d * h + mu)) as u64,
-            bytes: (n_models * (block_params + pooler) * 4) as u64,
-        });
-    }
-    units
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

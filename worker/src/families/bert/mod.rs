@@ -16,7 +16,7 @@ use crate::train::originals::train_each;
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::config::{Arch, JobConfig};
 use fsmerge_common::hf::BertConfig;
-use fsmerge_common::plan::{bert_unit_costs, UnitCost};
+use fsmerge_common::plan::{UnitCost, MU_COST_PER_FEATURE};
 use fsmerge_common::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -82,4 +82,32 @@ impl Family for BertFamily {
     fn open(&self, job: &JobConfig, models_dir: &Path, _: usize) -> Result<Box<dyn Originals>> {
         Ok(Box::new(whole::open(job, models_dir)?))
     }
+}
+
+/// BERT units (embeddings, each block) for texts of `tokens` tokens: the embedding tables'
+/// merge per token, and per block T·(4d² + 2dh) through the n branches plus the M/U work;
+/// bytes of the n models' tensors of the unit (the pooler rides with the last block).
+fn bert_unit_costs(cfg: &BertConfig, n_models: usize, tokens: usize) -> Vec<UnitCost> {
+    let (d, h) = (cfg.hidden_size, cfg.intermediate_size);
+    let tables = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * d + 2 * d;
+    let block_params = 4 * (d * d + d) + 2 * d * h + h + d + 4 * d;
+    let mut units = vec![UnitCost {
+        name: "embeddings".into(),
+        flops: (n_models * tokens * d * MU_COST_PER_FEATURE) as u64,
+        bytes: (n_models * tables * 4) as u64,
+    }];
+    for l in 0..cfg.num_hidden_layers {
+        let mu = (6 * d + h) * MU_COST_PER_FEATURE;
+        let pooler = if l + 1 == cfg.num_hidden_layers {
+            d * d + d
+        } else {
+            0
+        };
+        units.push(UnitCost {
+            name: format!("block{l}"),
+            flops: (n_models * tokens * (4 * d * d + 2 * d * h + mu)) as u64,
+            bytes: (n_models * (block_params + pooler) * 4) as u64,
+        });
+    }
+    units
 }

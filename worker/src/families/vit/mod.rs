@@ -14,7 +14,7 @@ use crate::train::originals::train_each;
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::config::{Arch, JobConfig};
 use fsmerge_common::hf::VitConfig;
-use fsmerge_common::plan::{vit_unit_costs, UnitCost};
+use fsmerge_common::plan::{UnitCost, MU_COST_PER_FEATURE};
 use fsmerge_common::Result;
 use std::path::{Path, PathBuf};
 
@@ -63,4 +63,35 @@ impl Family for VitFamily {
     fn open(&self, job: &JobConfig, models_dir: &Path, _: usize) -> Result<Box<dyn Originals>> {
         Ok(Box::new(whole::open(job, models_dir)?))
     }
+}
+
+/// ViT units (embedding, each block): per image, T tokens through the n frozen branches —
+/// patch projection P·C·p²·d, block T·(4d² + 2dh) — plus the M/U work of every merged feature
+/// (`MU_COST_PER_FEATURE` per token and merge); bytes of the n models' tensors of the unit.
+fn vit_unit_costs(cfg: &VitConfig, n_models: usize) -> Vec<UnitCost> {
+    let (d, h, p, c) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.patch_size,
+        cfg.num_channels,
+    );
+    let patches = (cfg.image_size / p).pow(2);
+    let tokens = patches + 1;
+    let embed_params = c * p * p * d + d + d + tokens * d;
+    let block_params = 4 * (d * d + d) + 2 * d * h + h + d + 4 * d;
+    let mut units = vec![UnitCost {
+        name: "embeddings".into(),
+        flops: (n_models * (patches * c * p * p * d + tokens * d * MU_COST_PER_FEATURE)) as u64,
+        bytes: (n_models * embed_params * 4) as u64,
+    }];
+    for l in 0..cfg.num_hidden_layers {
+        // Six d-wide merges and one h-wide merge per token.
+        let mu = (6 * d + h) * MU_COST_PER_FEATURE;
+        units.push(UnitCost {
+            name: format!("block{l}"),
+            flops: (n_models * tokens * (4 * d * d + 2 * d * h + mu)) as u64,
+            bytes: (n_models * block_params * 4) as u64,
+        });
+    }
+    units
 }
