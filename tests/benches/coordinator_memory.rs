@@ -34,12 +34,32 @@ fn run(dir: &Path, width: usize) -> Metrics {
         "threads=1".into(),
     ];
     let config = root().join("configs/fmnist-vit.toml");
+    let set_args: Vec<String> = sets
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.clone()])
+        .collect();
+    // The originals first, so the workers do not wait for the coordinator to train them.
+    let trained = Command::new(fsmerge_bin())
+        .arg("train")
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .args(&set_args)
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        trained.success(),
+        "training the width-{width} originals failed"
+    );
     let mut coordinator = Command::new(fsmerge_bin())
         .args(["coordinator"])
         .arg(&config)
         .args(["--listen", "127.0.0.1:0", "--out"])
         .arg(&out)
-        .args(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]))
+        .args(&set_args)
         .current_dir(root())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

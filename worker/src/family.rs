@@ -40,8 +40,6 @@ impl StageSpec<'_> {
 
 /// One model family (MLP, ViT, BERT, …) as the rest of fsmerge sees it.
 pub trait Family: Sync {
-    /// The `model.arch` this family serves.
-    fn arch(&self) -> Arch;
     /// Cost of each plan unit for the job's n models, from the originals' configs alone (no
     /// weights are read).
     fn unit_costs(&self, job: &JobConfig, models_dir: &Path) -> Result<Vec<UnitCost>>;
@@ -56,9 +54,8 @@ pub trait Family: Sync {
     /// The files of task `task`'s original in `models_dir`: it is missing when neither exists
     /// (a lone one is an error for the loader to name).
     fn original_files(&self, models_dir: &Path, task: &str) -> [PathBuf; 2];
-    /// Train the originals of tasks `tasks` (indices into `job.tasks`), each from its own seed
-    /// (`seeds`), on their classes of `splits`, and write them into `out` in the family's
-    /// layout. Returns the training log.
+    /// Train the originals of `tasks` ((index into `job.tasks`, seed) each) on their classes of
+    /// `splits`, and write them into `out` in the family's layout. Returns the training log.
     fn train_originals(
         &self,
         job: &JobConfig,
@@ -111,7 +108,9 @@ pub struct BaselineInputs<'a> {
     pub progress: &'a dyn Progress,
 }
 
-/// The job's originals, loaded whole in one process.
+/// The job's originals, loaded whole in one process: what the coordinator's job still evaluates
+/// and derives the baselines from itself (the next step moves these to the workers, stage by
+/// stage, so that the coordinator holds no model).
 pub trait Originals {
     /// Task t's original on its own head, for data rows x [N, D].
     fn logits(&self, t: usize, x: &Tensor) -> Tensor;

@@ -14,7 +14,7 @@ use crate::dist::stage::WorkerStage;
 use crate::family::{Family, Originals, StageSpec};
 use crate::train::originals::train_each;
 use crate::train::progress::{LogRow, Progress};
-use fsmerge_common::config::{Arch, JobConfig};
+use fsmerge_common::config::JobConfig;
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::plan::{UnitCost, MU_COST_PER_FEATURE};
 use fsmerge_common::{Error, Result};
@@ -23,9 +23,6 @@ use std::path::{Path, PathBuf};
 pub struct BertFamily;
 
 impl Family for BertFamily {
-    fn arch(&self) -> Arch {
-        Arch::Bert
-    }
     fn unit_costs(&self, job: &JobConfig, models_dir: &Path) -> Result<Vec<UnitCost>> {
         let cfg = BertConfig::load(&models_dir.join(&job.tasks[0].name))?;
         Ok(bert_unit_costs(&cfg, job.tasks.len(), job.data.max_tokens))

@@ -13,7 +13,7 @@ use crate::family::{Family, Originals, StageSpec};
 use crate::train::originals::train_each;
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::checkpoint::{model_paths, MlpPart};
-use fsmerge_common::config::{Arch, JobConfig};
+use fsmerge_common::config::JobConfig;
 use fsmerge_common::plan::{mlp_unit_costs, UnitCost};
 use fsmerge_common::Result;
 use std::path::{Path, PathBuf};
@@ -21,9 +21,6 @@ use std::path::{Path, PathBuf};
 pub struct MlpFamily;
 
 impl Family for MlpFamily {
-    fn arch(&self) -> Arch {
-        Arch::Mlp
-    }
     fn unit_costs(&self, job: &JobConfig, models_dir: &Path) -> Result<Vec<UnitCost>> {
         let first = &job.tasks[0].name;
         let config = MlpPart::load(models_dir, first, 0..0, false)?.config;

@@ -12,7 +12,7 @@ use crate::dist::stage::WorkerStage;
 use crate::family::{Family, Originals, StageSpec};
 use crate::train::originals::train_each;
 use crate::train::progress::{LogRow, Progress};
-use fsmerge_common::config::{Arch, JobConfig};
+use fsmerge_common::config::JobConfig;
 use fsmerge_common::hf::VitConfig;
 use fsmerge_common::plan::{UnitCost, MU_COST_PER_FEATURE};
 use fsmerge_common::Result;
@@ -21,9 +21,6 @@ use std::path::{Path, PathBuf};
 pub struct VitFamily;
 
 impl Family for VitFamily {
-    fn arch(&self) -> Arch {
-        Arch::Vit
-    }
     fn unit_costs(&self, job: &JobConfig, models_dir: &Path) -> Result<Vec<UnitCost>> {
         let cfg = VitConfig::load(&models_dir.join(&job.tasks[0].name))?;
         Ok(vit_unit_costs(&cfg, job.tasks.len()))
