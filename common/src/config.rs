@@ -652,6 +652,19 @@ pub enum Baseline {
     Kd,
 }
 
+impl Baseline {
+    /// The method's name in the results table (as in the config).
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Ensemble => "ensemble",
+            Baseline::First => "first",
+            Baseline::Average => "average",
+            Baseline::Regmean => "regmean",
+            Baseline::Kd => "kd",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BaselinesConfig {

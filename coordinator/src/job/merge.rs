@@ -63,22 +63,18 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     for &b in &cfg.baselines.methods {
         let clock = Instant::now();
         if b == Baseline::Ensemble {
-            results.push(ev.result("ensemble", BTreeMap::new(), 0.0, &ensemble));
+            results.push(ev.result(b.name(), BTreeMap::new(), 0.0, &ensemble));
             continue;
         }
         let (merged, rows) = originals.baseline(b, &inputs)?;
         log.extend(rows);
-        let (name, v) = match b {
-            Baseline::Regmean => (
-                "regmean",
-                variant(&[("alpha", json!(cfg.baselines.regmean_alpha))]),
-            ),
-            Baseline::Kd => ("kd", kd_variant.clone()),
-            Baseline::First => ("first", BTreeMap::new()),
-            _ => ("average", BTreeMap::new()),
+        let v = match b {
+            Baseline::Regmean => variant(&[("alpha", json!(cfg.baselines.regmean_alpha))]),
+            Baseline::Kd => kd_variant.clone(),
+            _ => BTreeMap::new(),
         };
         let seconds = clock.elapsed().as_secs_f64();
-        results.push(ev.result(name, v, seconds, &|x| merged.logits(x)));
+        results.push(ev.result(b.name(), v, seconds, &|x| merged.logits(x)));
     }
 
     let clock = Instant::now();
