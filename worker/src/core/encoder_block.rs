@@ -1,11 +1,12 @@
 //! The encoder block the encoder families share (ViT, BERT): multi-head self-attention and a
 //! GELU MLP, each sub-block with a LayerNorm — before it (pre-LN, ViT) or after its residual
-//! add (post-LN, BERT) — and the same block of n models, frozen, for a SuperNet.
+//! add (post-LN, BERT) — the same block of n models, frozen, for a SuperNet, and its M/U.
 
 use crate::core::attention::attention;
-use crate::core::layer_norm::{FrozenLn, LayerNorm};
+use crate::core::layer_norm::{FrozenLn, LayerNorm, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::merged_linear::FrozenLayer;
+use crate::core::mu::MuMatrix;
 use fsmerge_common::{Error, Result};
 use tch::{Device, Tensor};
 
@@ -249,5 +250,104 @@ impl FrozenBlock {
         }
         self.ln_attn.move_to(device);
         self.ln_mlp.move_to(device);
+    }
+}
+
+/// Where a block's LayerNorms sit: before their sub-block (pre-LN) or after its residual add
+/// (post-LN). It orders the block's trainable tensors (and so their checkpoint names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    Pre,
+    Post,
+}
+
+/// The M/U of one encoder block of a SuperNet (method.md §4, §5): U_att shared by Q, K and V,
+/// the merges M_q, M_k, M_v, the output's U_o/M_o, the MLP's U_0, M_1, U_1 (hidden width), M_2,
+/// and the block's two LayerNorms in merged space.
+pub struct EncoderBlockMu {
+    pub ln_attn: MergedLn,
+    pub u_att: MuMatrix,
+    pub m_q: MuMatrix,
+    pub m_k: MuMatrix,
+    pub m_v: MuMatrix,
+    pub u_o: MuMatrix,
+    pub m_o: MuMatrix,
+    pub ln_mlp: MergedLn,
+    pub u_0: MuMatrix,
+    pub m_1: MuMatrix,
+    pub u_1: MuMatrix,
+    pub m_2: MuMatrix,
+}
+
+impl EncoderBlockMu {
+    /// The block from its ten matrices in draw order (U_att, M_q, M_k, M_v, U_o, M_o, U_0, M_1,
+    /// U_1, M_2) and its merged LayerNorms.
+    pub fn new(mats: [MuMatrix; 10], ln_attn: MergedLn, ln_mlp: MergedLn) -> Self {
+        let [u_att, m_q, m_k, m_v, u_o, m_o, u_0, m_1, u_1, m_2] = mats;
+        Self {
+            ln_attn,
+            u_att,
+            m_q,
+            m_k,
+            m_v,
+            u_o,
+            m_o,
+            ln_mlp,
+            u_0,
+            m_1,
+            u_1,
+            m_2,
+        }
+    }
+
+    fn mus(&self) -> [&MuMatrix; 10] {
+        [
+            &self.u_att,
+            &self.m_q,
+            &self.m_k,
+            &self.m_v,
+            &self.u_o,
+            &self.m_o,
+            &self.u_0,
+            &self.m_1,
+            &self.u_1,
+            &self.m_2,
+        ]
+    }
+
+    /// Every trainable tensor: each sub-block's matrices with its LayerNorm before them
+    /// (pre-LN) or after them (post-LN).
+    pub fn params(&self, norm: Norm) -> Vec<Tensor> {
+        let mus = self.mus();
+        let mut v = Vec::new();
+        for (ln, mats) in [(&self.ln_attn, &mus[..6]), (&self.ln_mlp, &mus[6..])] {
+            if norm == Norm::Pre {
+                v.extend(ln.params());
+            }
+            v.extend(mats.iter().flat_map(|m| m.params()));
+            if norm == Norm::Post {
+                v.extend(ln.params());
+            }
+        }
+        v
+    }
+
+    pub fn move_to(&mut self, device: Device) {
+        self.ln_attn.move_to(device);
+        self.ln_mlp.move_to(device);
+        for m in [
+            &mut self.u_att,
+            &mut self.m_q,
+            &mut self.m_k,
+            &mut self.m_v,
+            &mut self.u_o,
+            &mut self.m_o,
+            &mut self.u_0,
+            &mut self.m_1,
+            &mut self.u_1,
+            &mut self.m_2,
+        ] {
+            m.to_device(device);
+        }
     }
 }

@@ -25,7 +25,7 @@
 //! M_emb (= M_res) and U_res are in every part: local mode sums their gradients over stages.
 
 use crate::core::attention::attend;
-use crate::core::encoder_block::{EncoderBlock, FrozenBlock};
+use crate::core::encoder_block::{EncoderBlock, EncoderBlockMu, FrozenBlock, Norm};
 use crate::core::layer_norm::{FrozenLn, LayerNorm, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::merged_linear::{folded_linear, FrozenLayer};
@@ -179,66 +179,6 @@ impl FrozenBert {
     }
 }
 
-/// The trainable M/U and LayerNorms of one block.
-pub struct BertBlockMu {
-    pub u_att: MuMatrix,
-    pub m_q: MuMatrix,
-    pub m_k: MuMatrix,
-    pub m_v: MuMatrix,
-    pub u_o: MuMatrix,
-    pub m_o: MuMatrix,
-    pub ln_attn: MergedLn,
-    pub u_0: MuMatrix,
-    pub m_1: MuMatrix,
-    pub u_1: MuMatrix,
-    pub m_2: MuMatrix,
-    pub ln_mlp: MergedLn,
-}
-
-impl BertBlockMu {
-    fn mus(&self) -> [&MuMatrix; 10] {
-        [
-            &self.u_att,
-            &self.m_q,
-            &self.m_k,
-            &self.m_v,
-            &self.u_o,
-            &self.m_o,
-            &self.u_0,
-            &self.m_1,
-            &self.u_1,
-            &self.m_2,
-        ]
-    }
-
-    fn params(&self) -> Vec<Tensor> {
-        let mut v: Vec<Tensor> = self.mus()[..6].iter().flat_map(|m| m.params()).collect();
-        v.extend(self.ln_attn.params());
-        v.extend(self.mus()[6..].iter().flat_map(|m| m.params()));
-        v.extend(self.ln_mlp.params());
-        v
-    }
-
-    fn move_to(&mut self, device: Device) {
-        for m in [
-            &mut self.u_att,
-            &mut self.m_q,
-            &mut self.m_k,
-            &mut self.m_v,
-            &mut self.u_o,
-            &mut self.m_o,
-            &mut self.u_0,
-            &mut self.m_1,
-            &mut self.u_1,
-            &mut self.m_2,
-        ] {
-            m.to_device(device);
-        }
-        self.ln_attn.move_to(device);
-        self.ln_mlp.move_to(device);
-    }
-}
-
 /// The pooler's merge and unmerge and the read-out U_final.
 pub struct OutputMu {
     pub u_pool: MuMatrix,
@@ -260,7 +200,7 @@ pub struct BertMu {
     pub m_emb: MuMatrix,
     /// With the embeddings.
     pub ln_emb: Option<MergedLn>,
-    pub blocks: Vec<BertBlockMu>,
+    pub blocks: Vec<EncoderBlockMu>,
     /// With the pooler.
     pub output: Option<OutputMu>,
     /// Local mode: the residual unmerge shared by every unit (every part holds it).
@@ -280,15 +220,14 @@ impl BertMu {
         let keep = unit_blocks(&f.units);
         let mut blocks = Vec::new();
         for l in 0..c.num_hidden_layers {
-            let [u_att, m_q, m_k, m_v, u_o, m_o] = [
+            // U_att, M_q, M_k, M_v, U_o, M_o, then U_0, M_1, U_1, M_2.
+            let mats = [
                 draw.attention(Role::Unmerge)?,
                 draw.attention(Role::Merge)?,
                 draw.attention(Role::Merge)?,
                 draw.attention(Role::Merge)?,
                 draw.attention(Role::Unmerge)?,
                 draw.attention(Role::Merge)?,
-            ];
-            let [u_0, m_1, u_1, m_2] = [
                 draw.width(Role::Unmerge)?,
                 draw.hidden(Role::Merge)?,
                 draw.hidden(Role::Unmerge)?,
@@ -297,20 +236,11 @@ impl BertMu {
             let Some(fb) = l.checked_sub(keep.start).and_then(|j| f.blocks.get(j)) else {
                 continue;
             };
-            blocks.push(BertBlockMu {
-                u_att,
-                m_q,
-                m_k,
-                m_v,
-                u_o,
-                m_o,
-                ln_attn: MergedLn::new(&fb.ln_attn, init, eps),
-                u_0,
-                m_1,
-                u_1,
-                m_2,
-                ln_mlp: MergedLn::new(&fb.ln_mlp, init, eps),
-            });
+            blocks.push(EncoderBlockMu::new(
+                mats,
+                MergedLn::new(&fb.ln_attn, init, eps),
+                MergedLn::new(&fb.ln_mlp, init, eps),
+            ));
         }
         let [u_pool, m_pool, u_final] = [
             draw.width(Role::Unmerge)?,
@@ -389,7 +319,7 @@ impl BertSuperNet {
             v.extend(mu.m_emb.params());
             v.extend(ln.params());
         }
-        v.extend(mu.blocks.iter().flat_map(BertBlockMu::params));
+        v.extend(mu.blocks.iter().flat_map(|b| b.params(Norm::Post)));
         if let Some(o) = &mu.output {
             v.extend(o.params());
         }
@@ -401,7 +331,7 @@ impl BertSuperNet {
     pub fn local_params(&self) -> (Vec<Tensor>, Vec<Tensor>) {
         let mu = &self.mu;
         let mut own: Vec<Tensor> = mu.ln_emb.iter().flat_map(MergedLn::params).collect();
-        own.extend(mu.blocks.iter().flat_map(BertBlockMu::params));
+        own.extend(mu.blocks.iter().flat_map(|b| b.params(Norm::Post)));
         if let Some(o) = &mu.output {
             own.extend(o.params());
         }
@@ -422,7 +352,10 @@ impl BertSuperNet {
             groups.push(("ln_emb".into(), ln.params().into()));
         }
         for (j, b) in mu.blocks.iter().enumerate() {
-            groups.push((format!("block{}", self.first_block() + j), b.params()));
+            groups.push((
+                format!("block{}", self.first_block() + j),
+                b.params(Norm::Post),
+            ));
         }
         if let Some(o) = &mu.output {
             groups.push(("output".into(), o.params()));
@@ -473,7 +406,7 @@ impl BertSuperNet {
     fn block_literal(
         &self,
         fb: &FrozenBlock,
-        mu: &BertBlockMu,
+        mu: &EncoderBlockMu,
         x: &Tensor,
         bias: &Tensor,
     ) -> Tensor {

@@ -13,7 +13,7 @@
 //! Teacher features (`PipelineStage::teacher`) are the n models' streams after each of the
 //! stage's units, [n, N, T, d], and on the last stage their pooled outputs [n, N, d] as well.
 
-use crate::core::encoder_block::FrozenBlock;
+use crate::core::encoder_block::{EncoderBlockMu, FrozenBlock, Norm};
 use crate::core::layer_norm::{FrozenLn, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::loss::{own_mask, reconstruction_loss};
@@ -26,7 +26,7 @@ use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData
 use crate::families::vit::merge::{images, inner_term};
 use crate::families::vit::model::{VitPart, VIT_BLOCK};
 use crate::families::vit::supernet::{
-    local_read_out, read_out, shape_of, BlockMu, BlockUnit, DrawnMu, FrozenEmbed,
+    local_read_out, read_out, shape_of, BlockUnit, DrawnMu, FrozenEmbed,
 };
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
@@ -55,7 +55,7 @@ pub struct VitStage {
     originals: Vec<VitPart>,
     embed: Option<FrozenEmbed>,
     blocks: Vec<FrozenBlock>,
-    mu: Vec<BlockMu>,
+    mu: Vec<EncoderBlockMu>,
     /// M_pre; in local mode also M_res of every block (every stage holds it).
     m_pre: MuMatrix,
     u_res: MuMatrix,
@@ -205,7 +205,7 @@ impl VitStage {
     /// The stage's own local parameters (its blocks; LN_post and U_final on the last stage)
     /// and the shared M_res, U_res.
     fn local_params(&self) -> (Vec<Tensor>, Vec<Tensor>) {
-        let mut own: Vec<Tensor> = self.mu.iter().flat_map(BlockMu::params).collect();
+        let mut own: Vec<Tensor> = self.mu.iter().flat_map(|b| b.params(Norm::Pre)).collect();
         if let Some(o) = &self.out {
             own.extend(o.ln_post.params());
             own.extend(o.u_final.params());
@@ -251,7 +251,7 @@ impl PipelineStage for VitStage {
         } else {
             Vec::new()
         };
-        v.extend(self.mu.iter().flat_map(BlockMu::params));
+        v.extend(self.mu.iter().flat_map(|b| b.params(Norm::Pre)));
         if let Some(o) = &self.out {
             v.extend(o.ln_post.params());
             v.extend(o.u_final.params());
@@ -406,7 +406,10 @@ impl WorkerStage for VitStage {
             ("u_res".to_string(), self.u_res.params()),
         ];
         for (j, mu) in self.mu.iter().enumerate() {
-            groups.push((format!("block{}", self.first_block() + j), mu.params()));
+            groups.push((
+                format!("block{}", self.first_block() + j),
+                mu.params(Norm::Pre),
+            ));
         }
         if let Some(o) = &self.out {
             groups.push(("ln_post".into(), o.ln_post.params().into()));

@@ -18,7 +18,7 @@
 //! M_pre: the embedding's merge is the stream's merge) and a shared unmerge U_res.
 
 use crate::core::attention::attend;
-use crate::core::encoder_block::{EncoderBlock, FrozenBlock};
+use crate::core::encoder_block::{EncoderBlock, EncoderBlockMu, FrozenBlock, Norm};
 use crate::core::layer_norm::{FrozenLn, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::merged_linear::{fold_layer, folded_linear, FrozenLayer};
@@ -121,7 +121,7 @@ impl FrozenEmbed {
 /// One block of the SuperNet: the models' frozen block with its M/U and LayerNorms.
 pub(crate) struct BlockUnit<'a> {
     pub(crate) frozen: &'a FrozenBlock,
-    pub(crate) mu: &'a BlockMu,
+    pub(crate) mu: &'a EncoderBlockMu,
     pub(crate) heads: i64,
 }
 
@@ -130,12 +130,12 @@ impl BlockUnit<'_> {
     pub(crate) fn fold(&self) -> EncoderBlock {
         let (fb, mu) = (self.frozen, self.mu);
         EncoderBlock {
-            ln_attn: mu.ln1.layer_norm(),
+            ln_attn: mu.ln_attn.layer_norm(),
             q: folded_linear(&fb.q, &mu.m_q, &mu.u_att),
             k: folded_linear(&fb.k, &mu.m_k, &mu.u_att),
             v: folded_linear(&fb.v, &mu.m_v, &mu.u_att),
             out: folded_linear(&fb.o, &mu.m_o, &mu.u_o),
-            ln_mlp: mu.ln2.layer_norm(),
+            ln_mlp: mu.ln_mlp.layer_norm(),
             fc1: folded_linear(&fb.fc1, &mu.m_1, &mu.u_0),
             fc2: folded_linear(&fb.fc2, &mu.m_2, &mu.u_1),
         }
@@ -146,7 +146,7 @@ impl BlockUnit<'_> {
     pub(crate) fn literal(&self, x: &Tensor) -> (Tensor, Tensor) {
         let (fb, mu) = (self.frozen, self.mu);
         let (b, t, d) = x.size3().unwrap_or((0, 0, 0));
-        let a = mu.ln1.forward(x).view([-1, d]);
+        let a = mu.ln_attn.forward(x).view([-1, d]);
         let ua = mu.u_att.unmerge(&a);
         let proj = |m: &MuMatrix, f: &FrozenLayer| m.merge(&f.branches(&ua)).view([b, t, d]);
         let ctx = attend(
@@ -159,7 +159,7 @@ impl BlockUnit<'_> {
         .view([-1, d]);
         let r = fb.o.branches(&mu.u_o.unmerge(&ctx));
         let x = x + mu.m_o.merge(&r).view([b, t, d]);
-        let g = mu.ln2.forward(&x).view([-1, d]);
+        let g = mu.ln_mlp.forward(&x).view([-1, d]);
         let z = mu
             .m_1
             .merge(&fb.fc1.branches(&mu.u_0.unmerge(&g)))
@@ -262,69 +262,13 @@ impl FrozenVit {
     }
 }
 
-/// The trainable M/U and LayerNorms of one block.
-pub struct BlockMu {
-    pub ln1: MergedLn,
-    pub u_att: MuMatrix,
-    pub m_q: MuMatrix,
-    pub m_k: MuMatrix,
-    pub m_v: MuMatrix,
-    pub u_o: MuMatrix,
-    pub m_o: MuMatrix,
-    pub ln2: MergedLn,
-    pub u_0: MuMatrix,
-    pub m_1: MuMatrix,
-    pub u_1: MuMatrix,
-    pub m_2: MuMatrix,
-}
-
-impl BlockMu {
-    pub(crate) fn move_to(&mut self, device: tch::Device) {
-        self.ln1.move_to(device);
-        self.ln2.move_to(device);
-        for m in [
-            &mut self.u_att,
-            &mut self.m_q,
-            &mut self.m_k,
-            &mut self.m_v,
-            &mut self.u_o,
-            &mut self.m_o,
-            &mut self.u_0,
-            &mut self.m_1,
-            &mut self.u_1,
-            &mut self.m_2,
-        ] {
-            m.to_device(device);
-        }
-    }
-
-    pub fn params(&self) -> Vec<Tensor> {
-        let mut v: Vec<Tensor> = self.ln1.params().into_iter().collect();
-        for m in [
-            &self.u_att,
-            &self.m_q,
-            &self.m_k,
-            &self.m_v,
-            &self.u_o,
-            &self.m_o,
-        ] {
-            v.extend(m.params());
-        }
-        v.extend(self.ln2.params());
-        for m in [&self.u_0, &self.m_1, &self.u_1, &self.m_2] {
-            v.extend(m.params());
-        }
-        v
-    }
-}
-
 /// Every trainable part of the SuperNet.
 pub struct VitMu {
     /// The embedding's merge; in local mode also the residual merge M_res of every block.
     pub m_pre: MuMatrix,
     /// Local mode: the residual unmerge shared by every block.
     pub u_res: MuMatrix,
-    pub blocks: Vec<BlockMu>,
+    pub blocks: Vec<EncoderBlockMu>,
     pub ln_post: MergedLn,
     pub u_final: MuMatrix,
 }
@@ -335,7 +279,7 @@ pub struct VitMu {
 pub(crate) struct DrawnMu {
     pub(crate) m_pre: MuMatrix,
     pub(crate) u_res: MuMatrix,
-    pub(crate) blocks: Vec<BlockMu>,
+    pub(crate) blocks: Vec<EncoderBlockMu>,
     pub(crate) u_final: MuMatrix,
 }
 
@@ -372,21 +316,11 @@ impl DrawnMu {
             let (ln1, ln2) = lns.get(l - keep.start).ok_or_else(|| {
                 Error::Compute(format!("no LayerNorms given for block {l} of {keep:?}"))
             })?;
-            let [u_att, m_q, m_k, m_v, u_o, m_o, u_0, m_1, u_1, m_2] = mats;
-            blocks.push(BlockMu {
-                ln1: MergedLn::new(ln1, init, eps),
-                u_att,
-                m_q,
-                m_k,
-                m_v,
-                u_o,
-                m_o,
-                ln2: MergedLn::new(ln2, init, eps),
-                u_0,
-                m_1,
-                u_1,
-                m_2,
-            });
+            blocks.push(EncoderBlockMu::new(
+                mats,
+                MergedLn::new(ln1, init, eps),
+                MergedLn::new(ln2, init, eps),
+            ));
         }
         Ok(Self {
             m_pre,
@@ -437,7 +371,7 @@ impl VitSuperNet {
     pub fn global_params(&self) -> Vec<Tensor> {
         let mut v = self.mu.m_pre.params();
         for b in &self.mu.blocks {
-            v.extend(b.params());
+            v.extend(b.params(Norm::Pre));
         }
         v.extend(self.mu.ln_post.params());
         v.extend(self.mu.u_final.params());
@@ -451,7 +385,7 @@ impl VitSuperNet {
             ("u_res".to_string(), self.mu.u_res.params()),
         ];
         for (l, b) in self.mu.blocks.iter().enumerate() {
-            groups.push((format!("block{l}"), b.params()));
+            groups.push((format!("block{l}"), b.params(Norm::Pre)));
         }
         groups.push(("ln_post".into(), self.mu.ln_post.params().into()));
         groups.push(("u_final".into(), self.mu.u_final.params()));
