@@ -111,4 +111,20 @@ impl MuDraw {
         let (t, i) = (self.mu_type, self.init);
         MuMatrix::attention(role, t, i, self.n, self.d, self.rank, self.heads)
     }
+    /// One encoder block's ten matrices, in draw order: U_att, M_q, M_k, M_v, U_o, M_o, then
+    /// U_0, M_1, U_1, M_2 (`EncoderBlockMu::new`'s order).
+    pub(crate) fn block(&self) -> Result<[MuMatrix; 10]> {
+        Ok([
+            self.attention(Role::Unmerge)?,
+            self.attention(Role::Merge)?,
+            self.attention(Role::Merge)?,
+            self.attention(Role::Merge)?,
+            self.attention(Role::Unmerge)?,
+            self.attention(Role::Merge)?,
+            self.width(Role::Unmerge)?,
+            self.hidden(Role::Merge)?,
+            self.hidden(Role::Unmerge)?,
+            self.width(Role::Merge)?,
+        ])
+    }
 }

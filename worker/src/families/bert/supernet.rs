@@ -220,19 +220,7 @@ impl BertMu {
         let keep = unit_blocks(&f.units);
         let mut blocks = Vec::new();
         for l in 0..c.num_hidden_layers {
-            // U_att, M_q, M_k, M_v, U_o, M_o, then U_0, M_1, U_1, M_2.
-            let mats = [
-                draw.attention(Role::Unmerge)?,
-                draw.attention(Role::Merge)?,
-                draw.attention(Role::Merge)?,
-                draw.attention(Role::Merge)?,
-                draw.attention(Role::Unmerge)?,
-                draw.attention(Role::Merge)?,
-                draw.width(Role::Unmerge)?,
-                draw.hidden(Role::Merge)?,
-                draw.hidden(Role::Unmerge)?,
-                draw.width(Role::Merge)?,
-            ];
+            let mats = draw.block()?;
             let Some(fb) = l.checked_sub(keep.start).and_then(|j| f.blocks.get(j)) else {
                 continue;
             };

@@ -298,18 +298,7 @@ impl DrawnMu {
         let u_res = draw.width(Role::Unmerge)?;
         let mut blocks = Vec::new();
         for l in 0..depth {
-            let mats = [
-                draw.attention(Role::Unmerge)?,
-                draw.attention(Role::Merge)?,
-                draw.attention(Role::Merge)?,
-                draw.attention(Role::Merge)?,
-                draw.attention(Role::Unmerge)?,
-                draw.attention(Role::Merge)?,
-                draw.width(Role::Unmerge)?,
-                draw.hidden(Role::Merge)?,
-                draw.hidden(Role::Unmerge)?,
-                draw.width(Role::Merge)?,
-            ];
+            let mats = draw.block()?;
             if !keep.contains(&l) {
                 continue;
             }
