@@ -11,14 +11,13 @@
 
 use fsmerge_common::checkpoint::read_json;
 use fsmerge_common::metrics::Metrics;
-use fsmerge_tests::{fsmerge_bin, root, wait_for};
+use fsmerge_tests::{fsmerge_bin, launch_config, root};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn run(dir: &Path, width: usize) -> Metrics {
     let out = dir.join(format!("w{width}"));
-    let rdv = dir.join(format!("w{width}.work/rendezvous.json"));
     let sets = [
         format!(
             "train.models_dir=\"{}\"",
@@ -30,7 +29,6 @@ fn run(dir: &Path, width: usize) -> Metrics {
         "merge.epochs=1".into(),
         "merge.global_epochs=1".into(),
         "merge.n_augmented=100".into(),
-        "cluster.stages=2".into(),
         "threads=1".into(),
     ];
     let config = root().join("configs/fmnist-vit.toml");
@@ -54,33 +52,14 @@ fn run(dir: &Path, width: usize) -> Metrics {
         trained.success(),
         "training the width-{width} originals failed"
     );
-    let mut coordinator = Command::new(fsmerge_bin())
-        .args(["coordinator"])
-        .arg(&config)
-        .args(["--listen", "127.0.0.1:0", "--out"])
-        .arg(&out)
-        .args(&set_args)
-        .current_dir(root())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut workers: Vec<_> = (0..2)
-        .map(|r| {
-            Command::new(fsmerge_bin())
-                .args(["worker", "--rank", &r.to_string(), "--rendezvous"])
-                .arg(&rdv)
-                .current_dir(root())
-                .env("RUST_LOG", "warn")
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let ok = wait_for(&mut coordinator, Duration::from_secs(3600), "coordinator").success();
-    for w in &mut workers {
-        wait_for(w, Duration::from_secs(60), "worker");
-    }
-    assert!(ok, "width {width} failed");
+    let name = format!("w{width}");
+    let config = config.display().to_string();
+    let job = launch_config(&config, dir, &name, 2, 1, &set_args, false);
+    assert!(
+        job.finish(Duration::from_secs(3600)),
+        "width {width} failed: {}",
+        std::fs::read_to_string(dir.join(format!("{name}.coordinator.log"))).unwrap_or_default()
+    );
     read_json(&out.join("metrics.json")).unwrap()
 }
 
