@@ -22,6 +22,34 @@ pub struct MethodResult {
     pub seconds: f64,
 }
 
+/// A model's accuracies on one split: each task on its own head, and joint (argmax over every
+/// head's logits, averaged over the tasks' rows task by task).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitScores {
+    pub per_task: Vec<f64>,
+    pub joint: f64,
+}
+
+impl SplitScores {
+    pub fn mean(&self) -> f64 {
+        self.per_task.iter().sum::<f64>() / self.per_task.len().max(1) as f64
+    }
+}
+
+/// A model evaluated on the workers (pipelined over the stages), as the last stage reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// `originals` (every task's original on its own head: the original rows and the
+    /// ensemble), a baseline's name, `local supernet`, `local folded` or `fs-merge`.
+    pub method: String,
+    /// Wall time of the method on the last stage (merge or training, and evaluation).
+    pub seconds: f64,
+    pub test: SplitScores,
+    pub val: SplitScores,
+    /// Training log of a method that trains (KD).
+    pub log: Vec<LogRow>,
+}
+
 /// One row of a training log (written as JSON lines, sent by workers to the coordinator).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogRow {

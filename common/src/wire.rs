@@ -6,7 +6,7 @@
 //! an error naming both versions instead of a garbled decode. Lengths are checked against a limit
 //! before anything is allocated, so an oversized or hostile length cannot exhaust memory.
 
-use crate::metrics::{LogRow, WorkerStats};
+use crate::metrics::{Evaluation, LogRow, WorkerStats};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -108,6 +108,8 @@ pub enum Message {
         stage: u32,
         count: u32,
     },
+    /// A model evaluated on the workers (the last stage of replica 0 sends it).
+    Evaluated(Box<Evaluation>),
     Stats(WorkerStats),
     /// The worker failed; the coordinator fails the job with this message.
     Failed {

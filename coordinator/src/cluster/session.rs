@@ -6,7 +6,7 @@ use crate::cluster::resume::done_phases;
 use crate::job::Job;
 use anyhow::{anyhow, bail, Context, Result};
 use fsmerge_common::checkpoint::HostTensor;
-use fsmerge_common::metrics::{LogRow, WorkerStats};
+use fsmerge_common::metrics::{Evaluation, LogRow, WorkerStats};
 use fsmerge_common::plan::Plan;
 use fsmerge_common::transport::token_matches;
 use fsmerge_common::wire::{self, Assignment, Hello, Message, NamedTensor, PeerInfo};
@@ -23,6 +23,8 @@ pub struct Outcome {
     pub tensors: BTreeMap<String, HostTensor>,
     pub log: Vec<LogRow>,
     pub workers: Vec<WorkerStats>,
+    /// The models the workers evaluated (originals, baselines, FS-Merge), in arrival order.
+    pub evaluations: Vec<Evaluation>,
 }
 
 /// Seconds a worker has to send its hello after connecting.
@@ -170,6 +172,7 @@ struct Drive<'w> {
     /// same global losses; the last stage's rows are kept).
     logs: BTreeMap<(u8, usize), Vec<LogRow>>,
     stats: BTreeMap<u32, WorkerStats>,
+    evaluations: Vec<Evaluation>,
     last_report: Instant,
     /// A worker's failure usually breaks its peers' links too; reports are collected for a
     /// moment and the root cause (a failure that is not a broken link) is named first.
@@ -212,6 +215,7 @@ impl<'w> Drive<'w> {
             folded_stages: BTreeSet::new(),
             logs: BTreeMap::new(),
             stats: BTreeMap::new(),
+            evaluations: Vec::new(),
             last_report: Instant::now(),
             failures: Vec::new(),
             failing_since: None,
@@ -380,6 +384,7 @@ impl<'w> Drive<'w> {
             tensors: self.tensors,
             log: self.logs.into_values().flatten().collect(),
             workers: self.stats.into_values().collect(),
+            evaluations: self.evaluations,
         }
     }
 }
@@ -650,6 +655,7 @@ impl Session<'_> {
             Message::NcclId { group, id } => st.relay_nccl_id(group, id).await?,
             Message::Folded { stage, tensor } => st.on_folded(stage, tensor)?,
             Message::FoldedDone { stage, count } => st.on_folded_done(stage, count),
+            Message::Evaluated(e) => st.evaluations.push(*e),
             Message::Stats(s) => st.on_stats(r, s),
             Message::Failed { phase, msg } => st.on_failed(r, phase, msg),
             other => tracing::warn!("{}: unexpected message {other:?}", st.name(r)),

@@ -7,7 +7,8 @@
 use crate::cluster::{self, Launch};
 use crate::job::prepare::prepare;
 use crate::job::rows::{
-    fs_merge_variant, kd_settings, report_local_phase, variant, warn_if_global_rose, Evaluator,
+    fs_merge_variant, kd_settings, report_local_phase, variant, warn_if_global_rose, Evaluated,
+    Evaluator,
 };
 use crate::job::Job;
 use crate::report;
@@ -20,6 +21,7 @@ use fsmerge_worker::core::eval::EvalSet;
 use fsmerge_worker::family::{family, BaselineInputs, Originals};
 use fsmerge_worker::train::settings::TrainSettings;
 use serde_json::json;
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -31,7 +33,6 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let m = &cfg.merge;
     let family = family(cfg.model.arch);
     let (splits, set) = prepare(job)?;
-    let originals = family.open(cfg, &job.models_dir, splits.train.dim)?;
     let plan = Plan::balanced(
         family.unit_costs(cfg, &job.models_dir)?,
         cfg.cluster.stages,
@@ -39,60 +40,68 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     )?;
     tracing::info!("plan: {}", plan.describe());
 
+    let clock = Instant::now();
+    let outcome = cluster::run(job, &plan, launch, resume)?;
+    let evaluated = Evaluated::new(&outcome.evaluations, job.task_names())?;
+    // FS-Merge's time: the workers' run without the evaluations of other models.
+    let fs_seconds = (clock.elapsed().as_secs_f64() - evaluated.seconds_of_others()).max(0.0);
+    warn_if_global_rose(&outcome.log, m.lr);
+
+    // What the workers do not compute yet (RegMean, KD, the local rows) still needs the
+    // originals here.
+    let originals = OnceCell::new();
+    let open = || -> Result<&Box<dyn Originals>> {
+        if originals.get().is_none() {
+            let _ = originals.set(family.open(cfg, &job.models_dir, splits.train.dim)?);
+        }
+        Ok(originals.get().expect("just set"))
+    };
     let test = EvalSet::new(&splits.test, &cfg.tasks);
     let val = EvalSet::new(&splits.val, &cfg.tasks);
     let ev = Evaluator::new(&test, &val, job.task_names());
-    let mut results = Vec::new();
+    let mut results = evaluated.originals()?;
     let mut log = Vec::new();
-    for t in 0..cfg.tasks.len() {
-        results.push(ev.original(t, &|x| originals.logits(t, x)));
-    }
-    let ensemble = |x: &tch::Tensor| -> Vec<tch::Tensor> {
-        (0..cfg.tasks.len())
-            .map(|t| originals.logits(t, x))
-            .collect()
-    };
     let reporter = Reporter::new();
     let (kd, kd_variant) = kd_settings(m, &TrainSettings::of(m, cfg.seed));
-    let inputs = BaselineInputs {
-        set: &set,
-        job: cfg,
-        kd: &kd,
-        progress: &reporter,
-    };
     for &b in &cfg.baselines.methods {
-        let clock = Instant::now();
-        if b == Baseline::Ensemble {
-            results.push(ev.result(b.name(), BTreeMap::new(), 0.0, &ensemble));
-            continue;
-        }
-        let (merged, rows) = originals.baseline(b, &inputs)?;
-        log.extend(rows);
         let v = match b {
             Baseline::Regmean => variant(&[("alpha", json!(cfg.baselines.regmean_alpha))]),
             Baseline::Kd => kd_variant.clone(),
             _ => BTreeMap::new(),
         };
+        if let Some(row) = evaluated.row(b.name(), v.clone()) {
+            results.push(row);
+            continue;
+        }
+        let clock = Instant::now();
+        let inputs = BaselineInputs {
+            set: &set,
+            job: cfg,
+            kd: &kd,
+            progress: &reporter,
+        };
+        let (merged, rows) = open()?.baseline(b, &inputs)?;
+        log.extend(rows);
         let seconds = clock.elapsed().as_secs_f64();
         results.push(ev.result(b.name(), v, seconds, &|x| merged.logits(x)));
     }
 
-    let clock = Instant::now();
     let mut v = fs_merge_variant(m);
     if !m.inner_layers.is_empty() {
         v.insert("inner_layers".into(), json!(m.inner_layers));
     }
-    let outcome = cluster::run(job, &plan, launch, resume)?;
-    warn_if_global_rose(&outcome.log, m.lr);
     log.extend(outcome.log);
     if m.mode != Mode::Global {
-        local_rows(job, originals.as_ref(), &plan, &ev, &mut v, &mut results)?;
+        local_rows(job, open()?.as_ref(), &plan, &ev, &mut v, &mut results)?;
     }
-    let merged = originals
+    let mut fs_merge = evaluated
+        .row("fs-merge", v.clone())
+        .context("the workers sent no evaluation of the merged model")?;
+    fs_merge.seconds = fs_seconds;
+    results.push(fs_merge);
+    let merged = open()?
         .assemble(cfg, outcome.tensors)
         .context("assembling the merged model from the workers' folded tensors")?;
-    let seconds = clock.elapsed().as_secs_f64();
-    results.push(ev.result("fs-merge", v.clone(), seconds, &|x| merged.logits(x)));
 
     report::write(job, &plan, results, &log, started, outcome.workers, &|st| {
         Ok(merged.write(&st.path(""), cfg, &v)?)

@@ -2,8 +2,8 @@
 //! splits, the variants that tell runs apart, and the local phase's rows.
 
 use fsmerge_common::config::{MergeConfig, Mode};
-use fsmerge_common::metrics::MethodResult;
-use fsmerge_worker::core::eval::{accuracy, evaluate, EvalSet};
+use fsmerge_common::metrics::{Evaluation, MethodResult, SplitScores};
+use fsmerge_worker::core::eval::{evaluate, EvalSet};
 use fsmerge_worker::train::progress::LogRow;
 use fsmerge_worker::train::settings::TrainSettings;
 use serde_json::json;
@@ -114,21 +114,94 @@ impl<'a> Evaluator<'a> {
             seconds,
         }
     }
+}
 
-    /// The row of task t's original model (its own task only; no joint accuracy).
-    pub fn original(&self, t: usize, logits: &dyn Fn(&Tensor) -> Tensor) -> MethodResult {
-        let acc_on = |e: &EvalSet| tch::no_grad(|| accuracy(&logits(&e.tasks[t].0), &e.tasks[t].1));
-        let name = &self.names[t];
-        let acc = acc_on(self.test);
-        MethodResult {
-            method: format!("original:{name}"),
-            variant: BTreeMap::new(),
-            per_task_acc: [(name.clone(), acc)].into(),
-            mean_task_acc: acc,
-            joint_acc: None,
-            val_mean_task_acc: acc_on(self.val),
-            seconds: 0.0,
+/// The models the workers evaluated, as rows of the results table.
+pub struct Evaluated<'a> {
+    by_method: BTreeMap<&'a str, &'a Evaluation>,
+    names: Vec<String>,
+}
+
+impl<'a> Evaluated<'a> {
+    /// Index the workers' evaluations; one that does not score every task of the job is an
+    /// error naming it.
+    pub fn new(evaluations: &'a [Evaluation], names: Vec<String>) -> anyhow::Result<Self> {
+        for e in evaluations {
+            for (split, s) in [("test", &e.test), ("validation", &e.val)] {
+                if s.per_task.len() != names.len() {
+                    anyhow::bail!(
+                        "the workers evaluated `{}` on {} tasks of the {split} split; the job has {}",
+                        e.method,
+                        s.per_task.len(),
+                        names.len()
+                    );
+                }
+            }
         }
+        let by_method = evaluations.iter().map(|e| (e.method.as_str(), e)).collect();
+        Ok(Self { by_method, names })
+    }
+
+    /// Seconds the workers spent on every model but FS-Merge.
+    pub fn seconds_of_others(&self) -> f64 {
+        (self.by_method.iter())
+            .filter(|(m, _)| **m != "fs-merge")
+            .map(|(_, e)| e.seconds)
+            .sum()
+    }
+
+    /// The row of a merged model `method` (a baseline or FS-Merge), when the workers sent it.
+    pub fn row(
+        &self,
+        method: &str,
+        variant: BTreeMap<String, serde_json::Value>,
+    ) -> Option<MethodResult> {
+        let name = if method == "ensemble" {
+            "originals"
+        } else {
+            method
+        };
+        let e = self.by_method.get(name)?;
+        tracing::info!(
+            "{method}: mean task accuracy {:.2}%, joint {:.2}%",
+            100.0 * e.test.mean(),
+            100.0 * e.test.joint
+        );
+        Some(MethodResult {
+            method: method.to_string(),
+            variant,
+            per_task_acc: self.per_task(&e.test),
+            mean_task_acc: e.test.mean(),
+            joint_acc: Some(e.test.joint),
+            val_mean_task_acc: e.val.mean(),
+            seconds: if method == "ensemble" { 0.0 } else { e.seconds },
+        })
+    }
+
+    /// The row of every task's original (its own task only; no joint accuracy).
+    pub fn originals(&self) -> anyhow::Result<Vec<MethodResult>> {
+        let Some(e) = self.by_method.get("originals") else {
+            anyhow::bail!("the workers sent no evaluation of the originals");
+        };
+        Ok((self.names.iter().enumerate())
+            .map(|(t, name)| MethodResult {
+                method: format!("original:{name}"),
+                variant: BTreeMap::new(),
+                per_task_acc: [(name.clone(), e.test.per_task[t])].into(),
+                mean_task_acc: e.test.per_task[t],
+                joint_acc: None,
+                val_mean_task_acc: e.val.per_task[t],
+                seconds: 0.0,
+            })
+            .collect())
+    }
+
+    fn per_task(&self, s: &SplitScores) -> BTreeMap<String, f64> {
+        self.names
+            .iter()
+            .cloned()
+            .zip(s.per_task.iter().copied())
+            .collect()
     }
 }
 

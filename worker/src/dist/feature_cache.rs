@@ -12,11 +12,13 @@ use tch::{Kind, Tensor};
 
 /// Stage 0's start: the merge inputs and their tasks, built from the data exactly as the
 /// single-process job builds them.
-pub fn merge_inputs(job: &JobConfig) -> Result<(Tensor, Tensor)> {
+pub fn merge_inputs(
+    job: &JobConfig,
+    splits: &crate::data::rows::Splits,
+) -> Result<(Tensor, Tensor)> {
     let m = &job.merge;
-    let splits = crate::data::load(&job.data)?;
     let set = crate::data::merge_set::build(
-        &splits,
+        splits,
         &job.tasks,
         m.n_originals,
         m.n_augmented,

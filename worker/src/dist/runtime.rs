@@ -10,14 +10,16 @@ use crate::core::tensor::{assign, to_host, to_tch};
 use crate::dist::collective::nccl::{self, NcclGroup};
 use crate::dist::collective::quic::{connect_mesh, QuicGroup};
 use crate::dist::collective::{Collective, Solo};
+use crate::dist::evaluate::{evaluate, first_or_average, EvalPart, EvalRows};
 use crate::dist::stage::{StageData, WorkerStage};
 use crate::dist::{feature_cache, pipeline};
 use crate::family::{family, StageSpec};
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::TrainSettings;
+use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::checkpoint::{read_json, read_tensors, write_json, write_tensors};
-use fsmerge_common::config::{Backend, JobConfig, Mode};
-use fsmerge_common::metrics::{peak_rss_mib, WorkerStats};
+use fsmerge_common::config::{Backend, Baseline, JobConfig, Mode};
+use fsmerge_common::metrics::{peak_rss_mib, Evaluation, WorkerStats};
 use fsmerge_common::plan::Plan;
 use fsmerge_common::transport::{self, Identity, Timeouts};
 use fsmerge_common::wire::{self, Assignment, Hello, Message, NamedTensor};
@@ -343,7 +345,11 @@ impl Ctx<'_> {
         reps.barrier()?;
 
         self.set_phase("load");
-        let (mut stage, rows) = self.load_stage(&plan, device)?;
+        let (mut stage, rows, eval) = self.load_stage(&plan, device)?;
+        if let Some(eval) = &eval {
+            self.set_phase("evaluate");
+            self.evaluate_originals(stage.as_ref(), eval, pipe.as_mut())?;
+        }
         self.set_phase("features");
         let mut data = self.features(stage.as_ref(), rows, pipe.as_mut(), device, &work)?;
         stage.prepare(&data)?;
@@ -355,8 +361,15 @@ impl Ctx<'_> {
             stages,
         )?;
         self.set_phase("fold");
-        if replica == 0 {
-            self.send_folded(stage.as_ref())?;
+        if let Some(eval) = &eval {
+            let clock = Instant::now();
+            let folded = stage.fold()?;
+            let tensors = folded
+                .iter()
+                .map(|(n, t)| (n.clone(), to_tch(t).to_device(device)));
+            let part = stage.merged_part(tensors.collect())?;
+            self.evaluate("fs-merge", part.as_ref(), eval, pipe.as_mut(), clock)?;
+            self.send_folded(folded)?;
         }
         self.send_stats(
             stage.as_ref(),
@@ -368,21 +381,34 @@ impl Ctx<'_> {
         Ok([pipe, reps])
     }
 
-    /// The stage of this worker, with its M/U on `device`, and the merge rows when it reads
-    /// them (stage 0 computing teacher features; every stage of some families).
+    /// The stage of this worker, with its M/U on `device`; the merge rows when it reads them
+    /// (stage 0 computing teacher features; every stage of some families); the evaluation rows
+    /// when it evaluates (the pipeline of replica 0).
     #[allow(clippy::type_complexity)]
     fn load_stage(
         &self,
         plan: &Plan,
         device: Device,
-    ) -> Result<(Box<dyn WorkerStage>, Option<(Tensor, Tensor)>)> {
+    ) -> Result<(
+        Box<dyn WorkerStage>,
+        Option<(Tensor, Tensor)>,
+        Option<EvalRows>,
+    )> {
         let (a, job) = (self.a, self.job);
         let stage_i = a.stage as usize;
         let family = family(job.model.arch);
         let needs_rows = (stage_i == 0 && !a.features_cached) || family.every_stage_reads_rows();
-        let rows = needs_rows
-            .then(|| feature_cache::merge_inputs(job))
+        let evaluates = a.replica == 0;
+        let splits = (needs_rows || evaluates)
+            .then(|| crate::data::load(&job.data))
             .transpose()?;
+        let rows = match &splits {
+            Some(splits) if needs_rows => Some(feature_cache::merge_inputs(job, splits)?),
+            _ => None,
+        };
+        let eval = splits
+            .filter(|_| evaluates)
+            .map(|s| EvalRows::new(job, &s).to_device(device));
         let mut stage = family.load_stage(&StageSpec {
             job,
             models_dir: Path::new(&a.models_dir),
@@ -390,7 +416,56 @@ impl Ctx<'_> {
             rows: rows.as_ref().map(|(x, _)| x),
         })?;
         stage.to_device(device);
-        Ok((stage, rows))
+        Ok((stage, rows, eval))
+    }
+
+    /// Evaluate the originals (their rows and the ensemble) and the baselines merged from them
+    /// alone (`first`, `average`), while the stage still holds the originals.
+    fn evaluate_originals(
+        &self,
+        stage: &dyn WorkerStage,
+        eval: &EvalRows,
+        pipe: &mut dyn Collective,
+    ) -> Result<()> {
+        let clock = Instant::now();
+        self.evaluate(
+            "originals",
+            stage.originals_part().as_ref(),
+            eval,
+            pipe,
+            clock,
+        )?;
+        for &b in &self.job.baselines.methods {
+            if matches!(b, Baseline::First | Baseline::Average) {
+                let clock = Instant::now();
+                let merged = first_or_average(stage.original_tensors()?, b == Baseline::Average);
+                let part = stage.merged_part(merged)?;
+                self.evaluate(b.name(), part.as_ref(), eval, pipe, clock)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run `part` (this stage's part of the model `method`) over the evaluation rows down the
+    /// pipeline; the last stage reports the scores and the seconds since `clock`.
+    fn evaluate(
+        &self,
+        method: &str,
+        part: &dyn EvalPart,
+        eval: &EvalRows,
+        pipe: &mut dyn Collective,
+        clock: Instant,
+    ) -> Result<()> {
+        if let Some([test, val]) = evaluate(part, eval, pipe)? {
+            self.control.send(&Message::Evaluated(Box::new(Evaluation {
+                method: method.to_string(),
+                seconds: clock.elapsed().as_secs_f64(),
+                test,
+                val,
+                log: Vec::new(),
+            })))?;
+        }
+        Ok(())
     }
 
     /// The stage's teacher features: from the cache when the coordinator says they exist, else
@@ -467,9 +542,8 @@ impl Ctx<'_> {
     }
 
     /// Send the folded stage to the coordinator, tensor by tensor, then the count.
-    fn send_folded(&self, stage: &dyn WorkerStage) -> Result<()> {
+    fn send_folded(&self, folded: Vec<(String, HostTensor)>) -> Result<()> {
         let a = self.a;
-        let folded = stage.fold()?;
         let count = folded.len() as u32;
         for (name, t) in folded {
             self.control.send(&Message::Folded {

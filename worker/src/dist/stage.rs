@@ -2,10 +2,12 @@
 //! `PipelineStage`/`WorkerStage` traits and the data a stage trains on.
 
 use crate::dist::collective::Collective;
+use crate::dist::evaluate::EvalPart;
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::TrainSettings;
 use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::{Error, Result};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
@@ -72,6 +74,16 @@ pub trait WorkerStage: PipelineStage {
         let _ = pipe;
         Ok(())
     }
+    /// Every original's units of this stage, each read through its own task's head on the last
+    /// stage: the original rows and the ensemble. Valid until `prepare`.
+    fn originals_part(&self) -> Box<dyn EvalPart + '_>;
+    /// Every original's tensors of this stage under the merged model's names (`fold`'s), model
+    /// by model, with its own task's head on the last stage: what `first`, `average` and
+    /// RegMean start from. Valid until `prepare`.
+    fn original_tensors(&self) -> Result<Vec<Vec<(String, Tensor)>>>;
+    /// A standard model's part of this stage (a baseline's or the folded model's) from its
+    /// tensors under the merged model's names.
+    fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>>;
     /// Every trainable tensor, named, for checkpoints.
     fn named_params(&self) -> Vec<(String, Tensor)>;
     /// The folded stage under the merged model's tensor names.
@@ -176,4 +188,35 @@ pub fn named_heads(
         ));
     }
     Ok(out)
+}
+
+/// Each task's head (`heads.<task>.weight|bias`) taken out of a stage's named tensors.
+pub fn take_task_heads(
+    tasks: &[String],
+    tensors: &mut BTreeMap<String, Tensor>,
+) -> Result<Vec<crate::core::linear::Linear>> {
+    use fsmerge_common::checkpoint::{head_bias, head_weight};
+    let mut take = |name: String| {
+        tensors
+            .remove(&name)
+            .ok_or_else(|| Error::Compute(format!("the merged model lacks the tensor `{name}`")))
+    };
+    tasks
+        .iter()
+        .map(|t| {
+            Ok(crate::core::linear::Linear {
+                w: take(head_weight(Some(t)))?,
+                b: take(head_bias(Some(t)))?,
+            })
+        })
+        .collect()
+}
+
+/// A task's head under the merged model's names.
+pub fn head_pair(task: &str, head: &crate::core::linear::Linear) -> [(String, Tensor); 2] {
+    use fsmerge_common::checkpoint::{head_bias, head_weight};
+    [
+        (head_weight(Some(task)), head.w.shallow_clone()),
+        (head_bias(Some(task)), head.b.shallow_clone()),
+    ]
 }

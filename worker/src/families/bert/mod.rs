@@ -1,6 +1,7 @@
 //! Hugging Face BERTs (`BertForSequenceClassification`): post-LN encoder blocks and a pooler.
 
 pub mod baselines;
+pub mod eval;
 pub mod merge;
 pub mod model;
 pub mod stage;

@@ -15,8 +15,10 @@ use crate::core::loss::own_mask;
 use crate::core::mu::with_mu_seed;
 use crate::core::tensor::to_host;
 use crate::dist::collective::Collective;
+use crate::dist::evaluate::EvalPart;
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
+use crate::families::bert::eval;
 use crate::families::bert::merge::{local_loss, tokens};
 use crate::families::bert::model::BertPart;
 use crate::families::bert::supernet::BertSuperNet;
@@ -25,6 +27,7 @@ use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
 use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::config::{MergeConfig, Targets};
 use fsmerge_common::Result;
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -207,6 +210,25 @@ impl WorkerStage for BertStage {
         train_local_shared(data, s, groups, &own, &shared, progress, &|idx| {
             self.local_loss(data, idx, s)
         })
+    }
+
+    fn originals_part(&self) -> Box<dyn EvalPart + '_> {
+        Box::new(eval::OriginalsPart {
+            parts: &self.originals,
+            classifiers: &self.classifiers,
+        })
+    }
+
+    fn original_tensors(&self) -> Result<Vec<Vec<(String, Tensor)>>> {
+        Ok((self.originals.iter().enumerate())
+            .map(|(i, p)| eval::named(p, &self.task_names[i], self.classifiers.get(i)))
+            .collect())
+    }
+
+    fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
+        let cfg = self.sn.frozen.cfg.clone();
+        let part = eval::MergedPart::new(cfg, self.units(), &self.task_names, tensors)?;
+        Ok(Box::new(part))
     }
 
     fn named_params(&self) -> Vec<(String, Tensor)> {

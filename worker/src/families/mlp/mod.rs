@@ -1,6 +1,7 @@
 //! MLPs of ReLU layers with a linear head per task (fsmerge's own safetensors layout).
 
 pub mod baselines;
+pub mod eval;
 pub mod merge;
 pub mod model;
 pub mod stage;

@@ -16,8 +16,10 @@ use crate::core::merged_linear::{
 use crate::core::mu::MuMatrix;
 use crate::core::tensor::{flatten_all, named_groups, to_host, to_tch, unflatten_like};
 use crate::dist::collective::Collective;
+use crate::dist::evaluate::EvalPart;
 use crate::dist::pipeline::{index, mask, reduce_many, scaled, share, zero_grads};
 use crate::dist::stage::{PipelineStage, StageData, WorkerStage};
+use crate::families::mlp::eval;
 use crate::families::mlp::supernet::seeded_mu;
 use crate::train::optim::{gradients, lockstep, Run};
 use crate::train::progress::{LogRow, Progress};
@@ -27,6 +29,7 @@ use fsmerge_common::checkpoint::{
 };
 use fsmerge_common::config::MergeConfig;
 use fsmerge_common::{Error, Result};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -273,6 +276,15 @@ impl WorkerStage for StageNet {
     }
     fn hand_over(&mut self, pipe: &mut dyn Collective) -> Result<()> {
         hand_over_boundary(self, pipe)
+    }
+    fn originals_part(&self) -> Box<dyn EvalPart + '_> {
+        Box::new(eval::OriginalsPart(self))
+    }
+    fn original_tensors(&self) -> Result<Vec<Vec<(String, Tensor)>>> {
+        Ok(eval::original_tensors(self))
+    }
+    fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
+        Ok(Box::new(eval::MergedPart::new(self, tensors)?))
     }
     /// Every M/U the stage holds, named, for checkpoints.
     fn named_params(&self) -> Vec<(String, Tensor)> {

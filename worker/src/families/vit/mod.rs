@@ -1,6 +1,7 @@
 //! Hugging Face ViTs (`ViTForImageClassification`): pre-LN encoder blocks on patches.
 
 pub mod baselines;
+pub mod eval;
 pub mod merge;
 pub mod model;
 pub mod stage;

@@ -21,8 +21,10 @@ use crate::core::mu::{with_mu_seed, MuMatrix};
 use crate::core::tensor::{chunked, named_groups, to_host};
 use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
 use crate::dist::collective::Collective;
+use crate::dist::evaluate::EvalPart;
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
+use crate::families::vit::eval;
 use crate::families::vit::merge::{images, inner_term};
 use crate::families::vit::model::{VitPart, VIT_BLOCK};
 use crate::families::vit::supernet::{
@@ -34,6 +36,7 @@ use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::config::{MergeConfig, StepForm, Targets};
 use fsmerge_common::hf::VitConfig;
 use fsmerge_common::Result;
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -398,6 +401,33 @@ impl WorkerStage for VitStage {
         train_local_shared(data, s, groups, &own, &shared, progress, &|idx| {
             self.local_loss(data, idx, s.targets, s.form)
         })
+    }
+
+    fn originals_part(&self) -> Box<dyn EvalPart + '_> {
+        Box::new(eval::OriginalsPart {
+            parts: &self.originals,
+            classifiers: self.out.as_ref().map_or(&[], |o| &o.classifiers),
+        })
+    }
+
+    fn original_tensors(&self) -> Result<Vec<Vec<(String, Tensor)>>> {
+        let classifiers = self.out.as_ref().map(|o| &o.classifiers);
+        Ok((self.originals.iter().enumerate())
+            .map(|(i, p)| {
+                let c = classifiers.map(|c| &c[i]);
+                eval::named(p, &self.task_names[i], c)
+            })
+            .collect())
+    }
+
+    fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
+        let part = eval::MergedPart::new(
+            self.cfg.clone(),
+            self.units.clone(),
+            &self.task_names,
+            tensors,
+        )?;
+        Ok(Box::new(part))
     }
 
     fn named_params(&self) -> Vec<(String, Tensor)> {

@@ -1,0 +1,231 @@
+//! Evaluation on the workers: a model is one `EvalPart` per stage, run as a pipeline over the
+//! test and validation rows (stage 0 reads the rows, every other stage receives the stream; every
+//! stage holds the rows, which BERT's attention mask needs), and the last stage scores every
+//! task's logits. The coordinator receives only the scores.
+
+use crate::core::eval::EvalSet;
+use crate::core::tensor::CHUNK;
+use crate::data::rows::Splits;
+use crate::dist::collective::Collective;
+use fsmerge_common::config::JobConfig;
+use fsmerge_common::metrics::SplitScores;
+use fsmerge_common::{Error, Result};
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+
+/// A model's part on one stage, for evaluation.
+pub trait EvalPart {
+    /// The stage's units on a chunk of evaluation rows `rows` [B, D], from the previous stage's
+    /// stream `input` (None on stage 0): the next stream, or on the last stage every task's
+    /// logits concatenated in task order [B, Σ classes].
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor;
+}
+
+/// The rows a job is evaluated on: test and validation, each cut into tasks.
+pub struct EvalRows {
+    splits: [EvalSet; 2],
+    /// Number of classes of each task (its slice of the logits).
+    classes: Vec<i64>,
+}
+
+impl EvalRows {
+    pub fn new(job: &JobConfig, splits: &Splits) -> Self {
+        Self {
+            splits: [
+                EvalSet::new(&splits.test, &job.tasks),
+                EvalSet::new(&splits.val, &job.tasks),
+            ],
+            classes: job.tasks.iter().map(|t| t.classes.len() as i64).collect(),
+        }
+    }
+
+    pub fn to_device(&self, device: Device) -> Self {
+        let moved = |s: &EvalSet| EvalSet {
+            tasks: s
+                .tasks
+                .iter()
+                .map(|(x, y)| (x.to_device(device), y.to_device(device)))
+                .collect(),
+        };
+        Self {
+            splits: [moved(&self.splits[0]), moved(&self.splits[1])],
+            classes: self.classes.clone(),
+        }
+    }
+}
+
+/// Correct predictions of one task's rows: on its own head and jointly.
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    own: i64,
+    joint: i64,
+    rows: i64,
+}
+
+/// Run `part` over every evaluation row, task by task in chunks, down the pipeline `pipe`
+/// (member s is stage s). Returns the [test, val] scores on the last stage, None elsewhere.
+pub fn evaluate(
+    part: &dyn EvalPart,
+    rows: &EvalRows,
+    pipe: &mut dyn Collective,
+) -> Result<Option<[SplitScores; 2]>> {
+    let (me, last) = (pipe.rank(), pipe.rank() + 1 == pipe.size());
+    let mut scores = Vec::new();
+    for split in &rows.splits {
+        let mut counts = vec![Counts::default(); split.tasks.len()];
+        for (t, (x, y)) in split.tasks.iter().enumerate() {
+            let n = x.size()[0];
+            for start in (0..n).step_by(CHUNK as usize) {
+                let len = CHUNK.min(n - start);
+                let chunk = x.narrow(0, start, len);
+                let input = if me == 0 {
+                    None
+                } else {
+                    Some(recv_stream(pipe, me - 1, x.device())?)
+                };
+                let out = tch::no_grad(|| part.forward(&chunk, input.as_ref()));
+                if last {
+                    count(
+                        &mut counts[t],
+                        &out,
+                        &y.narrow(0, start, len),
+                        &rows.classes,
+                        t,
+                    )?;
+                } else {
+                    send_stream(pipe, &out, me + 1)?;
+                }
+            }
+        }
+        scores.push(split_scores(&counts));
+    }
+    Ok(last.then(|| {
+        let val = scores.pop().expect("two splits");
+        let test = scores.pop().expect("two splits");
+        [test, val]
+    }))
+}
+
+/// Add a chunk's correct predictions: task t's slice of `logits` against its labels `y`, and
+/// the argmax over every slice against `y` offset by the earlier tasks' classes.
+fn count(c: &mut Counts, logits: &Tensor, y: &Tensor, classes: &[i64], t: usize) -> Result<()> {
+    let total: i64 = classes.iter().sum();
+    if logits.size() != [y.size()[0], total] {
+        return Err(Error::Compute(format!(
+            "the last stage gave logits of shape {:?} for {} rows of {total} classes",
+            logits.size(),
+            y.size()[0]
+        )));
+    }
+    let offset: i64 = classes[..t].iter().sum();
+    let correct = |pred: Tensor, labels: &Tensor| {
+        pred.eq_tensor(labels)
+            .to_kind(Kind::Int64)
+            .sum(Kind::Int64)
+            .int64_value(&[])
+    };
+    c.own += correct(logits.narrow(1, offset, classes[t]).argmax(1, false), y);
+    c.joint += correct(logits.argmax(1, false), &(y + offset));
+    c.rows += y.size()[0];
+    Ok(())
+}
+
+fn split_scores(counts: &[Counts]) -> SplitScores {
+    let share = |k: i64, rows: i64| {
+        if rows == 0 {
+            0.0
+        } else {
+            k as f64 / rows as f64
+        }
+    };
+    let per_task: Vec<f64> = counts.iter().map(|c| share(c.own, c.rows)).collect();
+    let joint =
+        counts.iter().map(|c| share(c.joint, c.rows)).sum::<f64>() / counts.len().max(1) as f64;
+    SplitScores { per_task, joint }
+}
+
+/// Longest stream shape sent between stages ([n, B, T, d] and its rank).
+const MAX_DIMS: usize = 6;
+
+/// Send a stream of any shape: its shape first (rank, then dims, in a fixed-size header).
+fn send_stream(pipe: &mut dyn Collective, t: &Tensor, peer: usize) -> Result<()> {
+    let shape = t.size();
+    if shape.len() > MAX_DIMS {
+        return Err(Error::Compute(format!(
+            "a stream of rank {} is too long to send",
+            shape.len()
+        )));
+    }
+    let mut header = vec![0f32; MAX_DIMS + 1];
+    header[0] = shape.len() as f32;
+    for (h, &d) in header[1..].iter_mut().zip(&shape) {
+        *h = d as f32;
+    }
+    let device = pipe.device();
+    pipe.send(&Tensor::from_slice(&header).to_device(device), peer)?;
+    pipe.send(&t.to_kind(Kind::Float).to_device(device).contiguous(), peer)
+}
+
+/// Receive a stream `send_stream` sent, onto `device`.
+fn recv_stream(pipe: &mut dyn Collective, peer: usize, device: Device) -> Result<Tensor> {
+    let on = (Kind::Float, pipe.device());
+    let mut header = Tensor::zeros([MAX_DIMS as i64 + 1], on);
+    pipe.recv(&mut header, peer)?;
+    let h: Vec<f32> = Vec::<f32>::try_from(header.to_device(Device::Cpu))
+        .map_err(|e| Error::Compute(format!("stream header: {e}")))?;
+    let rank = h[0] as usize;
+    if rank == 0 || rank > MAX_DIMS {
+        return Err(Error::Collective(format!(
+            "member {peer} sent a stream header of rank {rank}"
+        )));
+    }
+    let shape: Vec<i64> = h[1..=rank].iter().map(|&d| d as i64).collect();
+    let mut t = Tensor::zeros(shape.as_slice(), on);
+    pipe.recv(&mut t, peer)?;
+    Ok(t.to_device(device))
+}
+
+/// Every task's logits from each model's own output through its own head, concatenated in task
+/// order: the originals' last stage (`outputs` [n, B, ..]).
+pub fn own_heads_logits(heads: &[crate::core::linear::Linear], outputs: &Tensor) -> Tensor {
+    let logits: Vec<Tensor> = heads
+        .iter()
+        .enumerate()
+        .map(|(t, h)| h.forward(&outputs.get(t as i64)))
+        .collect();
+    Tensor::cat(&logits, 1)
+}
+
+/// Every task's head on one shared output [B, ..], concatenated in task order: a merged
+/// model's last stage.
+pub fn merged_logits(heads: &[crate::core::linear::Linear], output: &Tensor) -> Tensor {
+    let logits: Vec<Tensor> = heads.iter().map(|h| h.forward(output)).collect();
+    Tensor::cat(&logits, 1)
+}
+
+/// A baseline merged from every original's tensors of a stage, under the merged model's names
+/// (`models[i]` holds model i's; a head name only model i holds is its task's head and stays):
+/// `first` takes model 1's shared tensors, `average` their element-wise mean.
+pub fn first_or_average(
+    models: Vec<Vec<(String, Tensor)>>,
+    average: bool,
+) -> BTreeMap<String, Tensor> {
+    let mut by_name: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
+    for model in models {
+        for (name, t) in model {
+            by_name.entry(name).or_default().push(t);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, ts)| {
+            let t = if average && ts.len() > 1 {
+                Tensor::stack(&ts.iter().map(Tensor::detach).collect::<Vec<_>>(), 0)
+                    .mean_dim(0, false, None)
+            } else {
+                ts[0].detach().copy()
+            };
+            (name, t)
+        })
+        .collect()
+}

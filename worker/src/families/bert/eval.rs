@@ -1,0 +1,120 @@
+//! A BERT stage's models for evaluation on the workers: every original's units (each through
+//! its own head on the last stage), and a standard BERT's units built from merged tensors.
+//! Every stage reads the attention mask from the evaluation rows it holds.
+
+use crate::core::linear::Linear;
+use crate::dist::evaluate::{merged_logits, own_heads_logits, EvalPart};
+use crate::dist::stage::{head_pair, take_task_heads};
+use crate::families::bert::merge::tokens;
+use crate::families::bert::model::{BertPart, BERT_BLOCK, TABLE_NAMES};
+use fsmerge_common::hf::BertConfig;
+use fsmerge_common::Result;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use tch::Tensor;
+
+/// The part on text rows `rows` (its token ids on the stage with the embeddings, else
+/// `stream`): its last unit's stream, or on the last stage the pooled output (`[CLS]` of the
+/// last state without a pooler).
+fn part_output(part: &BertPart, rows: &Tensor, stream: Option<Tensor>) -> Tensor {
+    let (ids, mask) = tokens(rows);
+    let input = match (&part.embeddings, stream) {
+        (None, Some(s)) => s,
+        _ => ids,
+    };
+    let last = part.units.end == part.cfg.num_hidden_layers + 1;
+    let out = part.trace(&input, &mask).pop().unwrap_or(input);
+    if last && part.pooler.is_none() {
+        out.select(1, 0)
+    } else {
+        out
+    }
+}
+
+/// Every original's units; on the last stage each through its own task's classifier.
+pub struct OriginalsPart<'a> {
+    pub parts: &'a [BertPart],
+    pub classifiers: &'a [Linear],
+}
+
+impl EvalPart for OriginalsPart<'_> {
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
+        let outs: Vec<Tensor> = (self.parts.iter().enumerate())
+            .map(|(i, p)| part_output(p, rows, input.map(|s| s.get(i as i64))))
+            .collect();
+        let stacked = Tensor::stack(&outs, 0);
+        if self.classifiers.is_empty() {
+            stacked
+        } else {
+            own_heads_logits(self.classifiers, &stacked)
+        }
+    }
+}
+
+/// A standard BERT's units and, on the last stage, every task's head.
+pub struct MergedPart {
+    part: BertPart,
+    heads: Vec<Linear>,
+}
+
+impl MergedPart {
+    /// The part of units `units` from tensors under the merged model's names.
+    pub fn new(
+        cfg: BertConfig,
+        units: Range<usize>,
+        tasks: &[String],
+        mut tensors: BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        let last = units.end == cfg.num_hidden_layers + 1;
+        let heads = if last {
+            take_task_heads(tasks, &mut tensors)?
+        } else {
+            Vec::new()
+        };
+        let part = BertPart::from_tensors(cfg, units, "", tensors)?;
+        Ok(Self { part, heads })
+    }
+}
+
+impl EvalPart for MergedPart {
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
+        let out = part_output(&self.part, rows, input.map(Tensor::shallow_clone));
+        if self.heads.is_empty() {
+            out
+        } else {
+            merged_logits(&self.heads, &out)
+        }
+    }
+}
+
+/// One original's tensors of its part under the merged model's names, with `classifier` as
+/// task `task`'s head on the last stage.
+pub fn named(part: &BertPart, task: &str, classifier: Option<&Linear>) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = Vec::new();
+    if let Some((tables, ln)) = &part.embeddings {
+        v.extend(
+            TABLE_NAMES
+                .iter()
+                .map(|n| n.to_string())
+                .zip(tables.iter().map(Tensor::shallow_clone)),
+        );
+        v.push(("embeddings.LayerNorm.weight".into(), ln.w.shallow_clone()));
+        v.push(("embeddings.LayerNorm.bias".into(), ln.b.shallow_clone()));
+    }
+    let first = crate::core::transformer::unit_blocks(&part.units).start;
+    for (j, b) in part.blocks.iter().enumerate() {
+        v.extend(
+            b.named(first + j, &BERT_BLOCK)
+                .into_iter()
+                .map(|(n, t)| (n, t.shallow_clone())),
+        );
+    }
+    if let Some(p) = &part.pooler {
+        v.push(("pooler.dense.weight".into(), p.w.shallow_clone()));
+        v.push(("pooler.dense.bias".into(), p.b.shallow_clone()));
+    }
+    if let Some(c) = classifier {
+        v.extend(head_pair(task, c));
+    }
+    v
+}

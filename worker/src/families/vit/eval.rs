@@ -1,0 +1,121 @@
+//! A ViT stage's models for evaluation on the workers: every original's units (each through
+//! its own head on the last stage), and a standard ViT's units built from merged tensors.
+
+use crate::core::linear::Linear;
+use crate::core::tensor::to_host;
+use crate::dist::evaluate::{merged_logits, own_heads_logits, EvalPart};
+use crate::dist::stage::{head_pair, take_task_heads};
+use crate::families::vit::merge::images;
+use crate::families::vit::model::{VitPart, EMBEDDING_NAMES, VIT_BLOCK};
+use fsmerge_common::hf::VitConfig;
+use fsmerge_common::Result;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use tch::Tensor;
+
+/// The part's input: the images of `rows` on the stage with the embeddings, else `stream`.
+fn part_input(part: &VitPart, rows: &Tensor, stream: Option<Tensor>) -> Tensor {
+    match (&part.embeddings, stream) {
+        (None, Some(s)) => s,
+        _ => images(rows),
+    }
+}
+
+/// The part's output: its last unit's stream, or the pooled output on the last stage.
+fn part_output(part: &VitPart, input: &Tensor) -> Tensor {
+    part.trace(input)
+        .pop()
+        .unwrap_or_else(|| input.shallow_clone())
+}
+
+/// Every original's units; on the last stage each through its own task's classifier.
+pub struct OriginalsPart<'a> {
+    pub parts: &'a [VitPart],
+    pub classifiers: &'a [Linear],
+}
+
+impl EvalPart for OriginalsPart<'_> {
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
+        let outs: Vec<Tensor> = (self.parts.iter().enumerate())
+            .map(|(i, p)| part_output(p, &part_input(p, rows, input.map(|s| s.get(i as i64)))))
+            .collect();
+        let stacked = Tensor::stack(&outs, 0);
+        if self.classifiers.is_empty() {
+            stacked
+        } else {
+            own_heads_logits(self.classifiers, &stacked)
+        }
+    }
+}
+
+/// A standard ViT's units and, on the last stage, every task's head.
+pub struct MergedPart {
+    part: VitPart,
+    heads: Vec<Linear>,
+}
+
+impl MergedPart {
+    /// The part of units `units` from tensors under the merged model's names.
+    pub fn new(
+        cfg: VitConfig,
+        units: Range<usize>,
+        tasks: &[String],
+        mut tensors: BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        let last = units.end == cfg.num_hidden_layers + 1;
+        let heads = if last {
+            take_task_heads(tasks, &mut tensors)?
+        } else {
+            Vec::new()
+        };
+        let host = tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, to_host(&t)?)))
+            .collect::<Result<_>>()?;
+        let part = VitPart::from_tensors(cfg, units, "", host)?;
+        Ok(Self { part, heads })
+    }
+}
+
+impl EvalPart for MergedPart {
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
+        let out = part_output(
+            &self.part,
+            &part_input(&self.part, rows, input.map(Tensor::shallow_clone)),
+        );
+        if self.heads.is_empty() {
+            out
+        } else {
+            merged_logits(&self.heads, &out)
+        }
+    }
+}
+
+/// One original's tensors of its part under the merged model's names, with `classifier` as
+/// task `task`'s head on the last stage.
+pub fn named(part: &VitPart, task: &str, classifier: Option<&Linear>) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = Vec::new();
+    if let Some(e) = &part.embeddings {
+        v.extend(
+            EMBEDDING_NAMES
+                .iter()
+                .map(|n| n.to_string())
+                .zip(e.iter().map(Tensor::shallow_clone)),
+        );
+    }
+    for (j, b) in part.blocks.iter().enumerate() {
+        v.extend(
+            b.named(part.first_block() + j, &VIT_BLOCK)
+                .into_iter()
+                .map(|(n, t)| (n, t.shallow_clone())),
+        );
+    }
+    if let Some(ln) = &part.ln_final {
+        v.push(("layernorm.weight".into(), ln.w.shallow_clone()));
+        v.push(("layernorm.bias".into(), ln.b.shallow_clone()));
+    }
+    if let Some(c) = classifier {
+        v.extend(head_pair(task, c));
+    }
+    v
+}
