@@ -16,7 +16,6 @@ use crate::report::progress::Reporter;
 use anyhow::{Context, Result};
 use fsmerge_common::config::{Baseline, Mode};
 use fsmerge_common::plan::Plan;
-use fsmerge_common::workdir::WorkDir;
 use fsmerge_worker::core::eval::EvalSet;
 use fsmerge_worker::family::{family, BaselineInputs, Originals};
 use fsmerge_worker::train::settings::TrainSettings;
@@ -92,7 +91,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     }
     log.extend(outcome.log);
     if m.mode != Mode::Global {
-        local_rows(job, open()?.as_ref(), &plan, &ev, &mut v, &mut results)?;
+        local_rows(&evaluated, m.mode, &mut v, &mut results);
     }
     let mut fs_merge = evaluated
         .row("fs-merge", v.clone())
@@ -109,24 +108,21 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
 }
 
 /// After a local phase: the rows of the local SuperNet as trained and of its fold (for a family
-/// whose local problems share a residual merge), and their gap in the FS-Merge variant.
+/// whose local problems share a residual merge, the workers evaluate both), and their gap in
+/// the FS-Merge variant.
 fn local_rows(
-    job: &Job,
-    originals: &dyn Originals,
-    plan: &Plan,
-    ev: &Evaluator,
+    evaluated: &Evaluated,
+    mode: Mode,
     v: &mut BTreeMap<String, serde_json::Value>,
     results: &mut Vec<fsmerge_common::metrics::MethodResult>,
-) -> Result<()> {
-    let work = WorkDir::of_output(&job.out);
-    if let Some(local) = originals.local_phase(&job.cfg, &work, plan)? {
-        let chain = ev.result("local supernet", BTreeMap::new(), 0.0, &|x| {
-            local.chain.logits(x)
-        });
-        let folded = ev.result("local folded", BTreeMap::new(), 0.0, &|x| {
-            local.folded.logits(x)
-        });
-        report_local_phase((chain, folded), job.cfg.merge.mode, v, results);
+) {
+    let row = |name| {
+        evaluated.row(name, BTreeMap::new()).map(|mut r| {
+            r.seconds = 0.0;
+            r
+        })
+    };
+    if let (Some(chain), Some(folded)) = (row("local supernet"), row("local folded")) {
+        report_local_phase((chain, folded), mode, v, results);
     }
-    Ok(())
 }

@@ -142,10 +142,10 @@ impl<'a> Evaluated<'a> {
         Ok(Self { by_method, names })
     }
 
-    /// Seconds the workers spent on every model but FS-Merge.
+    /// Seconds the workers spent on the originals and the baselines (not FS-Merge's own rows).
     pub fn seconds_of_others(&self) -> f64 {
         (self.by_method.iter())
-            .filter(|(m, _)| **m != "fs-merge")
+            .filter(|(m, _)| !["fs-merge", "local supernet", "local folded"].contains(m))
             .map(|(_, e)| e.seconds)
             .sum()
     }

@@ -130,3 +130,45 @@ pub fn average<M: Encoder>(models: &[&M]) -> (M, Vec<Linear>) {
     set_to_mean(&merged.encoder_tensors(), &all);
     (merged, heads_of(models))
 }
+
+/// RegMean of one encoder block `l`'s six linear maps (q, k, v, out, fc1, fc2), solved into the
+/// weights of `merged` (a stage's tensors under the merged model's names, `layout` naming the
+/// block's parts). `models` holds each model's block and the inputs of its maps as rows
+/// [R_i, k]: q/k/v's, out's, fc1's and fc2's (`EncoderBlock::linear_inputs_*`).
+pub fn regmean_block(
+    merged: &std::collections::BTreeMap<String, Tensor>,
+    l: usize,
+    layout: &crate::core::encoder_block::Layout,
+    models: &[(&crate::core::encoder_block::EncoderBlock, [Tensor; 4])],
+    alpha: f64,
+) -> Result<()> {
+    use crate::core::encoder_block::Part;
+    let maps = [
+        (Part::Q, 0),
+        (Part::K, 0),
+        (Part::V, 0),
+        (Part::Out, 1),
+        (Part::Fc1, 2),
+        (Part::Fc2, 3),
+    ];
+    for (k, (part, input)) in maps.into_iter().enumerate() {
+        let mut sums = RegmeanSums::default();
+        for (block, inputs) in models {
+            sums.add(&inputs[input], block.part(part).0, alpha);
+        }
+        let name = layout
+            .iter()
+            .find(|(_, p)| *p == part)
+            .map(|(n, _)| format!("encoder.layer.{l}.{n}.weight"))
+            .unwrap_or_default();
+        let w = merged
+            .get(&name)
+            .ok_or_else(|| Error::Compute(format!("RegMean: the merged block lacks `{name}`")))?;
+        let target = Linear {
+            w: w.shallow_clone(),
+            b: Tensor::zeros([0], (tch::Kind::Float, w.device())),
+        };
+        sums.solve_into(&target, &format!("block {l}, linear map {k}"))?;
+    }
+    Ok(())
+}

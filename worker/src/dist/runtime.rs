@@ -352,12 +352,15 @@ impl Ctx<'_> {
         }
         self.set_phase("features");
         let mut data = self.features(stage.as_ref(), rows, pipe.as_mut(), device, &work)?;
+        if let Some(eval) = &eval {
+            self.evaluate_regmean(stage.as_ref(), &data, eval, pipe.as_mut())?;
+        }
         stage.prepare(&data)?;
         let timings = self.train(
             stage.as_mut(),
             &mut data,
             [pipe.as_mut(), reps.as_mut()],
-            &work,
+            (&work, eval.as_ref()),
             stages,
         )?;
         self.set_phase("fold");
@@ -446,6 +449,47 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Evaluate RegMean when the job asks for it: it needs the teacher streams, and the
+    /// originals that `prepare` drops.
+    fn evaluate_regmean(
+        &self,
+        stage: &dyn WorkerStage,
+        data: &StageData,
+        eval: &EvalRows,
+        pipe: &mut dyn Collective,
+    ) -> Result<()> {
+        let b = &self.job.baselines;
+        if !b.methods.contains(&Baseline::Regmean) {
+            return Ok(());
+        }
+        self.set_phase("evaluate");
+        let clock = Instant::now();
+        let part = stage.merged_part(stage.regmean(data, b.regmean_alpha)?)?;
+        self.evaluate(Baseline::Regmean.name(), part.as_ref(), eval, pipe, clock)
+    }
+
+    /// After the local phase, for a family with a shared residual merge: the rows of the local
+    /// SuperNet as trained and of the model it folds into.
+    fn evaluate_local(
+        &self,
+        stage: &dyn WorkerStage,
+        eval: &EvalRows,
+        pipe: &mut dyn Collective,
+    ) -> Result<()> {
+        let Some(chain) = stage.local_chain_part() else {
+            return Ok(());
+        };
+        self.set_phase("evaluate");
+        let clock = Instant::now();
+        self.evaluate("local supernet", chain.as_ref(), eval, pipe, clock)?;
+        let device = pipe.device();
+        let folded = (stage.fold()?.into_iter())
+            .map(|(n, t)| (n, to_tch(&t).to_device(device)))
+            .collect();
+        let part = stage.merged_part(folded)?;
+        self.evaluate("local folded", part.as_ref(), eval, pipe, clock)
+    }
+
     /// Run `part` (this stage's part of the model `method`) over the evaluation rows down the
     /// pipeline; the last stage reports the scores and the seconds since `clock`.
     fn evaluate(
@@ -496,13 +540,14 @@ impl Ctx<'_> {
     }
 
     /// The job's training phases on this stage (local, then global, as the mode says), each
-    /// run or restored by `phase`; `groups` is [pipeline, replicas].
+    /// run or restored by `phase`; `groups` is [pipeline, replicas]; the local phase's rows are
+    /// evaluated when `eval` is given.
     fn train(
         &self,
         stage: &mut dyn WorkerStage,
         data: &mut StageData,
         groups: [&mut dyn Collective; 2],
-        work: &WorkDir,
+        (work, eval): (&WorkDir, Option<&EvalRows>),
         stages: usize,
     ) -> Result<Timings> {
         let (a, job) = (self.a, self.job);
@@ -517,6 +562,9 @@ impl Ctx<'_> {
             })?;
             self.set_phase("hand-over");
             stage.hand_over(pipe)?;
+            if let Some(eval) = eval {
+                self.evaluate_local(stage, eval, pipe)?;
+            }
         }
         if matches!(m.mode, Mode::Global | Mode::LocalThenGlobal) {
             let freed = data.keep_global_only(a.stage == 0, stage.is_last());

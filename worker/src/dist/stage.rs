@@ -81,9 +81,19 @@ pub trait WorkerStage: PipelineStage {
     /// by model, with its own task's head on the last stage: what `first`, `average` and
     /// RegMean start from. Valid until `prepare`.
     fn original_tensors(&self) -> Result<Vec<Vec<(String, Tensor)>>>;
+    /// RegMean of this stage's units (method.md §13), under the merged model's names: each
+    /// linear map solved from its inputs inside every model on its own task's merge rows (the
+    /// teacher streams `data`), the rest averaged, each task's own head. Valid until `prepare`.
+    fn regmean(&self, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>>;
     /// A standard model's part of this stage (a baseline's or the folded model's) from its
     /// tensors under the merged model's names.
     fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>>;
+    /// After the local phase: the local SuperNet as trained (the shared residual merge's
+    /// M_res/U_res round trip between units), each task read through its original's head; None
+    /// for a family without a shared residual merge (its local fold is exact).
+    fn local_chain_part(&self) -> Option<Box<dyn EvalPart + '_>> {
+        None
+    }
     /// Every trainable tensor, named, for checkpoints.
     fn named_params(&self) -> Vec<(String, Tensor)>;
     /// The folded stage under the merged model's tensor names.
@@ -219,4 +229,10 @@ pub fn head_pair(task: &str, head: &crate::core::linear::Linear) -> [(String, Te
         (head_weight(Some(task)), head.w.shallow_clone()),
         (head_bias(Some(task)), head.b.shallow_clone()),
     ]
+}
+
+/// Model i's stream `stream` [n, N, ..] on its own task's merge rows [N_i, ..].
+pub fn own_rows(stream: &Tensor, data: &StageData, i: usize) -> Tensor {
+    let rows = data.task.eq(i as i64).nonzero().squeeze_dim(1);
+    stream.get(i as i64).index_select(0, &rows)
 }

@@ -2,11 +2,12 @@
 //! its own head on the last stage), and a standard BERT's units built from merged tensors.
 //! Every stage reads the attention mask from the evaluation rows it holds.
 
+use crate::core::baselines::{regmean_block, RegmeanSums};
 use crate::core::linear::Linear;
-use crate::dist::evaluate::{merged_logits, own_heads_logits, EvalPart};
-use crate::dist::stage::{head_pair, take_task_heads};
+use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
+use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::bert::merge::tokens;
-use crate::families::bert::model::{BertPart, BERT_BLOCK, TABLE_NAMES};
+use crate::families::bert::model::{mask_bias, BertPart, BERT_BLOCK, TABLE_NAMES};
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::Result;
 use std::collections::BTreeMap;
@@ -117,4 +118,65 @@ pub fn named(part: &BertPart, task: &str, classifier: Option<&Linear>) -> Vec<(S
         v.extend(head_pair(task, c));
     }
     v
+}
+
+/// RegMean of a stage's units (method.md §13): every linear map of every block, and the
+/// pooler, solved from its inputs inside each model on its own task's merge rows (the teacher
+/// streams `data`; real tokens only, the pooler reads `[CLS]`), everything else averaged; each
+/// task keeps its own head. `mask` is the merge rows' attention mask [N, T].
+pub fn regmean(
+    parts: &[BertPart],
+    tensors: Vec<Vec<(String, Tensor)>>,
+    data: &StageData,
+    mask: &Tensor,
+    alpha: f64,
+) -> Result<BTreeMap<String, Tensor>> {
+    let merged = first_or_average(tensors, true);
+    let Some(p0) = parts.first() else {
+        return Ok(merged);
+    };
+    let heads = p0.cfg.num_attention_heads as i64;
+    let start = p0.units.start;
+    let first = crate::core::transformer::unit_blocks(&p0.units).start;
+    tch::no_grad(|| {
+        // Each model's own task: the bias of its mask and the rows of its real tokens.
+        let own: Vec<(Tensor, Tensor)> = (0..parts.len())
+            .map(|i| {
+                let rows = data.task.eq(i as i64).nonzero().squeeze_dim(1);
+                let m = mask.index_select(0, &rows);
+                let real = m.flatten(0, -1).nonzero().squeeze_dim(1);
+                (mask_bias(&m), real)
+            })
+            .collect();
+        let real_rows =
+            |x: &Tensor, real: &Tensor| x.reshape([-1, x.size()[2]]).index_select(0, real);
+        for j in 0..p0.blocks.len() {
+            let l = first + j;
+            let models: Vec<_> = (parts.iter().enumerate())
+                .map(|(i, p)| {
+                    let x = own_rows(data.stream(start, l), data, i);
+                    let (bias, real) = &own[i];
+                    let (inputs, _) = p.blocks[j].linear_inputs_post_ln(&x, bias, heads);
+                    (&p.blocks[j], inputs.map(|t| real_rows(&t, real)))
+                })
+                .collect();
+            regmean_block(&merged, l, &BERT_BLOCK, &models, alpha)?;
+        }
+        if let Some(w) = merged.get("pooler.dense.weight") {
+            let last = p0.units.end - 1;
+            let mut sums = RegmeanSums::default();
+            for (i, p) in parts.iter().enumerate() {
+                if let Some(pooler) = &p.pooler {
+                    let cls = own_rows(data.stream(start, last), data, i).select(1, 0);
+                    sums.add(&cls, &pooler.w, alpha);
+                }
+            }
+            let target = Linear {
+                w: w.shallow_clone(),
+                b: Tensor::zeros([0], (tch::Kind::Float, w.device())),
+            };
+            sums.solve_into(&target, "pooler")?;
+        }
+        Ok(merged)
+    })
 }

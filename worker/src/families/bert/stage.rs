@@ -15,7 +15,7 @@ use crate::core::loss::own_mask;
 use crate::core::mu::with_mu_seed;
 use crate::core::tensor::to_host;
 use crate::dist::collective::Collective;
-use crate::dist::evaluate::EvalPart;
+use crate::dist::evaluate::{own_heads_logits, EvalPart};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
 use crate::families::bert::eval;
@@ -225,6 +225,15 @@ impl WorkerStage for BertStage {
             .collect())
     }
 
+    fn local_chain_part(&self) -> Option<Box<dyn EvalPart + '_>> {
+        Some(Box::new(LocalChain(self)))
+    }
+
+    fn regmean(&self, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>> {
+        let tensors = self.original_tensors()?;
+        eval::regmean(&self.originals, tensors, data, &self.mask, alpha)
+    }
+
     fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
         let cfg = self.sn.frozen.cfg.clone();
         let part = eval::MergedPart::new(cfg, self.units(), &self.task_names, tensors)?;
@@ -247,5 +256,26 @@ impl WorkerStage for BertStage {
             out.extend(named_heads(&self.task_names, heads)?);
         }
         Ok(out)
+    }
+}
+
+/// The stage's units of the local SuperNet as trained (`BertSuperNet::forward_local_chain`),
+/// each task read through its original's classifier on the last stage.
+struct LocalChain<'a>(&'a BertStage);
+
+impl EvalPart for LocalChain<'_> {
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
+        let st = self.0;
+        let (ids, mask) = tokens(rows);
+        let x = match input {
+            Some(s) if !st.sn.has_embeddings() => s.shallow_clone(),
+            _ => ids,
+        };
+        let out = st.sn.forward_local_chain(&x, &mask);
+        if st.is_last() {
+            own_heads_logits(&st.classifiers, &out)
+        } else {
+            out
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! An MLP stage's models for evaluation on the workers: every original's layers (each through
 //! its own head on the last stage), and a standard MLP's layers built from merged tensors.
 
+use crate::core::baselines::RegmeanSums;
 use crate::core::linear::Linear;
-use crate::dist::evaluate::{merged_logits, own_heads_logits, EvalPart};
-use crate::dist::stage::{head_pair, take_task_heads};
+use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
+use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::mlp::model::body_forward;
 use crate::families::mlp::stage::StageNet;
 use fsmerge_common::checkpoint::{body_bias, body_weight};
@@ -88,4 +89,38 @@ pub fn original_tensors(stage: &StageNet) -> Vec<Vec<(String, Tensor)>> {
             v
         })
         .collect()
+}
+
+/// RegMean of a stage's layers (method.md §13): every layer's weight solved from its inputs
+/// inside each model on its own task's merge rows (the teacher streams `data`; the merge rows
+/// themselves for layer 0), biases averaged; each task keeps its own head.
+pub fn regmean(stage: &StageNet, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>> {
+    let merged = first_or_average(original_tensors(stage), true);
+    tch::no_grad(|| {
+        for (j, layer) in stage.layers.iter().enumerate() {
+            let l = stage.units.start + j;
+            let mut sums = RegmeanSums::default();
+            for i in 0..stage.n {
+                let x = match (j, l) {
+                    (0, 0) => {
+                        let rows = data.task.eq(i as i64).nonzero().squeeze_dim(1);
+                        data.input.index_select(0, &rows)
+                    }
+                    (0, _) => own_rows(&data.input, data, i),
+                    _ => own_rows(&data.feats[j - 1], data, i),
+                };
+                sums.add(&x, &layer.wt.get(i as i64).tr(), alpha);
+            }
+            let name = body_weight(l);
+            let w = merged.get(&name).ok_or_else(|| {
+                Error::Compute(format!("RegMean: the merged MLP lacks `{name}`"))
+            })?;
+            let target = Linear {
+                w: w.shallow_clone(),
+                b: Tensor::zeros([0], (tch::Kind::Float, w.device())),
+            };
+            sums.solve_into(&target, &format!("layer {l}"))?;
+        }
+        Ok(merged)
+    })
 }

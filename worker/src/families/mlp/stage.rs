@@ -283,6 +283,9 @@ impl WorkerStage for StageNet {
     fn original_tensors(&self) -> Result<Vec<Vec<(String, Tensor)>>> {
         Ok(eval::original_tensors(self))
     }
+    fn regmean(&self, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>> {
+        eval::regmean(self, data, alpha)
+    }
     fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
         Ok(Box::new(eval::MergedPart::new(self, tensors)?))
     }

@@ -3,8 +3,9 @@
 
 use crate::core::linear::Linear;
 use crate::core::tensor::to_host;
-use crate::dist::evaluate::{merged_logits, own_heads_logits, EvalPart};
-use crate::dist::stage::{head_pair, take_task_heads};
+use crate::core::baselines::regmean_block;
+use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
+use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::vit::merge::images;
 use crate::families::vit::model::{VitPart, EMBEDDING_NAMES, VIT_BLOCK};
 use fsmerge_common::hf::VitConfig;
@@ -118,4 +119,34 @@ pub fn named(part: &VitPart, task: &str, classifier: Option<&Linear>) -> Vec<(St
         v.extend(head_pair(task, c));
     }
     v
+}
+
+/// RegMean of a stage's units (method.md §13): every linear map of every block solved from
+/// its inputs inside each model on its own task's merge rows (the teacher streams `data`),
+/// everything else averaged; each task keeps its own head.
+pub fn regmean(
+    parts: &[VitPart],
+    tensors: Vec<Vec<(String, Tensor)>>,
+    data: &StageData,
+    alpha: f64,
+) -> Result<BTreeMap<String, Tensor>> {
+    let merged = first_or_average(tensors, true);
+    let Some(p0) = parts.first() else {
+        return Ok(merged);
+    };
+    let heads = p0.cfg.num_attention_heads as i64;
+    tch::no_grad(|| {
+        for j in 0..p0.blocks.len() {
+            let l = p0.first_block() + j;
+            let models: Vec<_> = (parts.iter().enumerate())
+                .map(|(i, p)| {
+                    let x = own_rows(data.stream(p0.units.start, l), data, i);
+                    let (inputs, _) = p.blocks[j].linear_inputs_pre_ln(&x, heads);
+                    (&p.blocks[j], inputs.map(|t| t.reshape([-1, t.size()[2]])))
+                })
+                .collect();
+            regmean_block(&merged, l, &VIT_BLOCK, &models, alpha)?;
+        }
+        Ok(merged)
+    })
 }

@@ -21,7 +21,7 @@ use crate::core::mu::{with_mu_seed, MuMatrix};
 use crate::core::tensor::{chunked, named_groups, to_host};
 use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
 use crate::dist::collective::Collective;
-use crate::dist::evaluate::EvalPart;
+use crate::dist::evaluate::{own_heads_logits, EvalPart};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
 use crate::families::vit::eval;
@@ -420,6 +420,14 @@ impl WorkerStage for VitStage {
             .collect())
     }
 
+    fn local_chain_part(&self) -> Option<Box<dyn EvalPart + '_>> {
+        Some(Box::new(LocalChain(self)))
+    }
+
+    fn regmean(&self, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>> {
+        eval::regmean(&self.originals, self.original_tensors()?, data, alpha)
+    }
+
     fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
         let part = eval::MergedPart::new(
             self.cfg.clone(),
@@ -477,5 +485,32 @@ impl WorkerStage for VitStage {
             }
             Ok(out)
         })
+    }
+}
+
+/// The stage's units of the local SuperNet as trained: after every block the merged stream
+/// goes through U_res and back through M_res (`VitSuperNet::forward_local_chain`).
+struct LocalChain<'a>(&'a VitStage);
+
+impl EvalPart for LocalChain<'_> {
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
+        let st = self.0;
+        let mut x = match (&st.embed, input) {
+            (Some(e), _) => e.merged(&st.m_pre, &images(rows), StepForm::Fold, &st.cfg),
+            (None, Some(s)) => s.shallow_clone(),
+            (None, None) => rows.shallow_clone(),
+        };
+        for j in 0..st.blocks.len() {
+            let y = st.unit(j).forward(&x, StepForm::Fold);
+            let (b, t, d) = y.size3().unwrap_or((0, 0, 0));
+            x = st
+                .m_pre
+                .merge(&st.u_res.unmerge(&y.view([-1, d])))
+                .view([b, t, d]);
+        }
+        match &st.out {
+            Some(o) => own_heads_logits(&o.classifiers, &read_out(&o.ln_post, &o.u_final, &x)),
+            None => x,
+        }
     }
 }
