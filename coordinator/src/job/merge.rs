@@ -7,7 +7,7 @@
 use crate::cluster::{self, Launch};
 use crate::job::prepare::prepare;
 use crate::job::rows::{
-    fs_merge_variant, kd_settings, report_local_phase, variant, warn_if_global_rose, Evaluated,
+    fs_merge_variant, kd_variant, report_local_phase, variant, warn_if_global_rose, Evaluated,
     Evaluator,
 };
 use crate::job::Job;
@@ -61,14 +61,15 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let mut results = evaluated.originals()?;
     let mut log = Vec::new();
     let reporter = Reporter::new();
-    let (kd, kd_variant) = kd_settings(m, &TrainSettings::of(m, cfg.seed));
+    let kd = TrainSettings::kd(m, cfg.seed);
     for &b in &cfg.baselines.methods {
         let v = match b {
             Baseline::Regmean => variant(&[("alpha", json!(cfg.baselines.regmean_alpha))]),
-            Baseline::Kd => kd_variant.clone(),
+            Baseline::Kd => kd_variant(m, cfg.seed),
             _ => BTreeMap::new(),
         };
         if let Some(row) = evaluated.row(b.name(), v.clone()) {
+            log.extend(evaluated.log(b.name()));
             results.push(row);
             continue;
         }

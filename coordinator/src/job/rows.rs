@@ -38,22 +38,14 @@ pub fn report_local_phase(
     }
 }
 
-/// KD's training settings (FS-Merge's, for all its epochs: the same budget) and its row's
-/// variant.
-pub fn kd_settings(
-    m: &MergeConfig,
-    settings: &TrainSettings,
-) -> (TrainSettings, BTreeMap<String, serde_json::Value>) {
-    let s = TrainSettings {
-        epochs: m.total_epochs(),
-        ..settings.clone()
-    };
-    let v = variant(&[
+/// KD's row variant: its initialisation and training settings (`TrainSettings::kd`).
+pub fn kd_variant(m: &MergeConfig, seed: u64) -> BTreeMap<String, serde_json::Value> {
+    let s = TrainSettings::kd(m, seed);
+    variant(&[
         ("init", json!("first")),
         ("epochs", json!(s.epochs)),
         ("lr", json!(s.lr)),
-    ]);
-    (s, v)
+    ])
 }
 
 /// The FS-Merge row's variant: the settings that tell its runs apart.
@@ -176,6 +168,13 @@ impl<'a> Evaluated<'a> {
             val_mean_task_acc: e.val.mean(),
             seconds: if method == "ensemble" { 0.0 } else { e.seconds },
         })
+    }
+
+    /// The training log of `method` (KD's), empty when it has none.
+    pub fn log(&self, method: &str) -> Vec<LogRow> {
+        self.by_method
+            .get(method)
+            .map_or_else(Vec::new, |e| e.log.clone())
     }
 
     /// The row of every task's original (its own task only; no joint accuracy).

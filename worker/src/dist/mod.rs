@@ -3,6 +3,7 @@
 //! and the collectives (QUIC, NCCL).
 
 pub mod collective;
+pub mod distill;
 pub mod evaluate;
 pub mod feature_cache;
 pub mod pipeline;

@@ -10,7 +10,7 @@
 //! Each replica scales its part's loss by its share of the batch, so the summed gradient is the
 //! full batch's gradient, as in the single-process run.
 
-use crate::core::loss::{own_mask, reconstruction_loss};
+use crate::core::loss::own_mask;
 use crate::core::tensor::{flatten_all, unflatten_like};
 use crate::dist::collective::Collective;
 use crate::dist::stage::{PipelineStage, StageData};
@@ -154,6 +154,21 @@ pub fn train_global<S: PipelineStage + ?Sized>(
     micro_batches: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<LogRow>> {
+    train_pipelined("global", stage, data, s, Collectives { pipe, replicas }, micro_batches, progress)
+}
+
+/// Train `stage.global_params()` as a pipeline over the stages (GPipe), the last stage's
+/// `PipelineStage::loss` the objective, logged as phase `phase`: the global phase, and KD.
+pub fn train_pipelined<S: PipelineStage + ?Sized>(
+    phase: &str,
+    stage: &S,
+    data: &StageData,
+    s: &TrainSettings,
+    groups: Collectives,
+    micro_batches: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<LogRow>> {
+    let Collectives { pipe, replicas } = groups;
     let params = stage.global_params();
     let me = pipe.rank();
     if stage.is_last() != (me + 1 == pipe.size()) {
@@ -173,7 +188,7 @@ pub fn train_global<S: PipelineStage + ?Sized>(
         dims: stage.stream_dims(),
         device: data.task.device(),
     };
-    s.run("global", data.len(), s.seed)
+    s.run(phase, data.len(), s.seed)
         .optimise_with(&params, data.len(), progress, |batch| {
             let part = share(batch, replicas.rank(), replicas.size());
             let mbs: Vec<&[i64]> = (0..micro_batches)
@@ -255,10 +270,7 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
         let own = own.map(weight);
         let acc = acc_in + own.as_ref().map_or(0.0, |o| o.double_value(&[]));
         if self.last {
-            let feats = &self.data.feats;
-            let target = feats[feats.len() - 1].index_select(1, &idx);
-            let m = mask(self.stage.n(), self.data, &idx, self.s.targets);
-            let recon = weight(reconstruction_loss(&out, &target, m.as_ref()));
+            let recon = weight(self.stage.loss(&out, &idx, self.data, self.s));
             let value = recon.double_value(&[]) + acc;
             let loss = match own {
                 Some(o) => recon + o,

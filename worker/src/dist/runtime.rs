@@ -10,7 +10,9 @@ use crate::core::tensor::{assign, to_host, to_tch};
 use crate::dist::collective::nccl::{self, NcclGroup};
 use crate::dist::collective::quic::{connect_mesh, QuicGroup};
 use crate::dist::collective::{Collective, Solo};
+use crate::dist::distill::{distill, kd_tensors};
 use crate::dist::evaluate::{evaluate, first_or_average, EvalPart, EvalRows};
+use crate::dist::pipeline::Collectives;
 use crate::dist::stage::{StageData, WorkerStage};
 use crate::dist::{feature_cache, pipeline};
 use crate::family::{family, StageSpec};
@@ -355,6 +357,10 @@ impl Ctx<'_> {
         if let Some(eval) = &eval {
             self.evaluate_regmean(stage.as_ref(), &data, eval, pipe.as_mut())?;
         }
+        self.evaluate_kd(
+            stage.as_ref(),
+            &data,
+            [pipe.as_mut(), reps.as_mut()], eval.as_ref(), stages)?;
         stage.prepare(&data)?;
         let timings = self.train(
             stage.as_mut(),
@@ -490,6 +496,42 @@ impl Ctx<'_> {
         self.evaluate("local folded", part.as_ref(), eval, pipe, clock)
     }
 
+    /// KD when the job asks for it: model 1's units distilled as a pipeline over the stages
+    /// (every replica takes its share of each batch), then evaluated by replica 0's pipeline
+    /// (`eval`). It needs the teacher features and the originals that `prepare` drops.
+    fn evaluate_kd(
+        &self,
+        stage: &dyn WorkerStage,
+        data: &StageData,
+        groups: [&mut dyn Collective; 2],
+        eval: Option<&EvalRows>,
+        stages: usize,
+    ) -> Result<()> {
+        let job = self.job;
+        if !job.baselines.methods.contains(&Baseline::Kd) {
+            return Ok(());
+        }
+        self.set_phase("kd");
+        let clock = Instant::now();
+        let s = TrainSettings::kd(&job.merge, job.seed);
+        let micro = if stages > 1 {
+            job.cluster.micro_batches
+        } else {
+            1
+        };
+        let [pipe, replicas] = groups;
+        let progress = BeatProgress(self.beat.clone());
+        let scale = job.baselines.kd_target_scale;
+        let groups = Collectives { pipe, replicas };
+        let d = distill(stage, data, (&s, scale), groups, micro, &progress)?;
+        if let Some(eval) = eval {
+            let tasks: Vec<String> = job.tasks.iter().map(|t| t.name.clone()).collect();
+            let part = stage.merged_part(kd_tensors(&d, stage.original_tensors()?, &tasks))?;
+            self.evaluate_logged(Baseline::Kd.name(), part.as_ref(), eval, pipe, clock, d.log)?;
+        }
+        Ok(())
+    }
+
     /// Run `part` (this stage's part of the model `method`) over the evaluation rows down the
     /// pipeline; the last stage reports the scores and the seconds since `clock`.
     fn evaluate(
@@ -500,13 +542,26 @@ impl Ctx<'_> {
         pipe: &mut dyn Collective,
         clock: Instant,
     ) -> Result<()> {
+        self.evaluate_logged(method, part, eval, pipe, clock, Vec::new())
+    }
+
+    /// `evaluate` of a method that trained, with its training log.
+    fn evaluate_logged(
+        &self,
+        method: &str,
+        part: &dyn EvalPart,
+        eval: &EvalRows,
+        pipe: &mut dyn Collective,
+        clock: Instant,
+        log: Vec<LogRow>,
+    ) -> Result<()> {
         if let Some([test, val]) = evaluate(part, eval, pipe)? {
             self.control.send(&Message::Evaluated(Box::new(Evaluation {
                 method: method.to_string(),
                 seconds: clock.elapsed().as_secs_f64(),
                 test,
                 val,
-                log: Vec::new(),
+                log,
             })))?;
         }
         Ok(())

@@ -39,6 +39,14 @@ pub trait PipelineStage {
         data: &StageData,
         s: &TrainSettings,
     ) -> (Tensor, Option<Tensor>);
+    /// The last stage's loss of its output `out` on samples `idx` (a mean over them): the
+    /// reconstruction of the originals' last features, on each input's own slice or on all.
+    fn loss(&self, out: &Tensor, idx: &Tensor, data: &StageData, s: &TrainSettings) -> Tensor {
+        let feats = &data.feats;
+        let target = feats[feats.len() - 1].index_select(1, idx);
+        let m = crate::dist::pipeline::mask(self.n(), data, idx, s.targets);
+        crate::core::loss::reconstruction_loss(out, &target, m.as_ref())
+    }
 }
 
 /// What a worker does with its stage beyond the pipeline.
@@ -85,6 +93,8 @@ pub trait WorkerStage: PipelineStage {
     /// linear map solved from its inputs inside every model on its own task's merge rows (the
     /// teacher streams `data`), the rest averaged, each task's own head. Valid until `prepare`.
     fn regmean(&self, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>>;
+    /// KD's student on this stage: a trainable copy of model 1's units. Valid until `prepare`.
+    fn student(&self) -> Result<Box<dyn crate::dist::distill::StudentPart>>;
     /// A standard model's part of this stage (a baseline's or the folded model's) from its
     /// tensors under the merged model's names.
     fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>>;

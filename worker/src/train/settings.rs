@@ -19,6 +19,14 @@ pub struct TrainSettings {
 
 impl TrainSettings {
     /// The main phase's settings of a job's `[merge]` section.
+    /// KD's settings: FS-Merge's optimiser for all its epochs (the same budget).
+    pub fn kd(m: &fsmerge_common::config::MergeConfig, seed: u64) -> Self {
+        Self {
+            epochs: m.total_epochs(),
+            ..Self::of(m, seed)
+        }
+    }
+
     pub fn of(m: &fsmerge_common::config::MergeConfig, seed: u64) -> Self {
         Self {
             epochs: m.epochs,

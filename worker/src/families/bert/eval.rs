@@ -4,6 +4,7 @@
 
 use crate::core::baselines::{regmean_block, RegmeanSums};
 use crate::core::linear::Linear;
+use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::bert::merge::tokens;
@@ -23,8 +24,13 @@ fn part_output(part: &BertPart, rows: &Tensor, stream: Option<Tensor>) -> Tensor
         (None, Some(s)) => s,
         _ => ids,
     };
+    run_part(part, input, &mask)
+}
+
+/// The part on its input (token ids, or the stream) with the attention mask `mask`.
+fn run_part(part: &BertPart, input: Tensor, mask: &Tensor) -> Tensor {
     let last = part.units.end == part.cfg.num_hidden_layers + 1;
-    let out = part.trace(&input, &mask).pop().unwrap_or(input);
+    let out = part.trace(&input, mask).pop().unwrap_or(input);
     if last && part.pooler.is_none() {
         out.select(1, 0)
     } else {
@@ -179,4 +185,40 @@ pub fn regmean(
         }
         Ok(merged)
     })
+}
+
+/// KD's student on a BERT stage: a trainable copy of model 1's part (no classifier), with the
+/// merge rows' attention mask [N, T].
+pub struct Student {
+    part: BertPart,
+    mask: Tensor,
+}
+
+impl Student {
+    pub fn of(model1: &BertPart, mask: &Tensor) -> Result<Self> {
+        let tensors = (named(model1, "", None).into_iter())
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        let part = BertPart::from_tensors(model1.cfg.clone(), model1.units.clone(), "", tensors)?;
+        Ok(Self {
+            part,
+            mask: mask.shallow_clone(),
+        })
+    }
+}
+
+impl StudentPart for Student {
+    fn params(&self) -> Vec<Tensor> {
+        self.named().into_iter().map(|(_, t)| t).collect()
+    }
+    fn forward(&self, input: &Tensor, idx: &Tensor) -> Tensor {
+        let x = match &self.part.embeddings {
+            Some(_) => tokens(input).0,
+            None => input.shallow_clone(),
+        };
+        run_part(&self.part, x, &self.mask.index_select(0, idx))
+    }
+    fn named(&self) -> Vec<(String, Tensor)> {
+        named(&self.part, "", None)
+    }
 }

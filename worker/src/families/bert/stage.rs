@@ -15,6 +15,7 @@ use crate::core::loss::own_mask;
 use crate::core::mu::with_mu_seed;
 use crate::core::tensor::to_host;
 use crate::dist::collective::Collective;
+use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{own_heads_logits, EvalPart};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
@@ -227,6 +228,13 @@ impl WorkerStage for BertStage {
 
     fn local_chain_part(&self) -> Option<Box<dyn EvalPart + '_>> {
         Some(Box::new(LocalChain(self)))
+    }
+
+    fn student(&self) -> Result<Box<dyn StudentPart>> {
+        let model1 = self.originals.first().ok_or_else(|| {
+            fsmerge_common::Error::Compute("KD's student: the stage has no originals".into())
+        })?;
+        Ok(Box::new(eval::Student::of(model1, &self.mask)?))
     }
 
     fn regmean(&self, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>> {

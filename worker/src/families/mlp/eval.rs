@@ -3,6 +3,7 @@
 
 use crate::core::baselines::RegmeanSums;
 use crate::core::linear::Linear;
+use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::mlp::model::body_forward;
@@ -123,4 +124,44 @@ pub fn regmean(stage: &StageNet, data: &StageData, alpha: f64) -> Result<BTreeMa
         }
         Ok(merged)
     })
+}
+
+/// KD's student on an MLP stage: a trainable copy of model 1's layers.
+pub struct Student {
+    units: std::ops::Range<usize>,
+    body: Vec<Linear>,
+}
+
+impl Student {
+    pub fn of(stage: &StageNet) -> Self {
+        let body = (stage.layers.iter())
+            .map(|l| Linear {
+                w: l.wt.get(0).tr().contiguous().detach().copy(),
+                b: l.b.get(0).detach().copy(),
+            })
+            .collect();
+        Self {
+            units: stage.units.clone(),
+            body,
+        }
+    }
+}
+
+impl StudentPart for Student {
+    fn params(&self) -> Vec<Tensor> {
+        self.named().into_iter().map(|(_, t)| t).collect()
+    }
+    fn forward(&self, input: &Tensor, _idx: &Tensor) -> Tensor {
+        body_forward(&self.body, input)
+    }
+    fn named(&self) -> Vec<(String, Tensor)> {
+        (self.units.clone().zip(&self.body))
+            .flat_map(|(l, layer)| {
+                [
+                    (body_weight(l), layer.w.shallow_clone()),
+                    (body_bias(l), layer.b.shallow_clone()),
+                ]
+            })
+            .collect()
+    }
 }

@@ -16,6 +16,7 @@ use crate::core::merged_linear::{
 use crate::core::mu::MuMatrix;
 use crate::core::tensor::{flatten_all, named_groups, to_host, to_tch, unflatten_like};
 use crate::dist::collective::Collective;
+use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::EvalPart;
 use crate::dist::pipeline::{index, mask, reduce_many, scaled, share, zero_grads};
 use crate::dist::stage::{PipelineStage, StageData, WorkerStage};
@@ -282,6 +283,9 @@ impl WorkerStage for StageNet {
     }
     fn original_tensors(&self) -> Result<Vec<Vec<(String, Tensor)>>> {
         Ok(eval::original_tensors(self))
+    }
+    fn student(&self) -> Result<Box<dyn StudentPart>> {
+        Ok(Box::new(eval::Student::of(self)))
     }
     fn regmean(&self, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>> {
         eval::regmean(self, data, alpha)

@@ -4,6 +4,7 @@
 use crate::core::linear::Linear;
 use crate::core::tensor::to_host;
 use crate::core::baselines::regmean_block;
+use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::vit::merge::images;
@@ -149,4 +150,33 @@ pub fn regmean(
         }
         Ok(merged)
     })
+}
+
+/// KD's student on a ViT stage: a trainable copy of model 1's part (no classifier).
+pub struct Student(VitPart);
+
+impl Student {
+    pub fn of(model1: &VitPart) -> Result<Self> {
+        let host = (named(model1, "", None).into_iter())
+            .map(|(n, t)| Ok((n, to_host(&t)?)))
+            .collect::<Result<_>>()?;
+        let part = VitPart::from_tensors(model1.cfg.clone(), model1.units.clone(), "", host)?;
+        Ok(Self(part))
+    }
+}
+
+impl StudentPart for Student {
+    fn params(&self) -> Vec<Tensor> {
+        self.named().into_iter().map(|(_, t)| t).collect()
+    }
+    fn forward(&self, input: &Tensor, _idx: &Tensor) -> Tensor {
+        let x = match &self.0.embeddings {
+            Some(_) => images(input),
+            None => input.shallow_clone(),
+        };
+        part_output(&self.0, &x)
+    }
+    fn named(&self) -> Vec<(String, Tensor)> {
+        named(&self.0, "", None)
+    }
 }

@@ -21,6 +21,7 @@ use crate::core::mu::{with_mu_seed, MuMatrix};
 use crate::core::tensor::{chunked, named_groups, to_host};
 use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
 use crate::dist::collective::Collective;
+use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{own_heads_logits, EvalPart};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
@@ -422,6 +423,13 @@ impl WorkerStage for VitStage {
 
     fn local_chain_part(&self) -> Option<Box<dyn EvalPart + '_>> {
         Some(Box::new(LocalChain(self)))
+    }
+
+    fn student(&self) -> Result<Box<dyn StudentPart>> {
+        let model1 = self.originals.first().ok_or_else(|| {
+            fsmerge_common::Error::Compute("KD's student: the stage has no originals".into())
+        })?;
+        Ok(Box::new(eval::Student::of(model1)?))
     }
 
     fn regmean(&self, data: &StageData, alpha: f64) -> Result<BTreeMap<String, Tensor>> {
