@@ -151,6 +151,15 @@ impl WeightFiles {
         self.map.contains_key(name)
     }
 
+    /// The shape of tensor `name` from its file's safetensors header (no data is read; the
+    /// file is checked whole); None when the model has no such tensor.
+    pub fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        let Some(file) = self.map.get(name) else {
+            return Ok(None);
+        };
+        Ok(crate::checkpoint::tensor_shapes(file)?.remove(name))
+    }
+
     /// Read the named tensors, each from its own file.
     pub fn read(&self, names: &[String]) -> Result<BTreeMap<String, HostTensor>> {
         let mut by_file: BTreeMap<&PathBuf, Vec<String>> = BTreeMap::new();

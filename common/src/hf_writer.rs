@@ -5,23 +5,33 @@
 //! `model.safetensors` when everything fits in one shard. Each file is written atomically;
 //! the folder itself is made atomic by the caller's staging directory.
 
-use crate::checkpoint::{write_json, write_tensors, HostTensor};
+use crate::checkpoint::{write_json, HostTensor};
 use crate::{Error, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// `transformers`' default `max_shard_size` (5 GB).
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
+/// The shard being filled: its tensors' bytes go to a data file as they come; the header
+/// (names, shapes, offsets) is written in front when the shard closes.
+struct OpenShard {
+    data_path: PathBuf,
+    data: BufWriter<std::fs::File>,
+    /// (name, shape, begin, end) in arrival order.
+    entries: Vec<(String, Vec<usize>, u64, u64)>,
+    bytes: u64,
+}
+
 pub struct ShardedWriter {
     dir: PathBuf,
     max_shard_bytes: u64,
-    /// The shard being filled.
-    pending: BTreeMap<String, HostTensor>,
-    pending_bytes: u64,
+    open: Option<OpenShard>,
     /// Shards written so far (under temporary names until `finish` knows their count), with
     /// the names of their tensors.
     written: Vec<(PathBuf, Vec<String>)>,
+    names: BTreeSet<String>,
     total_bytes: u64,
 }
 
@@ -31,49 +41,119 @@ impl ShardedWriter {
         Ok(Self {
             dir: dir.to_path_buf(),
             max_shard_bytes: max_shard_bytes.max(1),
-            pending: BTreeMap::new(),
-            pending_bytes: 0,
+            open: None,
             written: Vec::new(),
+            names: BTreeSet::new(),
             total_bytes: 0,
         })
     }
 
-    /// Add one tensor; the shard being filled is written out first when this one would take
-    /// it past the limit (a tensor larger than the limit gets a shard of its own).
+    /// Add one tensor, written to disk at once; the shard being filled is closed first when
+    /// this one would take it past the limit (a tensor larger than the limit gets a shard of
+    /// its own).
     pub fn add(&mut self, name: String, t: HostTensor) -> Result<()> {
-        if self.pending.contains_key(&name) || self.written.iter().any(|(_, n)| n.contains(&name)) {
+        if self.names.contains(&name) {
             return Err(Error::Tensor {
                 file: self.dir.clone(),
                 tensor: name,
                 msg: "written twice".into(),
             });
         }
-        let bytes = 4 * t.data.len() as u64;
-        if !self.pending.is_empty() && self.pending_bytes + bytes > self.max_shard_bytes {
-            self.flush()?;
+        if t.shape.iter().product::<usize>() != t.data.len() {
+            return Err(Error::Tensor {
+                file: self.dir.clone(),
+                tensor: name,
+                msg: format!("shape {:?} but {} values", t.shape, t.data.len()),
+            });
         }
-        self.pending_bytes += bytes;
+        let bytes = 4 * t.data.len() as u64;
+        let full = self
+            .open
+            .as_ref()
+            .is_some_and(|o| !o.entries.is_empty() && o.bytes + bytes > self.max_shard_bytes);
+        if full {
+            self.close_shard()?;
+        }
+        let shard = match &mut self.open {
+            Some(o) => o,
+            None => self.open.insert(self.new_shard()?),
+        };
+        let io = |e| Error::io(&shard.data_path, e);
+        for v in &t.data {
+            shard.data.write_all(&v.to_le_bytes()).map_err(io)?;
+        }
+        shard
+            .entries
+            .push((name.clone(), t.shape, shard.bytes, shard.bytes + bytes));
+        shard.bytes += bytes;
         self.total_bytes += bytes;
-        self.pending.insert(name, t);
+        self.names.insert(name);
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<()> {
+    fn new_shard(&self) -> Result<OpenShard> {
+        let data_path = self
+            .dir
+            .join(format!(".shard-{}.data.tmp", self.written.len() + 1));
+        let file = std::fs::File::create(&data_path).map_err(|e| Error::io(&data_path, e))?;
+        Ok(OpenShard {
+            data_path,
+            data: BufWriter::new(file),
+            entries: Vec::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Write the open shard as a safetensors file: its header, then its data file's bytes.
+    fn close_shard(&mut self) -> Result<()> {
+        let shard = match self.open.take() {
+            Some(s) => s,
+            None => self.new_shard()?,
+        };
         let file = self
             .dir
             .join(format!(".shard-{}.tmp", self.written.len() + 1));
-        write_tensors(&file, &self.pending)?;
-        let names = std::mem::take(&mut self.pending).into_keys().collect();
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |e| Error::io(&p, e)
+        };
+        shard
+            .data
+            .into_inner()
+            .map_err(|e| Error::io(&shard.data_path, e.into_error()))?
+            .sync_all()
+            .map_err(io(&shard.data_path))?;
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        for (name, shape, begin, end) in &shard.entries {
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}),
+            );
+        }
+        let mut header = serde_json::to_vec(&header)
+            .map_err(|e| Error::Compute(format!("safetensors header: {e}")))?;
+        while header.len() % 8 != 0 {
+            header.push(b' ');
+        }
+        let mut out = std::fs::File::create(&file).map_err(io(&file))?;
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|_| out.write_all(&header))
+            .map_err(io(&file))?;
+        let mut data = std::fs::File::open(&shard.data_path).map_err(io(&shard.data_path))?;
+        std::io::copy(&mut data, &mut out).map_err(io(&file))?;
+        out.sync_all().map_err(io(&file))?;
+        std::fs::remove_file(&shard.data_path).map_err(io(&shard.data_path))?;
+        let names = shard.entries.into_iter().map(|(n, ..)| n).collect();
         self.written.push((file, names));
-        self.pending_bytes = 0;
         Ok(())
     }
 
     /// Write the last shard and name the files: `model.safetensors` for one shard, else the
     /// numbered shards and their index. Returns the files written.
     pub fn finish(mut self) -> Result<Vec<PathBuf>> {
-        if !self.pending.is_empty() || self.written.is_empty() {
-            self.flush()?;
+        if self.open.is_some() || self.written.is_empty() {
+            self.close_shard()?;
         }
         let count = self.written.len();
         let rename = |from: &Path, to: PathBuf| -> Result<PathBuf> {

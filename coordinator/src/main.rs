@@ -87,10 +87,9 @@ fn main() -> ExitCode {
     report::progress::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => job::Job::open(&args).and_then(|j| {
-            let splits = fsmerge_worker::data::load(&j.cfg.data)?;
-            job::originals::ensure_originals(&j, &splits, true)
-        }),
+        Command::Train(args) => {
+            job::Job::open(&args).and_then(|j| job::originals::ensure_originals(&j, true))
+        }
         Command::Merge { job, resume } => job::Job::open(&job)
             .and_then(|j| job::merge::run(&j, &cluster::Launch::Embedded, resume)),
         Command::Coordinator {

@@ -16,6 +16,7 @@ use fsmerge_common::plan::Plan;
 use fsmerge_common::transport::{self, Identity, Timeouts};
 use fsmerge_common::workdir::RendezvousFile;
 use fsmerge_worker::dist::runtime::WorkerOptions;
+use fsmerge_worker::family::MergedWriter;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -61,7 +62,14 @@ fn job_token() -> String {
 }
 
 /// Run FS-Merge training on the workers of `plan`.
-pub fn run(job: &Job, plan: &Plan, launch: &Launch, resume: bool) -> Result<Outcome> {
+/// The stages' folded tensors go to `model` as they arrive.
+pub fn run(
+    job: &Job,
+    plan: &Plan,
+    launch: &Launch,
+    resume: bool,
+    model: &mut dyn MergedWriter,
+) -> Result<Outcome> {
     let cluster = &job.cfg.cluster;
     let world = plan.stages.len() * plan.replicas;
     let (work, mut manifest) = open_work(job, plan, resume)?;
@@ -136,6 +144,7 @@ pub fn run(job: &Job, plan: &Plan, launch: &Launch, resume: bool) -> Result<Outc
         world,
         work: &work,
         manifest: &mut manifest,
+        model,
     };
     let result = rt.block_on(session.serve(&endpoint));
     endpoint.close(0u32.into(), b"job over");

@@ -11,6 +11,7 @@ use fsmerge_common::plan::Plan;
 use fsmerge_common::transport::token_matches;
 use fsmerge_common::wire::{self, Assignment, Hello, Message, NamedTensor, PeerInfo};
 use fsmerge_common::workdir::{DoneEntry, Manifest, WorkDir};
+use fsmerge_worker::family::MergedWriter;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,8 +20,6 @@ use tokio::sync::{mpsc, Mutex};
 
 /// What the workers produced.
 pub struct Outcome {
-    /// Folded tensors by merged-checkpoint name.
-    pub tensors: BTreeMap<String, HostTensor>,
     pub log: Vec<LogRow>,
     pub workers: Vec<WorkerStats>,
     /// The models the workers evaluated (originals, baselines, FS-Merge), in arrival order.
@@ -50,6 +49,8 @@ pub(crate) struct Session<'a> {
     pub world: usize,
     pub work: &'a WorkDir,
     pub manifest: &'a mut Manifest,
+    /// Where the stages' folded tensors go as they arrive.
+    pub model: &'a mut dyn MergedWriter,
 }
 
 /// Accept connections forever, turning each valid hello into an `Event::Joined`.
@@ -166,7 +167,6 @@ struct Drive<'w> {
     peer_timeout_secs: f64,
     timeout: Duration,
     seen: BTreeMap<u32, Seen>,
-    tensors: BTreeMap<String, HostTensor>,
     folded_stages: BTreeSet<u32>,
     /// Log rows in job order: local phases by stage, then global (every stage reports the
     /// same global losses; the last stage's rows are kept).
@@ -211,7 +211,6 @@ impl<'w> Drive<'w> {
             peer_timeout_secs,
             timeout,
             seen,
-            tensors: BTreeMap::new(),
             folded_stages: BTreeSet::new(),
             logs: BTreeMap::new(),
             stats: BTreeMap::new(),
@@ -305,15 +304,6 @@ impl<'w> Drive<'w> {
     }
 
     /// Store a folded tensor for assembly; a name sent twice is a bug on the worker side.
-    fn on_folded(&mut self, stage: u32, tensor: NamedTensor) -> Result<()> {
-        let shape = tensor.shape.iter().map(|&d| d as usize).collect();
-        let t = HostTensor::new(shape, tensor.data);
-        if self.tensors.insert(tensor.name.clone(), t).is_some() {
-            bail!("stage {stage} sent tensor `{}` twice", tensor.name);
-        }
-        Ok(())
-    }
-
     /// A stage has sent all its folded tensors.
     fn on_folded_done(&mut self, stage: u32, count: u32) {
         tracing::info!("stage {stage}: {count} folded tensors received");
@@ -381,7 +371,6 @@ impl<'w> Drive<'w> {
     /// What the workers produced, once the loop is complete.
     fn into_outcome(self) -> Outcome {
         Outcome {
-            tensors: self.tensors,
             log: self.logs.into_values().flatten().collect(),
             workers: self.stats.into_values().collect(),
             evaluations: self.evaluations,
@@ -653,7 +642,7 @@ impl Session<'_> {
                 st.keep_log(stage, &phase, log);
             }
             Message::NcclId { group, id } => st.relay_nccl_id(group, id).await?,
-            Message::Folded { stage, tensor } => st.on_folded(stage, tensor)?,
+            Message::Folded { stage, tensor } => self.on_folded(stage, tensor)?,
             Message::FoldedDone { stage, count } => st.on_folded_done(stage, count),
             Message::Evaluated(e) => st.evaluations.push(*e),
             Message::Stats(s) => st.on_stats(r, s),
@@ -661,6 +650,24 @@ impl Session<'_> {
             other => tracing::warn!("{}: unexpected message {other:?}", st.name(r)),
         }
         Ok(())
+    }
+
+    /// One folded tensor of stage `stage`, written at once; one whose shape disagrees with its
+    /// data, that the merged model lacks, or that came twice fails the job naming it.
+    fn on_folded(&mut self, stage: u32, tensor: NamedTensor) -> Result<()> {
+        let shape: Vec<usize> = tensor.shape.iter().map(|&d| d as usize).collect();
+        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if count != Some(tensor.data.len()) {
+            bail!(
+                "stage {stage} sent tensor `{}` of shape {shape:?} with {} values",
+                tensor.name,
+                tensor.data.len()
+            );
+        }
+        let name = tensor.name;
+        self.model
+            .add(name.clone(), HostTensor::new(shape, tensor.data))
+            .with_context(|| format!("stage {stage}'s folded tensor `{name}`"))
     }
 
     /// Record a newly finished phase in the manifest, so a rerun of the job skips it.

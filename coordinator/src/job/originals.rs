@@ -5,7 +5,6 @@ use crate::job::Job;
 use crate::report::progress::Reporter;
 use anyhow::Result;
 use fsmerge_common::fsio::Staging;
-use fsmerge_worker::data::rows::Splits;
 use fsmerge_worker::family::family;
 
 /// Seed of task t's original model: distinct per task and per job seed.
@@ -14,8 +13,8 @@ pub fn model_seed(job_seed: u64, t: usize) -> u64 {
 }
 
 /// Train the originals that are missing (all of them with `force`), written atomically into the
-/// models directory.
-pub fn ensure_originals(job: &Job, splits: &Splits, force: bool) -> Result<()> {
+/// models directory. The data is read only when a model is to be trained.
+pub fn ensure_originals(job: &Job, force: bool) -> Result<()> {
     let cfg = &job.cfg;
     let family = family(cfg.model.arch);
     let missing: Vec<(usize, u64)> = (0..cfg.tasks.len())
@@ -30,8 +29,10 @@ pub fn ensure_originals(job: &Job, splits: &Splits, force: bool) -> Result<()> {
         tracing::info!("originals present in {}", job.models_dir.display());
         return Ok(());
     }
+    let splits = fsmerge_worker::data::load(&cfg.data)?;
     let staging = Staging::new(&job.models_dir)?;
-    let log = family.train_originals(cfg, &missing, splits, &staging.path(""), &Reporter::new())?;
+    let log =
+        family.train_originals(cfg, &missing, &splits, &staging.path(""), &Reporter::new())?;
     crate::report::write_jsonl(&staging.path("train_log.jsonl"), &log)?;
     let dir = staging.commit()?;
     tracing::info!("originals written to {}", dir.display());

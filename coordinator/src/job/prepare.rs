@@ -1,31 +1,14 @@
-//! What every merge job starts with (data, merge set, originals) and what it takes back from
-//! the workers (heads, a local phase's checkpoints).
+//! What every merge job starts with: the original models, trained where they are missing, and
+//! checked against the job from their configs and headers (the coordinator reads no weights).
 
 use crate::job::originals;
 use crate::job::Job;
 use anyhow::Result;
-use fsmerge_worker::data;
-use fsmerge_worker::data::merge_set;
+use fsmerge_worker::family::family;
 
-/// What every merge job starts with: the data splits and the merge set (originals + augmented
-/// copies per task), and the original models trained where they are missing.
-pub fn prepare(job: &Job) -> Result<(fsmerge_worker::data::rows::Splits, merge_set::MergeSet)> {
-    let cfg = &job.cfg;
-    let m = &cfg.merge;
-    let splits = data::load(&cfg.data)?;
-    let set = merge_set::build(
-        &splits,
-        &cfg.tasks,
-        m.n_originals,
-        m.n_augmented,
-        &m.augment,
-        cfg.seed,
-    )?;
-    tracing::info!(
-        "merge data: {} inputs ({} per task)",
-        set.len(),
-        set.per_task[0]
-    );
-    originals::ensure_originals(job, &splits, false)?;
-    Ok((splits, set))
+/// Train the originals that are missing, then check that every original fits the job.
+pub fn prepare(job: &Job) -> Result<()> {
+    originals::ensure_originals(job, false)?;
+    family(job.cfg.model.arch).check(&job.cfg, &job.models_dir)?;
+    Ok(())
 }

@@ -3,12 +3,10 @@
 
 use fsmerge_common::config::{MergeConfig, Mode};
 use fsmerge_common::metrics::{Evaluation, MethodResult, SplitScores};
-use fsmerge_worker::core::eval::{evaluate, EvalSet};
 use fsmerge_worker::train::progress::LogRow;
 use fsmerge_worker::train::settings::TrainSettings;
 use serde_json::json;
 use std::collections::BTreeMap;
-use tch::Tensor;
 
 /// After a transformer's local training: log the rows of the local SuperNet as trained
 /// (`chain`) and of its fold, add them to the results (the fold's only when a global phase
@@ -64,48 +62,6 @@ pub fn variant(pairs: &[(&str, serde_json::Value)]) -> BTreeMap<String, serde_js
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect()
-}
-
-pub struct Evaluator<'a> {
-    test: &'a EvalSet,
-    val: &'a EvalSet,
-    names: Vec<String>,
-}
-
-impl<'a> Evaluator<'a> {
-    pub fn new(test: &'a EvalSet, val: &'a EvalSet, names: Vec<String>) -> Self {
-        Self { test, val, names }
-    }
-
-    pub fn result(
-        &self,
-        method: &str,
-        variant: BTreeMap<String, serde_json::Value>,
-        seconds: f64,
-        predict: &dyn Fn(&Tensor) -> Vec<Tensor>,
-    ) -> MethodResult {
-        let test = evaluate(self.test, predict);
-        let val = evaluate(self.val, predict);
-        tracing::info!(
-            "{method}: mean task accuracy {:.2}%, joint {:.2}%",
-            100.0 * test.mean(),
-            100.0 * test.joint
-        );
-        MethodResult {
-            method: method.to_string(),
-            variant,
-            per_task_acc: self
-                .names
-                .iter()
-                .cloned()
-                .zip(test.per_task.iter().copied())
-                .collect(),
-            mean_task_acc: test.mean(),
-            joint_acc: Some(test.joint),
-            val_mean_task_acc: val.mean(),
-            seconds,
-        }
-    }
 }
 
 /// The models the workers evaluated, as rows of the results table.

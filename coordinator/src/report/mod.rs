@@ -13,21 +13,18 @@ use fsmerge_common::plan::Plan;
 use fsmerge_worker::train::progress::LogRow;
 use std::time::Instant;
 
-/// Write the job's outputs: the merged model (`write_model` puts it into the staging
-/// directory), plan, config, training log, metrics, charts and the Markdown report; all
-/// committed at once.
+/// Write the job's outputs into `staging` (which already holds the merged model): plan,
+/// config, training log, metrics, charts and the Markdown report; all committed at once.
 pub fn write(
     job: &Job,
+    staging: Staging,
     plan: &Plan,
     results: Vec<MethodResult>,
     log: &[LogRow],
     started: Instant,
     workers: Vec<WorkerStats>,
-    write_model: &dyn Fn(&Staging) -> Result<()>,
 ) -> Result<()> {
     let cfg = &job.cfg;
-    let staging = Staging::new(&job.out)?;
-    write_model(&staging)?;
     write_json(&staging.path("plan.json"), plan)?;
     write_json(&staging.path("config.json"), cfg)?;
     write_jsonl(&staging.path("train_log.jsonl"), log)?;

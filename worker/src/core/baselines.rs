@@ -1,12 +1,7 @@
-//! The baselines every family shares: `first` and `average` of encoders, RegMean's Gram sums
-//! and solve, and knowledge distillation onto rescaled heads.
+//! RegMean's Gram sums and solve, for every family (method.md §13); `first`, `average` and KD
+//! run on the workers (`dist::evaluate`, `dist::distill`).
 
-use crate::core::eval::mean_abs;
-use crate::core::linear::{own_heads, Linear};
-use crate::core::tensor::set_to_mean;
-use crate::data::merge_set::MergeSet;
-use crate::train::progress::{LogRow, Progress};
-use crate::train::settings::{optimise, TrainSettings};
+use crate::core::linear::Linear;
 use fsmerge_common::{Error, Result};
 use tch::Tensor;
 
@@ -52,83 +47,6 @@ pub fn regmean_solve(gram: Tensor, rhs: &Tensor, what: &str) -> Result<Tensor> {
     let gram = gram + Tensor::eye(dim, crate::core::tensor::F32) * ridge;
     Tensor::f_linalg_solve(&gram, rhs, true)
         .map_err(|e| Error::Compute(format!("RegMean {what}: {e}")))
-}
-
-/// Knowledge distillation, for every architecture: the student's `params` (initialised from
-/// model 1) are trained with MSE of `student(idx)` (its output on the merge inputs `idx`) to
-/// each input's own model's output in `outputs` [n, N, k], rescaled to mean |·| = `target_scale`
-/// per task. Returns the scales s_t (task t reads student(x)/s_t: see `rescaled_heads`) and the
-/// log.
-pub fn distill(
-    set: &MergeSet,
-    outputs: &Tensor,
-    target_scale: f64,
-    params: &[Tensor],
-    s: &TrainSettings,
-    progress: &dyn Progress,
-    student: impl Fn(&Tensor) -> Tensor,
-) -> Result<(Vec<f64>, Vec<LogRow>)> {
-    let mut scales = Vec::new();
-    let mut targets = Vec::new();
-    for t in 0..set.per_task.len() {
-        let r = set.task_range(t);
-        let f = outputs
-            .get(t as i64)
-            .narrow(0, r.start as i64, r.len() as i64);
-        let scale = target_scale / mean_abs(&f).max(1e-12);
-        targets.push(f * scale);
-        scales.push(scale);
-    }
-    let targets = Tensor::cat(&targets, 0);
-    for p in params {
-        let _ = p.set_requires_grad(true);
-    }
-    let log = optimise("kd", params, set.len(), s, progress, |idx| {
-        (student(idx) - targets.index_select(0, idx))
-            .square()
-            .mean(None)
-    })?;
-    Ok((scales, log))
-}
-
-/// The tasks' heads reading a distilled student: W_t / s_t (biases unchanged).
-pub fn rescaled_heads(heads: impl IntoIterator<Item = Linear>, scales: &[f64]) -> Vec<Linear> {
-    heads
-        .into_iter()
-        .zip(scales)
-        .map(|(h, &sc)| Linear {
-            w: h.w.detach() / sc,
-            b: h.b.detach().copy(),
-        })
-        .collect()
-}
-
-/// An encoder model (ViT, BERT) as the generic baselines see it.
-pub trait Encoder: Sized {
-    /// The model's own classification head.
-    fn classifier(&self) -> Option<&Linear>;
-    /// A detached copy of the encoder, without the classifier.
-    fn encoder_copy(&self) -> Self;
-    /// The encoder's tensors (no classifier), in the same order for models of one shape.
-    fn encoder_tensors(&self) -> Vec<(String, &Tensor)>;
-}
-
-/// Copies of each model's own head: a merged encoder keeps every task's.
-pub fn heads_of<M: Encoder>(models: &[&M]) -> Vec<Linear> {
-    own_heads(models.iter().map(|m| m.classifier()))
-}
-
-/// `first`: model 1's encoder for every task.
-pub fn first<M: Encoder>(models: &[&M]) -> (M, Vec<Linear>) {
-    (models[0].encoder_copy(), heads_of(models))
-}
-
-/// `average`: the element-wise mean of every encoder tensor.
-pub fn average<M: Encoder>(models: &[&M]) -> (M, Vec<Linear>) {
-    let merged = models[0].encoder_copy();
-    let all: Vec<Vec<(String, &Tensor)>> = models.iter().map(|m| m.encoder_tensors()).collect();
-    set_to_mean(&merged.encoder_tensors(), &all);
-    (merged, heads_of(models))
 }
 
 /// RegMean of one encoder block `l`'s six linear maps (q, k, v, out, fc1, fc2), solved into the

@@ -12,6 +12,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod loss;
 pub mod merged_linear;
+pub mod merged_output;
 pub mod mu;
 pub mod tensor;
 pub mod transformer;

@@ -30,18 +30,6 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     diff / scale
 }
 
-/// Overwrite each of `dst`'s tensors in place with the element-wise mean of the same position's
-/// tensor in every list of `srcs` (weight averaging of models with equal layouts).
-pub fn set_to_mean(dst: &[(String, &Tensor)], srcs: &[Vec<(String, &Tensor)>]) {
-    tch::no_grad(|| {
-        for (j, (_, t)) in dst.iter().enumerate() {
-            let stacked =
-                Tensor::stack(&srcs.iter().map(|a| a[j].1.detach()).collect::<Vec<_>>(), 0);
-            t.shallow_clone().copy_(&stacked.mean_dim(0, false, None));
-        }
-    });
-}
-
 /// Overwrite `params` in place with `values` (same shapes), outside autograd.
 pub fn assign(params: &[Tensor], values: &[Tensor]) -> Result<()> {
     if params.len() != values.len() {

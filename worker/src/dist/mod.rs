@@ -7,6 +7,5 @@ pub mod distill;
 pub mod evaluate;
 pub mod feature_cache;
 pub mod pipeline;
-pub mod restore;
 pub mod runtime;
 pub mod stage;

@@ -154,7 +154,15 @@ pub fn train_global<S: PipelineStage + ?Sized>(
     micro_batches: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<LogRow>> {
-    train_pipelined("global", stage, data, s, Collectives { pipe, replicas }, micro_batches, progress)
+    train_pipelined(
+        "global",
+        stage,
+        data,
+        s,
+        Collectives { pipe, replicas },
+        micro_batches,
+        progress,
+    )
 }
 
 /// Train `stage.global_params()` as a pipeline over the stages (GPipe), the last stage's

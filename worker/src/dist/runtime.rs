@@ -360,7 +360,10 @@ impl Ctx<'_> {
         self.evaluate_kd(
             stage.as_ref(),
             &data,
-            [pipe.as_mut(), reps.as_mut()], eval.as_ref(), stages)?;
+            [pipe.as_mut(), reps.as_mut()],
+            eval.as_ref(),
+            stages,
+        )?;
         stage.prepare(&data)?;
         let timings = self.train(
             stage.as_mut(),

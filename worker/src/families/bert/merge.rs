@@ -4,7 +4,7 @@
 //! training phases, through the one `optim::Run` loop. Text rows
 //! hold token ids as f32 (`data::text`); `[PAD]` = 0 is what the attention mask hides.
 
-use crate::core::linear::{stacked_heads, Linear};
+use crate::core::linear::Linear;
 use crate::core::loss::reconstruction_loss;
 use crate::core::tensor::{chunked, F32};
 use crate::families::bert::model::Bert;
@@ -49,29 +49,6 @@ pub fn original_logits(model: &Bert, x: &Tensor) -> Tensor {
     match &model.classifier {
         Some(c) => c.forward(&p),
         None => p,
-    }
-}
-
-/// A merged BERT: one encoder with its pooler and one linear head per task (its read-out
-/// folded in).
-pub struct MergedBert {
-    pub bert: Bert,
-    pub heads: Vec<Linear>,
-}
-
-impl MergedBert {
-    /// Every task's logits for text rows [N, T].
-    pub fn logits(&self, x: &Tensor) -> Vec<Tensor> {
-        let p = pooled(&self.bert, x);
-        self.heads.iter().map(|h| h.forward(&p)).collect()
-    }
-
-    /// One standard `BertForSequenceClassification` whose classifier is every task's head
-    /// stacked (joint prediction = argmax; task t = its slice of the logits).
-    pub fn joint_checkpoint(&self) -> Bert {
-        let mut bert = self.bert.copy();
-        bert.classifier = Some(stacked_heads(&self.heads));
-        bert
     }
 }
 
@@ -123,11 +100,6 @@ pub fn local_loss(
         Some(pred) => loss + reconstruction_loss(pred, pooled, own),
         None => loss,
     }
-}
-
-/// Every model's pooled output on the text rows x: [n, N, d] (KD's targets).
-pub fn teacher_pooled(models: &[&Bert], x: &Tensor) -> Tensor {
-    tch::no_grad(|| Tensor::stack(&models.iter().map(|m| pooled(m, x)).collect::<Vec<_>>(), 0))
 }
 
 impl Classifier for Bert {

@@ -1,18 +1,17 @@
 //! Hugging Face BERTs (`BertForSequenceClassification`): post-LN encoder blocks and a pooler.
 
-pub mod baselines;
 pub mod eval;
 pub mod merge;
 pub mod model;
+pub mod output;
 pub mod stage;
 pub mod supernet;
-pub mod whole;
 
 use crate::data::rows::Splits;
 use crate::data::text::CLASSES;
 use crate::data::wordpiece::WordPiece;
 use crate::dist::stage::WorkerStage;
-use crate::family::{Family, Originals, StageSpec};
+use crate::family::{Family, MergedWriter, StageSpec};
 use crate::train::originals::train_each;
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::config::JobConfig;
@@ -77,8 +76,16 @@ impl Family for BertFamily {
             Ok((val_acc, rows))
         })
     }
-    fn open(&self, job: &JobConfig, models_dir: &Path, _: usize) -> Result<Box<dyn Originals>> {
-        Ok(Box::new(whole::open(job, models_dir)?))
+    fn check(&self, job: &JobConfig, models_dir: &Path) -> Result<()> {
+        output::check(job, models_dir)
+    }
+    fn writer(
+        &self,
+        job: &JobConfig,
+        models_dir: &Path,
+        out: &Path,
+    ) -> Result<Box<dyn MergedWriter>> {
+        output::writer(job, models_dir, out)
     }
 }
 

@@ -2,7 +2,6 @@
 //! and token-type embeddings, post-LN encoder blocks, exact GELU, a padding mask. Loaded from an
 //! HF folder with the HF tensor names, with or without the `bert.` prefix.
 
-use crate::core::baselines::Encoder;
 use crate::core::encoder_block::{EncoderBlock, Layout, Part};
 use crate::core::layer_norm::LayerNorm;
 use crate::core::linear::Linear;
@@ -193,53 +192,11 @@ impl Bert {
             named.push(("classifier.weight".into(), &c.w));
             named.push(("classifier.bias".into(), &c.b));
         }
-        let (arch, outputs) = match &self.classifier {
-            Some(c) => ("BertForSequenceClassification", c.w.size()[0]),
-            None => ("BertModel", 2),
-        };
-        let id2label: serde_json::Map<String, serde_json::Value> = (0..outputs)
-            .map(|i| {
-                let name = labels
-                    .get(i as usize)
-                    .cloned()
-                    .unwrap_or(format!("LABEL_{i}"));
-                (i.to_string(), name.into())
-            })
-            .collect();
-        let label2id: serde_json::Map<String, serde_json::Value> = id2label
-            .iter()
-            .map(|(i, name)| {
-                (
-                    name.as_str().unwrap_or(i).to_string(),
-                    i.parse::<i64>().unwrap_or(0).into(),
-                )
-            })
-            .collect();
         write_hf_weights(dir, named, max_shard_bytes)?;
-        let c = &self.cfg;
+        let outputs = self.classifier.as_ref().map(|c| c.w.size()[0]);
         write_json(
             &dir.join("config.json"),
-            &serde_json::json!({
-                "architectures": [arch],
-                "model_type": "bert",
-                "id2label": id2label,
-                "label2id": label2id,
-                "hidden_size": c.hidden_size,
-                "num_hidden_layers": c.num_hidden_layers,
-                "num_attention_heads": c.num_attention_heads,
-                "intermediate_size": c.intermediate_size,
-                "hidden_act": c.hidden_act,
-                "layer_norm_eps": c.layer_norm_eps,
-                "vocab_size": c.vocab_size,
-                "max_position_embeddings": c.max_position_embeddings,
-                "type_vocab_size": c.type_vocab_size,
-                "hidden_dropout_prob": 0.0,
-                "attention_probs_dropout_prob": 0.0,
-                "initializer_range": 0.02,
-                "pad_token_id": 0,
-                "position_embedding_type": "absolute",
-                "torch_dtype": "float32",
-            }),
+            &config_json(&self.cfg, labels, outputs),
         )
     }
 
@@ -510,16 +467,50 @@ impl BertPart {
     }
 }
 
-impl Encoder for Bert {
-    fn classifier(&self) -> Option<&Linear> {
-        self.classifier.as_ref()
-    }
-    fn encoder_copy(&self) -> Self {
-        let mut b = self.copy();
-        b.classifier = None;
-        b
-    }
-    fn encoder_tensors(&self) -> Vec<(String, &Tensor)> {
-        Bert::encoder_tensors(self)
-    }
+/// An HF BERT `config.json` for `c`: a `BertForSequenceClassification` with `outputs` labels
+/// named by `labels` (`LABEL_i` past them), or a `BertModel` without outputs.
+pub fn config_json(c: &BertConfig, labels: &[String], outputs: Option<i64>) -> serde_json::Value {
+    let (arch, outputs) = match outputs {
+        Some(k) => ("BertForSequenceClassification", k),
+        None => ("BertModel", 2),
+    };
+    let id2label: serde_json::Map<String, serde_json::Value> = (0..outputs)
+        .map(|i| {
+            let name = labels
+                .get(i as usize)
+                .cloned()
+                .unwrap_or(format!("LABEL_{i}"));
+            (i.to_string(), name.into())
+        })
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = id2label
+        .iter()
+        .map(|(i, name)| {
+            (
+                name.as_str().unwrap_or(i).to_string(),
+                i.parse::<i64>().unwrap_or(0).into(),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "architectures": [arch],
+        "model_type": "bert",
+        "id2label": id2label,
+        "label2id": label2id,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "hidden_act": c.hidden_act,
+        "layer_norm_eps": c.layer_norm_eps,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_position_embeddings,
+        "type_vocab_size": c.type_vocab_size,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "pad_token_id": 0,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+    })
 }

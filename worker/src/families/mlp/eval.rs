@@ -113,9 +113,9 @@ pub fn regmean(stage: &StageNet, data: &StageData, alpha: f64) -> Result<BTreeMa
                 sums.add(&x, &layer.wt.get(i as i64).tr(), alpha);
             }
             let name = body_weight(l);
-            let w = merged.get(&name).ok_or_else(|| {
-                Error::Compute(format!("RegMean: the merged MLP lacks `{name}`"))
-            })?;
+            let w = merged
+                .get(&name)
+                .ok_or_else(|| Error::Compute(format!("RegMean: the merged MLP lacks `{name}`")))?;
             let target = Linear {
                 w: w.shallow_clone(),
                 b: Tensor::zeros([0], (tch::Kind::Float, w.device())),

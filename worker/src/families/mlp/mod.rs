@@ -1,16 +1,15 @@
 //! MLPs of ReLU layers with a linear head per task (fsmerge's own safetensors layout).
 
-pub mod baselines;
 pub mod eval;
 pub mod merge;
 pub mod model;
+pub mod output;
 pub mod stage;
 pub mod supernet;
-pub mod whole;
 
 use crate::data::rows::Splits;
 use crate::dist::stage::WorkerStage;
-use crate::family::{Family, Originals, StageSpec};
+use crate::family::{Family, MergedWriter, StageSpec};
 use crate::train::originals::train_each;
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::checkpoint::{model_paths, MlpPart};
@@ -70,12 +69,15 @@ impl Family for MlpFamily {
             Ok((val_acc, rows))
         })
     }
-    fn open(
+    fn check(&self, job: &JobConfig, models_dir: &Path) -> Result<()> {
+        output::check(job, models_dir)
+    }
+    fn writer(
         &self,
         job: &JobConfig,
         models_dir: &Path,
-        input_dim: usize,
-    ) -> Result<Box<dyn Originals>> {
-        Ok(Box::new(whole::open(job, models_dir, input_dim)?))
+        out: &Path,
+    ) -> Result<Box<dyn MergedWriter>> {
+        output::writer(job, models_dir, out)
     }
 }

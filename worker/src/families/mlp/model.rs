@@ -23,11 +23,6 @@ impl MergedModel {
     }
 }
 
-/// The ensemble: every model runs, each head reads its own model's features (n forward passes).
-pub fn ensemble_logits(models: &[&Mlp], x: &Tensor) -> Vec<Tensor> {
-    models.iter().map(|m| m.logits(x)).collect()
-}
-
 pub struct Mlp {
     pub body: Vec<Linear>,
     pub head: Linear,

@@ -1,9 +1,9 @@
 //! A ViT stage's models for evaluation on the workers: every original's units (each through
 //! its own head on the last stage), and a standard ViT's units built from merged tensors.
 
+use crate::core::baselines::regmean_block;
 use crate::core::linear::Linear;
 use crate::core::tensor::to_host;
-use crate::core::baselines::regmean_block;
 use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};

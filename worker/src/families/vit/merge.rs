@@ -2,7 +2,6 @@
 //! losses (method.md §9: id-sliced or all-slice output reconstruction, optional inner attention
 //! terms; local block problems) and the training phases, each through the one `optim::Run` loop.
 
-use crate::core::linear::{stacked_heads, Linear};
 use crate::core::loss::own_mask;
 use crate::core::tensor::chunked;
 use crate::families::vit::model::Vit;
@@ -16,28 +15,6 @@ use tch::{Kind, Tensor};
 pub fn images(x: &Tensor) -> Tensor {
     let side = (x.size()[1] as f64).sqrt().round() as i64;
     x.view([-1, 1, side, side])
-}
-
-/// A merged ViT: one encoder and one linear head per task (its read-out folded in).
-pub struct MergedVit {
-    pub vit: Vit,
-    pub heads: Vec<Linear>,
-}
-
-impl MergedVit {
-    /// Every task's logits for flat images [N, 784].
-    pub fn logits(&self, x: &Tensor) -> Vec<Tensor> {
-        let pooled = chunked(x, 0, |c| self.vit.pooled(&images(c)));
-        self.heads.iter().map(|h| h.forward(&pooled)).collect()
-    }
-
-    /// One standard `ViTForImageClassification` whose classifier is every task's head stacked
-    /// (joint prediction = argmax; task t = its slice of the logits).
-    pub fn joint_checkpoint(&self) -> Vit {
-        let mut vit = self.vit.copy();
-        vit.classifier = Some(stacked_heads(&self.heads));
-        vit
-    }
 }
 
 /// Model t's logits on its own head, for flat images.
@@ -72,18 +49,6 @@ pub fn inner_term(
         .mean_dim(2, false, Kind::Float);
     let own = (per * own_mask(task, n as usize)).sum_dim_intlist(0, false, Kind::Float);
     (own / scale.index_select(0, task)).mean(Kind::Float) * weight
-}
-
-/// Every model's pooled output ([CLS] after the final LayerNorm) on the rows x: [n, N, d] (KD's
-/// targets).
-pub fn teacher_pooled(models: &[&Vit], x: &Tensor) -> Tensor {
-    tch::no_grad(|| {
-        let pooled: Vec<Tensor> = models
-            .iter()
-            .map(|m| chunked(x, 0, |c| m.pooled(&images(c))))
-            .collect();
-        Tensor::stack(&pooled, 0)
-    })
 }
 
 impl Classifier for Vit {

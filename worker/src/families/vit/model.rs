@@ -3,7 +3,6 @@
 //! HF folder (single or sharded safetensors) with the HF tensor names, with or without the
 //! `vit.` prefix of the classification model.
 
-use crate::core::baselines::Encoder;
 use crate::core::encoder_block::{EncoderBlock, Layout, Part};
 use crate::core::layer_norm::LayerNorm;
 use crate::core::linear::Linear;
@@ -375,47 +374,10 @@ impl Vit {
     /// `save`, with the weights in safetensors shards of at most `max_shard_bytes`.
     pub fn save_sharded(&self, dir: &Path, labels: &[String], max_shard_bytes: u64) -> Result<()> {
         write_hf_weights(dir, self.named_tensors(), max_shard_bytes)?;
-        write_json(&dir.join("config.json"), &self.config_json(labels))
-    }
-
-    fn config_json(&self, labels: &[String]) -> serde_json::Value {
-        let c = &self.cfg;
-        let id2label: serde_json::Map<String, serde_json::Value> = labels
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i.to_string(), l.clone().into()))
-            .collect();
-        let label2id: serde_json::Map<String, serde_json::Value> = labels
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (l.clone(), i.into()))
-            .collect();
-        let arch = if self.classifier.is_some() {
-            "ViTForImageClassification"
-        } else {
-            "ViTModel"
-        };
-        serde_json::json!({
-            "architectures": [arch],
-            "model_type": "vit",
-            "hidden_size": c.hidden_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "intermediate_size": c.intermediate_size,
-            "hidden_act": c.hidden_act,
-            "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0,
-            "initializer_range": 0.02,
-            "layer_norm_eps": c.layer_norm_eps,
-            "image_size": c.image_size,
-            "patch_size": c.patch_size,
-            "num_channels": c.num_channels,
-            "qkv_bias": c.qkv_bias,
-            "encoder_stride": c.patch_size,
-            "id2label": id2label,
-            "label2id": label2id,
-            "torch_dtype": "float32",
-        })
+        write_json(
+            &dir.join("config.json"),
+            &config_json(&self.cfg, labels, self.classifier.is_some()),
+        )
     }
 
     /// The [CLS] token after the final LayerNorm [B, D]: what the classifier reads and what
@@ -475,20 +437,43 @@ impl Vit {
     }
 }
 
-impl Encoder for Vit {
-    fn classifier(&self) -> Option<&Linear> {
-        self.classifier.as_ref()
-    }
-    fn encoder_copy(&self) -> Self {
-        let mut v = self.copy();
-        v.classifier = None;
-        v
-    }
-    fn encoder_tensors(&self) -> Vec<(String, &Tensor)> {
-        let mut v = self.named_tensors();
-        if self.classifier.is_some() {
-            v.truncate(v.len() - 2);
-        }
-        v
-    }
+/// An HF ViT `config.json` for `cfg`, with `labels` as the classifier's (`classifier`: a
+/// `ViTForImageClassification`, else a `ViTModel`).
+pub fn config_json(c: &VitConfig, labels: &[String], classifier: bool) -> serde_json::Value {
+    let id2label: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), l.clone().into()))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), i.into()))
+        .collect();
+    let arch = if classifier {
+        "ViTForImageClassification"
+    } else {
+        "ViTModel"
+    };
+    serde_json::json!({
+        "architectures": [arch],
+        "model_type": "vit",
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "hidden_act": c.hidden_act,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": c.layer_norm_eps,
+        "image_size": c.image_size,
+        "patch_size": c.patch_size,
+        "num_channels": c.num_channels,
+        "qkv_bias": c.qkv_bias,
+        "encoder_stride": c.patch_size,
+        "id2label": id2label,
+        "label2id": label2id,
+        "torch_dtype": "float32",
+    })
 }

@@ -1,0 +1,81 @@
+//! What the coordinator needs of the BERT family without its weights: the originals checked
+//! from their configs and safetensors headers, and the merged model written as the stages send
+//! it, one `BertForSequenceClassification` whose classifier stacks every task's head.
+
+use crate::core::checks::{check_classifier, check_rank};
+use crate::core::merged_output::{HfClassifierWriter, HfLayout};
+use crate::data::text::CLASSES;
+use crate::families::bert::model::{config_json, BERT_BLOCK, TABLE_NAMES};
+use crate::family::MergedWriter;
+use fsmerge_common::config::JobConfig;
+use fsmerge_common::hf::{BertConfig, WeightFiles};
+use fsmerge_common::{Error, Result};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// Every task's original has a pooler and a classifier with one output per class of its
+/// task, and positions for `data.max_tokens`; `merge.rank` fits the width.
+pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
+    let max_tokens = job.data.max_tokens;
+    let mut width = usize::MAX;
+    for task in &job.tasks {
+        let dir = models_dir.join(&task.name);
+        let cfg = BertConfig::load(&dir)?;
+        let files = WeightFiles::open(&dir)?;
+        let outputs = files
+            .shape("classifier.weight")?
+            .and_then(|s| s.first().copied());
+        check_classifier(&dir, task, outputs)?;
+        if !["bert.pooler.dense.weight", "pooler.dense.weight"]
+            .iter()
+            .any(|n| files.contains(n))
+        {
+            return Err(Error::Tensor {
+                file: dir,
+                tensor: "bert.pooler.dense.weight".into(),
+                msg: "FS-Merge reconstructs the pooler's output, which this BERT lacks".into(),
+            });
+        }
+        if cfg.max_position_embeddings < max_tokens {
+            return Err(Error::Checkpoint {
+                file: dir.join("config.json"),
+                msg: format!(
+                    "max_position_embeddings {} is below data.max_tokens {max_tokens}",
+                    cfg.max_position_embeddings
+                ),
+            });
+        }
+        width = width.min(cfg.hidden_size);
+    }
+    check_rank(job.merge.rank, width)
+}
+
+/// The encoder tensors of a BERT of `cfg` with its pooler (merged names, no `bert.` prefix).
+fn encoder_names(cfg: &BertConfig) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = TABLE_NAMES.iter().map(|n| n.to_string()).collect();
+    names.extend(["embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"].map(String::from));
+    for l in 0..cfg.num_hidden_layers {
+        for (part, _) in BERT_BLOCK {
+            for wb in ["weight", "bias"] {
+                names.insert(format!("encoder.layer.{l}.{part}.{wb}"));
+            }
+        }
+    }
+    names.extend(["pooler.dense.weight", "pooler.dense.bias"].map(String::from));
+    names
+}
+
+/// `merged/`: config.json + the weights (one classifier of every task's classes) and
+/// `merged/fsmerge.json` (each task's slice of the logits).
+pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn MergedWriter>> {
+    let cfg = BertConfig::load(&models_dir.join(&job.tasks[0].name))?;
+    let outputs = job.tasks.iter().map(|t| t.classes.len() as i64).sum();
+    let layout = HfLayout {
+        prefix: "bert.",
+        encoder: encoder_names(&cfg),
+        config: Box::new(move |labels| config_json(&cfg, labels, Some(outputs))),
+        class_name: |c| CLASSES.get(c).unwrap_or(&"?").to_string(),
+        input: "WordPiece ids of data.vocab (BERT uncased), [CLS] text [SEP] padded with [PAD] to data.max_tokens",
+    };
+    Ok(Box::new(HfClassifierWriter::new(out, job, layout)?))
+}

@@ -1,0 +1,68 @@
+//! What the coordinator needs of the ViT family without its weights: the originals checked
+//! from their configs and safetensors headers, and the merged model written as the stages send
+//! it, one `ViTForImageClassification` whose classifier stacks every task's head.
+
+use crate::core::checks::{check_classifier, check_rank};
+use crate::core::merged_output::{HfClassifierWriter, HfLayout};
+use crate::families::vit::model::{config_json, EMBEDDING_NAMES, VIT_BLOCK};
+use crate::family::MergedWriter;
+use fsmerge_common::config::JobConfig;
+use fsmerge_common::hf::{VitConfig, WeightFiles};
+use fsmerge_common::{Error, Result};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// Every task's original has a classifier with one output per class of its task and reads
+/// single-channel images of the data's size; `merge.rank` fits the width.
+pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
+    let side = job.data.dataset.image_side();
+    let mut width = usize::MAX;
+    for task in &job.tasks {
+        let dir = models_dir.join(&task.name);
+        let cfg = VitConfig::load(&dir)?;
+        let files = WeightFiles::open(&dir)?;
+        let outputs = files
+            .shape("classifier.weight")?
+            .and_then(|s| s.first().copied());
+        check_classifier(&dir, task, outputs)?;
+        if cfg.image_size != side || cfg.num_channels != 1 {
+            return Err(Error::Checkpoint {
+                file: dir.join("config.json"),
+                msg: format!(
+                    "image_size {} with {} channels; the data has {side}×{side} grey images",
+                    cfg.image_size, cfg.num_channels
+                ),
+            });
+        }
+        width = width.min(cfg.hidden_size);
+    }
+    check_rank(job.merge.rank, width)
+}
+
+/// The encoder tensors of a ViT of `cfg` (merged names, no `vit.` prefix).
+fn encoder_names(cfg: &VitConfig) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = EMBEDDING_NAMES.iter().map(|n| n.to_string()).collect();
+    for l in 0..cfg.num_hidden_layers {
+        for (part, _) in VIT_BLOCK {
+            for wb in ["weight", "bias"] {
+                names.insert(format!("encoder.layer.{l}.{part}.{wb}"));
+            }
+        }
+    }
+    names.extend(["layernorm.weight".to_string(), "layernorm.bias".to_string()]);
+    names
+}
+
+/// `merged/`: config.json + the weights (one classifier of every task's classes) and
+/// `merged/fsmerge.json` (each task's slice of the logits).
+pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn MergedWriter>> {
+    let cfg = VitConfig::load(&models_dir.join(&job.tasks[0].name))?;
+    let layout = HfLayout {
+        prefix: "vit.",
+        encoder: encoder_names(&cfg),
+        config: Box::new(move |labels| config_json(&cfg, labels, true)),
+        class_name: |c| format!("class {c}"),
+        input: "square grey images, normalised as fsmerge's data loader does",
+    };
+    Ok(Box::new(HfClassifierWriter::new(out, job, layout)?))
+}
