@@ -116,6 +116,11 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
         }
         Err(e) => println!("rendezvous: {e}"),
     }
+    // What any fsmerge process holds before it does anything (libtorch, CUDA libraries).
+    println!(
+        "peak RSS: {:.0} MiB",
+        fsmerge_common::metrics::peak_rss_mib()
+    );
     Ok(())
 }
 

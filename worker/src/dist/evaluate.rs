@@ -21,6 +21,53 @@ pub trait EvalPart {
     fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor;
 }
 
+/// One model's part on a stage (a family's unit range of one model), as evaluation runs it.
+pub trait ModelPart {
+    /// The part on a chunk of evaluation rows `rows` (the part with the embeddings reads
+    /// them) or the previous stage's stream of this model: its last unit's stream, or on the
+    /// last stage what the heads read.
+    fn output(&self, rows: &Tensor, stream: Option<Tensor>) -> Tensor;
+}
+
+/// Every original's part of a stage; on the last stage each read through its own task's
+/// classifier (`classifiers`, empty elsewhere).
+pub struct OriginalsPart<'a, P> {
+    pub parts: &'a [P],
+    pub classifiers: &'a [crate::core::linear::Linear],
+}
+
+impl<P: ModelPart> EvalPart for OriginalsPart<'_, P> {
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
+        let outs: Vec<Tensor> = (self.parts.iter().enumerate())
+            .map(|(i, p)| p.output(rows, input.map(|s| s.get(i as i64))))
+            .collect();
+        let stacked = Tensor::stack(&outs, 0);
+        if self.classifiers.is_empty() {
+            stacked
+        } else {
+            own_heads_logits(self.classifiers, &stacked)
+        }
+    }
+}
+
+/// A standard model's part of a stage and, on the last stage, every task's head (`heads`,
+/// empty elsewhere).
+pub struct MergedPart<P> {
+    pub part: P,
+    pub heads: Vec<crate::core::linear::Linear>,
+}
+
+impl<P: ModelPart> EvalPart for MergedPart<P> {
+    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
+        let out = self.part.output(rows, input.map(Tensor::shallow_clone));
+        if self.heads.is_empty() {
+            out
+        } else {
+            merged_logits(&self.heads, &out)
+        }
+    }
+}
+
 /// The rows a job is evaluated on: test and validation, each cut into tasks.
 pub struct EvalRows {
     splits: [EvalSet; 2],

@@ -5,7 +5,7 @@
 use crate::core::baselines::{regmean_block, RegmeanSums};
 use crate::core::linear::Linear;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
+use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::bert::merge::tokens;
 use crate::families::bert::model::{mask_bias, BertPart, BERT_BLOCK, TABLE_NAMES};
@@ -15,16 +15,18 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use tch::Tensor;
 
-/// The part on text rows `rows` (its token ids on the stage with the embeddings, else
-/// `stream`): its last unit's stream, or on the last stage the pooled output (`[CLS]` of the
-/// last state without a pooler).
-fn part_output(part: &BertPart, rows: &Tensor, stream: Option<Tensor>) -> Tensor {
-    let (ids, mask) = tokens(rows);
-    let input = match (&part.embeddings, stream) {
-        (None, Some(s)) => s,
-        _ => ids,
-    };
-    run_part(part, input, &mask)
+impl ModelPart for BertPart {
+    /// On text rows `rows` (their token ids on the stage with the embeddings, else the
+    /// stream), with their attention mask: the last unit's stream, or on the last stage the
+    /// pooled output (`[CLS]` of the last state without a pooler).
+    fn output(&self, rows: &Tensor, stream: Option<Tensor>) -> Tensor {
+        let (ids, mask) = tokens(rows);
+        let input = match (&self.embeddings, stream) {
+            (None, Some(s)) => s,
+            _ => ids,
+        };
+        run_part(self, input, &mask)
+    }
 }
 
 /// The part on its input (token ids, or the stream) with the attention mask `mask`.
@@ -38,60 +40,22 @@ fn run_part(part: &BertPart, input: Tensor, mask: &Tensor) -> Tensor {
     }
 }
 
-/// Every original's units; on the last stage each through its own task's classifier.
-pub struct OriginalsPart<'a> {
-    pub parts: &'a [BertPart],
-    pub classifiers: &'a [Linear],
-}
-
-impl EvalPart for OriginalsPart<'_> {
-    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
-        let outs: Vec<Tensor> = (self.parts.iter().enumerate())
-            .map(|(i, p)| part_output(p, rows, input.map(|s| s.get(i as i64))))
-            .collect();
-        let stacked = Tensor::stack(&outs, 0);
-        if self.classifiers.is_empty() {
-            stacked
-        } else {
-            own_heads_logits(self.classifiers, &stacked)
-        }
-    }
-}
-
-/// A standard BERT's units and, on the last stage, every task's head.
-pub struct MergedPart {
-    part: BertPart,
-    heads: Vec<Linear>,
-}
-
-impl MergedPart {
-    /// The part of units `units` from tensors under the merged model's names.
-    pub fn new(
-        cfg: BertConfig,
-        units: Range<usize>,
-        tasks: &[String],
-        mut tensors: BTreeMap<String, Tensor>,
-    ) -> Result<Self> {
-        let last = units.end == cfg.num_hidden_layers + 1;
-        let heads = if last {
-            take_task_heads(tasks, &mut tensors)?
-        } else {
-            Vec::new()
-        };
-        let part = BertPart::from_tensors(cfg, units, "", tensors)?;
-        Ok(Self { part, heads })
-    }
-}
-
-impl EvalPart for MergedPart {
-    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
-        let out = part_output(&self.part, rows, input.map(Tensor::shallow_clone));
-        if self.heads.is_empty() {
-            out
-        } else {
-            merged_logits(&self.heads, &out)
-        }
-    }
+/// A standard BERT's units `units` from tensors under the merged model's names, with every
+/// task's head on the last stage.
+pub fn merged_part(
+    cfg: BertConfig,
+    units: Range<usize>,
+    tasks: &[String],
+    mut tensors: BTreeMap<String, Tensor>,
+) -> Result<MergedPart<BertPart>> {
+    let last = units.end == cfg.num_hidden_layers + 1;
+    let heads = if last {
+        take_task_heads(tasks, &mut tensors)?
+    } else {
+        Vec::new()
+    };
+    let part = BertPart::from_tensors(cfg, units, "", tensors)?;
+    Ok(MergedPart { part, heads })
 }
 
 /// One original's tensors of its part under the merged model's names, with `classifier` as

@@ -16,7 +16,7 @@ use crate::core::mu::with_mu_seed;
 use crate::core::tensor::to_host;
 use crate::dist::collective::Collective;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{own_heads_logits, EvalPart};
+use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
 use crate::families::bert::eval;
@@ -214,7 +214,7 @@ impl WorkerStage for BertStage {
     }
 
     fn originals_part(&self) -> Box<dyn EvalPart + '_> {
-        Box::new(eval::OriginalsPart {
+        Box::new(OriginalsPart {
             parts: &self.originals,
             classifiers: &self.classifiers,
         })
@@ -244,7 +244,7 @@ impl WorkerStage for BertStage {
 
     fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
         let cfg = self.sn.frozen.cfg.clone();
-        let part = eval::MergedPart::new(cfg, self.units(), &self.task_names, tensors)?;
+        let part = eval::merged_part(cfg, self.units(), &self.task_names, tensors)?;
         Ok(Box::new(part))
     }
 

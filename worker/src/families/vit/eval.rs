@@ -5,7 +5,7 @@ use crate::core::baselines::regmean_block;
 use crate::core::linear::Linear;
 use crate::core::tensor::to_host;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{first_or_average, merged_logits, own_heads_logits, EvalPart};
+use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::vit::merge::images;
 use crate::families::vit::model::{VitPart, EMBEDDING_NAMES, VIT_BLOCK};
@@ -15,82 +15,38 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use tch::Tensor;
 
-/// The part's input: the images of `rows` on the stage with the embeddings, else `stream`.
-fn part_input(part: &VitPart, rows: &Tensor, stream: Option<Tensor>) -> Tensor {
-    match (&part.embeddings, stream) {
-        (None, Some(s)) => s,
-        _ => images(rows),
-    }
-}
-
-/// The part's output: its last unit's stream, or the pooled output on the last stage.
-fn part_output(part: &VitPart, input: &Tensor) -> Tensor {
-    part.trace(input)
-        .pop()
-        .unwrap_or_else(|| input.shallow_clone())
-}
-
-/// Every original's units; on the last stage each through its own task's classifier.
-pub struct OriginalsPart<'a> {
-    pub parts: &'a [VitPart],
-    pub classifiers: &'a [Linear],
-}
-
-impl EvalPart for OriginalsPart<'_> {
-    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
-        let outs: Vec<Tensor> = (self.parts.iter().enumerate())
-            .map(|(i, p)| part_output(p, &part_input(p, rows, input.map(|s| s.get(i as i64)))))
-            .collect();
-        let stacked = Tensor::stack(&outs, 0);
-        if self.classifiers.is_empty() {
-            stacked
-        } else {
-            own_heads_logits(self.classifiers, &stacked)
-        }
-    }
-}
-
-/// A standard ViT's units and, on the last stage, every task's head.
-pub struct MergedPart {
-    part: VitPart,
-    heads: Vec<Linear>,
-}
-
-impl MergedPart {
-    /// The part of units `units` from tensors under the merged model's names.
-    pub fn new(
-        cfg: VitConfig,
-        units: Range<usize>,
-        tasks: &[String],
-        mut tensors: BTreeMap<String, Tensor>,
-    ) -> Result<Self> {
-        let last = units.end == cfg.num_hidden_layers + 1;
-        let heads = if last {
-            take_task_heads(tasks, &mut tensors)?
-        } else {
-            Vec::new()
+impl ModelPart for VitPart {
+    /// Images of `rows` on the stage with the embeddings, else the stream; the pooled output
+    /// on the last stage.
+    fn output(&self, rows: &Tensor, stream: Option<Tensor>) -> Tensor {
+        let input = match (&self.embeddings, stream) {
+            (None, Some(s)) => s,
+            _ => images(rows),
         };
-        let host = tensors
-            .into_iter()
-            .map(|(n, t)| Ok((n, to_host(&t)?)))
-            .collect::<Result<_>>()?;
-        let part = VitPart::from_tensors(cfg, units, "", host)?;
-        Ok(Self { part, heads })
+        self.trace(&input).pop().unwrap_or(input)
     }
 }
 
-impl EvalPart for MergedPart {
-    fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
-        let out = part_output(
-            &self.part,
-            &part_input(&self.part, rows, input.map(Tensor::shallow_clone)),
-        );
-        if self.heads.is_empty() {
-            out
-        } else {
-            merged_logits(&self.heads, &out)
-        }
-    }
+/// A standard ViT's units `units` from tensors under the merged model's names, with every
+/// task's head on the last stage.
+pub fn merged_part(
+    cfg: VitConfig,
+    units: Range<usize>,
+    tasks: &[String],
+    mut tensors: BTreeMap<String, Tensor>,
+) -> Result<MergedPart<VitPart>> {
+    let last = units.end == cfg.num_hidden_layers + 1;
+    let heads = if last {
+        take_task_heads(tasks, &mut tensors)?
+    } else {
+        Vec::new()
+    };
+    let host = tensors
+        .into_iter()
+        .map(|(n, t)| Ok((n, to_host(&t)?)))
+        .collect::<Result<_>>()?;
+    let part = VitPart::from_tensors(cfg, units, "", host)?;
+    Ok(MergedPart { part, heads })
 }
 
 /// One original's tensors of its part under the merged model's names, with `classifier` as
@@ -170,11 +126,7 @@ impl StudentPart for Student {
         self.named().into_iter().map(|(_, t)| t).collect()
     }
     fn forward(&self, input: &Tensor, _idx: &Tensor) -> Tensor {
-        let x = match &self.0.embeddings {
-            Some(_) => images(input),
-            None => input.shallow_clone(),
-        };
-        part_output(&self.0, &x)
+        self.0.output(input, Some(input.shallow_clone()))
     }
     fn named(&self) -> Vec<(String, Tensor)> {
         named(&self.0, "", None)

@@ -22,7 +22,7 @@ use crate::core::tensor::{chunked, named_groups, to_host};
 use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
 use crate::dist::collective::Collective;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{own_heads_logits, EvalPart};
+use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
 use crate::families::vit::eval;
@@ -405,7 +405,7 @@ impl WorkerStage for VitStage {
     }
 
     fn originals_part(&self) -> Box<dyn EvalPart + '_> {
-        Box::new(eval::OriginalsPart {
+        Box::new(OriginalsPart {
             parts: &self.originals,
             classifiers: self.out.as_ref().map_or(&[], |o| &o.classifiers),
         })
@@ -437,7 +437,7 @@ impl WorkerStage for VitStage {
     }
 
     fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
-        let part = eval::MergedPart::new(
+        let part = eval::merged_part(
             self.cfg.clone(),
             self.units.clone(),
             &self.task_names,
