@@ -79,8 +79,21 @@ pub fn model_paths(dir: &Path, task: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// `path` is a regular file (a link to one is fine: Hugging Face's cache links its blobs).
+pub fn regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Checkpoint {
+            file: path.to_path_buf(),
+            msg: "not a regular file".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The names of the tensors in a safetensors file (from its header).
 pub fn tensor_names(file: &Path) -> Result<Vec<String>> {
+    regular_file(file)?;
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
     // SAFETY: the file is opened read-only and not modified while mapped by this process.
     let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
@@ -95,6 +108,7 @@ pub fn tensor_names(file: &Path) -> Result<Vec<String>> {
 /// Every tensor's shape in a safetensors file, from its header, with the file checked whole
 /// (every tensor's bytes present, in bounds); no tensor data is read.
 pub fn tensor_shapes(file: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
+    regular_file(file)?;
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
     // SAFETY: the file is opened read-only and not modified while mapped by this process.
     let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
@@ -111,6 +125,7 @@ pub fn tensor_shapes(file: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
 
 /// Read every named tensor from a safetensors file (memory-mapped; only these tensors are copied).
 pub fn read_tensors(file: &Path, names: &[String]) -> Result<BTreeMap<String, HostTensor>> {
+    regular_file(file)?;
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
     // SAFETY: the file is opened read-only and not modified while mapped by this process.
     let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
@@ -132,11 +147,18 @@ pub fn read_tensors(file: &Path, names: &[String]) -> Result<BTreeMap<String, Ho
                 msg: format!("dtype {:?}, expected F32", view.dtype()),
             });
         }
-        let data = view
+        let data: Vec<f32> = view
             .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        if let Some(v) = data.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Tensor {
+                file: file.to_path_buf(),
+                tensor: name.clone(),
+                msg: format!("holds a non-finite value ({v}): the model is broken, not mergeable"),
+            });
+        }
         out.insert(name.clone(), HostTensor::new(view.shape().to_vec(), data));
     }
     Ok(out)

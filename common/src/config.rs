@@ -294,13 +294,13 @@ fn encoder_shape(
     heads: usize,
     mlp: usize,
 ) -> Result<usize> {
-    for (v, f) in [
-        (width, "width"),
-        (layers, "layers"),
-        (heads, "heads"),
-        (mlp, "mlp_dim"),
+    for (v, f, max) in [
+        (width, "width", 1 << 16),
+        (layers, "layers", 1024),
+        (heads, "heads", 1024),
+        (mlp, "mlp_dim", 1 << 18),
     ] {
-        positive(v as f64, &format!("model.{section}.{f}"))?;
+        count_in(v, max, &format!("model.{section}.{f}"))?;
     }
     if !width.is_multiple_of(heads) {
         return Err(Error::field(
@@ -790,13 +790,16 @@ impl JobConfig {
 
     /// The job name becomes a directory, so it must be a plain, visible one.
     fn check_name(&self) -> Result<()> {
-        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
+        if !file_name_ok(&self.name) {
             return Err(Error::field(
                 "name",
-                format!("`{}` is not a usable directory name", self.name),
+                format!(
+                    "{:?} is not a usable directory name (letters, digits, `.`, `_`, `-`; not starting with `.`)",
+                    self.name
+                ),
             ));
         }
-        Ok(())
+        at_most(self.threads, 1024, "threads")
     }
 
     /// Merging needs at least two distinct, well-formed tasks over existing classes.
@@ -809,10 +812,13 @@ impl JobConfig {
         }
         let classes = self.data.dataset.num_classes();
         for (i, t) in self.tasks.iter().enumerate() {
-            if t.name.is_empty() || t.name.contains(['/', '\\', ':']) {
+            if !file_name_ok(&t.name) {
                 return Err(Error::field(
                     format!("tasks[{i}].name"),
-                    format!("`{}` is not a usable task name", t.name),
+                    format!(
+                        "{:?} is not a usable task name (letters, digits, `.`, `_`, `-`; not starting with `.`)",
+                        t.name
+                    ),
                 ));
             }
             if self.tasks[..i].iter().any(|o| o.name == t.name) {
@@ -865,10 +871,11 @@ impl JobConfig {
 
     /// The hidden widths (an MLP's layers) must name at least one layer, none of width 0.
     fn check_hidden(&self) -> Result<()> {
-        if self.model.hidden.is_empty() || self.model.hidden.contains(&0) {
+        let h = &self.model.hidden;
+        if h.is_empty() || h.len() > 1024 || h.iter().any(|&w| w == 0 || w > 1 << 20) {
             return Err(Error::field(
                 "model.hidden",
-                "needs at least one layer, every width ≥ 1",
+                "needs 1 to 1024 layers, every width from 1 to 1048576",
             ));
         }
         Ok(())
@@ -876,17 +883,23 @@ impl JobConfig {
 
     /// Training the originals needs positive epochs, learning rate and batch size.
     fn check_train(&self) -> Result<()> {
-        positive(self.train.epochs as f64, "train.epochs")?;
+        count_in(self.train.epochs, MAX_EPOCHS, "train.epochs")?;
         positive(self.train.lr, "train.lr")?;
-        positive(self.train.batch_size as f64, "train.batch_size")
+        count_in(self.train.batch_size, 1 << 20, "train.batch_size")
     }
 
     /// The merge's own optimisation needs usable step sizes, batches and decay.
     fn check_merge_optimizer(&self) -> Result<()> {
         let m = &self.merge;
         positive(m.lr, "merge.lr")?;
-        positive(m.batch_size as f64, "merge.batch_size")?;
-        positive(m.n_originals as f64, "merge.n_originals")?;
+        count_in(m.batch_size, 1 << 20, "merge.batch_size")?;
+        count_in(m.n_originals, MAX_ROWS_PER_TASK, "merge.n_originals")?;
+        at_most(m.n_augmented, MAX_ROWS_PER_TASK, "merge.n_augmented")?;
+        // Every phase the mode runs trains: an untrained model is no FS-Merge result.
+        count_in(m.epochs, MAX_EPOCHS, "merge.epochs")?;
+        if m.mode == Mode::LocalThenGlobal {
+            count_in(m.global_epochs, MAX_EPOCHS, "merge.global_epochs")?;
+        }
         if m.weight_decay.is_nan() || m.weight_decay < 0.0 {
             return Err(Error::field(
                 "merge.weight_decay",
@@ -975,9 +988,9 @@ impl JobConfig {
     /// The pipeline plan must fit the model, and failure detection must have sane timings.
     fn check_cluster(&self) -> Result<()> {
         let c = &self.cluster;
-        positive(c.stages as f64, "cluster.stages")?;
-        positive(c.replicas as f64, "cluster.replicas")?;
-        positive(c.micro_batches as f64, "cluster.micro_batches")?;
+        count_in(c.stages, MAX_WORKERS, "cluster.stages")?;
+        count_in(c.replicas, MAX_WORKERS, "cluster.replicas")?;
+        count_in(c.micro_batches, MAX_WORKERS, "cluster.micro_batches")?;
         // The plan's units: an MLP's layers; a transformer's embeddings and blocks.
         let (units, what) = match self.model.arch {
             Arch::Mlp => (self.model.hidden.len(), "layers"),
@@ -990,9 +1003,20 @@ impl JobConfig {
                 format!("{} stages but the model has only {units} {what}", c.stages),
             ));
         }
-        positive(c.heartbeat_secs, "cluster.heartbeat_secs")?;
-        positive(c.register_timeout_secs, "cluster.register_timeout_secs")?;
-        if c.peer_timeout_secs.is_nan() || c.peer_timeout_secs < 2.0 * c.heartbeat_secs {
+        seconds_in(c.heartbeat_secs, 0.01, 3600.0, "cluster.heartbeat_secs")?;
+        seconds_in(
+            c.register_timeout_secs,
+            0.1,
+            7.0 * 86400.0,
+            "cluster.register_timeout_secs",
+        )?;
+        seconds_in(
+            c.peer_timeout_secs,
+            0.02,
+            86400.0,
+            "cluster.peer_timeout_secs",
+        )?;
+        if c.peer_timeout_secs < 2.0 * c.heartbeat_secs {
             return Err(Error::field(
                 "cluster.peer_timeout_secs",
                 format!(
@@ -1065,6 +1089,59 @@ fn apply_override(doc: &mut toml::Table, o: &str) -> std::result::Result<(), Str
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
 }
+
+/// A count from 1 to `max`: 0 would silently skip a step, a huge one would exhaust memory or
+/// wrap an arithmetic step count.
+fn count_in(v: usize, max: usize, field: &str) -> Result<()> {
+    if v == 0 || v > max {
+        return Err(Error::field(
+            field,
+            format!("must be between 1 and {max}, got {v}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A count from 0 to `max`.
+fn at_most(v: usize, max: usize, field: &str) -> Result<()> {
+    if v > max {
+        return Err(Error::field(
+            field,
+            format!("must be at most {max}, got {v}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Seconds in [`min`, `max`]: `Duration` and `Instant` arithmetic cannot overflow, and no
+/// timer spins.
+fn seconds_in(v: f64, min: f64, max: f64, field: &str) -> Result<()> {
+    if !(min..=max).contains(&v) {
+        return Err(Error::field(
+            field,
+            format!("must be between {min} and {max} seconds, got {v}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A name that becomes a file or directory name: letters, digits, `.`, `_`, `-`, not starting
+/// with `.`, at most 100 characters.
+fn file_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Upper bound of epochs in any phase.
+pub const MAX_EPOCHS: usize = 100_000;
+/// Upper bound of merge inputs per task (originals, and augmented copies).
+pub const MAX_ROWS_PER_TASK: usize = 1_000_000;
+/// Upper bound of stages, replicas and micro-batches.
+pub const MAX_WORKERS: usize = 4096;
 
 fn positive(v: f64, field: &str) -> Result<()> {
     if v > 0.0 && v.is_finite() {
@@ -1177,5 +1254,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tasks[2].classes") && e.contains("12"), "{e}");
+    }
+
+    #[test]
+    fn counts_durations_and_names_are_bounded() {
+        let cases = [
+            ("[merge]\nepochs = 0", "merge.epochs"),
+            (
+                "[merge]\nmode = \"local-then-global\"\nglobal_epochs = 0",
+                "merge.global_epochs",
+            ),
+            ("[merge]\nn_augmented = 1000000000", "merge.n_augmented"),
+            ("[merge]\nepochs = 1000000000", "merge.epochs"),
+            (
+                "[cluster]\nheartbeat_secs = 1e300",
+                "cluster.heartbeat_secs",
+            ),
+            ("[cluster]\nheartbeat_secs = 1e-9", "cluster.heartbeat_secs"),
+            (
+                "[cluster]\nregister_timeout_secs = 1e19",
+                "cluster.register_timeout_secs",
+            ),
+            (
+                "[cluster]\npeer_timeout_secs = nan",
+                "cluster.peer_timeout_secs",
+            ),
+            ("[cluster]\nstages = 100000", "cluster.stages"),
+            ("threads = 100000", "threads"),
+            ("[model]\nhidden = [0]", "model.hidden"),
+            (
+                "[[tasks]]\nname = \"..\"\nclasses = [1, 2]",
+                "tasks[2].name",
+            ),
+            (
+                "[[tasks]]\nname = \"x\\ny\"\nclasses = [1, 2]",
+                "tasks[2].name",
+            ),
+        ];
+        for (extra, field) in cases {
+            // `threads` is a top-level key: it must come before the first table.
+            let e = if extra.starts_with("threads") {
+                let dir = tempfile::tempdir().unwrap();
+                let p = dir.path().join("job.toml");
+                std::fs::write(&p, format!("{extra}\n{BASE}")).unwrap();
+                JobConfig::load(&p)
+            } else {
+                load(extra)
+            };
+            let e = e.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(field), "{extra:?}: {e}");
+        }
     }
 }

@@ -9,6 +9,16 @@ use std::path::{Path, PathBuf};
 
 /// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// `write_atomic` for a secret (a job token): the file is readable by its owner only from the
+/// moment it exists.
+pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -16,8 +26,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+        #[cfg(not(unix))]
+        let _ = mode;
+        let mut f = options.open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -47,6 +64,7 @@ impl Staging {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        remove_stale(parent, name);
         let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
@@ -87,6 +105,32 @@ impl Staging {
     }
 }
 
+/// Remove the staging folders of `name` that a killed run left in `parent` (their process is
+/// gone), saying so.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.staging-");
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && fs::remove_dir_all(entry.path()).is_ok() {
+            tracing::warn!(
+                "removed {}, left by a run (pid {pid}) that was killed",
+                entry.path().display()
+            );
+        }
+    }
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
@@ -101,6 +145,33 @@ impl Drop for Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_killed_runs_staging_is_removed_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        // No process has pid u32::MAX - 1; the one of this test is alive.
+        let dead = dir.path().join(format!(".out.staging-{}", u32::MAX - 1));
+        let mine = dir.path().join(".other.staging-1");
+        fs::create_dir_all(dead.join("merged")).unwrap();
+        fs::create_dir_all(&mine).unwrap();
+        let st = Staging::new(&dir.path().join("out")).unwrap();
+        assert!(!dead.exists(), "a dead run's staging is left");
+        assert!(mine.exists(), "another target's staging was touched");
+        drop(st);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_file_is_owner_only_from_the_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("secret.json");
+        write_atomic_private(&p, b"token").unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fs::read(&p).unwrap(), b"token");
+    }
 
     #[test]
     fn uncommitted_staging_leaves_nothing() {

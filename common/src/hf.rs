@@ -2,7 +2,7 @@
 //! shards listed in `model.safetensors.index.json`, read lazily (each shard memory-mapped, only
 //! the requested tensors copied). Missing files, fields or tensors are errors naming them.
 
-use crate::checkpoint::{read_json, read_tensors, HostTensor};
+use crate::checkpoint::{read_json, read_tensors, regular_file, HostTensor};
 use crate::{Error, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -37,8 +37,7 @@ fn check_encoder(
     expected: &str,
     model_type: &str,
     act: &str,
-    hidden: usize,
-    heads: usize,
+    [hidden, heads, layers, intermediate]: [usize; 4],
 ) -> std::result::Result<(), String> {
     if model_type != expected {
         return Err(format!(
@@ -54,6 +53,15 @@ fn check_encoder(
         return Err(format!(
             "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
         ));
+    }
+    for (v, field, max) in [
+        (hidden, "hidden_size", 1 << 16),
+        (layers, "num_hidden_layers", 1024),
+        (intermediate, "intermediate_size", 1 << 18),
+    ] {
+        if v == 0 || v > max {
+            return Err(format!("{field} {v} is not between 1 and {max}"));
+        }
     }
     Ok(())
 }
@@ -89,8 +97,12 @@ impl VitConfig {
             "vit",
             &cfg.model_type,
             &cfg.hidden_act,
-            cfg.hidden_size,
-            cfg.num_attention_heads,
+            [
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.num_hidden_layers,
+                cfg.intermediate_size,
+            ],
         )
         .map_err(err)?;
         if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
@@ -122,12 +134,14 @@ impl WeightFiles {
         let index = dir.join("model.safetensors.index.json");
         let map = if index.exists() {
             let idx: Index = read_json(&index)?;
-            idx.weight_map
-                .into_iter()
-                .map(|(t, f)| (t, dir.join(f)))
-                .collect()
+            let mut map = BTreeMap::new();
+            for (tensor, file) in idx.weight_map {
+                map.insert(tensor, shard_path(dir, &index, &file)?);
+            }
+            map
         } else {
             let single = dir.join("model.safetensors");
+            regular_file(&single)?;
             let f = std::fs::File::open(&single).map_err(|e| Error::io(&single, e))?;
             // SAFETY: read-only mapping of a file this process does not modify.
             let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&single, e))?;
@@ -160,6 +174,20 @@ impl WeightFiles {
         Ok(crate::checkpoint::tensor_shapes(file)?.remove(name))
     }
 
+    /// Every tensor's shape, from the headers (each file read once, checked whole).
+    pub fn shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        let files: std::collections::BTreeSet<&PathBuf> = self.map.values().collect();
+        let mut out = BTreeMap::new();
+        for file in files {
+            for (name, shape) in crate::checkpoint::tensor_shapes(file)? {
+                if self.map.get(&name) == Some(file) {
+                    out.insert(name, shape);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Read the named tensors, each from its own file.
     pub fn read(&self, names: &[String]) -> Result<BTreeMap<String, HostTensor>> {
         let mut by_file: BTreeMap<&PathBuf, Vec<String>> = BTreeMap::new();
@@ -177,6 +205,25 @@ impl WeightFiles {
         }
         Ok(out)
     }
+}
+
+/// A shard named by `index`: a plain file name inside the model folder `dir` (no `..`, no
+/// separator, not absolute), naming a regular file (not a FIFO or a device).
+fn shard_path(dir: &Path, index: &Path, file: &str) -> Result<PathBuf> {
+    let plain = !file.is_empty()
+        && !file.contains(['/', '\\'])
+        && file != "."
+        && file != ".."
+        && Path::new(file).components().count() == 1;
+    if !plain {
+        return Err(Error::Checkpoint {
+            file: index.to_path_buf(),
+            msg: format!("shard {file:?} is not a file name inside the model folder"),
+        });
+    }
+    let path = dir.join(file);
+    regular_file(&path)?;
+    Ok(path)
 }
 
 /// The fields of a BERT `config.json` that the forward pass needs.
@@ -233,8 +280,12 @@ impl BertConfig {
             "bert",
             &cfg.model_type,
             &cfg.hidden_act,
-            cfg.hidden_size,
-            cfg.num_attention_heads,
+            [
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.num_hidden_layers,
+                cfg.intermediate_size,
+            ],
         )
         .map_err(err)?;
         Ok(cfg)

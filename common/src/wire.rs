@@ -219,6 +219,40 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
     Ok(Some(buf))
 }
 
+/// Largest first message of a connection (`Hello`, `PeerHello`): read before the sender is
+/// authenticated, so an unauthenticated peer can make us buffer and decode only this much.
+pub const MAX_HELLO_BYTES: usize = 64 << 10;
+
+/// Receive the first message of a connection, of at most `MAX_HELLO_BYTES`.
+pub async fn recv_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> {
+    match read_frame(r, MAX_HELLO_BYTES).await? {
+        None => Ok(None),
+        Some(payload) => decode(&payload).map(Some),
+    }
+}
+
+impl Message {
+    /// The message's kind, for logs about a peer that is not trusted (never its content).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Refused { .. } => "refused",
+            Message::Assign(_) => "assign",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::PhaseDone { .. } => "phase-done",
+            Message::NcclId { .. } => "nccl-id",
+            Message::Folded { .. } => "folded",
+            Message::FoldedDone { .. } => "folded-done",
+            Message::Evaluated(_) => "evaluated",
+            Message::Stats(_) => "stats",
+            Message::Failed { .. } => "failed",
+            Message::Abort { .. } => "abort",
+            Message::Shutdown => "shutdown",
+            Message::PeerHello { .. } => "peer-hello",
+        }
+    }
+}
+
 /// Send one control message.
 pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<()> {
     write_frame(w, &encode(msg)?).await
@@ -243,10 +277,38 @@ fn io_err(e: std::io::Error) -> Error {
     Error::Protocol(format!("connection: {msg}"))
 }
 
+/// A peer-supplied string made safe to log: control characters (a newline would forge a log
+/// line) escaped, at most `max` characters kept.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .take(max)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn printable_escapes_control_characters_and_caps_length() {
+        assert_eq!(printable("node1", 255), "node1");
+        assert_eq!(printable("a\nINFO forged", 255), "a\\nINFO forged");
+        assert_eq!(printable("\u{1b}[31m", 255), "\\u{1b}[31m");
+        assert_eq!(printable(&"x".repeat(10), 4), "xxxx…");
+    }
 
     fn sample() -> Message {
         Message::Folded {

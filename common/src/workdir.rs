@@ -4,7 +4,7 @@
 //! cache per stage, one checkpoint per finished (stage, phase), and the manifest that lists
 //! them. Every file is written atomically.
 
-use crate::fsio::write_atomic;
+use crate::fsio::write_atomic_private;
 use crate::metrics::LogRow;
 use crate::plan::Plan;
 use crate::{Error, Result};
@@ -115,14 +115,8 @@ impl WorkDir {
         let path = self.rendezvous();
         let bytes =
             serde_json::to_vec_pretty(r).map_err(|e| Error::Compute(format!("rendezvous: {e}")))?;
-        write_atomic(&path, &bytes)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| Error::io(&path, e))?;
-        }
-        Ok(())
+        // The file holds the job token: owner-only from its creation on.
+        write_atomic_private(&path, &bytes)
     }
 
     pub fn read_rendezvous(path: &Path) -> Result<RendezvousFile> {

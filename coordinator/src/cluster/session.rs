@@ -83,8 +83,10 @@ async fn handshake(
 ) -> std::result::Result<(Worker, quinn::RecvStream), String> {
     let conn = incoming.await.map_err(|e| e.to_string())?;
     let (mut tx, mut rx) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-    let reason = match wire::recv(&mut rx).await {
-        Ok(Some(Message::Hello(h))) if token_matches(&h.token, token) => {
+    let reason = match wire::recv_hello(&mut rx).await {
+        Ok(Some(Message::Hello(mut h))) if token_matches(&h.token, token) => {
+            // The host is logged and shown in every message about this worker.
+            h.host = wire::printable(&h.host, 255);
             return Ok((
                 Worker {
                     hello: h,
@@ -92,10 +94,14 @@ async fn handshake(
                     conn,
                 },
                 rx,
-            ))
+            ));
         }
-        Ok(Some(Message::Hello(h))) => format!("wrong job token from {} (pid {})", h.host, h.pid),
-        Ok(Some(other)) => format!("expected a hello, got {other:?}"),
+        Ok(Some(Message::Hello(h))) => format!(
+            "wrong job token from {} (pid {})",
+            wire::printable(&h.host, 255),
+            h.pid
+        ),
+        Ok(Some(other)) => format!("expected a hello, got a {} message", other.kind()),
         Ok(None) => return Err("closed before its hello".into()),
         Err(e) => e.to_string(),
     };
@@ -243,7 +249,7 @@ impl<'w> Drive<'w> {
     /// A heartbeat tells where the worker is, for the progress line and failure messages.
     fn on_heartbeat(&mut self, r: u32, phase: String, step: u64, total: u64) {
         if let Some(s) = self.seen.get_mut(&r) {
-            s.phase = phase;
+            s.phase = wire::printable(&phase, 64);
             s.step = step;
             s.total = total;
         }
@@ -260,9 +266,9 @@ impl<'w> Drive<'w> {
     /// A worker's own failure report, named with the phase it failed in.
     fn on_failed(&mut self, r: u32, phase: String, msg: String) {
         if let Some(s) = self.seen.get_mut(&r) {
-            s.phase = phase;
+            s.phase = wire::printable(&phase, 64);
         }
-        let failure = format!("{} failed: {msg}", self.name(r));
+        let failure = format!("{} failed: {}", self.name(r), wire::printable(&msg, 4096));
         self.fail(failure);
     }
 
@@ -647,7 +653,7 @@ impl Session<'_> {
             Message::Evaluated(e) => st.evaluations.push(*e),
             Message::Stats(s) => st.on_stats(r, s),
             Message::Failed { phase, msg } => st.on_failed(r, phase, msg),
-            other => tracing::warn!("{}: unexpected message {other:?}", st.name(r)),
+            other => tracing::warn!("{}: unexpected {} message", st.name(r), other.kind()),
         }
         Ok(())
     }

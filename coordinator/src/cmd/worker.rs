@@ -45,6 +45,9 @@ fn env(k: &str) -> Option<String> {
 
 /// Read the rendezvous file, waiting up to `wait` seconds for the coordinator to write it.
 pub fn read_rendezvous(path: &std::path::Path, wait: f64) -> Result<RendezvousFile> {
+    if !(0.0..=7.0 * 86400.0).contains(&wait) {
+        bail!("--wait must be between 0 and 604800 seconds, got {wait}");
+    }
     let until = Instant::now() + Duration::from_secs_f64(wait);
     loop {
         if path.exists() {

@@ -31,18 +31,36 @@ pub fn default_path(dataset: Dataset) -> PathBuf {
 }
 
 pub fn load(cfg: &DataConfig) -> Result<Splits> {
+    load_with(cfg, true)
+}
+
+/// The splits' labels alone, every row of width 0 (Fashion-MNIST's images are not read): what
+/// a pipeline stage that never reads the rows needs to count its evaluation chunks and score
+/// them. Text keeps its token ids (every BERT stage reads its rows' attention mask).
+pub fn load_labels(cfg: &DataConfig) -> Result<Splits> {
+    load_with(cfg, false)
+}
+
+fn load_with(cfg: &DataConfig, pixels: bool) -> Result<Splits> {
     let path = cfg
         .path
         .clone()
         .unwrap_or_else(|| default_path(cfg.dataset));
     let (side, train_full, test) = match cfg.dataset {
         Dataset::FashionMnist => {
-            let train = read_idx_pair(&path, "train")?;
-            let test = read_idx_pair(&path, "t10k")?;
+            let train = read_idx_pair(&path, "train", pixels)?;
+            let test = read_idx_pair(&path, "t10k", pixels)?;
             (28, train, test)
         }
         Dataset::Digits => {
-            let all = read_digits(&path)?;
+            let mut all = read_digits(&path)?;
+            if !pixels {
+                all = ImageSet {
+                    pixels: Vec::new(),
+                    labels: all.labels,
+                    dim: 0,
+                };
+            }
             let (test, train) = split(&all, cfg.test_fraction, SPLIT_SEED ^ 1);
             (8, train, test)
         }
@@ -118,11 +136,26 @@ const FMNIST_MEAN: f32 = 0.2860;
 
 const FMNIST_STD: f32 = 0.3530;
 
-fn read_idx_pair(dir: &Path, prefix: &str) -> Result<ImageSet> {
+/// An IDX image/label file pair; with `pixels` false only the labels are read (rows of
+/// width 0).
+fn read_idx_pair(dir: &Path, prefix: &str, pixels: bool) -> Result<ImageSet> {
     let ip = dir.join(format!("{prefix}-images-idx3-ubyte.gz"));
     let lp = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
-    let (idims, ibytes) = parse_idx(&ip, &read_gz(&ip)?)?;
     let (ldims, lbytes) = parse_idx(&lp, &read_gz(&lp)?)?;
+    if !pixels {
+        if let Some(l) = lbytes.iter().find(|&&l| l > 9) {
+            return Err(Error::Data {
+                path: lp,
+                msg: format!("label {l} out of range 0..10"),
+            });
+        }
+        return Ok(ImageSet {
+            pixels: Vec::new(),
+            labels: lbytes.iter().map(|&l| l as usize).collect(),
+            dim: 0,
+        });
+    }
+    let (idims, ibytes) = parse_idx(&ip, &read_gz(&ip)?)?;
     if idims.len() != 3 || idims[1] != 28 || idims[2] != 28 {
         return Err(Error::Data {
             path: ip,

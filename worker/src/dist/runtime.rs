@@ -224,7 +224,12 @@ fn register(
     let assignment = match rt.block_on(wire::recv(&mut rx))? {
         Some(Message::Assign(a)) => *a,
         Some(Message::Refused { reason }) => return Err(coordinator(format!("refused: {reason}"))),
-        Some(other) => return Err(coordinator(format!("unexpected first message {other:?}"))),
+        Some(other) => {
+            return Err(coordinator(format!(
+                "unexpected first message: {}",
+                other.kind()
+            )))
+        }
         None => return Err(coordinator("closed the connection".into())),
     };
     Ok((conn, tx, rx, assignment))
@@ -275,7 +280,10 @@ async fn listen(
                 let _ = nccl.send((group, id));
             }
             Ok(Some(other)) => {
-                tracing::warn!("worker rank {rank}: ignoring unexpected message {other:?}")
+                tracing::warn!(
+                    "worker rank {rank}: ignoring an unexpected {} message",
+                    other.kind()
+                )
             }
             Ok(None) | Err(_) => {
                 tracing::error!(
@@ -411,9 +419,14 @@ impl Ctx<'_> {
         let family = family(job.model.arch);
         let needs_rows = (stage_i == 0 && !a.features_cached) || family.every_stage_reads_rows();
         let evaluates = a.replica == 0;
-        let splits = (needs_rows || evaluates)
-            .then(|| crate::data::load(&job.data))
-            .transpose()?;
+        // A stage that never reads rows evaluates from its labels alone.
+        let splits = if needs_rows || (evaluates && stage_i == 0) {
+            Some(crate::data::load(&job.data)?)
+        } else if evaluates {
+            Some(crate::data::load_labels(&job.data)?)
+        } else {
+            None
+        };
         let rows = match &splits {
             Some(splits) if needs_rows => Some(feature_cache::merge_inputs(job, splits)?),
             _ => None,

@@ -224,7 +224,7 @@ type Greeted = (quinn::Connection, quinn::SendStream, quinn::RecvStream, u32);
 async fn receive_hello(incoming: quinn::Incoming, token: &str) -> Result<Greeted, String> {
     let conn = incoming.await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-    match wire::recv(&mut rx).await.map_err(|e| e.to_string())? {
+    match wire::recv_hello(&mut rx).await.map_err(|e| e.to_string())? {
         Some(Message::PeerHello { token: t, rank }) if token_matches(&t, token) => {
             Ok((conn, tx, rx, rank))
         }

@@ -2,7 +2,7 @@
 //! from their configs and safetensors headers, and the merged model written as the stages send
 //! it, one `BertForSequenceClassification` whose classifier stacks every task's head.
 
-use crate::core::checks::{check_classifier, check_rank};
+use crate::core::checks::{block_shapes, check_classifier, check_rank, check_shapes};
 use crate::core::merged_output::{HfClassifierWriter, HfLayout};
 use crate::data::text::CLASSES;
 use crate::families::bert::model::{config_json, BERT_BLOCK, TABLE_NAMES};
@@ -22,6 +22,13 @@ pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
         let dir = models_dir.join(&task.name);
         let cfg = BertConfig::load(&dir)?;
         let files = WeightFiles::open(&dir)?;
+        check_shapes(
+            &dir,
+            &files,
+            "bert.",
+            &expected_shapes(&cfg),
+            cfg.num_hidden_layers,
+        )?;
         let outputs = files
             .shape("classifier.weight")?
             .and_then(|s| s.first().copied());
@@ -50,19 +57,29 @@ pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
     check_rank(job.merge.rank, width)
 }
 
+/// The encoder tensors of a BERT of `cfg` with its pooler (HF names without the `bert.`
+/// prefix) and their shapes.
+fn expected_shapes(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.hidden_size;
+    let [word, position, token_type] = TABLE_NAMES.map(String::from);
+    let mut out = vec![
+        (word, vec![cfg.vocab_size, d]),
+        (position, vec![cfg.max_position_embeddings, d]),
+        (token_type, vec![cfg.type_vocab_size, d]),
+        ("embeddings.LayerNorm.weight".into(), vec![d]),
+        ("embeddings.LayerNorm.bias".into(), vec![d]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        out.extend(block_shapes(l, &BERT_BLOCK, d, cfg.intermediate_size));
+    }
+    out.push(("pooler.dense.weight".into(), vec![d, d]));
+    out.push(("pooler.dense.bias".into(), vec![d]));
+    out
+}
+
 /// The encoder tensors of a BERT of `cfg` with its pooler (merged names, no `bert.` prefix).
 fn encoder_names(cfg: &BertConfig) -> BTreeSet<String> {
-    let mut names: BTreeSet<String> = TABLE_NAMES.iter().map(|n| n.to_string()).collect();
-    names.extend(["embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"].map(String::from));
-    for l in 0..cfg.num_hidden_layers {
-        for (part, _) in BERT_BLOCK {
-            for wb in ["weight", "bias"] {
-                names.insert(format!("encoder.layer.{l}.{part}.{wb}"));
-            }
-        }
-    }
-    names.extend(["pooler.dense.weight", "pooler.dense.bias"].map(String::from));
-    names
+    expected_shapes(cfg).into_iter().map(|(n, _)| n).collect()
 }
 
 /// `merged/`: config.json + the weights (one classifier of every task's classes) and

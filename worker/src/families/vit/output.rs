@@ -2,7 +2,7 @@
 //! from their configs and safetensors headers, and the merged model written as the stages send
 //! it, one `ViTForImageClassification` whose classifier stacks every task's head.
 
-use crate::core::checks::{check_classifier, check_rank};
+use crate::core::checks::{block_shapes, check_classifier, check_rank, check_shapes};
 use crate::core::merged_output::{HfClassifierWriter, HfLayout};
 use crate::families::vit::model::{config_json, EMBEDDING_NAMES, VIT_BLOCK};
 use crate::family::MergedWriter;
@@ -21,6 +21,13 @@ pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
         let dir = models_dir.join(&task.name);
         let cfg = VitConfig::load(&dir)?;
         let files = WeightFiles::open(&dir)?;
+        check_shapes(
+            &dir,
+            &files,
+            "vit.",
+            &expected_shapes(&cfg),
+            cfg.num_hidden_layers,
+        )?;
         let outputs = files
             .shape("classifier.weight")?
             .and_then(|s| s.first().copied());
@@ -39,18 +46,29 @@ pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
     check_rank(job.merge.rank, width)
 }
 
+/// The encoder tensors of a ViT of `cfg` (HF names without the `vit.` prefix) and their
+/// shapes.
+fn expected_shapes(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
+    let tokens = (cfg.image_size / p).pow(2) + 1;
+    let [w, b, cls, pos] = EMBEDDING_NAMES.map(String::from);
+    let mut out = vec![
+        (w, vec![d, c, p, p]),
+        (b, vec![d]),
+        (cls, vec![1, 1, d]),
+        (pos, vec![1, tokens, d]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        out.extend(block_shapes(l, &VIT_BLOCK, d, cfg.intermediate_size));
+    }
+    out.push(("layernorm.weight".into(), vec![d]));
+    out.push(("layernorm.bias".into(), vec![d]));
+    out
+}
+
 /// The encoder tensors of a ViT of `cfg` (merged names, no `vit.` prefix).
 fn encoder_names(cfg: &VitConfig) -> BTreeSet<String> {
-    let mut names: BTreeSet<String> = EMBEDDING_NAMES.iter().map(|n| n.to_string()).collect();
-    for l in 0..cfg.num_hidden_layers {
-        for (part, _) in VIT_BLOCK {
-            for wb in ["weight", "bias"] {
-                names.insert(format!("encoder.layer.{l}.{part}.{wb}"));
-            }
-        }
-    }
-    names.extend(["layernorm.weight".to_string(), "layernorm.bias".to_string()]);
-    names
+    expected_shapes(cfg).into_iter().map(|(n, _)| n).collect()
 }
 
 /// `merged/`: config.json + the weights (one classifier of every task's classes) and

@@ -1,0 +1,242 @@
+//! Hostile or careless input fed to the real binary: each case is one clean error naming the
+//! file, tensor or field, a non-zero exit, no hang, and nothing written outside the models.
+
+use fsmerge_common::checkpoint::{read_tensors, tensor_names, write_tensors};
+use fsmerge_tests::{digits_config, fsmerge, root, stderr};
+use fsmerge_worker::families::vit::model::Vit;
+use std::path::Path;
+use std::process::Output;
+
+const TASKS: [&str; 2] = ["digits-0-4", "digits-5-9"];
+
+/// Two random (untrained) digits ViTs, one per task of `configs/digits-vit.toml`.
+fn vit_models(models: &Path) {
+    let shape = fsmerge_common::config::VitShape {
+        patch_size: 4,
+        width: 32,
+        layers: 2,
+        heads: 4,
+        mlp_dim: 64,
+    };
+    let cfg = fsmerge_common::hf::VitConfig::for_images(&shape, 8);
+    let labels: Vec<String> = (0..5).map(|c| format!("{c}")).collect();
+    for task in TASKS {
+        Vit::init(cfg.clone(), 5)
+            .save(&models.join(task), &labels)
+            .unwrap();
+    }
+}
+
+/// `fsmerge merge` of the digits ViT job on `models` into `<dir>/run`, expected to fail
+/// without leaving an output; returns its stderr.
+fn vit_merge_fails(dir: &Path, models: &Path, extra: &[&str]) -> String {
+    let run = dir.join("run");
+    let mut args = vec![
+        "merge".to_string(),
+        root().join("configs/digits-vit.toml").display().to_string(),
+        "--out".into(),
+        run.display().to_string(),
+        "--set".into(),
+        format!("train.models_dir=\"{}\"", models.display()),
+        "--set".into(),
+        "merge.epochs=1".into(),
+        "--set".into(),
+        "merge.global_epochs=1".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = run_bounded(&args);
+    assert!(!o.status.success(), "the merge should have failed");
+    assert!(!run.exists(), "a failed job left {}", run.display());
+    stderr(&o)
+}
+
+/// Run the binary, killed after 120 s: an input that hangs it fails the test.
+fn run_bounded(args: &[String]) -> Output {
+    let mut child = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status =
+        fsmerge_tests::wait_for(&mut child, std::time::Duration::from_secs(120), "fsmerge");
+    let mut o = child.wait_with_output().unwrap();
+    o.status = status;
+    o
+}
+
+/// Give model `task` an index naming `shard` for every tensor (the names of the other task's
+/// model, which has the same).
+fn index_naming(models: &Path, task: &str, shard: &str) {
+    let dir = models.join(task);
+    let names = tensor_names(&models.join(TASKS[0]).join("model.safetensors")).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> =
+        names.into_iter().map(|n| (n, shard.into())).collect();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn shards_outside_the_model_folder_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    vit_models(&models);
+    // A real model outside the folder, reached by `..` or by an absolute path.
+    let outside = dir.path().join("x");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::rename(
+        models.join("digits-5-9/model.safetensors"),
+        outside.join("model.safetensors"),
+    )
+    .unwrap();
+    for shard in [
+        "../../x/model.safetensors".to_string(),
+        outside.join("model.safetensors").display().to_string(),
+    ] {
+        index_naming(&models, "digits-5-9", &shard);
+        let e = vit_merge_fails(dir.path(), &models, &[]);
+        assert!(
+            e.contains("model.safetensors.index.json") && e.contains("not a file name inside"),
+            "{shard}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_fifo_shard_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    vit_models(&models);
+    let fifo = models.join("digits-5-9/model-00001-of-00001.safetensors");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::remove_file(models.join("digits-5-9/model.safetensors")).unwrap();
+    index_naming(&models, "digits-5-9", "model-00001-of-00001.safetensors");
+    let e = vit_merge_fails(dir.path(), &models, &[]);
+    assert!(
+        e.contains("model-00001-of-00001.safetensors") && e.contains("not a regular file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_non_finite_weight_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    vit_models(&models);
+    let file = models.join("digits-0-4/model.safetensors");
+    let names = tensor_names(&file).unwrap();
+    let mut tensors = read_tensors(&file, &names).unwrap();
+    let name = "vit.encoder.layer.1.output.dense.weight";
+    tensors.get_mut(name).unwrap().data[3] = f32::NAN;
+    write_tensors(&file, &tensors).unwrap();
+    let e = vit_merge_fails(dir.path(), &models, &[]);
+    assert!(
+        e.contains(name) && e.contains("non-finite") && !e.contains("learning rate"),
+        "{e}"
+    );
+}
+
+#[test]
+fn counts_durations_and_names_out_of_range_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    vit_models(&models);
+    for (set, field) in [
+        ("merge.epochs=0", "merge.epochs"),
+        ("merge.n_augmented=1000000000", "merge.n_augmented"),
+        ("cluster.heartbeat_secs=1e300", "cluster.heartbeat_secs"),
+        ("cluster.heartbeat_secs=1e-9", "cluster.heartbeat_secs"),
+        (
+            "cluster.register_timeout_secs=1e19",
+            "cluster.register_timeout_secs",
+        ),
+        ("threads=100000", "threads"),
+    ] {
+        let e = vit_merge_fails(dir.path(), &models, &["--set", set]);
+        assert!(e.contains(field), "{set}: {e}");
+    }
+}
+
+#[test]
+fn a_task_named_dotdot_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("a/models");
+    let config = dir.path().join("dotdot.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(digits_config()).unwrap().replacen(
+            "name = \"digits-0-4\"",
+            "name = \"..\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let o = fsmerge(&[
+        "train",
+        &config.display().to_string(),
+        "--set",
+        &format!("train.models_dir=\"{}\"", models.display()),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("tasks[0].name"), "{e}");
+    assert!(
+        !dir.path().join("a").exists(),
+        "train wrote {:?}",
+        dir.path()
+    );
+}
+
+#[test]
+fn worker_wait_out_of_range_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rendezvous = dir.path().join("rendezvous.json").display().to_string();
+    for wait in ["NaN", "-1", "1e300"] {
+        let o = fsmerge(&[
+            "worker",
+            "--rendezvous",
+            &rendezvous,
+            &format!("--wait={wait}"),
+        ]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("--wait"), "{wait}: {e}");
+    }
+}
+
+#[test]
+fn a_config_that_disagrees_with_the_weights_is_named() {
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("intermediate_size", 96.into(), "intermediate.dense.weight"),
+        ("patch_size", 2.into(), "patch_embeddings.projection.weight"),
+        (
+            "num_hidden_layers",
+            1_000_000_000u64.into(),
+            "num_hidden_layers",
+        ),
+        ("num_hidden_layers", 1.into(), "encoder.layer.1."),
+    ];
+    for (field, value, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        vit_models(&models);
+        let file = models.join("digits-5-9/config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        cfg[field] = value;
+        std::fs::write(&file, cfg.to_string()).unwrap();
+        let e = vit_merge_fails(dir.path(), &models, &[]);
+        assert!(
+            e.contains("digits-5-9") && e.contains(needle),
+            "{field}: {e}"
+        );
+    }
+}
