@@ -46,6 +46,40 @@ fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Paths to remove if the process is stopped by a signal: staging folders and the rendezvous
+/// file (it holds the job token) of a run in progress.
+static ON_SIGNAL: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn on_signal() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    ON_SIGNAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Remove `path` (file or folder) if the process is interrupted before `forget_on_signal`.
+pub fn remove_on_signal(path: &Path) {
+    on_signal().push(path.to_path_buf());
+}
+
+/// `path` is committed or removed: a signal no longer touches it.
+pub fn forget_on_signal(path: &Path) {
+    on_signal().retain(|p| p != path);
+}
+
+/// Remove every path registered with `remove_on_signal` (the signal handler's last act);
+/// returns how many were there.
+pub fn remove_registered() -> usize {
+    let paths = std::mem::take(&mut *on_signal());
+    let mut removed = 0;
+    for p in paths {
+        let gone = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        removed += usize::from(gone.is_ok());
+    }
+    removed
+}
+
 /// A directory that collects a job's outputs and moves them into the final directory only on
 /// `commit`. Dropped without commit, it deletes itself and, if the final directory did not
 /// exist before, that too.
@@ -70,6 +104,7 @@ impl Staging {
             fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         }
         fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        remove_on_signal(&staging);
         Ok(Self {
             staging,
             target: target.to_path_buf(),
@@ -100,6 +135,7 @@ impl Staging {
             fs::rename(entry.path(), &dest).map_err(|e| Error::io(&dest, e))?;
         }
         fs::remove_dir_all(&self.staging).map_err(|e| Error::io(&self.staging, e))?;
+        forget_on_signal(&self.staging);
         self.committed = true;
         Ok(self.target.clone())
     }
@@ -135,6 +171,7 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.staging);
+            forget_on_signal(&self.staging);
             if !self.target_existed {
                 let _ = fs::remove_dir(&self.target);
             }

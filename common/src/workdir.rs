@@ -115,8 +115,11 @@ impl WorkDir {
         let path = self.rendezvous();
         let bytes =
             serde_json::to_vec_pretty(r).map_err(|e| Error::Compute(format!("rendezvous: {e}")))?;
-        // The file holds the job token: owner-only from its creation on.
-        write_atomic_private(&path, &bytes)
+        // The file holds the job token: owner-only from its creation on, and gone with the job
+        // (`cluster::run` removes it; a signal too).
+        write_atomic_private(&path, &bytes)?;
+        crate::fsio::remove_on_signal(&path);
+        Ok(())
     }
 
     pub fn read_rendezvous(path: &Path) -> Result<RendezvousFile> {

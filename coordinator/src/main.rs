@@ -13,6 +13,7 @@ mod cluster;
 mod cmd;
 mod job;
 mod report;
+mod signals;
 
 #[derive(Parser)]
 #[command(
@@ -86,6 +87,7 @@ enum Command {
 fn main() -> ExitCode {
     report::progress::init_logging();
     let cli = Cli::parse();
+    signals::clean_up_on_signals();
     let result = match cli.command {
         Command::Train(args) => {
             job::Job::open(&args).and_then(|j| job::originals::ensure_originals(&j, true))

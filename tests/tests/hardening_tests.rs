@@ -240,3 +240,142 @@ fn a_config_that_disagrees_with_the_weights_is_named() {
         );
     }
 }
+
+/// Send `sig` to `child` once `ready` holds (polled), then wait for it to exit.
+fn signal_when(
+    child: &mut std::process::Child,
+    sig: &str,
+    ready: impl Fn() -> bool,
+) -> std::process::ExitStatus {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the process ended before it was signalled"
+        );
+        assert!(std::time::Instant::now() < until, "never became ready");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let sent = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    fsmerge_tests::wait_for(
+        child,
+        std::time::Duration::from_secs(30),
+        "the signalled process",
+    )
+}
+
+/// Entries of `dir` whose name starts with `prefix`.
+fn entries(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_signal_removes_the_runs_staging_and_rendezvous() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    // `fsmerge train`, stopped while it trains into its staging folder.
+    let models = dir.path().join("models");
+    let mut train = Command::new(fsmerge_tests::fsmerge_bin())
+        .args([
+            "train",
+            &digits_config(),
+            "--set",
+            &format!("train.models_dir=\"{}\"", models.display()),
+            "--set",
+            "train.epochs=10000",
+        ])
+        .current_dir(root())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = signal_when(&mut train, "-TERM", || {
+        !entries(dir.path(), ".models.staging-").is_empty()
+    });
+    assert_eq!(status.code(), Some(143));
+    assert!(entries(dir.path(), ".models").is_empty(), "staging left");
+    assert!(!models.exists());
+
+    // `fsmerge coordinator`, interrupted while it waits for its workers.
+    let out = dir.path().join("run");
+    let mut coordinator = Command::new(fsmerge_tests::fsmerge_bin())
+        .args([
+            "coordinator",
+            &digits_config(),
+            "--out",
+            &out.display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            &format!("train.models_dir=\"{}\"", models.display()),
+            "--set",
+            "train.epochs=1",
+        ])
+        .current_dir(root())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rendezvous = dir.path().join("run.work/rendezvous.json");
+    let status = signal_when(&mut coordinator, "-INT", || rendezvous.exists());
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        !rendezvous.exists(),
+        "the rendezvous file (job token) is left"
+    );
+    assert!(
+        entries(dir.path(), ".run.staging-").is_empty(),
+        "staging left"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_damaged_feature_cache_on_resume_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = vec![
+        "merge".to_string(),
+        digits_config(),
+        "--out".into(),
+        out.display().to_string(),
+        "--set".into(),
+        "cluster.stages=2".into(),
+    ];
+    args.extend(fsmerge_tests::fast(&dir.path().join("models")));
+    let o = run_bounded(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = std::fs::read(out.join("metrics.json")).unwrap();
+    // Stage 1's cached input, one feature too narrow.
+    let file = dir.path().join("run.work/features/stage1.safetensors");
+    let names = tensor_names(&file).unwrap();
+    let mut tensors = read_tensors(&file, &names).unwrap();
+    let input = tensors.get_mut("input").unwrap();
+    let last = input.shape.len() - 1;
+    let width = input.shape[last];
+    input.data = input
+        .data
+        .chunks(width)
+        .flat_map(|row| row[..width - 1].to_vec())
+        .collect();
+    input.shape[last] -= 1;
+    write_tensors(&file, &tensors).unwrap();
+    args.push("--resume".into());
+    let o = run_bounded(&args);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("stage1.safetensors") && e.contains("input") && !e.contains("silent"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(out.join("metrics.json")).unwrap(), metrics);
+}

@@ -149,9 +149,12 @@ pub fn run(
     let result = rt.block_on(session.serve(&endpoint));
     endpoint.close(0u32.into(), b"job over");
     let _ = std::fs::remove_file(work.rendezvous());
+    fsmerge_common::fsio::forget_on_signal(&work.rendezvous());
     if result.is_ok() {
-        for t in threads {
-            let _ = t.join();
+        for (r, t) in threads.into_iter().enumerate() {
+            if t.join().is_err() {
+                tracing::error!("embedded worker {r} panicked after the job completed");
+            }
         }
     }
     rt.shutdown_timeout(Duration::from_secs(1));

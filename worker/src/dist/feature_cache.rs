@@ -39,8 +39,10 @@ pub fn save(path: &Path, d: &StageData) -> Result<()> {
     write_tensors(path, &t)
 }
 
-/// Read a stage's cached teacher features (`layers` of them).
-pub fn load(path: &Path, layers: usize) -> Result<StageData> {
+/// Read a stage's cached teacher features (`layers` of them), checked against the stage: `n`
+/// models, and on a stage after the first the stream's per-sample shape `stream`. A cache that
+/// disagrees (another job's, or damaged) is an error naming the file and tensor.
+pub fn load(path: &Path, layers: usize, n: usize, stream: Option<&[i64]>) -> Result<StageData> {
     let mut names = vec!["input".to_string(), "task".to_string()];
     names.extend((0..layers).map(|j| format!("feat{j}")));
     let mut t = read_tensors(path, &names)?;
@@ -53,8 +55,46 @@ pub fn load(path: &Path, layers: usize) -> Result<StageData> {
     };
     let input = to_tch(&take("input")?);
     let task = to_tch(&take("task")?).to_kind(Kind::Int64);
-    let feats = (0..layers)
+    let feats: Vec<Tensor> = (0..layers)
         .map(|j| take(&format!("feat{j}")).map(|h| to_tch(&h)))
         .collect::<Result<_>>()?;
+    let bad = |tensor: &str, msg: String| Error::Tensor {
+        file: path.to_path_buf(),
+        tensor: tensor.to_string(),
+        msg,
+    };
+    let rows = task.size().first().copied().unwrap_or(0);
+    if task.dim() != 1 || (rows > 0 && task.max().int64_value(&[]) >= n as i64) {
+        return Err(bad(
+            "task",
+            format!("not the tasks of {n} models' rows: {:?}", task.size()),
+        ));
+    }
+    match stream {
+        Some(dims) => {
+            let want: Vec<i64> = [n as i64, rows].iter().chain(dims).copied().collect();
+            if input.size() != want {
+                return Err(bad(
+                    "input",
+                    format!("shape {:?}, the stage reads {want:?}", input.size()),
+                ));
+            }
+        }
+        None if input.size().first() != Some(&rows) => {
+            return Err(bad(
+                "input",
+                format!("shape {:?} for {rows} rows", input.size()),
+            ));
+        }
+        None => {}
+    }
+    for (j, f) in feats.iter().enumerate() {
+        if f.size().len() < 2 || f.size()[..2] != [n as i64, rows] {
+            return Err(bad(
+                &format!("feat{j}"),
+                format!("shape {:?}, expected [{n}, {rows}, ..]", f.size()),
+            ));
+        }
+    }
     Ok(StageData { input, feats, task })
 }

@@ -108,9 +108,14 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
         .build()
         .map_err(|e| Error::Compute(format!("tokio runtime: {e}")))?;
     let id = Identity::generate()?;
-    let endpoint = rt.block_on(async {
-        transport::server("0.0.0.0:0".parse().expect("literal"), &id, opts.timeouts)
-    })?;
+    // Embedded workers talk over loopback only; a worker process serves its peers on every
+    // interface (which one reaches them is the cluster's business).
+    let bind: std::net::SocketAddr = if opts.embedded {
+        (std::net::Ipv4Addr::LOCALHOST, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = rt.block_on(async { transport::server(bind, &id, opts.timeouts) })?;
     let host = fsmerge_common::discovery::this_host();
     let (conn, tx, rx, assignment) = register(&rt, opts, &id, &endpoint, &host)?;
     let control = Control {
@@ -139,7 +144,11 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
         opts,
         host,
     };
-    match ctx.work(&nccl_rx) {
+    // A panic in the compute (a libtorch error surfaces as one) is this worker's failure, with
+    // its message, reported like any other error: not a lost connection.
+    let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.work(&nccl_rx)))
+        .unwrap_or_else(|payload| Err(Error::Compute(format!("panic: {}", panic_text(&payload)))));
+    match work {
         Ok(_links) => {
             // `_links` (the collectives) stay open until the coordinator's shutdown: closing a
             // QUIC connection discards data still in flight to a peer that has not read it yet.
@@ -168,6 +177,15 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// The message of a panic's payload (a `&str` or a `String`; anything else is named as such).
+fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Connect to the coordinator, say hello (token, rank, data-plane address and certificate)
@@ -596,7 +614,9 @@ impl Ctx<'_> {
         let a = self.a;
         let stage_i = a.stage as usize;
         let data = if a.features_cached {
-            feature_cache::load(&work.features(stage_i), stage.feature_count())?
+            let stream = (stage_i > 0).then(|| stage.stream_dims());
+            let (layers, n) = (stage.feature_count(), stage.n());
+            feature_cache::load(&work.features(stage_i), layers, n, stream.as_deref())?
         } else {
             let start = rows
                 .filter(|_| stage_i == 0)

@@ -155,8 +155,13 @@ async fn dial(
     Ok(Link::new(p, conn, tx, rx))
 }
 
-/// Accept connections until every needed rank below `me` has presented the token: strangers,
-/// wrong tokens and unexpected ranks are refused and logged, and `deadline` bounds the wait.
+/// Seconds a data-plane connection has to present its hello: a stranger that connects and
+/// stays silent is dropped after this, while the others are served meanwhile.
+const PEER_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accept connections until every needed rank below `me` has presented the token: handshakes
+/// run concurrently, each bounded by `PEER_HELLO_TIMEOUT`; strangers, wrong tokens and
+/// unexpected ranks are refused and logged, and `deadline` bounds the whole wait.
 async fn accept_lower(
     endpoint: &quinn::Endpoint,
     me: u32,
@@ -168,52 +173,59 @@ async fn accept_lower(
     let mut links = BTreeMap::new();
     let mut waiting: BTreeSet<u32> = needed.iter().copied().filter(|&r| r < me).collect();
     let until = Instant::now() + deadline;
+    let mut handshakes = tokio::task::JoinSet::new();
     while !waiting.is_empty() {
         let left = until.saturating_duration_since(Instant::now());
-        let incoming = next_incoming(endpoint, me, &waiting, left, deadline).await?;
-        let from = incoming.remote_address();
-        // The hello gets the same `left` as the wait for the connection, not what remains of it.
-        match tokio::time::timeout(left, receive_hello(incoming, token)).await {
-            Ok(Ok((conn, tx, rx, rank))) if waiting.remove(&rank) => {
-                let p = peer_info(peers, rank)?;
-                tracing::debug!(
-                    "rank {me}: accepted {} from {} (connection {})",
-                    peer_name(p),
-                    conn.remote_address(),
-                    conn.stable_id()
-                );
-                links.insert(rank, Arc::new(Link::new(p, conn, tx, rx)));
+        tokio::select! {
+            incoming = tokio::time::timeout(left, endpoint.accept()) => {
+                let incoming = incoming
+                    .map_err(|_| {
+                        Error::Rendezvous(format!(
+                            "worker rank {me}: ranks {waiting:?} did not connect within {deadline:?}"
+                        ))
+                    })?
+                    .ok_or_else(|| Error::Rendezvous("data endpoint closed".into()))?;
+                let from = incoming.remote_address();
+                let token = token.to_string();
+                handshakes.spawn(async move {
+                    let hello = tokio::time::timeout(
+                        PEER_HELLO_TIMEOUT,
+                        receive_hello(incoming, &token),
+                    );
+                    (from, hello.await)
+                });
             }
-            Ok(Ok((conn, _, _, rank))) => {
-                tracing::warn!(
-                    "refused a data connection from {from}: rank {rank} is not expected here"
-                );
-                conn.close(1u32.into(), b"unexpected rank");
+            Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
+                let Ok((from, hello)) = done else { continue };
+                match hello {
+                    Ok(Ok((conn, tx, rx, rank))) if waiting.remove(&rank) => {
+                        let p = peer_info(peers, rank)?;
+                        tracing::debug!(
+                            "rank {me}: accepted {} from {} (connection {})",
+                            peer_name(p),
+                            conn.remote_address(),
+                            conn.stable_id()
+                        );
+                        links.insert(rank, Arc::new(Link::new(p, conn, tx, rx)));
+                    }
+                    Ok(Ok((conn, _, _, rank))) => {
+                        tracing::warn!(
+                            "refused a data connection from {from}: rank {rank} is not expected here"
+                        );
+                        conn.close(1u32.into(), b"unexpected rank");
+                    }
+                    Ok(Err(why)) => {
+                        tracing::warn!("refused a data connection from {from}: {}", wire::printable(&why, 256))
+                    }
+                    Err(_) => tracing::warn!(
+                        "dropped a data connection from {from}: no hello within {PEER_HELLO_TIMEOUT:?}"
+                    ),
+                }
             }
-            Ok(Err(why)) => tracing::warn!("refused a data connection from {from}: {why}"),
-            Err(_) => {}
         }
     }
+    handshakes.abort_all();
     Ok(links)
-}
-
-/// The next connection attempt within `left`, so that a missing rank fails the rendezvous with
-/// the ranks still awaited rather than hanging.
-async fn next_incoming(
-    endpoint: &quinn::Endpoint,
-    me: u32,
-    waiting: &BTreeSet<u32>,
-    left: Duration,
-    deadline: Duration,
-) -> Result<quinn::Incoming> {
-    tokio::time::timeout(left, endpoint.accept())
-        .await
-        .map_err(|_| {
-            Error::Rendezvous(format!(
-                "worker rank {me}: ranks {waiting:?} did not connect within {deadline:?}"
-            ))
-        })?
-        .ok_or_else(|| Error::Rendezvous("data endpoint closed".into()))
 }
 
 /// An accepted connection with its stream and the rank its hello claims.
@@ -535,10 +547,12 @@ mod tests {
         got
     }
 
-    /// Strangers on `target`'s data endpoint: one sends garbage bytes, one a hello with a wrong
-    /// token, each framed as the wire module frames them.
-    async fn strangers_knock(target: std::net::SocketAddr, fp: String) {
+    /// Strangers on `target`'s data endpoint: one connects and stays silent (returned, so it
+    /// stays open), one sends garbage bytes, one a hello with a wrong token, each framed as the
+    /// wire module frames them.
+    async fn strangers_knock(target: std::net::SocketAddr, fp: String) -> quinn::Connection {
         let ep = transport::client().unwrap();
+        let silent = transport::connect(&ep, target, &fp, T).await.unwrap();
         for payload in [
             b"garbage!".to_vec(),
             wire::encode(&Message::PeerHello {
@@ -558,10 +572,12 @@ mod tests {
             let _ = tx.finish();
             let _ = conn.closed().await;
         }
+        silent
     }
 
-    /// Three workers link up while garbage and a wrong token knock on rank 2's door; then the
-    /// ring all-reduce sums exactly and point-to-point delivers.
+    /// Three workers link up while a silent connection, garbage and a wrong token knock on
+    /// rank 2's door (the silent one does not hold the others up: handshakes run side by side);
+    /// then the ring all-reduce sums exactly and point-to-point delivers.
     #[test]
     fn mesh_refuses_strangers_and_the_ring_sums() {
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -579,10 +595,17 @@ mod tests {
         // Strangers first: garbage bytes and a wrong token, on rank 2's data endpoint.
         let target = m.eps[2].local_addr().unwrap();
         let strangers = rt.spawn(strangers_knock(target, m.ids[2].fingerprint.clone()));
+        let started = Instant::now();
         for h in handles {
             let got = h.join().unwrap();
             assert_eq!(got, vec![6.0, 12., 18., 24., 30., 36., 42.]);
         }
-        rt.block_on(strangers).unwrap();
+        assert!(
+            started.elapsed() < PEER_HELLO_TIMEOUT,
+            "a silent stranger held the mesh up for {:?}",
+            started.elapsed()
+        );
+        let silent = rt.block_on(strangers).unwrap();
+        drop(silent);
     }
 }
