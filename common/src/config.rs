@@ -104,6 +104,11 @@ pub struct ClusterConfig {
     /// How long the coordinator waits for every worker to register.
     #[serde(default = "default_register_timeout")]
     pub register_timeout_secs: f64,
+    /// Watchdog of the data plane: a collective or transfer that makes no progress this long
+    /// (plus one second per 10 MB it moves) fails the job, naming the collective and the peer;
+    /// it catches a peer that stalls while its heartbeats flow. PyTorch's NCCL default.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_secs: f64,
     /// libtorch threads per worker (0 = the job's `threads`).
     #[serde(default)]
     pub worker_threads: usize,
@@ -124,6 +129,9 @@ fn default_peer_timeout() -> f64 {
 fn default_register_timeout() -> f64 {
     300.0
 }
+fn default_collective_timeout() -> f64 {
+    600.0
+}
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -136,6 +144,7 @@ impl Default for ClusterConfig {
             heartbeat_secs: default_heartbeat(),
             peer_timeout_secs: default_peer_timeout(),
             register_timeout_secs: default_register_timeout(),
+            collective_timeout_secs: default_collective_timeout(),
             worker_threads: 0,
         }
     }
@@ -1016,6 +1025,12 @@ impl JobConfig {
             86400.0,
             "cluster.peer_timeout_secs",
         )?;
+        seconds_in(
+            c.collective_timeout_secs,
+            0.1,
+            86400.0,
+            "cluster.collective_timeout_secs",
+        )?;
         if c.peer_timeout_secs < 2.0 * c.heartbeat_secs {
             return Err(Error::field(
                 "cluster.peer_timeout_secs",
@@ -1278,6 +1293,10 @@ mod tests {
             (
                 "[cluster]\npeer_timeout_secs = nan",
                 "cluster.peer_timeout_secs",
+            ),
+            (
+                "[cluster]\ncollective_timeout_secs = 1e12",
+                "cluster.collective_timeout_secs",
             ),
             ("[cluster]\nstages = 100000", "cluster.stages"),
             ("threads = 100000", "threads"),

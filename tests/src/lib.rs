@@ -151,6 +151,39 @@ pub fn launch_config(
     sets: &[String],
     resume: bool,
 ) -> Launched {
+    launch_job(config, dir, name, (stages, replicas), sets, resume, None)
+}
+
+/// `launch` with the environment variable `fault.1 = fault.2` set for worker rank `fault.0`
+/// only (an injected fault).
+pub fn launch_with_fault(
+    dir: &Path,
+    name: &str,
+    (stages, replicas): (usize, usize),
+    sets: &[String],
+    fault: (usize, &str, &str),
+) -> Launched {
+    let config = digits_config();
+    launch_job(
+        &config,
+        dir,
+        name,
+        (stages, replicas),
+        sets,
+        false,
+        Some(fault),
+    )
+}
+
+fn launch_job(
+    config: &str,
+    dir: &Path,
+    name: &str,
+    (stages, replicas): (usize, usize),
+    sets: &[String],
+    resume: bool,
+    fault: Option<(usize, &str, &str)>,
+) -> Launched {
     use std::fs::File;
     use std::process::Stdio;
     let out = dir.join(name);
@@ -184,7 +217,11 @@ pub fn launch_config(
         .unwrap();
     let workers = (0..stages * replicas)
         .map(|r| {
-            Command::new(fsmerge_bin())
+            let mut worker = Command::new(fsmerge_bin());
+            if let Some((_, key, value)) = fault.filter(|f| f.0 == r) {
+                worker.env(key, value);
+            }
+            worker
                 .args([
                     "worker",
                     "--rendezvous",

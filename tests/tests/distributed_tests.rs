@@ -5,7 +5,9 @@
 use fsmerge_common::checkpoint::read_json;
 use fsmerge_common::metrics::Metrics;
 use fsmerge_common::workdir::{Manifest, RendezvousFile, WorkDir};
-use fsmerge_tests::{digits_config, fsmerge, launch, max_rel_diff, stderr, wait_for};
+use fsmerge_tests::{
+    digits_config, fsmerge, launch, launch_with_fault, max_rel_diff, stderr, wait_for,
+};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -344,4 +346,49 @@ fn doctor_resolves_slurm_and_torchrun_variables() {
         "{text}"
     );
     assert!(text.contains("coordinator 127.0.0.1:9"), "{text}");
+}
+
+/// A worker that stalls inside an all-reduce while its heartbeats go on (an injected fault) is
+/// caught by its replica's watchdog: the job fails within the collective timeout, naming the
+/// collective, the stalled peer and the step; every process exits and nothing is written.
+#[test]
+fn a_stalled_collective_is_caught_by_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let s = sets(
+        dir,
+        &[
+            "cluster.collective_timeout_secs=2",
+            "merge.epochs=60",
+            "merge.global_epochs=60",
+        ],
+    );
+    let fault = (1, "FSMERGE_FAULT_STALL", "all-reduce:5");
+    let mut run = launch_with_fault(dir, "job", (1, 2), &s, fault);
+    let worker1_log = dir.join("job.worker1.log");
+    let until = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&worker1_log)
+        .unwrap_or_default()
+        .contains("stalling in all-reduce #5")
+    {
+        assert!(Instant::now() < until, "no stall: {}", run.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stalled = Instant::now();
+    let status = wait_for(&mut run.coordinator, Duration::from_secs(60), "coordinator");
+    let took = stalled.elapsed();
+    let log = run.log_text();
+    assert!(!status.success(), "the job succeeded with a stalled worker");
+    assert!(
+        log.contains("watchdog: all-reduce #5 in the replica group")
+            && log.contains("peer worker rank 1 (")
+            && log.contains(" step "),
+        "the error must name the collective, the stalled peer and the step: {log}"
+    );
+    assert!(took < Duration::from_secs(12), "detection took {took:?}");
+    eprintln!("watchdog: stall detected and the job failed {took:.1?} after it began");
+    for (r, w) in run.workers.iter_mut().enumerate() {
+        wait_for(w, Duration::from_secs(30), &format!("worker {r}"));
+    }
+    assert!(!run.out.exists(), "a failed job left an output directory");
 }

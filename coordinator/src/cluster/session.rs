@@ -150,6 +150,8 @@ struct Seen {
     step: u64,
     total: u64,
     finished: bool,
+    /// Reported its own failure: its closing connection adds nothing.
+    failed: bool,
 }
 
 /// The workers registered so far, by rank, with the streams their messages arrive on.
@@ -206,6 +208,7 @@ impl<'w> Drive<'w> {
                         step: 0,
                         total: 0,
                         finished: false,
+                        failed: false,
                     },
                 )
             })
@@ -255,9 +258,10 @@ impl<'w> Drive<'w> {
         }
     }
 
-    /// A lost connection is a failure unless the worker had already sent its stats.
+    /// A lost connection is a failure unless the worker had already sent its stats or its own
+    /// failure report.
     fn on_lost(&mut self, r: u32, why: String) {
-        if !self.seen.get(&r).is_some_and(|s| s.finished) {
+        if !self.seen.get(&r).is_some_and(|s| s.finished || s.failed) {
             let failure = format!("lost {}: {why}", self.name(r));
             self.fail(failure);
         }
@@ -267,6 +271,7 @@ impl<'w> Drive<'w> {
     fn on_failed(&mut self, r: u32, phase: String, msg: String) {
         if let Some(s) = self.seen.get_mut(&r) {
             s.phase = wire::printable(&phase, 64);
+            s.failed = true;
         }
         let failure = format!("{} failed: {}", self.name(r), wire::printable(&msg, 4096));
         self.fail(failure);
@@ -702,9 +707,9 @@ impl Session<'_> {
 const FAILURE_GRACE: Duration = Duration::from_secs(1);
 
 /// One message from several failure reports: the first that is not a broken link to a peer
-/// (the likely cause), then the others.
+/// (the likely cause; a watchdog's report on a stalled peer is one), then the others.
 fn root_cause_first(mut failures: Vec<String>) -> String {
-    let secondary = |f: &String| f.contains(": peer worker rank");
+    let secondary = |f: &String| f.contains(": peer worker rank") && !f.contains("watchdog:");
     failures.sort_by_key(secondary);
     let mut msg = failures.first().cloned().unwrap_or_default();
     for other in &failures[1..] {

@@ -9,6 +9,7 @@
 use crate::core::tensor::{assign, to_host, to_tch};
 use crate::dist::collective::nccl::{self, NcclGroup};
 use crate::dist::collective::quic::{connect_mesh, QuicGroup};
+use crate::dist::collective::watchdog::Watchdog;
 use crate::dist::collective::{Collective, Solo};
 use crate::dist::distill::{distill, kd_tensors};
 use crate::dist::evaluate::{evaluate, first_or_average, EvalPart, EvalRows};
@@ -163,7 +164,11 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
             Ok(())
         }
         Err(e) => {
-            let phase = lock(&beat).phase.clone();
+            // The phase and, inside a training phase, the step: where a stall happened.
+            let phase = match lock(&beat).clone() {
+                b if b.total > 0 => format!("{} step {}/{}", b.phase, b.step, b.total),
+                b => b.phase,
+            };
             tracing::error!("worker rank {rank} failed in phase {phase}: {e}");
             let _ = control.send(&Message::Failed {
                 phase,
@@ -835,7 +840,8 @@ impl Ctx<'_> {
                     peer_timeouts,
                     Duration::from_secs_f64(job.cluster.register_timeout_secs),
                 ))?;
-                let group = |members: &[u32]| -> Result<Box<dyn Collective>> {
+                let watchdog = Watchdog::new(job.cluster.collective_timeout_secs);
+                let group = |members: &[u32], label| -> Result<Box<dyn Collective>> {
                     if members.len() == 1 {
                         Ok(Box::new(Solo))
                     } else {
@@ -844,10 +850,15 @@ impl Ctx<'_> {
                             members,
                             &links,
                             self.rt.clone(),
+                            (label, watchdog),
                         )?))
                     }
                 };
-                Ok((group(pipe_members)?, group(replica_members)?, Device::Cpu))
+                Ok((
+                    group(pipe_members, "pipeline")?,
+                    group(replica_members, "replica group")?,
+                    Device::Cpu,
+                ))
             }
             Backend::Nccl => {
                 let device = nccl::device_for(self.opts.local_rank)?;
@@ -875,18 +886,19 @@ impl Ctx<'_> {
                     })?;
                     ids.entry(g).or_insert(id);
                 }
-                let group = |gid: u32, members: &[u32]| -> Result<Box<dyn Collective>> {
+                let watchdog = Watchdog::new(job.cluster.collective_timeout_secs);
+                let group = |gid: u32, members: &[u32], label| -> Result<Box<dyn Collective>> {
                     let me = members.iter().position(|&r| r == a.rank).unwrap_or(0);
                     Ok(Box::new(NcclGroup::new(
                         &ids[&gid],
-                        me,
-                        members.len(),
+                        (me, members.len()),
                         device,
+                        (label, watchdog),
                     )?))
                 };
                 Ok((
-                    group(pipe_id, pipe_members)?,
-                    group(rep_id, replica_members)?,
+                    group(pipe_id, pipe_members, "pipeline")?,
+                    group(rep_id, replica_members, "replica group")?,
                     device,
                 ))
             }

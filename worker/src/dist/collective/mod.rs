@@ -3,11 +3,12 @@
 //! is an ordered set of workers; ranks here are positions in the group.
 //!
 //! Every call is blocking and must be made by every member in the same order (as in MPI/NCCL).
-//! A dead or unreachable peer is an error naming it, never a hang: QUIC's idle timeout and the
-//! NCCL watchdog bound every wait.
+//! A dead, unreachable or stalled peer is an error naming it, never a hang: QUIC's idle timeout
+//! and the watchdog (`watchdog.rs`, both backends) bound every wait.
 
 pub mod nccl;
 pub mod quic;
+pub mod watchdog;
 
 use fsmerge_common::Result;
 use tch::Tensor;

@@ -8,12 +8,19 @@
 //!
 //! Bootstrap: the group's first rank creates the unique id (`unique_id`), the coordinator relays
 //! its 128 bytes to the other members, and every member calls `NcclGroup::new`.
+//!
+//! Watchdog: instead of blocking in a device synchronize, a worker polls the stream (the CUDA
+//! runtime's `cudaStreamQuery`, found in the libcudart libtorch loaded) and NCCL's asynchronous
+//! error; past the deadline it aborts the communicator (`ncclCommAbort`) and fails, naming the
+//! collective, as PyTorch's NCCL watchdog does.
 
+use super::watchdog::{stall_if_injected, Watchdog};
 use super::Collective;
 use cudarc::nccl::sys;
 use fsmerge_common::{Error, Result};
 use std::ffi::CStr;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// Name of pip's NCCL library (nvidia-nccl-cu*).
@@ -87,6 +94,41 @@ pub fn unique_id() -> Result<Vec<u8>> {
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
+/// `cudaStreamQuery`: 0 when the stream's work is done, 600 (`cudaErrorNotReady`) while not.
+type StreamQuery = unsafe extern "C" fn(sys::cudaStream_t) -> i32;
+const CUDA_SUCCESS: i32 = 0;
+const CUDA_NOT_READY: i32 = 600;
+
+/// The CUDA runtime's stream query: from the libcudart libtorch_cuda already loaded (the
+/// process's global symbols), else by name. None: no watchdog, a plain synchronize.
+fn stream_query() -> Option<StreamQuery> {
+    static QUERY: OnceLock<Option<StreamQuery>> = OnceLock::new();
+    *QUERY.get_or_init(|| {
+        let this = libloading::os::unix::Library::this();
+        // SAFETY: the symbol has cudaStreamQuery's C signature; the library stays loaded for
+        // the process's life (libtorch_cuda needs it, and the handle is leaked).
+        let found = unsafe { this.get::<StreamQuery>(b"cudaStreamQuery\0") }.map(|f| *f);
+        std::mem::forget(this);
+        let found = found.ok().or_else(|| {
+            ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+                .iter()
+                .find_map(|name| {
+                    // SAFETY: loading the CUDA runtime runs its initialisers only.
+                    let lib = unsafe { libloading::Library::new(name) }.ok()?;
+                    // SAFETY: as above.
+                    let f = unsafe { lib.get::<StreamQuery>(b"cudaStreamQuery\0") }.ok()?;
+                    let f = *f;
+                    std::mem::forget(lib);
+                    Some(f)
+                })
+        });
+        if found.is_none() {
+            tracing::warn!("cudaStreamQuery not found: NCCL collectives run without a watchdog");
+        }
+        found
+    })
+}
+
 /// One NCCL communicator.
 pub struct NcclGroup {
     lib: Arc<sys::Lib>,
@@ -95,6 +137,13 @@ pub struct NcclGroup {
     size: usize,
     device: Device,
     allreduce: (f64, u64),
+    /// "pipeline" or "replica group", for the watchdog's errors.
+    label: &'static str,
+    watchdog: Watchdog,
+    /// Operations issued so far, to say which one stalled.
+    ops: u64,
+    /// Set by the watchdog: an aborted communicator must not be destroyed.
+    aborted: bool,
 }
 
 // SAFETY: a communicator may be used from any thread as long as calls are not concurrent, which
@@ -102,8 +151,14 @@ pub struct NcclGroup {
 unsafe impl Send for NcclGroup {}
 
 impl NcclGroup {
-    /// Join the group `id` as `rank` of `size` on `device` (a CUDA device).
-    pub fn new(id: &[u8], rank: usize, size: usize, device: Device) -> Result<Self> {
+    /// Join the group `id` as `rank` of `size` on `device` (a CUDA device); `label` names the
+    /// group in the watchdog's errors.
+    pub fn new(
+        id: &[u8],
+        (rank, size): (usize, usize),
+        device: Device,
+        (label, watchdog): (&'static str, Watchdog),
+    ) -> Result<Self> {
         let lib = library()?;
         let Device::Cuda(index) = device else {
             return Err(Error::Collective(format!(
@@ -134,7 +189,63 @@ impl NcclGroup {
             size,
             device,
             allreduce: (0.0, 0),
+            label,
+            watchdog,
+            ops: 0,
+            aborted: false,
         })
+    }
+
+    /// Count a new operation and name it ("all-reduce #12 in the replica group").
+    fn next_op(&mut self, op: &str) -> String {
+        self.ops += 1;
+        format!("NCCL {op} #{} in the {}", self.ops, self.label)
+    }
+
+    /// Wait for the operation `what` (moving `bytes`) to complete within the watchdog's
+    /// deadline, polling the stream and NCCL's asynchronous error; on expiry or an NCCL error
+    /// the communicator is aborted, so that no rank stays blocked in it.
+    fn wait(&mut self, what: &str, bytes: usize) -> Result<()> {
+        let Some(query) = stream_query() else {
+            self.sync();
+            return Ok(());
+        };
+        let deadline = self.watchdog.deadline(bytes);
+        let start = Instant::now();
+        let mut nap = Duration::from_micros(10);
+        loop {
+            // SAFETY: queries the legacy default stream, where the operation was enqueued.
+            match unsafe { query(null_stream()) } {
+                CUDA_SUCCESS => return Ok(()),
+                CUDA_NOT_READY => {}
+                e => return Err(Error::Collective(format!("{what}: CUDA error {e}"))),
+            }
+            let mut async_error = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: writes one result code of a live communicator.
+            let r = unsafe { (self.lib.ncclCommGetAsyncError)(self.comm, &mut async_error) };
+            check(&self.lib, r, what)?;
+            if async_error != sys::ncclResult_t::ncclSuccess {
+                self.abort();
+                return check(&self.lib, async_error, what);
+            }
+            if start.elapsed() > deadline {
+                self.abort();
+                return Err(Error::Collective(format!(
+                    "watchdog: {what} did not complete within {deadline:.1?}: a member of the \
+                     group is stalled (cluster.collective_timeout_secs); communicator aborted"
+                )));
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    fn abort(&mut self) {
+        // SAFETY: the communicator is live; after the abort it is never used again.
+        unsafe {
+            (self.lib.ncclCommAbort)(self.comm);
+        }
+        self.aborted = true;
     }
 
     fn cuda_f32(&self, t: &Tensor, what: &str) -> Result<()> {
@@ -177,6 +288,8 @@ impl Collective for NcclGroup {
 
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
         self.cuda_f32(t, "all-reduce")?;
+        let what = self.next_op("all-reduce");
+        stall_if_injected("all-reduce");
         let clock = std::time::Instant::now();
         let p = t.data_ptr();
         // SAFETY: in-place all-reduce over numel floats of a live CUDA tensor.
@@ -192,7 +305,7 @@ impl Collective for NcclGroup {
             )
         };
         check(&self.lib, r, "all-reduce")?;
-        self.sync();
+        self.wait(&what, t.numel() * 4)?;
         self.allreduce.0 += clock.elapsed().as_secs_f64();
         self.allreduce.1 += 1;
         Ok(())
@@ -200,6 +313,7 @@ impl Collective for NcclGroup {
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
         self.cuda_f32(t, "broadcast")?;
+        let what = self.next_op("broadcast");
         let p = t.data_ptr();
         // SAFETY: in-place broadcast over numel floats of a live CUDA tensor.
         let r = unsafe {
@@ -214,12 +328,12 @@ impl Collective for NcclGroup {
             )
         };
         check(&self.lib, r, "broadcast")?;
-        self.sync();
-        Ok(())
+        self.wait(&what, t.numel() * 4)
     }
 
     fn send(&mut self, t: &Tensor, peer: usize) -> Result<()> {
         self.cuda_f32(t, "send")?;
+        let what = self.next_op(&format!("send to member {peer}"));
         // SAFETY: sends numel floats of a live CUDA tensor.
         let r = unsafe {
             (self.lib.ncclSend)(
@@ -232,12 +346,12 @@ impl Collective for NcclGroup {
             )
         };
         check(&self.lib, r, "send")?;
-        self.sync();
-        Ok(())
+        self.wait(&what, t.numel() * 4)
     }
 
     fn recv(&mut self, t: &mut Tensor, peer: usize) -> Result<()> {
         self.cuda_f32(t, "recv")?;
+        let what = self.next_op(&format!("receive from member {peer}"));
         // SAFETY: receives numel floats into a live CUDA tensor.
         let r = unsafe {
             (self.lib.ncclRecv)(
@@ -250,13 +364,15 @@ impl Collective for NcclGroup {
             )
         };
         check(&self.lib, r, "recv")?;
-        self.sync();
-        Ok(())
+        self.wait(&what, t.numel() * 4)
     }
 }
 
 impl Drop for NcclGroup {
     fn drop(&mut self) {
+        if self.aborted {
+            return;
+        }
         // SAFETY: the communicator is live and used by no other call.
         unsafe {
             (self.lib.ncclCommDestroy)(self.comm);
@@ -283,7 +399,8 @@ mod tests {
                 if !tch::Cuda::is_available() {
                     let m = device_for(0).unwrap_err().to_string();
                     assert!(m.contains("needs a CUDA device"), "{m}");
-                    let m = NcclGroup::new(&[0; 128], 0, 1, Device::Cpu)
+                    let dog = ("test group", Watchdog::new(1.0));
+                    let m = NcclGroup::new(&[0; 128], (0, 1), Device::Cpu, dog)
                         .err()
                         .map(|e| e.to_string())
                         .unwrap_or_default();

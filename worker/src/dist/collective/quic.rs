@@ -6,6 +6,7 @@
 //! same order, one ordered stream per direction is all the matching a pair needs. Data frames
 //! are raw little-endian f32 behind the wire module's length prefix.
 
+use super::watchdog::{stall_if_injected, Watchdog};
 use super::Collective;
 use fsmerge_common::transport::{self, token_matches, Timeouts};
 use fsmerge_common::wire::{self, Message, PeerInfo};
@@ -42,17 +43,32 @@ impl Link {
         }
     }
 
-    async fn send(&self, bytes: &[u8]) -> Result<()> {
+    /// Send one frame within `deadline`; `what` names the collective for the watchdog's error.
+    async fn send(&self, bytes: &[u8], deadline: Duration, what: &str) -> Result<()> {
         let mut tx = self.tx.lock().await;
-        wire::write_frame(&mut *tx, bytes)
+        tokio::time::timeout(deadline, wire::write_frame(&mut *tx, bytes))
             .await
+            .map_err(|_| {
+                self.err(format!(
+                    "watchdog: {what} could not send {} bytes within {deadline:.1?}: the peer \
+                     is not reading (cluster.collective_timeout_secs)",
+                    bytes.len()
+                ))
+            })?
             .map_err(|e| self.err(e))
     }
 
-    async fn recv(&self, len: usize) -> Result<Vec<u8>> {
+    /// Receive one frame of `len` bytes within `deadline`.
+    async fn recv(&self, len: usize, deadline: Duration, what: &str) -> Result<Vec<u8>> {
         let mut rx = self.rx.lock().await;
-        let got = wire::read_frame(&mut *rx, len)
+        let got = tokio::time::timeout(deadline, wire::read_frame(&mut *rx, len))
             .await
+            .map_err(|_| {
+                self.err(format!(
+                    "watchdog: {what} received nothing within {deadline:.1?}: the peer is alive \
+                     but stalled (cluster.collective_timeout_secs)"
+                ))
+            })?
             .map_err(|e| self.err(e))?
             .ok_or_else(|| self.err("closed the connection"))?;
         if got.len() != len {
@@ -258,6 +274,11 @@ pub struct QuicGroup {
     /// Link per member (None for this worker).
     links: Vec<Option<Arc<Link>>>,
     rt: tokio::runtime::Handle,
+    /// "pipeline" or "replica group", for the watchdog's errors.
+    label: &'static str,
+    watchdog: Watchdog,
+    /// Operations issued so far, to say which one stalled.
+    ops: u64,
     pub time: CommTime,
     /// All-reduces up to this many bytes per member use one all-to-all round, larger ones the
     /// ring.
@@ -271,6 +292,7 @@ impl QuicGroup {
         members: &[u32],
         links: &BTreeMap<u32, Arc<Link>>,
         rt: tokio::runtime::Handle,
+        (label, watchdog): (&'static str, Watchdog),
     ) -> Result<Self> {
         let me = members.iter().position(|&r| r == me_world).ok_or_else(|| {
             Error::Collective(format!("rank {me_world} is not in group {members:?}"))
@@ -291,9 +313,18 @@ impl QuicGroup {
             me,
             links,
             rt,
+            label,
+            watchdog,
+            ops: 0,
             time: CommTime::default(),
             direct_bytes: DIRECT_BYTES,
         })
+    }
+
+    /// Count a new operation and name it ("all-reduce #12 in the replica group").
+    fn next_op(&mut self, op: &str) -> String {
+        self.ops += 1;
+        format!("{op} #{} in the {}", self.ops, self.label)
     }
 
     fn link(&self, member: usize) -> Result<Arc<Link>> {
@@ -338,17 +369,18 @@ const DIRECT_BYTES: usize = 4 << 20;
 impl QuicGroup {
     /// Send `buf` to every other member and receive theirs, concurrently; returns every
     /// member's buffer in member order (this member's own included).
-    fn exchange(&self, buf: &[f32]) -> Result<Vec<Vec<f32>>> {
+    fn exchange(&self, buf: &[f32], what: &str) -> Result<Vec<Vec<f32>>> {
         let bytes = Arc::new(to_bytes(buf));
         let len = buf.len() * 4;
+        let deadline = self.watchdog.deadline(len * (self.size() - 1));
         let got = self.rt.block_on(async {
             let mut set = tokio::task::JoinSet::new();
             for (m, link) in self.links.iter().enumerate() {
                 let Some(link) = link else { continue };
-                let (l, b) = (link.clone(), bytes.clone());
-                set.spawn(async move { l.send(&b).await.map(|()| None) });
-                let l = link.clone();
-                set.spawn(async move { l.recv(len).await.map(|v| Some((m, v))) });
+                let (l, b, w) = (link.clone(), bytes.clone(), what.to_string());
+                set.spawn(async move { l.send(&b, deadline, &w).await.map(|()| None) });
+                let (l, w) = (link.clone(), what.to_string());
+                set.spawn(async move { l.recv(len, deadline, &w).await.map(|v| Some((m, v))) });
             }
             let mut got = Vec::new();
             while let Some(done) = set.join_next().await {
@@ -392,11 +424,13 @@ impl Collective for QuicGroup {
         if n == 1 {
             return Ok(());
         }
+        let what = self.next_op("all-reduce");
+        stall_if_injected("all-reduce");
         let clock = Instant::now();
         let mut buf = host_f32(t)?;
         let len = buf.len();
         if len * 4 * (n - 1) <= self.direct_bytes {
-            let all = self.exchange(&buf)?;
+            let all = self.exchange(&buf, &what)?;
             buf.iter_mut().enumerate().for_each(|(i, x)| {
                 *x = all.iter().map(|b| b[i]).fold(0.0, |acc, v| acc + v);
             });
@@ -411,9 +445,13 @@ impl Collective for QuicGroup {
             let send_c = chunk(len, n, (self.me + n - step) % n);
             let recv_c = chunk(len, n, (self.me + 2 * n - step - 1) % n);
             let out = to_bytes(&buf[send_c]);
-            let (sent, got) = self
-                .rt
-                .block_on(async { tokio::join!(next.send(&out), prev.recv(recv_c.len() * 4)) });
+            let deadline = self.watchdog.deadline(out.len());
+            let (sent, got) = self.rt.block_on(async {
+                tokio::join!(
+                    next.send(&out, deadline, &what),
+                    prev.recv(recv_c.len() * 4, deadline, &what)
+                )
+            });
             sent?;
             for (x, y) in buf[recv_c].iter_mut().zip(from_bytes(&got?)) {
                 *x += y;
@@ -423,9 +461,13 @@ impl Collective for QuicGroup {
             let send_c = chunk(len, n, (self.me + 1 + n - step) % n);
             let recv_c = chunk(len, n, (self.me + n - step) % n);
             let out = to_bytes(&buf[send_c]);
-            let (sent, got) = self
-                .rt
-                .block_on(async { tokio::join!(next.send(&out), prev.recv(recv_c.len() * 4)) });
+            let deadline = self.watchdog.deadline(out.len());
+            let (sent, got) = self.rt.block_on(async {
+                tokio::join!(
+                    next.send(&out, deadline, &what),
+                    prev.recv(recv_c.len() * 4, deadline, &what)
+                )
+            });
             sent?;
             buf[recv_c].copy_from_slice(&from_bytes(&got?));
         }
@@ -436,27 +478,40 @@ impl Collective for QuicGroup {
     }
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
+        let what = self.next_op("broadcast");
+        let deadline = self.watchdog.deadline(t.numel() * 4);
         if self.me == root {
             let bytes = to_bytes(&host_f32(t)?);
             for m in (0..self.size()).filter(|&m| m != root) {
                 let link = self.link(m)?;
-                self.rt.block_on(link.send(&bytes))?;
+                self.rt.block_on(link.send(&bytes, deadline, &what))?;
             }
             Ok(())
         } else {
-            self.recv(t, root)
+            let link = self.link(root)?;
+            let got = self
+                .rt
+                .block_on(link.recv(t.numel() * 4, deadline, &what))?;
+            write_back(t, &from_bytes(&got));
+            Ok(())
         }
     }
 
     fn send(&mut self, t: &Tensor, peer: usize) -> Result<()> {
+        let what = self.next_op("send");
         let link = self.link(peer)?;
         let bytes = to_bytes(&host_f32(t)?);
-        self.rt.block_on(link.send(&bytes))
+        let deadline = self.watchdog.deadline(bytes.len());
+        self.rt.block_on(link.send(&bytes, deadline, &what))
     }
 
     fn recv(&mut self, t: &mut Tensor, peer: usize) -> Result<()> {
+        let what = self.next_op("receive");
         let link = self.link(peer)?;
-        let got = self.rt.block_on(link.recv(t.numel() * 4))?;
+        let len = t.numel() * 4;
+        let got = self
+            .rt
+            .block_on(link.recv(len, self.watchdog.deadline(len), &what))?;
         write_back(t, &from_bytes(&got));
         Ok(())
     }
@@ -530,7 +585,8 @@ mod tests {
                 Duration::from_secs(20),
             ))
             .unwrap();
-        let mut g = QuicGroup::new(me, &[0, 1, 2], &links, handle).unwrap();
+        let dog = ("test group", Watchdog::new(20.0));
+        let mut g = QuicGroup::new(me, &[0, 1, 2], &links, handle, dog).unwrap();
         let mut t = Tensor::from_slice(&[1.0f32, 2., 3., 4., 5., 6., 7.]) * (me + 1) as f64;
         g.all_reduce_sum(&mut t).unwrap();
         let got = Vec::<f32>::try_from(&t).unwrap();
