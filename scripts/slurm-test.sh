@@ -10,23 +10,30 @@
 #       ends with the same result.
 # Prints "slurm test skipped: <reason>" and exits 0 when Slurm cannot be set up here (no root or
 # sudo, apt fails, a daemon does not start); any failure of the check itself exits 1.
-# FSMERGE_BIN picks the binary (default target/release/fsmerge).
+# FSMERGE_BIN picks the binary (default target/release/fsmerge); SLURM_TEST_KEEP=1 keeps the
+# temporary folder (logs, outputs) for a look after a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 export FSMERGE_BIN=${FSMERGE_BIN:-target/release/fsmerge}
 
-# Long enough a global phase (~6 s on 2 cores) that the warning reliably lands inside it.
+# A global phase of several seconds on 2 cores, so that the warning reliably lands inside it.
 CONFIG=configs/digits-mlp.toml
 SETS_COMMON="--set merge.epochs=20 --set merge.global_epochs=40 --set cluster.stages=2 --set cluster.worker_threads=1"
 
 say() { echo "[slurm-test] $*" >&2; }
-skip() { echo "slurm test skipped: $*"; exit 0; }
+skipped=
+skip() {
+    skipped=1
+    echo "slurm test skipped: $*"
+    exit 0
+}
 fail() {
     echo "slurm test FAILED: $*" >&2
     exit 1
 }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+last_line() { cat "$@" 2>/dev/null | grep -v '^[[:space:]]*$' | tail -n1; }
 
 [ -x "$FSMERGE_BIN" ] || fail "no fsmerge binary at $FSMERGE_BIN (build it, or set FSMERGE_BIN)"
 if [ "$(id -u)" != 0 ] && ! sudo -n true 2>/dev/null; then
@@ -62,11 +69,13 @@ cleanup() {
     for f in "$tmp"/slurmd-n1.pid "$tmp"/slurmd-n2.pid "$tmp"/slurmctld.pid "$tmp"/munge/munged.pid; do
         stop_pidfile "$f"
     done
-    as_root rm -rf "$tmp"
-    echo "slurm test: $((SECONDS - started)) s"
+    if [ -n "${SLURM_TEST_KEEP:-}" ]; then echo "kept $tmp" >&2; else as_root rm -rf "$tmp"; fi
+    [ -n "$skipped" ] || echo "slurm test: $((SECONDS - started)) s"
     exit "$status"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM HUP
+trap 'exit 130' INT
 
 # Ports free right now for slurmctld and the two slurmds; a random first job id, since the
 # coordinator's port is derived from the job id (15000 + its last four digits).
@@ -89,10 +98,10 @@ as_root runuser -u munge -- mungekey --create --keyfile="$tmp/munge/munge.key" >
 as_root runuser -u munge -- munged --socket="$tmp/munge/munge.socket" --key-file="$tmp/munge/munge.key" \
     --pid-file="$tmp/munge/munged.pid" --log-file="$tmp/munge/munged.log" \
     --seed-file="$tmp/munge/munged.seed" 2>"$tmp/munged.err" ||
-    skip "munged does not start: $(tail -n1 "$tmp/munged.err")"
+    skip "munged does not start: $(last_line "$tmp/munged.err" "$tmp/munge/munged.log")"
 
 # Without cgroups: linuxproc tracking, no task plugin, no accounting.
-mkdir -p "$tmp/state"
+mkdir -p "$tmp/state" "$tmp/slurmd-n1" "$tmp/slurmd-n2"
 cat >"$SLURM_CONF" <<EOF
 ClusterName=fsmergeci
 SlurmctldHost=$host(127.0.0.1)
@@ -122,10 +131,10 @@ NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n2_port CPUs=1 State=UNK
 PartitionName=ci Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 EOF
 as_root slurmctld -f "$SLURM_CONF" 2>"$tmp/slurmctld.err" ||
-    skip "slurmctld does not start: $(tail -n1 "$tmp/slurmctld.err")"
+    skip "slurmctld does not start: $(last_line "$tmp/slurmctld.err" "$tmp/slurmctld.log")"
 for n in n1 n2; do
     as_root slurmd -f "$SLURM_CONF" -N "$n" 2>"$tmp/slurmd-$n.err" ||
-        skip "slurmd -N $n does not start: $(tail -n1 "$tmp/slurmd-$n.err")"
+        skip "slurmd -N $n does not start: $(last_line "$tmp/slurmd-$n.err" "$tmp/slurmd-$n.log")"
 done
 for _ in $(seq 150); do
     [ "$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u | tr '\n' ' ')" = "n1 idle n2 idle " ] && break
@@ -139,17 +148,33 @@ say "Slurm up in $((SECONDS - started)) s: nodes n1, n2 idle"
 sets="$SETS_COMMON --set train.models_dir=\"$tmp/models\""
 read -r -a sets_arr <<<"$sets"
 say "reference: fsmerge merge"
-RUST_LOG=warn "$FSMERGE_BIN" merge "$CONFIG" --out "$tmp/ref" "${sets_arr[@]}" >"$tmp/ref.log" 2>&1 ||
+RUST_LOG=warn timeout 300 "$FSMERGE_BIN" merge "$CONFIG" --out "$tmp/ref" "${sets_arr[@]}" >"$tmp/ref.log" 2>&1 ||
     fail "fsmerge merge failed: $(tail -n5 "$tmp/ref.log")"
 
 # Two fake nodes, one task and one CPU each; no GPUs, so launch.sh picks QUIC.
 submit=(sbatch --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --time=10)
 export CONFIG SETS="$sets"
+unset BACKEND # launch.sh must pick QUIC by itself
 show_log() { echo "--- $1" >&2; tail -n 30 "$1" >&2 || true; }
+state() { scontrol show job "$1" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2; }
+# Poll rather than `sbatch --wait`, which notices the end up to ~30 s late.
+wait_job() { # label, job, its log, seconds
+    local label=$1
+    shift
+    local deadline=$((SECONDS + $3)) s
+    while s=$(state "$1"); [ "$s" != COMPLETED ]; do
+        case "$s" in
+        PENDING | RUNNING | CONFIGURING | COMPLETING | REQUEUED) ;;
+        *) show_log "$2"; fail "$label job $1 ended ${s:-unknown}" ;;
+        esac
+        [ $SECONDS -lt $deadline ] || { show_log "$2"; fail "$label job $1 not done after $3 s (state $s)"; }
+        sleep 0.3
+    done
+}
 
-say "(a) multi-node.sbatch, 2 nodes x 1 task, sbatch --wait"
-OUT=$tmp/a timeout 300 "${submit[@]}" --wait --output="$tmp/a.out" deploy/slurm/multi-node.sbatch >/dev/null ||
-    { show_log "$tmp/a.out"; fail "(a) the job failed or timed out"; }
+say "(a) multi-node.sbatch, 2 nodes x 1 task"
+job=$(OUT=$tmp/a "${submit[@]}" --parsable --output="$tmp/a.out" deploy/slurm/multi-node.sbatch)
+wait_job "(a)" "${job%%;*}" "$tmp/a.out" 300
 grep -q 'backend quic' "$tmp/a.out" || { show_log "$tmp/a.out"; fail "(a) did not run the QUIC backend"; }
 python scripts/compare-runs.py "$tmp/ref" "$tmp/a" || fail "(a) Slurm job and fsmerge merge differ"
 say "(a) passed: same rows and tensors as fsmerge merge"
@@ -157,38 +182,36 @@ say "(a) passed: same rows and tensors as fsmerge merge"
 say "(b) the same job, warned (USR1) during its global phase"
 job=$(OUT=$tmp/b "${submit[@]}" --parsable --output="$tmp/b.out" deploy/slurm/multi-node.sbatch)
 job=${job%%;*}
-state() { scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2; }
 # Both stages' local phases listed as finished in the manifest: the global phase is running.
 deadline=$((SECONDS + 120))
 until [ "$(grep -c '"phase": "local"' "$tmp/b.work/manifest.json" 2>/dev/null)" = 2 ]; do
     [ $SECONDS -lt $deadline ] || { show_log "$tmp/b.out"; fail "(b) local phases not finished after 120 s"; }
-    [ "$(state)" = COMPLETED ] && fail "(b) the job ended before it could be warned"
+    case "$(state "$job")" in
+    PENDING | RUNNING | CONFIGURING) ;;
+    *) show_log "$tmp/b.out"; fail "(b) job $job ended ($(state "$job")) before it could be warned" ;;
+    esac
     sleep 0.1
 done
 grep -q '"phase": "global"' "$tmp/b.work/manifest.json" && fail "(b) global phase already finished; warn it earlier"
 scancel --signal=USR1 --batch "$job"
-# The requeued job waits ~120 s (BeginTime) before it is eligible again: start it now.
+# The requeued job waits ~120 s (BeginTime) before it is eligible again: start it now, once its
+# first run has left both nodes and a second has passed (slurmd refuses a credential of the
+# same job issued within the second of its revocation: "Job credential revoked").
 deadline=$((SECONDS + 60))
-until scontrol show job "$job" | grep -q 'Restarts=1' && [ "$(state)" = PENDING ]; do
-    [ $SECONDS -lt $deadline ] || { show_log "$tmp/b.out"; fail "(b) not requeued within 60 s of USR1 (state $(state))"; }
+until scontrol show job "$job" | grep -q 'Restarts=1' && [ "$(state "$job")" = PENDING ] &&
+    [ "$(sinfo -h -N -o '%t' | sort -u)" = idle ]; do
+    [ $SECONDS -lt $deadline ] || { show_log "$tmp/b.out"; fail "(b) not requeued within 60 s of USR1 (state $(state "$job"))"; }
     sleep 0.2
 done
+sleep 1.1
 scontrol update JobId="$job" StartTime=now
-deadline=$((SECONDS + 300))
-while :; do
-    case "$(state)" in
-    COMPLETED) break ;;
-    PENDING | RUNNING | CONFIGURING | COMPLETING | REQUEUED) ;;
-    *) show_log "$tmp/b.out"; fail "(b) job $job ended $(state)" ;;
-    esac
-    [ $SECONDS -lt $deadline ] || { show_log "$tmp/b.out"; fail "(b) resumed job not done after 300 s"; }
-    sleep 0.5
-done
+wait_job "(b)" "$job" "$tmp/b.out" 300
 # Evidence: the warning, the requeue, the resume, and local phases restored (not retrained).
 for want in 'requeueing' '(restart 1)' 'resuming' "phase \`local\` restored from its checkpoint"; do
     grep -qF "$want" "$tmp/b.out" || { show_log "$tmp/b.out"; fail "(b) no '$want' in the job's log"; }
 done
-grep -E 'fsmerge: (job|found|time limit)|restored from its checkpoint' "$tmp/b.out" | sed 's/^/[slurm-test]   /' >&2
+grep -E 'fsmerge: (job|found|time limit)|restored from its checkpoint' "$tmp/b.out" |
+    sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^/[slurm-test]   /' >&2
 python scripts/compare-runs.py "$tmp/ref" "$tmp/b" || fail "(b) requeued job and fsmerge merge differ"
 say "(b) passed: requeued once, resumed, same rows and tensors as fsmerge merge"
 echo "slurm test: (a) and (b) passed"

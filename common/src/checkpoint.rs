@@ -91,31 +91,38 @@ pub fn regular_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The names of the tensors in a safetensors file (from its header).
-pub fn tensor_names(file: &Path) -> Result<Vec<String>> {
+/// A regular file, memory-mapped read-only.
+fn map_file(file: &Path) -> Result<memmap2::Mmap> {
     regular_file(file)?;
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
     // SAFETY: the file is opened read-only and not modified while mapped by this process.
-    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
+    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))
+}
+
+fn not_safetensors(file: &Path, e: safetensors::SafeTensorError) -> Error {
+    Error::Checkpoint {
+        file: file.to_path_buf(),
+        msg: format!("not a valid safetensors file ({e})"),
+    }
+}
+
+/// The names of the tensors in a safetensors file (from its header).
+pub fn tensor_names(file: &Path) -> Result<Vec<String>> {
+    let mmap = map_file(file)?;
     let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Checkpoint {
-            file: file.to_path_buf(),
-            msg: format!("not a valid safetensors file ({e})"),
-        })?;
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| not_safetensors(file, e))?;
     Ok(meta.tensors().into_keys().collect())
 }
 
 /// Every tensor's shape in a safetensors file, from its header, with the file checked whole
 /// (every tensor's bytes present, in bounds); no tensor data is read.
 pub fn tensor_shapes(file: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
-    regular_file(file)?;
-    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    // SAFETY: the file is opened read-only and not modified while mapped by this process.
-    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Checkpoint {
-        file: file.to_path_buf(),
-        msg: format!("not a valid safetensors file ({e})"),
-    })?;
+    shapes_in(&map_file(file)?, file)
+}
+
+/// `tensor_shapes` of a safetensors file's content `bytes` (`file` names it in errors).
+pub fn shapes_in(bytes: &[u8], file: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| not_safetensors(file, e))?;
     Ok(st
         .tensors()
         .into_iter()
@@ -125,14 +132,16 @@ pub fn tensor_shapes(file: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
 
 /// Read every named tensor from a safetensors file (memory-mapped; only these tensors are copied).
 pub fn read_tensors(file: &Path, names: &[String]) -> Result<BTreeMap<String, HostTensor>> {
-    regular_file(file)?;
-    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    // SAFETY: the file is opened read-only and not modified while mapped by this process.
-    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Checkpoint {
-        file: file.to_path_buf(),
-        msg: format!("not a valid safetensors file ({e})"),
-    })?;
+    tensors_in(&map_file(file)?, file, names)
+}
+
+/// `read_tensors` from a safetensors file's content `bytes` (`file` names it in errors).
+pub fn tensors_in(
+    bytes: &[u8],
+    file: &Path,
+    names: &[String],
+) -> Result<BTreeMap<String, HostTensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| not_safetensors(file, e))?;
     let mut out = BTreeMap::new();
     for name in names {
         let view = st.tensor(name).map_err(|_| Error::Tensor {
@@ -198,7 +207,12 @@ pub fn write_tensors(file: &Path, tensors: &BTreeMap<String, HostTensor>) -> Res
 
 pub fn read_json<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+    parse_json(&text, file)
+}
+
+/// `read_json` of a file's content `text` (`file` names it in errors).
+pub fn parse_json<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Checkpoint {
         file: file.to_path_buf(),
         msg: format!("bad JSON config: {e}"),
     })

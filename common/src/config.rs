@@ -722,11 +722,17 @@ impl JobConfig {
     /// strings) applied before validation, e.g. `merge.lr=3e-3` or `merge.mode=global`.
     pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// `load_with` of a config file's content `text` (`path` names it in errors and gives the
+    /// job's default name).
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
         let err = |msg: String| Error::Config {
             file: path.to_path_buf(),
             msg,
         };
-        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         for o in overrides {
             apply_override(&mut doc, o).map_err(err)?;
         }

@@ -9,15 +9,18 @@ use std::fmt;
 /// torchrun's c10d default, so mixed launches agree.
 pub const DEFAULT_PORT: u16 = 29400;
 
-/// This machine's host name (`$HOSTNAME`, else the kernel's), for addresses and messages.
+/// This machine's host name, for the coordinator's advertised address and for messages:
+/// `$FSMERGE_HOST` if set, else the kernel's. Not `$HOSTNAME`: `srun` copies the batch shell's
+/// environment to every node, so there it names the first node on all of them.
 pub fn this_host() -> String {
-    std::env::var("HOSTNAME")
+    std::env::var("FSMERGE_HOST")
         .ok()
         .filter(|h| !h.is_empty())
         .or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .ok()
                 .map(|s| s.trim().to_string())
+                .filter(|h| !h.is_empty())
         })
         .unwrap_or_else(|| "localhost".into())
 }

@@ -2,7 +2,7 @@
 //! shards listed in `model.safetensors.index.json`, read lazily (each shard memory-mapped, only
 //! the requested tensors copied). Missing files, fields or tensors are errors naming them.
 
-use crate::checkpoint::{read_json, read_tensors, regular_file, HostTensor};
+use crate::checkpoint::{parse_json, read_tensors, regular_file, HostTensor};
 use crate::{Error, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -54,11 +54,17 @@ fn check_encoder(
             "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
         ));
     }
-    for (v, field, max) in [
+    check_sizes(&[
         (hidden, "hidden_size", 1 << 16),
         (layers, "num_hidden_layers", 1024),
         (intermediate, "intermediate_size", 1 << 18),
-    ] {
+    ])
+}
+
+/// Every `(value, field, max)` is between 1 and its max: sizes from a config file are bounded
+/// before any arithmetic or allocation uses them.
+fn check_sizes(sizes: &[(usize, &str, usize)]) -> std::result::Result<(), String> {
+    for &(v, field, max) in sizes {
         if v == 0 || v > max {
             return Err(format!("{field} {v} is not between 1 and {max}"));
         }
@@ -88,9 +94,15 @@ impl VitConfig {
     /// Read and check `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let file = dir.join("config.json");
-        let cfg: VitConfig = read_json(&file)?;
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parse and check a `config.json`'s content `text` (`file` names it in errors).
+    pub fn parse(text: &str, file: &Path) -> Result<Self> {
+        let cfg: VitConfig = parse_json(text, file)?;
         let err = |msg: String| Error::Checkpoint {
-            file: file.clone(),
+            file: file.to_path_buf(),
             msg,
         };
         check_encoder(
@@ -104,6 +116,11 @@ impl VitConfig {
                 cfg.intermediate_size,
             ],
         )
+        .map_err(err)?;
+        check_sizes(&[
+            (cfg.image_size, "image_size", 1 << 14),
+            (cfg.num_channels, "num_channels", 64),
+        ])
         .map_err(err)?;
         if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(err(format!(
@@ -132,29 +149,29 @@ impl WeightFiles {
     /// Index `dir`: `model.safetensors.index.json` if present, else `model.safetensors`.
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
-        let map = if index.exists() {
-            let idx: Index = read_json(&index)?;
-            let mut map = BTreeMap::new();
-            for (tensor, file) in idx.weight_map {
-                map.insert(tensor, shard_path(dir, &index, &file)?);
-            }
-            map
-        } else {
-            let single = dir.join("model.safetensors");
-            regular_file(&single)?;
-            let f = std::fs::File::open(&single).map_err(|e| Error::io(&single, e))?;
-            // SAFETY: read-only mapping of a file this process does not modify.
-            let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&single, e))?;
-            let (_, meta) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Checkpoint {
-                    file: single.clone(),
-                    msg: format!("not a valid safetensors file ({e})"),
-                })?;
-            meta.tensors()
-                .into_keys()
-                .map(|t| (t, single.clone()))
-                .collect()
-        };
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            return Self::from_index(dir, &index, &text);
+        }
+        let single = dir.join("model.safetensors");
+        let map = crate::checkpoint::tensor_names(&single)?
+            .into_iter()
+            .map(|t| (t, single.clone()))
+            .collect();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            map,
+        })
+    }
+
+    /// The weights of `dir` as its index file `index` (content `text`) lists them: every shard
+    /// a regular file inside `dir`.
+    pub fn from_index(dir: &Path, index: &Path, text: &str) -> Result<Self> {
+        let idx: Index = parse_json(text, index)?;
+        let mut map = BTreeMap::new();
+        for (tensor, file) in idx.weight_map {
+            map.insert(tensor, shard_path(dir, index, &file)?);
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             map,
@@ -271,9 +288,15 @@ impl BertConfig {
     /// Read and check `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let file = dir.join("config.json");
-        let cfg: BertConfig = read_json(&file)?;
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parse and check a `config.json`'s content `text` (`file` names it in errors).
+    pub fn parse(text: &str, file: &Path) -> Result<Self> {
+        let cfg: BertConfig = parse_json(text, file)?;
         let err = |msg: String| Error::Checkpoint {
-            file: file.clone(),
+            file: file.to_path_buf(),
             msg,
         };
         check_encoder(
@@ -287,6 +310,16 @@ impl BertConfig {
                 cfg.intermediate_size,
             ],
         )
+        .map_err(err)?;
+        check_sizes(&[
+            (cfg.vocab_size, "vocab_size", 1 << 22),
+            (
+                cfg.max_position_embeddings,
+                "max_position_embeddings",
+                1 << 20,
+            ),
+            (cfg.type_vocab_size, "type_vocab_size", 1 << 10),
+        ])
         .map_err(err)?;
         Ok(cfg)
     }

@@ -141,6 +141,11 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
 }
 
+/// Decoding an unauthenticated hello may claim (allocate) at most this much.
+fn hello_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_HELLO_BYTES>()
+}
+
 /// Encode a message as a payload (version + body), without the length prefix.
 pub fn encode(msg: &Message) -> Result<Vec<u8>> {
     let mut out = PROTOCOL_VERSION.to_le_bytes().to_vec();
@@ -158,6 +163,10 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>> {
 
 /// Decode a payload. Wrong version, malformed body and trailing bytes are errors, never panics.
 pub fn decode(payload: &[u8]) -> Result<Message> {
+    decode_with(payload, bincode_config())
+}
+
+fn decode_with(payload: &[u8], config: impl bincode::config::Config) -> Result<Message> {
     if payload.len() < 2 {
         return Err(Error::Protocol(format!(
             "message of {} bytes is too short for its version",
@@ -170,9 +179,8 @@ pub fn decode(payload: &[u8]) -> Result<Message> {
             "peer speaks protocol version {version}, this fsmerge speaks {PROTOCOL_VERSION}"
         )));
     }
-    let (msg, used): (Message, usize) =
-        bincode::serde::decode_from_slice(&payload[2..], bincode_config())
-            .map_err(|e| Error::Protocol(format!("malformed message: {e}")))?;
+    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(&payload[2..], config)
+        .map_err(|e| Error::Protocol(format!("malformed message: {e}")))?;
     if used != payload.len() - 2 {
         return Err(Error::Protocol(format!(
             "{} trailing bytes after a message",
@@ -193,6 +201,24 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> Re
 
 /// Read one length-prefixed frame of at most `max` bytes; `Ok(None)` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>> {
+    read_frame_with(r, max, 1 << 20).await
+}
+
+/// `read_frame` of a frame whose size the reader chose (a data-plane transfer of `len`
+/// bytes): its buffer is allocated at once.
+pub async fn read_expected_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> Result<Option<Vec<u8>>> {
+    read_frame_with(r, len, len).await
+}
+
+/// `read_frame`, allocating at most `prealloc` bytes before the data arrives.
+async fn read_frame_with<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    prealloc: usize,
+) -> Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -212,10 +238,19 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
             "frame of {len} bytes exceeds the limit of {max}"
         )));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)
+    // The buffer grows with the data that arrives: a length claimed by a peer that then sends
+    // nothing costs no memory.
+    let mut buf = Vec::with_capacity(len.min(prealloc));
+    let got = r
+        .take(len as u64)
+        .read_to_end(&mut buf)
         .await
-        .map_err(|e| Error::Protocol(format!("stream ended inside a frame of {len} bytes: {e}")))?;
+        .map_err(|e| Error::Protocol(format!("reading a frame of {len} bytes: {e}")))?;
+    if got != len {
+        return Err(Error::Protocol(format!(
+            "stream ended inside a frame of {len} bytes (after {got})"
+        )));
+    }
     Ok(Some(buf))
 }
 
@@ -227,7 +262,7 @@ pub const MAX_HELLO_BYTES: usize = 64 << 10;
 pub async fn recv_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> {
     match read_frame(r, MAX_HELLO_BYTES).await? {
         None => Ok(None),
-        Some(payload) => decode(&payload).map(Some),
+        Some(payload) => decode_with(&payload, hello_config()).map(Some),
     }
 }
 

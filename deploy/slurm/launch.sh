@@ -17,7 +17,7 @@ BIN=${FSMERGE_BIN:-target/release/fsmerge}
 
 if [[ -z "${BACKEND:-}" ]]; then
     BACKEND=quic
-    # Slurm sets CUDA_VISIBLE_DEVICES to "" or "NoDevFiles" in jobs without GPUs on some setups.
+    # An empty, "NoDevFiles" (older Slurm) or -1 CUDA_VISIBLE_DEVICES means no GPU.
     gpus_visible=${CUDA_VISIBLE_DEVICES:-}
     if [[ "${SLURM_GPUS_ON_NODE:-0}" != 0 ]] ||
         [[ -n "$gpus_visible" && "$gpus_visible" != NoDevFiles && "$gpus_visible" != -1 ]]; then
@@ -66,11 +66,32 @@ coordinator=$!
 srun --kill-on-bad-exit=1 "$BIN" worker --rendezvous "$OUT.work/rendezvous.json" &
 workers=$!
 
+# Whichever ends first: the coordinator (its status is the job's), or srun. Failed workers are
+# named by the coordinator within its peer timeout (8 s); but one still waiting for workers that
+# never registered would wait for its register timeout (300 s), so it is stopped after 15 s.
 # `wait` returns early when a trapped signal arrives, so the trap runs promptly.
 status=0
-wait "$coordinator" || status=$?
-if [[ $status -ne 0 ]]; then
-    kill "$workers" 2>/dev/null || true
+wait -n || status=$?
+if kill -0 "$coordinator" 2>/dev/null; then
+    if [[ $status -ne 0 ]]; then
+        for _ in $(seq 15); do
+            kill -0 "$coordinator" 2>/dev/null || break
+            sleep 1 & wait $!
+        done
+        if kill -0 "$coordinator" 2>/dev/null; then
+            echo "fsmerge: workers failed (srun exit $status); stopping the coordinator" >&2
+            kill "$coordinator" 2>/dev/null || true
+        fi
+        wait "$coordinator" || true
+        exit "$status"
+    fi
+    wait "$coordinator" || status=$?
+else
+    status=0
+    wait "$coordinator" || status=$?
+    if [[ $status -ne 0 ]]; then
+        kill "$workers" 2>/dev/null || true
+    fi
+    wait "$workers" || true
 fi
-wait "$workers" || true
 exit "$status"

@@ -1,6 +1,8 @@
 //! Helpers for the cross-crate integration tests: run the real `fsmerge` binary on the small
 //! digits job in a temporary directory.
 
+pub mod fuzz;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -4,6 +4,7 @@
 
 use fsmerge_common::checkpoint::read_json;
 use fsmerge_common::metrics::Metrics;
+use fsmerge_common::wire::{self, Hello, Message, NamedTensor};
 use fsmerge_common::workdir::{Manifest, RendezvousFile, WorkDir};
 use fsmerge_tests::{
     digits_config, fsmerge, launch, launch_with_fault, max_rel_diff, stderr, wait_for,
@@ -164,16 +165,7 @@ fn killed_worker_fails_the_job_fast_and_resume_finishes_it() {
 
 /// Send raw bytes on a fresh QUIC connection to the coordinator.
 async fn raw_client(rdv: &RendezvousFile, payload: Vec<u8>) {
-    use fsmerge_common::transport::{self, Timeouts};
-    let t = Timeouts {
-        idle: Duration::from_secs(5),
-        keep_alive: Duration::from_secs(1),
-    };
-    let ep = transport::client().unwrap();
-    let addr = transport::resolve_addr(&rdv.coordinator).unwrap();
-    let conn = transport::connect(&ep, addr, &rdv.fingerprint, t)
-        .await
-        .unwrap();
+    let (ep, conn) = client(rdv, Duration::from_secs(5)).await;
     let (mut tx, mut rx) = conn.open_bi().await.unwrap();
     let _ = tx.write_all(&payload).await;
     let _ = tx.finish();
@@ -181,6 +173,41 @@ async fn raw_client(rdv: &RendezvousFile, payload: Vec<u8>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), rx.read_to_end(1 << 20)).await;
     conn.close(0u32.into(), b"test");
     ep.wait_idle().await;
+}
+
+/// A QUIC connection to the coordinator (kept open by the caller), idle for at most `idle`.
+async fn client(rdv: &RendezvousFile, idle: Duration) -> (quinn::Endpoint, quinn::Connection) {
+    use fsmerge_common::transport::{self, Timeouts};
+    let t = Timeouts {
+        idle,
+        keep_alive: Duration::from_secs(1),
+    };
+    let ep = transport::client().unwrap();
+    let addr = transport::resolve_addr(&rdv.coordinator).unwrap();
+    let conn = transport::connect(&ep, addr, &rdv.fingerprint, t)
+        .await
+        .unwrap();
+    (ep, conn)
+}
+
+/// A message as the wire frames it.
+fn framed(m: &Message) -> Vec<u8> {
+    let payload = wire::encode(m).unwrap();
+    let mut f = (payload.len() as u32).to_le_bytes().to_vec();
+    f.extend(payload);
+    f
+}
+
+/// A process's peak resident set (VmHWM), MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
 }
 
 #[test]
@@ -232,18 +259,44 @@ fn bad_clients_are_refused_and_the_job_still_finishes() {
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("fingerprint"), "{}", stderr(&o));
-    // Garbage, an oversized length, a truncated frame and a wrong version.
+    // Garbage, an oversized length, a truncated frame, a wrong version, a well-formed 10 MB
+    // message before any hello, and a hello whose host forges a log line; one more client
+    // connects and stays silent through the whole job.
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let silent = rt.block_on(client(&rdv, Duration::from_secs(60)));
     let mut wrong_version = vec![20, 0, 0, 0, 99, 0];
     wrong_version.extend([0u8; 18]);
+    let peak_before = peak_rss_mib(coordinator.id());
     for payload in [
         b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         u32::MAX.to_le_bytes().to_vec(),
         vec![100, 0, 0, 0, 1, 0, 7],
         wrong_version,
+        framed(&Message::Folded {
+            stage: 0,
+            tensor: NamedTensor {
+                name: "x".into(),
+                shape: vec![2_500_000],
+                data: vec![1.0; 2_500_000],
+            },
+        }),
+        framed(&Message::Hello(Hello {
+            token: "0".repeat(32),
+            rank: None,
+            world: None,
+            host: "evil\nINFO forged line".into(),
+            pid: 1,
+            data_addr: "127.0.0.1:1".into(),
+            data_fingerprint: "00".into(),
+        })),
     ] {
         rt.block_on(raw_client(&rdv, payload));
     }
+    let growth = peak_rss_mib(coordinator.id()) - peak_before;
+    assert!(
+        growth < 32.0,
+        "a 10 MB unauthenticated message grew the coordinator's peak RSS by {growth:.0} MiB"
+    );
     assert!(
         coordinator.try_wait().unwrap().is_none(),
         "the coordinator died"
@@ -268,6 +321,13 @@ fn bad_clients_are_refused_and_the_job_still_finishes() {
         .collect();
     assert!(status.success(), "{log}\n{worker_logs:#?}");
     assert!(log.contains("refused"), "{log}");
+    assert!(log.contains("exceeds the limit"), "{log}");
+    assert!(log.contains("evil\\nINFO forged line"), "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("INFO forged")),
+        "a peer forged a log line: {log}"
+    );
+    drop(silent);
     for mut w in workers {
         assert!(wait_for(&mut w, Duration::from_secs(30), "worker").success());
     }

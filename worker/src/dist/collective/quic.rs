@@ -61,7 +61,7 @@ impl Link {
     /// Receive one frame of `len` bytes within `deadline`.
     async fn recv(&self, len: usize, deadline: Duration, what: &str) -> Result<Vec<u8>> {
         let mut rx = self.rx.lock().await;
-        let got = tokio::time::timeout(deadline, wire::read_frame(&mut *rx, len))
+        let got = tokio::time::timeout(deadline, wire::read_expected_frame(&mut *rx, len))
             .await
             .map_err(|_| {
                 self.err(format!(
