@@ -109,6 +109,10 @@ pub struct ClusterConfig {
     /// it catches a peer that stalls while its heartbeats flow. PyTorch's NCCL default.
     #[serde(default = "default_collective_timeout")]
     pub collective_timeout_secs: f64,
+    /// Every this many optimiser steps a training phase checkpoints its stage (M/U, Adam state,
+    /// position), so that `--resume` continues mid-phase; 0: only at the end of a phase.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every_steps: u64,
     /// libtorch threads per worker (0 = the job's `threads`).
     #[serde(default)]
     pub worker_threads: usize,
@@ -132,6 +136,9 @@ fn default_register_timeout() -> f64 {
 fn default_collective_timeout() -> f64 {
     600.0
 }
+fn default_checkpoint_every() -> u64 {
+    500
+}
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -145,6 +152,7 @@ impl Default for ClusterConfig {
             peer_timeout_secs: default_peer_timeout(),
             register_timeout_secs: default_register_timeout(),
             collective_timeout_secs: default_collective_timeout(),
+            checkpoint_every_steps: default_checkpoint_every(),
             worker_threads: 0,
         }
     }
@@ -1030,6 +1038,11 @@ impl JobConfig {
             0.02,
             86400.0,
             "cluster.peer_timeout_secs",
+        )?;
+        at_most(
+            usize::try_from(c.checkpoint_every_steps).unwrap_or(usize::MAX),
+            1_000_000_000,
+            "cluster.checkpoint_every_steps",
         )?;
         seconds_in(
             c.collective_timeout_secs,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest control message accepted. Folded tensors travel one per message, so this bounds a
 /// single tensor (64 M floats), not a model.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -61,6 +61,9 @@ pub struct Assignment {
     /// Phases (`local`, `global`) already checkpointed for this worker's stage: restored, not
     /// retrained.
     pub done_phases: Vec<String>,
+    /// Phases that continue from a mid-phase checkpoint, with the step (the same for every
+    /// stage of the phase).
+    pub resume_steps: Vec<(String, u64)>,
     /// Teacher features of every stage are cached in the work directory.
     pub features_cached: bool,
     /// `quic` or `nccl`.
@@ -367,7 +370,10 @@ mod tests {
         let mut p = encode(&Message::Shutdown).unwrap();
         p[0] = 9;
         let e = decode(&p).unwrap_err().to_string();
-        assert!(e.contains("version 9") && e.contains("speaks 1"), "{e}");
+        assert!(
+            e.contains("version 9") && e.contains(&format!("speaks {PROTOCOL_VERSION}")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -56,6 +56,24 @@ impl Manifest {
     }
 }
 
+/// The mid-phase checkpoints of one (stage, phase), newest last (at most two are kept, so
+/// that stages interrupted between two checkpoints still share one step to resume from).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialRecord {
+    /// The training loop's label: a checkpoint of another loop is not restored.
+    pub label: String,
+    pub steps: Vec<PartialStep>,
+}
+
+/// One mid-phase checkpoint: optimiser steps done, each run's Adam step count and log so far;
+/// the tensors (parameters, Adam moments) are in `WorkDir::partial_tensors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialStep {
+    pub step: u64,
+    pub adam_steps: Vec<i32>,
+    pub logs: Vec<Vec<LogRow>>,
+}
+
 /// Log and timing of a finished phase, stored beside its checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseRecord {
@@ -96,6 +114,29 @@ impl WorkDir {
             dir.join(format!("stage{stage}-{phase}.safetensors")),
             dir.join(format!("stage{stage}-{phase}.json")),
         )
+    }
+
+    /// The record of the mid-phase checkpoints of (stage, phase).
+    pub fn partial(&self, stage: usize, phase: &str) -> PathBuf {
+        self.root
+            .join("checkpoints")
+            .join(format!("stage{stage}-{phase}.partial.json"))
+    }
+
+    /// The tensors of the mid-phase checkpoint of (stage, phase) after `step` steps.
+    pub fn partial_tensors(&self, stage: usize, phase: &str, step: u64) -> PathBuf {
+        self.root
+            .join("checkpoints")
+            .join(format!("stage{stage}-{phase}.step{step}.safetensors"))
+    }
+
+    /// The mid-phase checkpoints of (stage, phase), if any.
+    pub fn read_partial(&self, stage: usize, phase: &str) -> Result<Option<PartialRecord>> {
+        let p = self.partial(stage, phase);
+        if !p.exists() {
+            return Ok(None);
+        }
+        crate::checkpoint::read_json(&p).map(Some)
     }
 
     pub fn read_manifest(&self) -> Result<Option<Manifest>> {

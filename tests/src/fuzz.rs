@@ -356,6 +356,7 @@ fn sample_messages() -> Vec<wire::Message> {
             work_dir: "/w".into(),
             peers: vec![peer],
             done_phases: vec!["local".into()],
+            resume_steps: vec![("global".into(), 500)],
             features_cached: true,
             backend: "quic".into(),
             threads: 4,

@@ -74,6 +74,40 @@ pub fn done_phases(manifest: &Manifest, stage: usize, stages: usize) -> Vec<Stri
     v
 }
 
+/// The step each unfinished phase continues from: the latest mid-phase checkpoint that every
+/// stage retraining the phase holds (stages are coupled within a phase, so they must all
+/// restart at one step); phases without one are absent and start over.
+pub fn resume_steps(
+    work: &WorkDir,
+    manifest: &Manifest,
+    stages: usize,
+) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for phase in ["local", "global"] {
+        let retrain: Vec<usize> = (0..stages)
+            .filter(|&s| !done_phases(manifest, s, stages).iter().any(|p| p == phase))
+            .collect();
+        let mut common: Option<Vec<u64>> = None;
+        for &s in &retrain {
+            let steps: Vec<u64> = work
+                .read_partial(s, phase)?
+                .map(|r| r.steps.iter().map(|p| p.step).collect())
+                .unwrap_or_default();
+            common = Some(match common {
+                None => steps,
+                Some(c) => c.into_iter().filter(|x| steps.contains(x)).collect(),
+            });
+        }
+        if let Some(&step) = common.unwrap_or_default().iter().max() {
+            tracing::info!(
+                "resume: phase `{phase}` continues from its checkpoint at step {step} on stage(s) {retrain:?}"
+            );
+            out.push((phase.to_string(), step));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! rank), hand out the stages, then the event loop until the last folded tensor — heartbeats,
 //! finished phases (recorded in the manifest), relayed NCCL ids, failures.
 
-use crate::cluster::resume::done_phases;
+use crate::cluster::resume::{done_phases, resume_steps};
 use crate::job::Job;
 use anyhow::{anyhow, bail, Context, Result};
 use fsmerge_common::checkpoint::HostTensor;
@@ -163,6 +163,7 @@ struct Common {
     job_json: String,
     plan_json: String,
     threads: usize,
+    resume_steps: Vec<(String, u64)>,
 }
 
 /// The event loop's state from assignment to the last folded tensor, so each event's handling
@@ -573,6 +574,7 @@ impl Session<'_> {
             } else {
                 cfg.threads
             },
+            resume_steps: resume_steps(self.work, self.manifest, self.plan.stages.len())?,
         };
         for (&rank, (w, _)) in joined {
             let a = self.assignment(rank, &common)?;
@@ -597,6 +599,7 @@ impl Session<'_> {
             work_dir: absolute(&self.work.root)?.display().to_string(),
             peers: common.peers.clone(),
             done_phases: done_phases(self.manifest, stage, self.plan.stages.len()),
+            resume_steps: common.resume_steps.clone(),
             features_cached: self.manifest.features,
             backend: format!("{:?}", self.job.cfg.cluster.backend).to_lowercase(),
             threads: common.threads as u32,

@@ -18,6 +18,7 @@ use crate::dist::stage::{StageData, WorkerStage};
 use crate::dist::{feature_cache, pipeline};
 use crate::family::{family, StageSpec};
 use crate::train::progress::{LogRow, Progress};
+use crate::train::resume;
 use crate::train::settings::TrainSettings;
 use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::checkpoint::{read_json, read_tensors, write_json, write_tensors};
@@ -773,7 +774,19 @@ impl Ctx<'_> {
             (record, true)
         } else {
             let clock = Instant::now();
-            let log = train()?;
+            let scope = resume::Scope {
+                work: work.clone(),
+                stage: a.stage as usize,
+                phase: phase.to_string(),
+                every: self.job.cluster.checkpoint_every_steps,
+                writer: a.replica == 0,
+                from_step: a
+                    .resume_steps
+                    .iter()
+                    .find(|(p, _)| p == phase)
+                    .map_or(0, |&(_, step)| step),
+            };
+            let log = resume::scoped(scope, train)?;
             let record = PhaseRecord {
                 stage: a.stage as usize,
                 phase: phase.to_string(),
@@ -787,6 +800,7 @@ impl Ctx<'_> {
                 }
                 write_json(&js, &record)?;
                 write_tensors(&st, &tensors)?;
+                resume::discard(work, a.stage as usize, phase)?;
             }
             (record, false)
         };

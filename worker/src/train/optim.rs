@@ -3,10 +3,13 @@
 //! the one training loop (`Run`) that the originals, the M/U matrices and KD all go through.
 
 use crate::core::eval::accuracy;
+use crate::core::tensor::assign;
 use crate::train::progress::{LogRow, Progress};
+use crate::train::resume;
 use fsmerge_common::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use std::collections::BTreeMap;
 use tch::Tensor;
 
 /// Learning rate (and Adam β1) as a function of the step.
@@ -90,6 +93,37 @@ impl AdamW {
             step: 0,
             weight_decay,
         }
+    }
+
+    /// Everything a mid-phase checkpoint keeps of the optimiser: the parameters, both moments
+    /// (named `param{i}`, `m{i}`, `v{i}`) and the step count.
+    pub fn state(&self) -> (Vec<(String, &Tensor)>, i32) {
+        let mut named = Vec::with_capacity(3 * self.params.len());
+        for (what, ts) in [("param", &self.params), ("m", &self.m), ("v", &self.v)] {
+            named.extend(
+                ts.iter()
+                    .enumerate()
+                    .map(|(i, t)| (format!("{what}{i}"), t)),
+            );
+        }
+        (named, self.step)
+    }
+
+    /// Continue from a `state` (tensors by the same names, each of its tensor's shape).
+    pub fn restore(&mut self, tensors: &BTreeMap<String, Tensor>, step: i32) -> Result<()> {
+        for (what, ts) in [("param", &self.params), ("m", &self.m), ("v", &self.v)] {
+            let values = (0..ts.len())
+                .map(|i| {
+                    tensors
+                        .get(&format!("{what}{i}"))
+                        .map(|t| t.to_device(ts[i].device()))
+                        .ok_or_else(|| Error::Compute(format!("no `{what}{i}` in the checkpoint")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            assign(ts, &values)?;
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Backpropagate `loss` into the parameters and apply one update.
@@ -300,8 +334,10 @@ pub fn lockstep(
         .map(|(r, p)| AdamW::new(p, r.weight_decay))
         .collect();
     let mut logs: Vec<Vec<LogRow>> = runs.iter().map(|_| Vec::with_capacity(total)).collect();
+    // Inside a phase that `--resume` continues, from its mid-phase checkpoint.
+    let start = resume::restore(label, total as u64, &mut opts, &mut logs)? as usize;
     progress.start(label, total as u64);
-    for step in 0..total {
+    for step in start..total {
         let round: Vec<&[i64]> = batches.iter().map(|b| b[step].as_slice()).collect();
         let results = step_of(&round)?;
         for (((run, opt), log), (value, grads)) in
@@ -324,6 +360,7 @@ pub fn lockstep(
                 lr,
             });
         }
+        resume::save_if_due(label, step as u64 + 1, total as u64, &opts, &logs)?;
         let last = logs.first().and_then(|l| l.last());
         progress.step(
             label,
