@@ -9,7 +9,8 @@ bash deploy/setup.sh
 source deploy/env.sh
 log=$(mktemp)
 set +e
-cargo test --release --workspace 2>&1 | tee "$log"
+# --no-fail-fast: every test binary runs, so the count covers them all.
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # After the cargo tests, which it needs built; its failure fails this script too.
 bash scripts/slurm-test.sh 2>&1 | tee -a "$log"

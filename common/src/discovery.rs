@@ -128,11 +128,57 @@ pub fn expand_hostlist(list: &str) -> Result<Vec<String>> {
     expand(list).map_err(err)
 }
 
+/// The most hosts a node list may name (the largest Slurm clusters have ~10,000 nodes); a list
+/// naming more is refused before it is expanded, so a range like `n[0-99999999999]` cannot
+/// exhaust memory.
+const MAX_HOSTS: u64 = 1 << 20;
+
 fn expand(list: &str) -> std::result::Result<Vec<String>, String> {
+    let count = host_count(list);
+    if count.is_none_or(|n| n > MAX_HOSTS) {
+        let n = count.map_or("too many".to_string(), |n| n.to_string());
+        return Err(format!(
+            "bad node list {list:?}: it names {n} hosts (at most {MAX_HOSTS})"
+        ));
+    }
     hostlist_parser::parse(&split_padded_ranges(list)).map_err(|e| {
         let msg = e.to_string().trim().replace('\n', "; ");
         format!("bad node list {list:?}: {msg}")
     })
+}
+
+/// How many hosts `list` names (None: more than u64 holds). Malformed parts count as one host:
+/// the parser names them afterwards.
+fn host_count(list: &str) -> Option<u64> {
+    let (mut total, mut item, mut inner, mut depth) = (0u64, 1u64, String::new(), 0usize);
+    for c in list.chars().chain([',']) {
+        match c {
+            '[' => {
+                depth += 1;
+                inner.clear();
+            }
+            ']' if depth > 0 => {
+                depth -= 1;
+                let size = inner.split(',').try_fold(0u64, |acc, r| {
+                    let bounds = r.split_once('-').and_then(|(a, b)| {
+                        Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?))
+                    });
+                    let n = bounds.map_or(1, |(lo, hi)| {
+                        hi.checked_sub(lo).map_or(1, |d| d.saturating_add(1))
+                    });
+                    acc.checked_add(n)
+                })?;
+                item = item.checked_mul(size.max(1))?;
+            }
+            ',' if depth == 0 => {
+                total = total.checked_add(item)?;
+                item = 1;
+            }
+            c if depth > 0 => inner.push(c),
+            _ => {}
+        }
+    }
+    Some(total)
 }
 
 /// hostlist-parser 0.1 expands `[098-102]` to `98..102`; Slurm keeps the lower bound's width.
@@ -391,6 +437,16 @@ mod tests {
         assert_eq!(ex("n[8-10]"), ["n8", "n9", "n10"]);
         assert_eq!(ex("n[098-100,7]"), ["n098", "n099", "n100", "n7"]);
         assert_eq!(ex("r[1-2]n[0-1]"), ["r1n0", "r1n1", "r2n0", "r2n1"]);
+        assert_eq!(host_count("gpu[01-04,07],login1"), Some(6));
+        assert_eq!(host_count("r[1-2]n[0-1]"), Some(4));
+        for huge in [
+            "n[0-99999999999]",
+            "a[0-99999]b[0-99999]",
+            "n[0-18446744073709551615]",
+        ] {
+            let msg = expand_hostlist(huge).expect_err(huge).to_string();
+            assert!(msg.contains("hosts (at most 1048576)"), "{msg}");
+        }
         for bad in ["gpu[01-04", "", "a,,b", "x[a]", "gpu]"] {
             let msg = expand_hostlist(bad).expect_err(bad).to_string();
             assert!(

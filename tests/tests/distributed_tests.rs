@@ -285,18 +285,22 @@ fn peak_rss_mib(pid: u32) -> f64 {
     kb / 1024.0
 }
 
-#[test]
-fn bad_clients_are_refused_and_the_job_still_finishes() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    // Originals first, so the coordinator starts listening at once.
+/// A coordinator of the digits job (local mode, `stages` stages) waiting for its workers, its
+/// log in `<dir>/coordinator.log`; the originals are trained first, so it listens at once.
+fn listening_coordinator(
+    dir: &Path,
+    stages: usize,
+) -> (std::process::Child, WorkDir, RendezvousFile) {
     single_process(dir, "warmup", &["merge.mode=\"local\""]);
     let work = WorkDir::new(dir.join("job.work"));
-    let mut coordinator = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+    let coordinator = std::process::Command::new(fsmerge_tests::fsmerge_bin())
         .args(["coordinator", &digits_config(), "--out"])
         .arg(dir.join("job"))
         .args(["--listen", "127.0.0.1:0"])
-        .args(sets(dir, &["merge.mode=\"local\"", "cluster.stages=2"]))
+        .args(sets(
+            dir,
+            &["merge.mode=\"local\"", &format!("cluster.stages={stages}")],
+        ))
         .current_dir(fsmerge_tests::root())
         .env("RUST_LOG", "info")
         .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
@@ -309,6 +313,14 @@ fn bad_clients_are_refused_and_the_job_still_finishes() {
     }
     std::thread::sleep(Duration::from_millis(100));
     let rdv = WorkDir::read_rendezvous(&work.rendezvous()).unwrap();
+    (coordinator, work, rdv)
+}
+
+#[test]
+fn bad_clients_are_refused_and_the_job_still_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (mut coordinator, work, rdv) = listening_coordinator(dir, 2);
 
     // A worker with a wrong token is refused and says so.
     let o = fsmerge(&[
@@ -406,6 +418,58 @@ fn bad_clients_are_refused_and_the_job_still_finishes() {
     for mut w in workers {
         assert!(wait_for(&mut w, Duration::from_secs(30), "worker").success());
     }
+}
+
+/// A client holding the job token registers as the only worker and sends a folded tensor
+/// whose shape disagrees with its data: the coordinator fails the job naming the stage and
+/// tensor, exits non-zero and writes no output.
+#[test]
+fn an_authenticated_worker_sending_a_misshaped_tensor_fails_the_job_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (mut coordinator, work, rdv) = listening_coordinator(dir, 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_ep, _conn) = rt.block_on(async {
+        let (ep, conn) = client(&rdv, Duration::from_secs(30)).await;
+        let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+        let hello = Message::Hello(Hello {
+            token: rdv.token.clone(),
+            rank: None,
+            world: None,
+            host: "impostor".into(),
+            pid: 1,
+            data_addr: "127.0.0.1:1".into(),
+            data_fingerprint: "00".into(),
+        });
+        wire::send(&mut tx, &hello).await.unwrap();
+        let first = wire::recv(&mut rx).await.unwrap().unwrap();
+        assert_eq!(first.kind(), "assign");
+        let bad = Message::Folded {
+            stage: 0,
+            tensor: NamedTensor {
+                name: "classifier.weight".into(),
+                shape: vec![2, 2],
+                data: vec![1.0; 3],
+            },
+        };
+        wire::send(&mut tx, &bad).await.unwrap();
+        (ep, conn)
+    });
+    let status = wait_for(&mut coordinator, Duration::from_secs(60), "coordinator");
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("stage 0 sent tensor `classifier.weight` of shape [2, 2] with 3 values"),
+        "{log}"
+    );
+    assert!(!dir.join("job").exists(), "a failed job wrote its output");
+    assert!(!work.rendezvous().exists(), "rendezvous file left");
+    let staging: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".job"))
+        .collect();
+    assert!(staging.is_empty(), "staging left: {staging:?}");
 }
 
 #[test]

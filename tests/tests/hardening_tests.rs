@@ -159,6 +159,8 @@ fn counts_durations_and_names_out_of_range_name_the_field() {
             "cluster.register_timeout_secs",
         ),
         ("threads=100000", "threads"),
+        ("model.vit.width=0", "model.vit.width"),
+        ("model.vit.mlp_dim=0", "model.vit.mlp_dim"),
     ] {
         let e = vit_merge_fails(dir.path(), &models, &["--set", set]);
         assert!(e.contains(field), "{set}: {e}");
@@ -210,6 +212,42 @@ fn worker_wait_out_of_range_is_an_error() {
         let e = stderr(&o);
         assert!(e.contains("--wait"), "{wait}: {e}");
     }
+}
+
+#[test]
+fn a_zero_width_mlp_layer_is_refused_by_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    let o = fsmerge(&[
+        "train",
+        &digits_config(),
+        "--set",
+        &format!("train.models_dir=\"{}\"", models.display()),
+        "--set",
+        "model.hidden=[64, 0]",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("model.hidden"), "{e}");
+    assert!(!models.exists(), "train wrote {}", models.display());
+}
+
+#[test]
+fn a_huge_slurm_node_list_is_refused_not_expanded() {
+    let o = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+        .args(["worker", "--wait=1"])
+        .current_dir(root())
+        .env("SLURM_JOB_NODELIST", "gpu[0-99999999999]")
+        .env("SLURM_NTASKS", "2")
+        .env("SLURM_PROCID", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("SLURM_JOB_NODELIST") && e.contains("hosts (at most"),
+        "{e}"
+    );
 }
 
 #[test]

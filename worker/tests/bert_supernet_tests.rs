@@ -10,6 +10,14 @@ use fsmerge_worker::families::bert::supernet::BertSuperNet;
 use fsmerge_worker::train::optim::gradients;
 use tch::{Kind, Tensor};
 
+/// libtorch's generator is global: tests of this binary run one at a time so that one test's
+/// draws cannot land between another's seed and its draws (`parts_compose_to_the_whole_supernet`
+/// compares two seeded draws for exact equality).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn models(n: usize) -> Vec<Bert> {
     let cfg: BertConfig = serde_json::from_value(serde_json::json!({
         "model_type": "bert", "hidden_size": 16, "num_hidden_layers": 2,
@@ -53,6 +61,7 @@ fn randomise(sn: &BertSuperNet) {
 
 #[test]
 fn first_init_reproduces_model_one() {
+    let _serial = serial();
     let ms = models(3);
     let refs: Vec<&Bert> = ms.iter().collect();
     let (ids, mask) = batch();
@@ -72,6 +81,7 @@ fn first_init_reproduces_model_one() {
 
 #[test]
 fn folding_is_exact_and_forms_agree() {
+    let _serial = serial();
     let ms = models(2);
     let refs: Vec<&Bert> = ms.iter().collect();
     let (ids, mask) = batch();
@@ -124,6 +134,7 @@ fn folding_is_exact_and_forms_agree() {
 /// the parts chained give the whole SuperNet's output and fold.
 #[test]
 fn parts_compose_to_the_whole_supernet() {
+    let _serial = serial();
     use fsmerge_worker::families::bert::model::BertPart;
     use std::collections::BTreeMap;
     let ms = models(2);
