@@ -1153,7 +1153,15 @@ fn seconds_in(v: f64, min: f64, max: f64, field: &str) -> Result<()> {
     if !(min..=max).contains(&v) {
         return Err(Error::field(
             field,
-            format!("must be between {min} and {max} seconds, got {v}"),
+            // `{:e}` above a million, so that 1e300 is not printed as 301 digits.
+            format!(
+                "must be between {min} and {max} seconds, got {}",
+                if v.abs() >= 1e6 {
+                    format!("{v:e}")
+                } else {
+                    v.to_string()
+                }
+            ),
         ));
     }
     Ok(())
