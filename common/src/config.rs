@@ -1,6 +1,7 @@
 //! The job config (TOML). Unknown keys are errors; `JobConfig::load` validates every value that
 //! can be checked without data and names the offending field.
 
+use crate::models::{ModelEntry, ModelFacts, ModelsInput};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,14 @@ pub struct JobConfig {
     /// Intra-op threads of libtorch; 0 = all cores. Results are deterministic for a fixed value.
     #[serde(default)]
     pub threads: usize,
+    /// The originals and their data listed directly (`[[models]]`); the job's tasks, model
+    /// shape and input come from them. Empty: the built-in datasets, `[[tasks]]` and
+    /// `train.models_dir`.
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    #[serde(default)]
     pub data: DataConfig,
+    #[serde(default)]
     pub tasks: Vec<TaskConfig>,
     #[serde(default)]
     pub model: ModelConfig,
@@ -172,25 +180,39 @@ pub enum Dataset {
     Digits,
     /// Text: SpamAssassin mails (0 ham, 1 spam) and English first names (2 female, 3 male).
     SpamNames,
+    /// Each `[[models]]` entry's own data (the default; a job without `[[models]]` names a
+    /// built-in dataset).
+    Models,
 }
 
-impl Dataset {
-    pub fn num_classes(self) -> usize {
-        match self {
+impl DataConfig {
+    /// Classes of the data (of all tasks together for `[[models]]`).
+    pub fn num_classes(&self) -> usize {
+        match self.dataset {
             Dataset::SpamNames => 4,
+            Dataset::Models => self.models_input.map_or(0, |m| m.classes),
             _ => 10,
         }
     }
-    /// Side of the (square, grey) images; 0 for text.
-    pub fn image_side(self) -> usize {
-        match self {
+    /// Side of the (square) images; 0 for text.
+    pub fn image_side(&self) -> usize {
+        match self.dataset {
             Dataset::FashionMnist => 28,
             Dataset::Digits => 8,
             Dataset::SpamNames => 0,
+            Dataset::Models => self.models_input.map_or(0, |m| m.image_side),
         }
     }
-    pub fn is_text(self) -> bool {
-        self == Dataset::SpamNames
+    /// Channels of the images (the built-in datasets are grey); 0 for text.
+    pub fn channels(&self) -> usize {
+        match self.dataset {
+            Dataset::Models => self.models_input.map_or(0, |m| m.channels),
+            Dataset::SpamNames => 0,
+            _ => 1,
+        }
+    }
+    pub fn is_text(&self) -> bool {
+        self.image_side() == 0
     }
 }
 
@@ -214,6 +236,24 @@ pub struct DataConfig {
     /// Text: the WordPiece vocabulary (`vocab.txt`, BERT uncased).
     #[serde(default = "default_vocab")]
     pub vocab: PathBuf,
+    /// `[[models]]` jobs: the input, from the models' `config.json` (filled when the config
+    /// is loaded, never written by hand).
+    #[serde(default)]
+    pub models_input: Option<ModelsInput>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: Dataset::Models,
+            path: None,
+            val_fraction: default_val_fraction(),
+            test_fraction: default_test_fraction(),
+            max_tokens: default_max_tokens(),
+            vocab: default_vocab(),
+            models_input: None,
+        }
+    }
 }
 
 fn default_max_tokens() -> usize {
@@ -747,6 +787,15 @@ impl JobConfig {
         let mut cfg: JobConfig = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| err(e.to_string()))?;
+        if cfg.data.models_input.is_some() {
+            return Err(err(
+                "`data.models_input` is filled from `[[models]]`, not by hand".into(),
+            ));
+        }
+        cfg.resolve_models().map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
         if cfg.name.is_empty() {
             cfg.name = path
                 .file_stem()
@@ -763,7 +812,7 @@ impl JobConfig {
 
     /// Text data and BERTs go together; what does not apply to text is refused.
     fn check_text(&self) -> Result<()> {
-        let text = self.data.dataset.is_text();
+        let text = self.data.is_text();
         if text != (self.model.arch == Arch::Bert) {
             return Err(Error::field(
                 "model.arch",
@@ -796,6 +845,7 @@ impl JobConfig {
     /// Check every value that can be checked without data.
     pub fn validate(&self) -> Result<()> {
         self.check_name()?;
+        self.check_models()?;
         self.check_tasks()?;
         self.check_data()?;
         self.check_hidden()?;
@@ -809,6 +859,134 @@ impl JobConfig {
         self.check_augment()?;
         self.check_baselines()?;
         positive(self.output.max_shard_mb, "output.max_shard_mb")
+    }
+
+    /// A `[[models]]` job takes its tasks and data from its models; a built-in one names its
+    /// dataset.
+    fn check_models(&self) -> Result<()> {
+        let listed = !self.models.is_empty();
+        if listed != (self.data.dataset == Dataset::Models) {
+            return Err(Error::field(
+                "data.dataset",
+                if listed {
+                    "a job with `[[models]]` reads each model's own data; remove `data.dataset`"
+                } else {
+                    "missing: name a built-in dataset, or list the models with `[[models]]`"
+                },
+            ));
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            m.merge_data.check(&format!("models[{i}].merge_data"))?;
+            if let Some(e) = &m.eval_data {
+                e.check(&format!("models[{i}].eval_data"))?;
+            }
+        }
+        if listed && self.merge.n_augmented > 0 {
+            return Err(Error::field(
+                "merge.n_augmented",
+                "augmentation applies to the built-in grey images only; set it to 0 with `[[models]]`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fill a `[[models]]` job's tasks, architecture, model shape and input from the models'
+    /// `config.json`; nothing to do without `[[models]]`.
+    fn resolve_models(&mut self) -> Result<()> {
+        if self.models.is_empty() {
+            return Ok(());
+        }
+        if !self.tasks.is_empty() {
+            return Err(Error::field(
+                "tasks",
+                "a job with `[[models]]` has one task per model; remove `[[tasks]]`",
+            ));
+        }
+        let mut classes = 0;
+        let mut first: Option<(ModelFacts, PathBuf)> = None;
+        for (i, m) in self.models.iter().enumerate() {
+            let facts = ModelFacts::read(&m.path)?;
+            let k = facts.labels.len();
+            self.tasks.push(TaskConfig {
+                name: m.task_name(),
+                classes: (classes..classes + k).collect(),
+            });
+            classes += k;
+            match &first {
+                None => first = Some((facts, m.path.clone())),
+                Some((f, p)) if f.model_type != facts.model_type => {
+                    return Err(Error::field(
+                        format!("models[{i}].path"),
+                        format!(
+                            "{} is a `{}` model, {} a `{}` one: a job merges one architecture",
+                            m.path.display(),
+                            facts.model_type,
+                            p.display(),
+                            f.model_type
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let Some((facts, path)) = first else {
+            return Ok(());
+        };
+        let c = &facts.config;
+        let size = |key: &str| c[key].as_u64().map(|v| v as usize).unwrap_or(0);
+        let (image_side, channels) = match facts.model_type.as_str() {
+            "vit" => {
+                self.model.arch = Arch::Vit;
+                self.model.vit = VitShape {
+                    patch_size: size("patch_size"),
+                    width: size("hidden_size"),
+                    layers: size("num_hidden_layers"),
+                    heads: size("num_attention_heads"),
+                    mlp_dim: size("intermediate_size"),
+                };
+                (size("image_size"), size("num_channels"))
+            }
+            "bert" => {
+                self.model.arch = Arch::Bert;
+                self.model.bert = BertShape {
+                    width: size("hidden_size"),
+                    layers: size("num_hidden_layers"),
+                    heads: size("num_attention_heads"),
+                    mlp_dim: size("intermediate_size"),
+                };
+                (0, 0)
+            }
+            other => {
+                return Err(Error::field(
+                    "models[0].path",
+                    format!(
+                        "{}: model_type `{other}` is not supported (vit, bert)",
+                        path.display()
+                    ),
+                ))
+            }
+        };
+        self.data.models_input = Some(ModelsInput {
+            image_side,
+            channels,
+            classes,
+        });
+        Ok(())
+    }
+
+    /// The folder of task `t`'s original: its `[[models]]` path, else `<models_dir>/<task>`.
+    pub fn original_dir(&self, models_dir: &Path, t: usize) -> PathBuf {
+        match self.models.get(t) {
+            Some(m) => m.path.clone(),
+            None => models_dir.join(&self.tasks[t].name),
+        }
+    }
+
+    /// Every task's original folder, in task order.
+    pub fn original_dirs(&self, models_dir: &Path) -> Vec<PathBuf> {
+        (0..self.tasks.len())
+            .map(|t| self.original_dir(models_dir, t))
+            .collect()
     }
 
     /// The job name becomes a directory, so it must be a plain, visible one.
@@ -833,7 +1011,7 @@ impl JobConfig {
                 format!("merging needs at least 2 tasks, got {}", self.tasks.len()),
             ));
         }
-        let classes = self.data.dataset.num_classes();
+        let classes = self.data.num_classes();
         for (i, t) in self.tasks.iter().enumerate() {
             if !file_name_ok(&t.name) {
                 return Err(Error::field(
@@ -936,7 +1114,7 @@ impl JobConfig {
     fn model_width(&self) -> Result<usize> {
         Ok(match self.model.arch {
             Arch::Mlp => *self.model.hidden.iter().min().unwrap_or(&0),
-            Arch::Vit => self.model.vit.check(self.data.dataset.image_side())?,
+            Arch::Vit => self.model.vit.check(self.data.image_side())?,
             Arch::Bert => self.model.bert.check()?,
         })
     }

@@ -5,12 +5,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data_source;
 pub mod discovery;
 pub mod error;
 pub mod fsio;
 pub mod hf;
 pub mod hf_writer;
 pub mod metrics;
+pub mod models;
 pub mod plan;
 pub mod transport;
 pub mod wire;

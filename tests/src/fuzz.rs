@@ -555,7 +555,7 @@ impl HfConfig {
         let config = crate::root().join("configs/digits-vit.toml");
         let job = JobConfig::load(&config).map_err(|e| e.to_string())?;
         let models = scratch.join("models");
-        let side = job.data.dataset.image_side();
+        let side = job.data.image_side();
         let cfg = VitConfig::for_images(&job.model.vit, side);
         for task in &job.tasks {
             let labels: Vec<String> = task.classes.iter().map(|c| c.to_string()).collect();

@@ -11,6 +11,7 @@ use fsmerge_tests::{fsmerge, launch_config, max_rel_diff, python_fixture, root, 
 use fsmerge_worker::core::eval::{evaluate, EvalSet};
 use fsmerge_worker::core::tensor::to_host;
 use fsmerge_worker::data;
+use fsmerge_worker::data::preprocess::text::TextProcessor;
 use fsmerge_worker::data::text;
 use fsmerge_worker::data::wordpiece::WordPiece;
 use fsmerge_worker::families::bert::merge::tokens;
@@ -47,14 +48,25 @@ fn wordpiece_matches_transformers_on_the_corpus() {
     );
     let want: Vec<Vec<u32>> = serde_json::from_str(&out).unwrap();
     assert_eq!(want.len(), texts.len());
+    // The model's own tokenizer.json through the `tokenizers` crate, as user models are read.
+    let fast = TextProcessor::load(&model, MAX_TOKENS).unwrap();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let tokens = fast.encode(&refs).unwrap();
     let mut differ = 0;
-    for (text, ids) in texts.iter().zip(&want) {
+    for (i, (text, ids)) in texts.iter().zip(&want).enumerate() {
         let got = vocab.encode(text, MAX_TOKENS);
-        if &got != ids {
+        let row = &tokens.ids[i * MAX_TOKENS..(i + 1) * MAX_TOKENS];
+        let want_mask: Vec<i64> = ids.iter().map(|&id| i64::from(id != 0)).collect();
+        let mask = &tokens.attention_mask[i * MAX_TOKENS..(i + 1) * MAX_TOKENS];
+        let wide: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+        if &got != ids || row != wide.as_slice() || mask != want_mask.as_slice() {
             differ += 1;
-            eprintln!("{text:?}\n  fsmerge      {got:?}\n  transformers {ids:?}");
+            eprintln!(
+                "{text:?}\n  fsmerge      {got:?}\n  tokenizers   {row:?}\n  transformers {ids:?}"
+            );
         }
     }
+    assert!(tokens.type_ids.iter().all(|&t| t == 0));
     assert_eq!(
         differ,
         0,

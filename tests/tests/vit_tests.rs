@@ -92,7 +92,7 @@ fn vit_merge_end_to_end_and_transformers_reproduces_it() {
     let splits = data::load(&cfg.data).unwrap();
     let test = EvalSet::new(&splits.test, &cfg.tasks);
     let logits = |x: &tch::Tensor| {
-        let all = merged.logits(&images(x)).unwrap();
+        let all = merged.logits(&images(x, 1)).unwrap();
         vec![all.narrow(1, 0, 5), all.narrow(1, 5, 5)]
     };
     let scores = tch::no_grad(|| evaluate(&test, &logits));
@@ -103,7 +103,7 @@ fn vit_merge_end_to_end_and_transformers_reproduces_it() {
     assert!((scores.joint - fs.joint_acc.unwrap()).abs() < 1e-9);
 
     // transformers loads it (no missing or unexpected tensors) and gives the same logits.
-    let x = images(&test.tasks[1].0.narrow(0, 0, 16));
+    let x = images(&test.tasks[1].0.narrow(0, 0, 16), 1);
     let want = tch::no_grad(|| merged.logits(&x).unwrap());
     let mut reference = BTreeMap::new();
     reference.insert("pixel_values".to_string(), to_host(&x).unwrap());

@@ -30,6 +30,10 @@ pub struct StageSpec<'a> {
 }
 
 impl StageSpec<'_> {
+    /// Every task's original folder, in task order.
+    pub fn original_dirs(&self) -> Vec<PathBuf> {
+        self.job.original_dirs(self.models_dir)
+    }
     pub fn tasks(&self) -> Vec<String> {
         self.job.tasks.iter().map(|t| t.name.clone()).collect()
     }
@@ -48,8 +52,9 @@ pub trait Family: Sync {
     /// The stage `spec.units` of every task's original, with its M/U drawn as the whole
     /// SuperNet draws them in one process (the same init whatever the plan).
     fn load_stage(&self, spec: &StageSpec) -> Result<Box<dyn WorkerStage>>;
-    /// The files of task `task`'s original in `models_dir`: it is missing when neither exists
-    /// (a lone one is an error for the loader to name).
+    /// The files of task `task`'s original in its folder `dir`
+    /// (`JobConfig::original_dir`) or in `models_dir` (`fsmerge train`'s layout): it is
+    /// missing when neither exists (a lone one is an error for the loader to name).
     fn original_files(&self, models_dir: &Path, task: &str) -> [PathBuf; 2];
     /// Train the originals of `tasks` ((index into `job.tasks`, seed) each) on their classes of
     /// `splits`, and write them into `out` in the family's layout. Returns the training log.

@@ -9,7 +9,7 @@ pub mod rows;
 use crate::JobArgs;
 use anyhow::Result;
 use fsmerge_common::config::JobConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub struct Job {
     pub cfg: JobConfig,
@@ -54,10 +54,19 @@ impl Job {
         })
     }
 
-    /// The config as workers get it: the data path made absolute (workers may run elsewhere,
-    /// with another working directory, on a shared file system).
+    /// The config as workers get it: the data and model paths made absolute (workers may run
+    /// elsewhere, with another working directory, on a shared file system).
     pub fn absolute_config(&self) -> Result<JobConfig> {
         let mut cfg = self.cfg.clone();
+        let here = std::env::current_dir()?;
+        for m in &mut cfg.models {
+            m.path = here.join(&m.path);
+            for src in std::iter::once(&mut m.merge_data).chain(m.eval_data.as_mut()) {
+                if !Path::new(&src.path).is_absolute() {
+                    src.path = here.join(&src.path).display().to_string();
+                }
+            }
+        }
         let path = cfg
             .data
             .path

@@ -16,6 +16,14 @@ pub fn model_seed(job_seed: u64, t: usize) -> u64 {
 /// models directory. The data is read only when a model is to be trained.
 pub fn ensure_originals(job: &Job, force: bool) -> Result<()> {
     let cfg = &job.cfg;
+    if !cfg.models.is_empty() {
+        // The models are the user's; a missing one is named when its config is read.
+        anyhow::ensure!(
+            !force,
+            "`fsmerge train` builds originals for the built-in datasets; a job with `[[models]]` merges existing checkpoints"
+        );
+        return Ok(());
+    }
     let family = family(cfg.model.arch);
     let missing: Vec<(usize, u64)> = (0..cfg.tasks.len())
         .filter(|&t| {

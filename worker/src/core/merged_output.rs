@@ -23,14 +23,35 @@ pub struct HfLayout {
     pub encoder: BTreeSet<String>,
     /// `config.json` for the classifier's labels.
     pub config: ConfigJson,
-    /// How a dataset class is named in the labels.
+    /// How a built-in dataset's class is named in the labels (a `[[models]]` job's classes
+    /// keep their models' `id2label` names).
     pub class_name: fn(usize) -> String,
-    /// What the model reads, for `fsmerge.json`.
+    /// What the model reads, for `fsmerge.json` (a `[[models]]` job: its processor files).
     pub input: &'static str,
+    /// A `[[models]]` job's preprocessing files, copied from the first model's folder when it
+    /// has them (`preprocessor_config.json`, tokenizer files): every model preprocesses
+    /// alike, and the merged model is loaded with them.
+    pub processor_files: &'static [&'static str],
+}
+
+/// The name of every class of the job (task t's after task t-1's): the models' `id2label`
+/// names for a `[[models]]` job, else `class_name`'s.
+fn class_names(job: &JobConfig, class_name: fn(usize) -> String) -> Result<Vec<String>> {
+    if job.models.is_empty() {
+        return Ok((0..job.data.num_classes()).map(class_name).collect());
+    }
+    let mut names = Vec::new();
+    for m in &job.models {
+        names.extend(fsmerge_common::models::ModelFacts::read(&m.path)?.labels);
+    }
+    Ok(names)
 }
 
 pub struct HfClassifierWriter {
     dir: PathBuf,
+    class_names: Vec<String>,
+    /// Files to copy into the folder (a `[[models]]` job's processor files).
+    copies: Vec<PathBuf>,
     shards: ShardedWriter,
     layout: HfLayout,
     tasks: Vec<TaskConfig>,
@@ -47,8 +68,19 @@ impl HfClassifierWriter {
             left.insert(head_weight(Some(&t.name)));
             left.insert(head_bias(Some(&t.name)));
         }
+        let copies = match job.models.first() {
+            Some(m) => layout
+                .processor_files
+                .iter()
+                .map(|f| m.path.join(f))
+                .filter(|p| p.is_file())
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(Self {
             shards: ShardedWriter::new(&dir, job.output.max_shard_bytes())?,
+            class_names: class_names(job, layout.class_name)?,
+            copies,
             dir,
             layout,
             tasks: job.tasks.clone(),
@@ -83,11 +115,23 @@ impl MergedWriter for HfClassifierWriter {
         me.shards.add("classifier.weight".into(), w)?;
         me.shards.add("classifier.bias".into(), b)?;
         me.shards.finish()?;
-        let (labels, tasks) = stacked_labels(&me.tasks, &|c| (me.layout.class_name)(c));
+        let names = &me.class_names;
+        let (labels, tasks) = stacked_labels(&me.tasks, &|c| {
+            names
+                .get(c)
+                .cloned()
+                .unwrap_or_else(|| format!("class {c}"))
+        });
         write_json(&me.dir.join("config.json"), &(me.layout.config)(&labels))?;
+        let mut input = me.layout.input.to_string();
+        for file in &me.copies {
+            let name = file.file_name().unwrap_or_default();
+            std::fs::copy(file, me.dir.join(name)).map_err(|e| Error::io(file, e))?;
+            input = "the first model's preprocessing (its files are copied here)".into();
+        }
         write_json(
             &me.dir.join("fsmerge.json"),
-            &serde_json::json!({"method": "fs-merge", "variant": variant, "tasks": tasks, "input": me.layout.input}),
+            &serde_json::json!({"method": "fs-merge", "variant": variant, "tasks": tasks, "input": input}),
         )
     }
 }

@@ -5,13 +5,16 @@
 
 pub mod augment;
 pub mod merge_set;
+pub mod models;
+pub mod preprocess;
 pub mod rows;
+pub mod sources;
 pub mod text;
 pub mod wordpiece;
 
 use crate::data::rows::{ImageSet, Splits};
 use crate::data::wordpiece::WordPiece;
-use fsmerge_common::config::{DataConfig, Dataset};
+use fsmerge_common::config::{DataConfig, Dataset, JobConfig};
 use fsmerge_common::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -27,6 +30,16 @@ pub fn default_path(dataset: Dataset) -> PathBuf {
         Dataset::FashionMnist => PathBuf::from("/usr/share/datasets/fashion-mnist"),
         Dataset::Digits => PathBuf::from("data/digits.csv.gz"),
         Dataset::SpamNames => PathBuf::from("data"),
+        Dataset::Models => PathBuf::new(),
+    }
+}
+
+/// The splits of the job's data: its built-in dataset, or each `[[models]]` entry's own;
+/// `pixels` false: labels only (as `load_labels`).
+pub fn load_job(job: &JobConfig, pixels: bool) -> Result<Splits> {
+    match job.data.dataset {
+        Dataset::Models => models::load(job, pixels),
+        _ => load_with(&job.data, pixels),
     }
 }
 
@@ -63,6 +76,12 @@ fn load_with(cfg: &DataConfig, pixels: bool) -> Result<Splits> {
             }
             let (test, train) = split(&all, cfg.test_fraction, SPLIT_SEED ^ 1);
             (8, train, test)
+        }
+        Dataset::Models => {
+            return Err(Error::Data {
+                path,
+                msg: "`[[models]]` data is read with the job (`load_job`)".into(),
+            })
         }
         Dataset::SpamNames => {
             let vocab = WordPiece::load(&cfg.vocab)?;

@@ -445,9 +445,9 @@ impl Ctx<'_> {
         let evaluates = a.replica == 0;
         // A stage that never reads rows evaluates from its labels alone.
         let splits = if needs_rows || (evaluates && stage_i == 0) {
-            Some(crate::data::load(&job.data)?)
+            Some(crate::data::load_job(job, true)?)
         } else if evaluates {
-            Some(crate::data::load_labels(&job.data)?)
+            Some(crate::data::load_job(job, false)?)
         } else {
             None
         };

@@ -169,20 +169,18 @@ impl StageData {
     }
 }
 
-/// Each task's classifier from the last stage's parts (`<models_dir>/<task>/`, in task order):
-/// the heads the read-out U_final folds into; a model without one is an error naming it.
+/// Each task's classifier from the last stage's parts (the originals' folders `dirs`, in task
+/// order): the heads the read-out U_final folds into; a model without one is an error naming it.
 pub fn task_classifiers(
-    models_dir: &std::path::Path,
-    tasks: &[String],
+    dirs: &[std::path::PathBuf],
     classifiers: &[Option<&crate::core::linear::Linear>],
 ) -> Result<Vec<crate::core::linear::Linear>> {
-    tasks
-        .iter()
+    dirs.iter()
         .zip(classifiers)
-        .map(|(t, c)| {
+        .map(|(dir, c)| {
             c.map(crate::core::linear::Linear::copy)
                 .ok_or_else(|| Error::Tensor {
-                    file: models_dir.join(t),
+                    file: dir.clone(),
                     tensor: "classifier.weight".into(),
                     msg: "the model has no classifier to fold its read-out into".into(),
                 })

@@ -24,7 +24,7 @@ pub struct BertFamily;
 
 impl Family for BertFamily {
     fn unit_costs(&self, job: &JobConfig, models_dir: &Path) -> Result<Vec<UnitCost>> {
-        let cfg = BertConfig::load(&models_dir.join(&job.tasks[0].name))?;
+        let cfg = BertConfig::load(&job.original_dir(models_dir, 0))?;
         Ok(bert_unit_costs(&cfg, job.tasks.len(), job.data.max_tokens))
     }
     fn every_stage_reads_rows(&self) -> bool {
@@ -36,7 +36,7 @@ impl Family for BertFamily {
             .rows
             .ok_or_else(|| Error::Compute("a BERT stage needs the merge rows".into()))?;
         let stage = stage::BertStage::load(
-            spec.models_dir,
+            &spec.original_dirs(),
             &tasks,
             spec.units.clone(),
             &j.merge,

@@ -18,8 +18,7 @@ use std::path::Path;
 pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
     let max_tokens = job.data.max_tokens;
     let mut width = usize::MAX;
-    for task in &job.tasks {
-        let dir = models_dir.join(&task.name);
+    for (task, dir) in job.tasks.iter().zip(job.original_dirs(models_dir)) {
         let cfg = BertConfig::load(&dir)?;
         let files = WeightFiles::open(&dir)?;
         check_shapes(
@@ -85,7 +84,7 @@ fn encoder_names(cfg: &BertConfig) -> BTreeSet<String> {
 /// `merged/`: config.json + the weights (one classifier of every task's classes) and
 /// `merged/fsmerge.json` (each task's slice of the logits).
 pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn MergedWriter>> {
-    let cfg = BertConfig::load(&models_dir.join(&job.tasks[0].name))?;
+    let cfg = BertConfig::load(&job.original_dir(models_dir, 0))?;
     let outputs = job.tasks.iter().map(|t| t.classes.len() as i64).sum();
     let layout = HfLayout {
         prefix: "bert.",
@@ -93,6 +92,12 @@ pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn 
         config: Box::new(move |labels| config_json(&cfg, labels, Some(outputs))),
         class_name: |c| CLASSES.get(c).unwrap_or(&"?").to_string(),
         input: "WordPiece ids of data.vocab (BERT uncased), [CLS] text [SEP] padded with [PAD] to data.max_tokens",
+        processor_files: &[
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+        ],
     };
     Ok(Box::new(HfClassifierWriter::new(out, job, layout)?))
 }

@@ -30,7 +30,7 @@ use fsmerge_common::config::{MergeConfig, Targets};
 use fsmerge_common::Result;
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 pub struct BertStage {
@@ -47,19 +47,19 @@ pub struct BertStage {
 }
 
 impl BertStage {
-    /// Read units `units` of every task's BERT (`<models_dir>/<task>/`) and draw the job's M/U;
+    /// Read units `units` of every task's BERT (`dirs`, in task order) and draw the job's M/U;
     /// `rows` are the merge rows (token ids as f32 [N, T]), for the attention mask.
     pub fn load(
-        models_dir: &Path,
+        dirs: &[PathBuf],
         tasks: &[String],
         units: Range<usize>,
         merge: &MergeConfig,
         seed: u64,
         rows: &Tensor,
     ) -> Result<Self> {
-        let parts = tasks
+        let parts = dirs
             .iter()
-            .map(|t| BertPart::load(&models_dir.join(t), units.clone()))
+            .map(|d| BertPart::load(d, units.clone()))
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&BertPart> = parts.iter().collect();
         let sn = with_mu_seed(seed, || {
@@ -67,7 +67,7 @@ impl BertStage {
         })?;
         let classifiers = if sn.has_output() {
             let heads: Vec<_> = parts.iter().map(|p| p.classifier.as_ref()).collect();
-            task_classifiers(models_dir, tasks, &heads)?
+            task_classifiers(dirs, &heads)?
         } else {
             Vec::new()
         };

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 /// The input width of the job's data: pixels of its images, or token ids of its texts.
 fn data_width(job: &JobConfig) -> usize {
-    match job.data.dataset.image_side() {
+    match job.data.image_side() {
         0 => job.data.max_tokens,
         side => side * side,
     }

@@ -21,7 +21,7 @@ impl ModelPart for VitPart {
     fn output(&self, rows: &Tensor, stream: Option<Tensor>) -> Tensor {
         let input = match (&self.embeddings, stream) {
             (None, Some(s)) => s,
-            _ => images(rows),
+            _ => images(rows, self.cfg.num_channels),
         };
         self.trace(&input).pop().unwrap_or(input)
     }

@@ -11,16 +11,18 @@ use fsmerge_common::hf::VitConfig;
 use fsmerge_common::Result;
 use tch::{Kind, Tensor};
 
-/// Flat square grey images [N, s²] as the ViT's pixels [N, 1, s, s].
-pub fn images(x: &Tensor) -> Tensor {
-    let side = (x.size()[1] as f64).sqrt().round() as i64;
-    x.view([-1, 1, side, side])
+/// Flat square images [N, c·s²] (channels first, as the processors write them) as the ViT's
+/// pixels [N, c, s, s].
+pub fn images(x: &Tensor, channels: usize) -> Tensor {
+    let c = channels.max(1) as i64;
+    let side = ((x.size()[1] / c) as f64).sqrt().round() as i64;
+    x.view([-1, c, side, side])
 }
 
 /// Model t's logits on its own head, for flat images.
 pub fn original_logits(model: &Vit, x: &Tensor) -> Tensor {
     chunked(x, 0, |c| {
-        let pooled = model.pooled(&images(c));
+        let pooled = model.pooled(&images(c, model.cfg.num_channels));
         model
             .classifier
             .as_ref()

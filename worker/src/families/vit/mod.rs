@@ -22,13 +22,13 @@ pub struct VitFamily;
 
 impl Family for VitFamily {
     fn unit_costs(&self, job: &JobConfig, models_dir: &Path) -> Result<Vec<UnitCost>> {
-        let cfg = VitConfig::load(&models_dir.join(&job.tasks[0].name))?;
+        let cfg = VitConfig::load(&job.original_dir(models_dir, 0))?;
         Ok(vit_unit_costs(&cfg, job.tasks.len()))
     }
     fn load_stage(&self, spec: &StageSpec) -> Result<Box<dyn WorkerStage>> {
         let (j, tasks) = (spec.job, spec.tasks());
         let stage = stage::VitStage::load(
-            spec.models_dir,
+            &spec.original_dirs(),
             &tasks,
             spec.units.clone(),
             &j.merge,
@@ -48,7 +48,7 @@ impl Family for VitFamily {
         out: &Path,
         progress: &dyn Progress,
     ) -> Result<Vec<LogRow>> {
-        let config = VitConfig::for_images(&job.model.vit, job.data.dataset.image_side());
+        let config = VitConfig::for_images(&job.model.vit, job.data.image_side());
         train_each(job, tasks, splits, &mut |task, spec, (train, val)| {
             let (vit, val_acc, rows) =
                 merge::train_original(config.clone(), spec, train, val, progress)?;

@@ -13,12 +13,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Every task's original has a classifier with one output per class of its task and reads
-/// single-channel images of the data's size; `merge.rank` fits the width.
+/// images of the data's size and channels; `merge.rank` fits the width.
 pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
-    let side = job.data.dataset.image_side();
+    let side = job.data.image_side();
     let mut width = usize::MAX;
-    for task in &job.tasks {
-        let dir = models_dir.join(&task.name);
+    for (task, dir) in job.tasks.iter().zip(job.original_dirs(models_dir)) {
         let cfg = VitConfig::load(&dir)?;
         let files = WeightFiles::open(&dir)?;
         check_shapes(
@@ -32,11 +31,12 @@ pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
             .shape("classifier.weight")?
             .and_then(|s| s.first().copied());
         check_classifier(&dir, task, outputs)?;
-        if cfg.image_size != side || cfg.num_channels != 1 {
+        let channels = job.data.channels();
+        if cfg.image_size != side || cfg.num_channels != channels {
             return Err(Error::Checkpoint {
                 file: dir.join("config.json"),
                 msg: format!(
-                    "image_size {} with {} channels; the data has {side}×{side} grey images",
+                    "image_size {} with {} channels; the data has {side}×{side} images of {channels} channel(s)",
                     cfg.image_size, cfg.num_channels
                 ),
             });
@@ -74,13 +74,14 @@ fn encoder_names(cfg: &VitConfig) -> BTreeSet<String> {
 /// `merged/`: config.json + the weights (one classifier of every task's classes) and
 /// `merged/fsmerge.json` (each task's slice of the logits).
 pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn MergedWriter>> {
-    let cfg = VitConfig::load(&models_dir.join(&job.tasks[0].name))?;
+    let cfg = VitConfig::load(&job.original_dir(models_dir, 0))?;
     let layout = HfLayout {
         prefix: "vit.",
         encoder: encoder_names(&cfg),
         config: Box::new(move |labels| config_json(&cfg, labels, true)),
         class_name: |c| format!("class {c}"),
         input: "square grey images, normalised as fsmerge's data loader does",
+        processor_files: &["preprocessor_config.json"],
     };
     Ok(Box::new(HfClassifierWriter::new(out, job, layout)?))
 }

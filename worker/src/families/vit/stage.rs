@@ -39,7 +39,7 @@ use fsmerge_common::hf::VitConfig;
 use fsmerge_common::Result;
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 /// What only the last stage holds.
@@ -77,15 +77,15 @@ pub struct VitStage {
 impl VitStage {
     /// Read units `units` of every task's ViT (`<models_dir>/<task>/`) and draw the job's M/U.
     pub fn load(
-        models_dir: &Path,
+        dirs: &[PathBuf],
         tasks: &[String],
         units: Range<usize>,
         merge: &MergeConfig,
         seed: u64,
     ) -> Result<Self> {
-        let parts = tasks
+        let parts = dirs
             .iter()
-            .map(|t| VitPart::load(&models_dir.join(t), units.clone()))
+            .map(|d| VitPart::load(d, units.clone()))
             .collect::<Result<Vec<_>>>()?;
         check_mergeable(
             &parts.iter().collect::<Vec<_>>(),
@@ -117,7 +117,7 @@ impl VitStage {
         {
             Some(lns) => {
                 let heads: Vec<_> = parts.iter().map(|p| p.classifier.as_ref()).collect();
-                let classifiers = task_classifiers(models_dir, tasks, &heads)?;
+                let classifiers = task_classifiers(dirs, &heads)?;
                 Some(Output {
                     ln_post: MergedLn::new(&FrozenLn::stack(&lns), merge.init, eps),
                     u_final: drawn.u_final,
@@ -241,7 +241,8 @@ impl PipelineStage for VitStage {
         tch::no_grad(|| {
             stacked_traces(self.n, rows, &|i, start, len| {
                 if first {
-                    self.originals[i].trace(&images(&input.narrow(0, start, len)))
+                    self.originals[i]
+                        .trace(&images(&input.narrow(0, start, len), self.cfg.num_channels))
                 } else {
                     self.originals[i].trace(&input.get(i as i64).narrow(0, start, len))
                 }
@@ -274,7 +275,12 @@ impl PipelineStage for VitStage {
     ) -> (Tensor, Option<Tensor>) {
         let task = data.task.index_select(0, idx);
         let mut x = match &self.embed {
-            Some(e) => e.merged(&self.m_pre, &images(input), s.form, &self.cfg),
+            Some(e) => e.merged(
+                &self.m_pre,
+                &images(input, self.cfg.num_channels),
+                s.form,
+                &self.cfg,
+            ),
             None => input.shallow_clone(),
         };
         let mut own: Option<Tensor> = None;
@@ -504,7 +510,12 @@ impl EvalPart for LocalChain<'_> {
     fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
         let st = self.0;
         let mut x = match (&st.embed, input) {
-            (Some(e), _) => e.merged(&st.m_pre, &images(rows), StepForm::Fold, &st.cfg),
+            (Some(e), _) => e.merged(
+                &st.m_pre,
+                &images(rows, st.cfg.num_channels),
+                StepForm::Fold,
+                &st.cfg,
+            ),
             (None, Some(s)) => s.shallow_clone(),
             (None, None) => rows.shallow_clone(),
         };

@@ -1,0 +1,224 @@
+//! The data of a `[[models]]` job as the splits every job reads: task t's rows are model t's
+//! `merge_data` (the train split FS-Merge draws its merge rows from; labels unused) and its
+//! `eval_data` (the test split; the validation split repeats it), each input preprocessed by
+//! the models' processor and labels mapped through model t's `label2id` to the job's class ids
+//! (task t's classes follow task t-1's). The merged model reads one input, so the models must
+//! preprocess alike: a processor setting or tokenizer that differs is refused by name.
+
+use crate::data::preprocess::image::{self as image_proc, ImageProcessor};
+use crate::data::preprocess::text::TextProcessor;
+use crate::data::rows::{ImageSet, Splits};
+use crate::data::sources::{self, Input, InputKind, Record};
+use fsmerge_common::config::JobConfig;
+use fsmerge_common::models::ModelFacts;
+use fsmerge_common::{Error, Result};
+
+/// One model's preprocessing.
+enum Processor {
+    Image(ImageProcessor, usize),
+    Text(Box<TextProcessor>),
+}
+
+impl Processor {
+    fn load(job: &JobConfig, t: usize) -> Result<Self> {
+        let dir = &job.models[t].path;
+        if job.data.is_text() {
+            let p = TextProcessor::load(dir, job.data.max_tokens)?;
+            if p.pad_id() != 0 {
+                return Err(Error::Data {
+                    path: dir.join("tokenizer.json"),
+                    msg: format!(
+                        "pads with id {}; fsmerge's BERT reads id 0 as padding",
+                        p.pad_id()
+                    ),
+                });
+            }
+            Ok(Processor::Text(Box::new(p)))
+        } else {
+            let channels = job.data.channels();
+            let p = ImageProcessor::load(dir)?;
+            p.check_channels(channels)?;
+            Ok(Processor::Image(p, channels))
+        }
+    }
+
+    /// Each record's row (`dim` values: CHW pixels, or token ids as f32).
+    fn rows(&self, records: &[Record], pixels: bool) -> Result<(Vec<f32>, usize)> {
+        match self {
+            Processor::Image(p, channels) => {
+                let dim = channels * p.height * p.width;
+                if !pixels {
+                    return Ok((Vec::new(), 0));
+                }
+                let mut out = Vec::with_capacity(records.len() * dim);
+                for r in records {
+                    let Input::Image(bytes) = &r.input else {
+                        return Err(not_an(r, "image"));
+                    };
+                    let img = image_proc::decode(bytes, &r.origin)?;
+                    out.extend(p.process(&img, *channels, &r.origin)?);
+                }
+                Ok((out, dim))
+            }
+            Processor::Text(p) => {
+                let texts = records
+                    .iter()
+                    .map(|r| match &r.input {
+                        Input::Text(t) => Ok(t.as_str()),
+                        Input::Image(_) => Err(not_an(r, "text")),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let tokens = p.encode(&texts)?;
+                Ok((
+                    tokens.ids.iter().map(|&id| id as f32).collect(),
+                    p.max_tokens(),
+                ))
+            }
+        }
+    }
+}
+
+fn not_an(r: &Record, what: &str) -> Error {
+    Error::Data {
+        path: r.origin.clone().into(),
+        msg: format!("not an {what}"),
+    }
+}
+
+/// The first preprocessing setting in which model `t`'s processor differs from model 0's.
+fn differs(a: &Processor, b: &Processor) -> Option<&'static str> {
+    match (a, b) {
+        (Processor::Image(a, _), Processor::Image(b, _)) => {
+            let keys: [(&str, String, String); 8] = [
+                (
+                    "do_resize",
+                    a.do_resize.to_string(),
+                    b.do_resize.to_string(),
+                ),
+                (
+                    "size",
+                    format!("{}x{}", a.height, a.width),
+                    format!("{}x{}", b.height, b.width),
+                ),
+                (
+                    "resample",
+                    format!("{:?}", a.resample),
+                    format!("{:?}", b.resample),
+                ),
+                (
+                    "do_rescale",
+                    a.do_rescale.to_string(),
+                    b.do_rescale.to_string(),
+                ),
+                (
+                    "rescale_factor",
+                    a.rescale_factor.to_string(),
+                    b.rescale_factor.to_string(),
+                ),
+                (
+                    "do_normalize",
+                    a.do_normalize.to_string(),
+                    b.do_normalize.to_string(),
+                ),
+                (
+                    "image_mean",
+                    format!("{:?}", a.image_mean),
+                    format!("{:?}", b.image_mean),
+                ),
+                (
+                    "image_std",
+                    format!("{:?}", a.image_std),
+                    format!("{:?}", b.image_std),
+                ),
+            ];
+            keys.into_iter().find(|(_, x, y)| x != y).map(|(k, _, _)| k)
+        }
+        (Processor::Text(a), Processor::Text(b)) => {
+            (!a.same_vocabulary(b)).then_some("the vocabulary")
+        }
+        _ => Some("the input kind"),
+    }
+}
+
+/// The splits of a `[[models]]` job; `pixels` false: labels only (image rows of width 0), for
+/// a stage that never reads the rows.
+pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
+    let kind = if job.data.is_text() {
+        InputKind::Text
+    } else {
+        InputKind::Image
+    };
+    let processors = (0..job.models.len())
+        .map(|t| Processor::load(job, t))
+        .collect::<Result<Vec<_>>>()?;
+    for (t, p) in processors.iter().enumerate().skip(1) {
+        if let Some(key) = differs(&processors[0], p) {
+            let file = if kind == InputKind::Text {
+                "tokenizer.json"
+            } else {
+                "preprocessor_config.json"
+            };
+            return Err(Error::Data {
+                path: job.models[t].path.join(file),
+                msg: format!(
+                    "{key} differs from {}'s: the merged model reads one input, so the models must preprocess alike",
+                    job.models[0].path.join(file).display()
+                ),
+            });
+        }
+    }
+    let mut train = ImageSet {
+        pixels: Vec::new(),
+        labels: Vec::new(),
+        dim: 0,
+    };
+    let mut test = ImageSet {
+        pixels: Vec::new(),
+        labels: Vec::new(),
+        dim: 0,
+    };
+    for (t, (m, task)) in job.models.iter().zip(&job.tasks).enumerate() {
+        let offset = task.classes[0];
+        let merge = sources::read(&m.merge_data, kind)?;
+        let (rows, dim) = processors[t].rows(&merge, pixels)?;
+        append(&mut train, rows, vec![offset; merge.len()], dim);
+        let eval = m.eval_data.as_ref().ok_or_else(|| {
+            Error::field(
+                format!("models[{t}].eval_data"),
+                "missing: per-task accuracy needs labeled data (fidelity without labels is not implemented yet)",
+            )
+        })?;
+        let eval = sources::read(eval, kind)?;
+        let facts = ModelFacts::read(&m.path)?;
+        let classes = sources::class_ids(
+            &eval,
+            &facts.label2id(),
+            facts.labels.len(),
+            &m.path.join("config.json"),
+        )?;
+        let (rows, dim) = processors[t].rows(&eval, pixels)?;
+        append(
+            &mut test,
+            rows,
+            classes.iter().map(|c| offset + c).collect(),
+            dim,
+        );
+    }
+    let val = ImageSet {
+        pixels: test.pixels.clone(),
+        labels: test.labels.clone(),
+        dim: test.dim,
+    };
+    Ok(Splits {
+        side: job.data.image_side(),
+        train,
+        val,
+        test,
+    })
+}
+
+fn append(set: &mut ImageSet, rows: Vec<f32>, labels: Vec<usize>, dim: usize) {
+    set.dim = dim;
+    set.pixels.extend(rows);
+    set.labels.extend(labels);
+}
