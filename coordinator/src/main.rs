@@ -72,6 +72,9 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Dry run: read the models' configs and headers and the data, print the plan and each
+    /// worker's memory estimate; exit 0, or with the first problem.
+    Check(JobArgs),
     /// Join a job as a worker.
     Worker(cmd::worker::WorkerArgs),
     /// Mean and spread of the results of several runs (e.g. seeds) of the same job.
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
             };
             job::merge::run(&j, &cluster::Launch::External { listen }, resume)
         }),
+        Command::Check(args) => cmd::check::run(&args),
         Command::Worker(args) => cmd::worker::run(&args),
         Command::Summarize { runs } => cmd::summarize::run(&runs),
         Command::Doctor(args) => cmd::doctor::run(&args),

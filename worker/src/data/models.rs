@@ -140,17 +140,8 @@ fn differs(a: &Processor, b: &Processor) -> Option<&'static str> {
     }
 }
 
-/// The splits of a `[[models]]` job; `pixels` false: labels only (image rows of width 0), for
-/// a stage that never reads the rows.
-pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
-    let kind = if job.data.is_text() {
-        InputKind::Text
-    } else {
-        InputKind::Image
-    };
-    let processors = (0..job.models.len())
-        .map(|t| Processor::load(job, t))
-        .collect::<Result<Vec<_>>>()?;
+/// Every model preprocesses as the first one does, or the setting that differs is named.
+fn check_alike(job: &JobConfig, processors: &[Processor], kind: InputKind) -> Result<()> {
     for (t, p) in processors.iter().enumerate().skip(1) {
         if let Some(key) = differs(&processors[0], p) {
             let file = if kind == InputKind::Text {
@@ -167,6 +158,21 @@ pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
             });
         }
     }
+    Ok(())
+}
+
+/// The splits of a `[[models]]` job; `pixels` false: labels only (image rows of width 0), for
+/// a stage that never reads the rows.
+pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
+    let kind = if job.data.is_text() {
+        InputKind::Text
+    } else {
+        InputKind::Image
+    };
+    let processors = (0..job.models.len())
+        .map(|t| Processor::load(job, t))
+        .collect::<Result<Vec<_>>>()?;
+    check_alike(job, &processors, kind)?;
     let mut train = ImageSet {
         pixels: Vec::new(),
         labels: Vec::new(),
@@ -221,4 +227,51 @@ fn append(set: &mut ImageSet, rows: Vec<f32>, labels: Vec<usize>, dim: usize) {
     set.dim = dim;
     set.pixels.extend(rows);
     set.labels.extend(labels);
+}
+
+/// What a dry run learns of one task's data without preprocessing it all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskData {
+    pub task: String,
+    /// Inputs of `merge_data` (or the built-in train split's rows of the task).
+    pub merge_rows: usize,
+    /// Labeled inputs of `eval_data` (or the built-in test split's).
+    pub eval_rows: usize,
+}
+
+/// Read every source of a `[[models]]` job as the workers will: the processors (equal across
+/// the models), every record, the eval labels through `label2id`, and the first input of each
+/// source preprocessed. The first problem is an error naming the file, row or key.
+pub fn survey(job: &JobConfig) -> Result<Vec<TaskData>> {
+    let kind = if job.data.is_text() {
+        InputKind::Text
+    } else {
+        InputKind::Image
+    };
+    let processors = (0..job.models.len())
+        .map(|t| Processor::load(job, t))
+        .collect::<Result<Vec<_>>>()?;
+    check_alike(job, &processors, kind)?;
+    let mut out = Vec::new();
+    for (t, (m, task)) in job.models.iter().zip(&job.tasks).enumerate() {
+        let merge = sources::read(&m.merge_data, kind)?;
+        processors[t].rows(&merge[..1], true)?;
+        let eval = match &m.eval_data {
+            Some(src) => {
+                let eval = sources::read(src, kind)?;
+                let facts = ModelFacts::read(&m.path)?;
+                let config = m.path.join("config.json");
+                sources::class_ids(&eval, &facts.label2id(), facts.labels.len(), &config)?;
+                processors[t].rows(&eval[..1], true)?;
+                eval.len()
+            }
+            None => 0,
+        };
+        out.push(TaskData {
+            task: task.name.clone(),
+            merge_rows: merge.len(),
+            eval_rows: eval,
+        });
+    }
+    Ok(out)
 }

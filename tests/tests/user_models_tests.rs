@@ -1,0 +1,311 @@
+//! A user's own checkpoints and data: two ViTs fine-tuned by Python `transformers` (different
+//! seeds, Fashion-MNIST classes 0–4 and 5–9 as 3-channel 32×32 pictures that their
+//! `ViTImageProcessor` resizes and normalizes), saved with `save_pretrained`, their merge data
+//! as Hub Parquet and their test data as an ImageFolder. fsmerge merges them from a
+//! `[[models]]` config alone; transformers loads `merged/` with `AutoModelForImageClassification`
+//! + `AutoImageProcessor` and gets fsmerge's per-task accuracies. Bad input is named.
+
+use fsmerge_common::checkpoint::read_json;
+use fsmerge_common::metrics::Metrics;
+use fsmerge_tests::{fsmerge, python_fixture, stderr};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+const TASKS: [&str; 2] = ["fmnist-a", "fmnist-b"];
+
+/// The fixture (models, data, transformers' accuracies), made once per test binary.
+fn fixture() -> &'static (PathBuf, BTreeMap<String, f64>) {
+    static FIXTURE: OnceLock<(PathBuf, BTreeMap<String, f64>)> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        // Shared by the tests of this binary; rewritten on every run.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("user_vits");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = python_fixture("make_user_vits.py", &[&dir, Path::new("300")]);
+        let acc = out
+            .lines()
+            .filter_map(|l| {
+                let (task, rest) = l.split_once(": test accuracy ")?;
+                Some((task.to_string(), rest.trim().parse().ok()?))
+            })
+            .collect();
+        (dir, acc)
+    })
+}
+
+/// A `[[models]]` config over the fixture, each model's entry edited by `entry`.
+fn config(dir: &Path, root: &Path, name: &str, entry: &dyn Fn(usize, String) -> String) -> PathBuf {
+    let mut text = format!("name = \"{name}\"\nthreads = 2\n");
+    for (t, task) in TASKS.iter().enumerate() {
+        let m = root.join("models").join(task);
+        let d = root.join("data").join(task);
+        text += &entry(
+            t,
+            format!(
+                "[[models]]\npath = \"{}\"\nmerge_data = {{ format = \"parquet\", path = \"{}/train-*.parquet\" }}\neval_data = {{ format = \"imagefolder\", path = \"{}/test\" }}\n",
+                m.display(),
+                d.display(),
+                d.display()
+            ),
+        );
+    }
+    text += "[merge]\nmode = \"local-then-global\"\nrank = 8\nepochs = 20\nglobal_epochs = 20\nn_originals = 256\nn_augmented = 0\n";
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn merge(config: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "merge",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    fsmerge(&args)
+}
+
+#[test]
+fn user_vits_merge_from_their_folders_and_load_back_in_transformers() {
+    let (root, python_acc) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), root, "user-vits", &|_, e| e);
+    let out = tmp.path().join("run");
+    let o = merge(&cfg, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: Metrics = read_json(&out.join("metrics.json")).unwrap();
+    let row = |method: &str| {
+        m.results
+            .iter()
+            .find(|r| r.method == method)
+            .unwrap_or_else(|| panic!("no row {method}"))
+    };
+    // The originals read through fsmerge's preprocessing score what transformers measured.
+    for task in TASKS {
+        let ours = row(&format!("original:{task}")).per_task_acc[task];
+        assert!(
+            (ours - python_acc[task]).abs() < 1e-9,
+            "{task}: {ours} vs {}",
+            python_acc[task]
+        );
+    }
+    // transformers reads merged/ alone (weights, config, processor) to fsmerge's accuracies.
+    let merged = out.join("merged");
+    assert!(merged.join("preprocessor_config.json").is_file());
+    let printed = python_fixture("check_user_merged.py", &[&merged, &root.join("data")]);
+    let theirs: BTreeMap<String, f64> = serde_json::from_str(printed.trim()).unwrap();
+    let fs = row("fs-merge");
+    for task in TASKS {
+        assert!(
+            (fs.per_task_acc[task] - theirs[task]).abs() < 1e-9,
+            "{task}: fsmerge {} vs transformers {}",
+            fs.per_task_acc[task],
+            theirs[task]
+        );
+    }
+    eprintln!(
+        "originals (transformers) {python_acc:?}; fs-merge {:?} (transformers on merged/: {theirs:?}); kd {:.4}, regmean {:.4}, average {:.4}",
+        fs.per_task_acc,
+        row("kd").mean_task_acc,
+        row("regmean").mean_task_acc,
+        row("average").mean_task_acc
+    );
+}
+
+/// Copy model `task` of the fixture into `dir` (to damage it there).
+fn copy_model(root: &Path, task: &str, dir: &Path) -> PathBuf {
+    let to = dir.join(task);
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(root.join("models").join(task)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to
+}
+
+/// The job fails with one error line containing every `want`, and writes nothing.
+fn fails(cfg: &Path, tmp: &Path, want: &[&str]) {
+    let out = tmp.join("bad-run");
+    let o = merge(cfg, &out, &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{}: should fail", cfg.display());
+    for w in want {
+        assert!(e.contains(w), "{}: `{w}` not in: {e}", cfg.display());
+    }
+    assert!(!out.exists(), "a failed job wrote {}", out.display());
+    eprintln!("{}", e.trim_end().lines().last().unwrap_or_default());
+}
+
+#[test]
+fn bad_models_and_data_are_named() {
+    let (root, _) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let swap_path = |e: String, from: &Path, to: &Path| {
+        e.replace(&from.display().to_string(), &to.display().to_string())
+    };
+
+    // A processor that normalizes differently from the other model's.
+    let b = copy_model(root, "fmnist-b", &tmp.join("other-mean"));
+    let p = b.join("preprocessor_config.json");
+    let text = std::fs::read_to_string(&p).unwrap().replace("0.29", "0.5");
+    std::fs::write(&p, text).unwrap();
+    let orig_b = root.join("models/fmnist-b");
+    let cfg = config(tmp, root, "other-mean", &|t, e| {
+        if t == 1 {
+            swap_path(e, &orig_b, &b)
+        } else {
+            e
+        }
+    });
+    fails(
+        &cfg,
+        tmp,
+        &["preprocessor_config.json", "image_mean differs"],
+    );
+
+    // A model without a processor config.
+    let b = copy_model(root, "fmnist-b", &tmp.join("no-processor"));
+    std::fs::remove_file(b.join("preprocessor_config.json")).unwrap();
+    let cfg = config(tmp, root, "no-processor", &|t, e| {
+        if t == 1 {
+            swap_path(e, &orig_b, &b)
+        } else {
+            e
+        }
+    });
+    fails(&cfg, tmp, &["preprocessor_config.json"]);
+
+    // An ImageFolder class the model does not know.
+    let test_a = root.join("data/fmnist-a/test");
+    let extra = tmp.join("extra-class");
+    std::fs::create_dir_all(extra.join("Unicorn")).unwrap();
+    for class in std::fs::read_dir(&test_a).unwrap() {
+        let class = class.unwrap().path();
+        let to = extra.join(class.file_name().unwrap());
+        std::fs::create_dir_all(&to).unwrap();
+        let first = std::fs::read_dir(&class)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::copy(&first, to.join(first.file_name().unwrap())).unwrap();
+        std::fs::copy(&first, extra.join("Unicorn/u.png")).unwrap();
+    }
+    let cfg = config(tmp, root, "unknown-class", &|t, e| {
+        if t == 0 {
+            swap_path(e, &test_a, &extra)
+        } else {
+            e
+        }
+    });
+    fails(&cfg, tmp, &["Unicorn/u.png", "label `Unicorn`", "label2id"]);
+
+    // An undecodable image, named by file.
+    let broken = tmp.join("broken");
+    std::fs::create_dir_all(broken.join("Trouser")).unwrap();
+    std::fs::write(broken.join("Trouser/x.png"), b"not a png").unwrap();
+    let cfg = config(tmp, root, "broken-image", &|t, e| {
+        if t == 0 {
+            swap_path(e, &test_a, &broken)
+        } else {
+            e
+        }
+    });
+    fails(&cfg, tmp, &["Trouser/x.png"]);
+
+    // A missing column, a glob that matches nothing, no eval data.
+    let cfg = config(tmp, root, "no-column", &|t, e| {
+        if t == 0 {
+            e.replace(
+                "format = \"parquet\",",
+                "format = \"parquet\", image_column = \"img\",",
+            )
+        } else {
+            e
+        }
+    });
+    fails(
+        &cfg,
+        tmp,
+        &["train-00000-of-00001.parquet", "no column `img`"],
+    );
+    let cfg = config(tmp, root, "no-files", &|t, e| {
+        if t == 0 {
+            e.replace("train-*", "nothing-*")
+        } else {
+            e
+        }
+    });
+    fails(&cfg, tmp, &["nothing-*.parquet", "no file matches"]);
+    let cfg = config(tmp, root, "no-eval", &|t, e| {
+        if t == 1 {
+            e.lines()
+                .filter(|l| !l.starts_with("eval_data"))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        } else {
+            e
+        }
+    });
+    fails(&cfg, tmp, &["models[1].eval_data"]);
+
+    // Tasks given beside [[models]], and a model folder without config.json.
+    let cfg = config(tmp, root, "with-tasks", &|t, e| {
+        if t == 0 {
+            format!("[[tasks]]\nname = \"x\"\nclasses = [0, 1]\n{e}")
+        } else {
+            e
+        }
+    });
+    fails(&cfg, tmp, &["[[tasks]]"]);
+    let cfg = config(tmp, root, "no-config", &|t, e| {
+        if t == 1 {
+            swap_path(e, &orig_b, &tmp.join("nowhere"))
+        } else {
+            e
+        }
+    });
+    fails(&cfg, tmp, &["nowhere/config.json"]);
+}
+
+#[test]
+fn check_reports_models_data_plan_and_memory_without_running() {
+    let (root, _) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), root, "checked", &|_, e| e);
+    let o = fsmerge(&["check", cfg.to_str().unwrap(), "--set", "cluster.stages=2"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    for want in [
+        "models: 2 vit models, mergeable",
+        "task fmnist-a: 256 merge inputs, 200 labeled eval inputs",
+        "task fmnist-b: 256 merge inputs, 200 labeled eval inputs",
+        "plan: 2 stage(s) × 1 replica(s)",
+        "stage 1: units",
+        "estimated peak RSS per worker",
+    ] {
+        assert!(out.contains(want), "`{want}` not in:\n{out}");
+    }
+    assert!(
+        !fsmerge_tests::root().join("runs/checked").exists(),
+        "check wrote output"
+    );
+    // Asking for more merge inputs than the data has is the first problem, named.
+    let o = fsmerge(&[
+        "check",
+        cfg.to_str().unwrap(),
+        "--set",
+        "merge.n_originals=300",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("task fmnist-a: merge.n_originals = 300 but its merge data has 256 inputs"),
+        "{e}"
+    );
+    eprintln!("{out}");
+}
