@@ -219,6 +219,8 @@ impl DataConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
+    /// A built-in dataset, or (the default) each `[[models]]` entry's own data.
+    #[serde(default = "default_dataset")]
     pub dataset: Dataset,
     /// Directory (fashion-mnist: the IDX .gz files) or file (digits: digits.csv.gz). Relative
     /// paths are relative to the working directory. Defaults per dataset (see README).
@@ -245,7 +247,7 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
-            dataset: Dataset::Models,
+            dataset: default_dataset(),
             path: None,
             val_fraction: default_val_fraction(),
             test_fraction: default_test_fraction(),
@@ -256,6 +258,9 @@ impl Default for DataConfig {
     }
 }
 
+fn default_dataset() -> Dataset {
+    Dataset::Models
+}
 fn default_max_tokens() -> usize {
     64
 }

@@ -3,7 +3,9 @@
 //! `ViTImageProcessor` resizes and normalizes), saved with `save_pretrained`, their merge data
 //! as Hub Parquet and their test data as an ImageFolder. fsmerge merges them from a
 //! `[[models]]` config alone; transformers loads `merged/` with `AutoModelForImageClassification`
-//! + `AutoImageProcessor` and gets fsmerge's per-task accuracies. Bad input is named.
+//! + `AutoImageProcessor` and gets fsmerge's per-task accuracies. The same for two BERTs with
+//! their own fast tokenizer (`tokenizer.json`), JSON Lines merge data and CSV test data. Bad
+//! input is named.
 
 use fsmerge_common::checkpoint::read_json;
 use fsmerge_common::metrics::Metrics;
@@ -13,16 +15,30 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 const TASKS: [&str; 2] = ["fmnist-a", "fmnist-b"];
+const TEXT_TASKS: [&str; 2] = ["spam", "names"];
 
-/// The fixture (models, data, transformers' accuracies), made once per test binary.
-fn fixture() -> &'static (PathBuf, BTreeMap<String, f64>) {
-    static FIXTURE: OnceLock<(PathBuf, BTreeMap<String, f64>)> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        // Shared by the tests of this binary; rewritten on every run.
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("user_vits");
+type Fixture = (PathBuf, BTreeMap<String, f64>);
+
+/// The ViT fixture (models, data, transformers' accuracies), made once per test binary.
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| make_fixture("make_user_vits.py", "user_vits", "300"))
+}
+
+/// The BERT fixture, made once per test binary.
+fn text_fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| make_fixture("make_user_berts.py", "user_berts", "200"))
+}
+
+/// Run fixture `script` into a folder of the target dir (rewritten on every run); returns the
+/// folder and the accuracies transformers printed.
+fn make_fixture(script: &str, name: &str, steps: &str) -> Fixture {
+    {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let out = python_fixture("make_user_vits.py", &[&dir, Path::new("300")]);
+        let out = python_fixture(script, &[&dir, Path::new(steps)]);
         let acc = out
             .lines()
             .filter_map(|l| {
@@ -31,7 +47,7 @@ fn fixture() -> &'static (PathBuf, BTreeMap<String, f64>) {
             })
             .collect();
         (dir, acc)
-    })
+    }
 }
 
 /// A `[[models]]` config over the fixture, each model's entry edited by `entry`.
@@ -56,6 +72,33 @@ fn config(dir: &Path, root: &Path, name: &str, entry: &dyn Fn(usize, String) -> 
     file
 }
 
+/// A `[[models]]` config over the BERT fixture (JSON Lines merge data, CSV test data).
+fn text_config(
+    dir: &Path,
+    root: &Path,
+    name: &str,
+    entry: &dyn Fn(usize, String) -> String,
+) -> PathBuf {
+    let mut text = format!("name = \"{name}\"\nthreads = 2\n[data]\nmax_tokens = 32\n");
+    for (t, task) in TEXT_TASKS.iter().enumerate() {
+        let m = root.join("models").join(task);
+        let d = root.join("data").join(task);
+        text += &entry(
+            t,
+            format!(
+                "[[models]]\npath = \"{}\"\nmerge_data = {{ format = \"jsonl\", path = \"{}/merge.jsonl\" }}\neval_data = {{ format = \"csv\", path = \"{}/test.csv\" }}\n",
+                m.display(),
+                d.display(),
+                d.display()
+            ),
+        );
+    }
+    text += "[merge]\nmode = \"local-then-global\"\nrank = 8\nepochs = 20\nglobal_epochs = 20\nn_originals = 256\nn_augmented = 0\n";
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
 fn merge(config: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "merge",
@@ -67,51 +110,97 @@ fn merge(config: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     fsmerge(&args)
 }
 
-#[test]
-fn user_vits_merge_from_their_folders_and_load_back_in_transformers() {
-    let (root, python_acc) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), root, "user-vits", &|_, e| e);
-    let out = tmp.path().join("run");
-    let o = merge(&cfg, &out, &[]);
+/// Merge the fixture's models with `cfg`; the originals score what transformers measured, and
+/// transformers reads `merged/` alone (weights, config, processor) to fsmerge's per-task
+/// accuracies. Returns the metrics.
+fn merge_and_load_back(cfg: &Path, fixture: &Fixture, tasks: &[&str], max_tokens: &str) -> Metrics {
+    let (root, python_acc) = fixture;
+    let out = cfg.with_extension("run");
+    let o = merge(cfg, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let m: Metrics = read_json(&out.join("metrics.json")).unwrap();
-    let row = |method: &str| {
-        m.results
-            .iter()
-            .find(|r| r.method == method)
-            .unwrap_or_else(|| panic!("no row {method}"))
-    };
-    // The originals read through fsmerge's preprocessing score what transformers measured.
-    for task in TASKS {
-        let ours = row(&format!("original:{task}")).per_task_acc[task];
+    for task in tasks {
+        let ours = row(&m, &format!("original:{task}")).per_task_acc[*task];
         assert!(
-            (ours - python_acc[task]).abs() < 1e-9,
+            (ours - python_acc[*task]).abs() < 1e-9,
             "{task}: {ours} vs {}",
-            python_acc[task]
+            python_acc[*task]
         );
     }
-    // transformers reads merged/ alone (weights, config, processor) to fsmerge's accuracies.
     let merged = out.join("merged");
-    assert!(merged.join("preprocessor_config.json").is_file());
-    let printed = python_fixture("check_user_merged.py", &[&merged, &root.join("data")]);
+    let printed = python_fixture(
+        "check_user_merged.py",
+        &[&merged, &root.join("data"), Path::new(max_tokens)],
+    );
     let theirs: BTreeMap<String, f64> = serde_json::from_str(printed.trim()).unwrap();
-    let fs = row("fs-merge");
-    for task in TASKS {
+    let fs = row(&m, "fs-merge");
+    for task in tasks {
         assert!(
-            (fs.per_task_acc[task] - theirs[task]).abs() < 1e-9,
+            (fs.per_task_acc[*task] - theirs[*task]).abs() < 1e-9,
             "{task}: fsmerge {} vs transformers {}",
-            fs.per_task_acc[task],
-            theirs[task]
+            fs.per_task_acc[*task],
+            theirs[*task]
         );
     }
     eprintln!(
         "originals (transformers) {python_acc:?}; fs-merge {:?} (transformers on merged/: {theirs:?}); kd {:.4}, regmean {:.4}, average {:.4}",
         fs.per_task_acc,
-        row("kd").mean_task_acc,
-        row("regmean").mean_task_acc,
-        row("average").mean_task_acc
+        row(&m, "kd").mean_task_acc,
+        row(&m, "regmean").mean_task_acc,
+        row(&m, "average").mean_task_acc
     );
+    m
+}
+
+fn row<'a>(m: &'a Metrics, method: &str) -> &'a fsmerge_common::metrics::MethodResult {
+    m.results
+        .iter()
+        .find(|r| r.method == method)
+        .unwrap_or_else(|| panic!("no row {method}"))
+}
+
+#[test]
+fn user_vits_merge_from_their_folders_and_load_back_in_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &fixture().0, "user-vits", &|_, e| e);
+    merge_and_load_back(&cfg, fixture(), &TASKS, "0");
+    let merged = cfg.with_extension("run").join("merged");
+    assert!(merged.join("preprocessor_config.json").is_file());
+}
+
+#[test]
+fn user_berts_merge_with_their_tokenizer_and_load_back_in_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = &text_fixture().0;
+    let cfg = text_config(tmp.path(), root, "user-berts", &|_, e| e);
+    merge_and_load_back(&cfg, text_fixture(), &TEXT_TASKS, "32");
+    assert!(cfg
+        .with_extension("run")
+        .join("merged/tokenizer.json")
+        .is_file());
+
+    // A model whose tokenizer maps tokens to other ids cannot share the merged embeddings.
+    let names = copy_model(root, "names", &tmp.path().join("other-vocab"));
+    std::fs::copy(
+        fsmerge_tests::root().join("data/all-MiniLM-L6-v2/tokenizer.json"),
+        names.join("tokenizer.json"),
+    )
+    .unwrap();
+    let orig = root.join("models/names");
+    let cfg = text_config(tmp.path(), root, "other-vocab", &|t, e| {
+        if t == 1 {
+            e.replace(&orig.display().to_string(), &names.display().to_string())
+        } else {
+            e
+        }
+    });
+    fails(
+        &cfg,
+        tmp.path(),
+        &["names/tokenizer.json", "the vocabulary differs"],
+    );
+    std::fs::remove_file(names.join("tokenizer.json")).unwrap();
+    fails(&cfg, tmp.path(), &["names/tokenizer.json", "missing"]);
 }
 
 /// Copy model `task` of the fixture into `dir` (to damage it there).
@@ -176,7 +265,7 @@ fn bad_models_and_data_are_named() {
             e
         }
     });
-    fails(&cfg, tmp, &["preprocessor_config.json"]);
+    fails(&cfg, tmp, &["preprocessor_config.json", "missing"]);
 
     // An ImageFolder class the model does not know.
     let test_a = root.join("data/fmnist-a/test");

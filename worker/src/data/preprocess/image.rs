@@ -76,6 +76,12 @@ impl ImageProcessor {
     /// Read `model_dir/preprocessor_config.json`.
     pub fn load(model_dir: &Path) -> Result<Self> {
         let path = model_dir.join(CONFIG_FILE);
+        if !path.is_file() {
+            return Err(data_err(
+                &path,
+                "missing: the model needs its image processor's settings (`save_pretrained` of its ViTImageProcessor writes them)",
+            ));
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         Self::parse(&path, &text)
     }
