@@ -3,7 +3,7 @@
 //! `ViTImageProcessor` resizes and normalizes), saved with `save_pretrained`, their merge data
 //! as Hub Parquet and their test data as an ImageFolder. fsmerge merges them from a
 //! `[[models]]` config alone; transformers loads `merged/` with `AutoModelForImageClassification`
-//! + `AutoImageProcessor` and gets fsmerge's per-task accuracies. The same for two BERTs with
+//! and `AutoImageProcessor` and gets fsmerge's per-task accuracies. The same for two BERTs with
 //! their own fast tokenizer (`tokenizer.json`), JSON Lines merge data and CSV test data. Bad
 //! input is named.
 
