@@ -5,7 +5,8 @@
 //! (task t's classes follow task t-1's). The merged model reads one input, so the models must
 //! preprocess alike: a processor setting or tokenizer that differs is refused by name.
 
-use crate::data::preprocess::image::{self as image_proc, ImageProcessor};
+use crate::data::preprocess::image::ImageProcessor;
+use crate::data::preprocess::parallel::{self, process_all, Encoded};
 use crate::data::preprocess::text::TextProcessor;
 use crate::data::rows::{ImageSet, Splits};
 use crate::data::sources::{self, Input, InputKind, Record};
@@ -50,14 +51,17 @@ impl Processor {
                 if !pixels {
                     return Ok((Vec::new(), 0));
                 }
-                let mut out = Vec::with_capacity(records.len() * dim);
-                for r in records {
-                    let Input::Image(bytes) = &r.input else {
-                        return Err(not_an(r, "image"));
-                    };
-                    let img = image_proc::decode(bytes, &r.origin)?;
-                    out.extend(p.process(&img, *channels, &r.origin)?);
-                }
+                let encoded = records
+                    .iter()
+                    .map(|r| match &r.input {
+                        Input::Image(bytes) => Ok(Encoded {
+                            bytes,
+                            origin: &r.origin,
+                        }),
+                        Input::Text(_) => Err(not_an(r, "image")),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let out = process_all(p, *channels, dim, &encoded, parallel::threads())?;
                 Ok((out, dim))
             }
             Processor::Text(p) => {

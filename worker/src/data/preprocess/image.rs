@@ -170,6 +170,25 @@ impl ImageProcessor {
     /// width f32, channels first, exactly the slow `ViTImageProcessor`'s `pixel_values` for the
     /// image converted to `channels` channels (`convert("RGB")` or `convert("L")`).
     pub fn process(&self, img: &DynamicImage, channels: usize, origin: &str) -> Result<Vec<f32>> {
+        let (w, h) = if self.do_resize {
+            (self.width, self.height)
+        } else {
+            (img.width() as usize, img.height() as usize)
+        };
+        let mut out = vec![0f32; channels * w * h];
+        self.process_into(img, channels, origin, &mut out)?;
+        Ok(out)
+    }
+
+    /// `process` into `out` (exactly `channels` × height × width values; a mismatch, e.g. an
+    /// image of another size without `do_resize`, is an error naming `origin`).
+    pub fn process_into(
+        &self,
+        img: &DynamicImage,
+        channels: usize,
+        origin: &str,
+        out: &mut [f32],
+    ) -> Result<()> {
         self.check_channels(channels)?;
         let size = (img.width() as usize, img.height() as usize);
         let mut px = pixels(img, channels, origin)?;
@@ -191,24 +210,40 @@ impl ImageProcessor {
         let (Some(mean), Some(std)) = (mean.values(channels), std.values(channels)) else {
             return Err(data_err(&self.path, "`image_mean`/`image_std` length"));
         };
+        // A pixel's value depends only on its byte and channel: one table of 256 per channel.
+        let table: Vec<[f32; 256]> = (0..channels)
+            .map(|c| {
+                std::array::from_fn(|v| {
+                    // transformers: `image.astype(np.float64) * scale`, then `.astype(np.float32)`.
+                    let x = if self.do_rescale {
+                        (v as f64 * self.rescale_factor) as f32
+                    } else {
+                        v as f32
+                    };
+                    if self.do_normalize {
+                        (x - mean[c]) / std[c]
+                    } else {
+                        x
+                    }
+                })
+            })
+            .collect();
         let plane = w * h;
-        let mut out = vec![0f32; channels * plane];
-        for (i, pixel) in px.chunks_exact(channels).enumerate() {
-            for (c, &v) in pixel.iter().enumerate() {
-                // transformers: `image.astype(np.float64) * scale` then `.astype(np.float32)`.
-                let x = if self.do_rescale {
-                    (f64::from(v) * self.rescale_factor) as f32
-                } else {
-                    f32::from(v)
-                };
-                out[c * plane + i] = if self.do_normalize {
-                    (x - mean[c]) / std[c]
-                } else {
-                    x
-                };
+        if out.len() != channels * plane {
+            return Err(data_err(
+                Path::new(origin),
+                format!(
+                    "a {w}×{h} image where {} values are expected (images of one size without `do_resize`)",
+                    out.len()
+                ),
+            ));
+        }
+        for (c, (dst, t)) in out.chunks_exact_mut(plane).zip(&table).enumerate() {
+            for (o, pixel) in dst.iter_mut().zip(px.chunks_exact(channels)) {
+                *o = t[usize::from(pixel[c])];
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -375,6 +410,9 @@ pub fn pixels(img: &DynamicImage, channels: usize, origin: &str) -> Result<Vec<u
             _ => [p[0], p[1], p[2]],
         }
     };
+    if src_channels == channels {
+        return Ok(raw);
+    }
     let mut out = Vec::with_capacity(raw.len() / src_channels * channels);
     for p in raw.chunks_exact(src_channels) {
         match (channels, src_channels) {

@@ -3,5 +3,6 @@
 //! (`text`).
 
 pub mod image;
+pub mod parallel;
 pub mod resize;
 pub mod text;

@@ -163,43 +163,80 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter, support: f64) -
         .collect()
 }
 
-/// Resample.c's `clip8`: drop the fraction bits and saturate to `u8`.
-fn clip8(acc: i64) -> u8 {
+/// Resample.c's `clip8`: drop the fraction bits and saturate to `u8`. Pillow accumulates in
+/// a C `int`; the sums fit (255 · Σ|w| < 2³¹), so i32 gives its exact results.
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Sum of `pixel(start + i) · weights[i]` from Pillow's rounding offset, clipped to `u8`.
-fn convolve(taps: &Taps, pixel: impl Fn(usize) -> u8) -> u8 {
-    let mut acc = 1i64 << (PRECISION_BITS - 1);
-    for (i, &w) in taps.weights.iter().enumerate() {
-        acc += i64::from(pixel(taps.start + i)) * i64::from(w);
-    }
-    clip8(acc)
-}
+/// Pillow's rounding offset, where every accumulation starts.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
-/// Horizontal pass: `(w, h)` → `(out_w, h)`.
+/// Horizontal pass: `(w, h)` → `(out_w, h)`; all channels of a pixel in one sweep of its taps
+/// (the common channel counts compiled with a fixed count, which the compiler unrolls).
 fn horizontal(src: &[u8], (w, h): (usize, usize), c: usize, out_w: usize, f: Filter) -> Vec<u8> {
     let taps = coefficients(w, out_w, f, f.support().unwrap_or(0.0));
-    let mut out = vec![0u8; out_w * h * c];
-    for y in 0..h {
-        let row = &src[y * w * c..(y + 1) * w * c];
-        for (xx, t) in taps.iter().enumerate() {
+    match c {
+        1 => horizontal_n::<1>(src, (w, h), out_w, &taps),
+        2 => horizontal_n::<2>(src, (w, h), out_w, &taps),
+        3 => horizontal_n::<3>(src, (w, h), out_w, &taps),
+        4 => horizontal_n::<4>(src, (w, h), out_w, &taps),
+        _ => {
+            // Any other count: one channel at a time.
+            let mut out = vec![0u8; out_w * h * c];
             for ch in 0..c {
-                out[(y * out_w + xx) * c + ch] = convolve(t, |x| row[x * c + ch]);
+                let plane: Vec<u8> = src.iter().skip(ch).step_by(c).copied().collect();
+                let done = horizontal_n::<1>(&plane, (w, h), out_w, &taps);
+                for (o, v) in out.iter_mut().skip(ch).step_by(c).zip(done) {
+                    *o = v;
+                }
+            }
+            out
+        }
+    }
+}
+
+fn horizontal_n<const C: usize>(
+    src: &[u8],
+    (w, h): (usize, usize),
+    out_w: usize,
+    taps: &[Taps],
+) -> Vec<u8> {
+    let mut out = vec![0u8; out_w * h * C];
+    for (row, dst) in src.chunks_exact(w * C).zip(out.chunks_exact_mut(out_w * C)) {
+        for (t, px) in taps.iter().zip(dst.chunks_exact_mut(C)) {
+            let mut acc = [HALF; C];
+            let from = &row[t.start * C..(t.start + t.weights.len()) * C];
+            for (&wt, pixel) in t.weights.iter().zip(from.chunks_exact(C)) {
+                for k in 0..C {
+                    acc[k] += i32::from(pixel[k]) * wt;
+                }
+            }
+            for k in 0..C {
+                px[k] = clip8(acc[k]);
             }
         }
     }
     out
 }
 
-/// Vertical pass: `(w, h)` → `(w, out_h)`.
+/// Vertical pass: `(w, h)` → `(w, out_h)`; each output row sums whole input rows (contiguous,
+/// so the inner loop vectorizes).
 fn vertical(src: &[u8], (w, h): (usize, usize), c: usize, out_h: usize, f: Filter) -> Vec<u8> {
     let taps = coefficients(h, out_h, f, f.support().unwrap_or(0.0));
     let stride = w * c;
     let mut out = vec![0u8; out_h * stride];
-    for (yy, t) in taps.iter().enumerate() {
-        for i in 0..stride {
-            out[yy * stride + i] = convolve(t, |y| src[y * stride + i]);
+    let mut acc = vec![0i32; stride];
+    for (t, dst) in taps.iter().zip(out.chunks_exact_mut(stride)) {
+        acc.fill(HALF);
+        for (i, &wt) in t.weights.iter().enumerate() {
+            let row = &src[(t.start + i) * stride..][..stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += i32::from(v) * wt;
+            }
+        }
+        for (o, &a) in dst.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     out
@@ -267,18 +304,21 @@ pub fn resize(
     }
     let (ow, oh) = out;
     let tall = h > w * 100 && oh < h;
-    let mut img = src.to_vec();
+    // The passes that run, in Pillow's order; the first reads `src` itself.
+    let mut img: Option<Vec<u8>> = None;
     if tall && oh != h {
-        img = vertical(&img, (w, h), channels, oh, filter);
+        img = Some(vertical(src, (w, h), channels, oh, filter));
     }
     let h_now = if tall { oh } else { h };
     if ow != w {
-        img = horizontal(&img, (w, h_now), channels, ow, filter);
+        let from = img.as_deref().unwrap_or(src);
+        img = Some(horizontal(from, (w, h_now), channels, ow, filter));
     }
     if !tall && oh != h {
-        img = vertical(&img, (ow, h), channels, oh, filter);
+        let from = img.as_deref().unwrap_or(src);
+        img = Some(vertical(from, (ow, h), channels, oh, filter));
     }
-    Ok(img)
+    Ok(img.unwrap_or_else(|| src.to_vec()))
 }
 
 #[cfg(test)]
