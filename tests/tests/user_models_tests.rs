@@ -66,7 +66,7 @@ fn config(dir: &Path, root: &Path, name: &str, entry: &dyn Fn(usize, String) -> 
             ),
         );
     }
-    text += "[merge]\nmode = \"local-then-global\"\nrank = 8\nepochs = 20\nglobal_epochs = 20\nn_originals = 256\nn_augmented = 0\n";
+    text += "[merge]\nmode = \"local-then-global\"\nrank = 8\nbatch_size = 64\nepochs = 20\nglobal_epochs = 20\nn_originals = 256\nn_augmented = 0\n";
     let file = dir.join(format!("{name}.toml"));
     std::fs::write(&file, text).unwrap();
     file
@@ -93,7 +93,7 @@ fn text_config(
             ),
         );
     }
-    text += "[merge]\nmode = \"local-then-global\"\nrank = 8\nepochs = 20\nglobal_epochs = 20\nn_originals = 256\nn_augmented = 0\n";
+    text += "[merge]\nmode = \"local-then-global\"\nrank = 8\nbatch_size = 64\nepochs = 20\nglobal_epochs = 20\nn_originals = 256\nn_augmented = 0\n";
     let file = dir.join(format!("{name}.toml"));
     std::fs::write(&file, text).unwrap();
     file

@@ -4,12 +4,12 @@
 //! included), prints the plan and an estimate of each worker's memory, and exits 0, or with the
 //! first problem.
 
+use crate::job::prepare::task_data;
 use crate::job::Job;
 use crate::JobArgs;
 use anyhow::{Context, Result};
 use fsmerge_common::config::{Arch, JobConfig};
 use fsmerge_common::plan::Plan;
-use fsmerge_worker::data::models::{survey, TaskData};
 use fsmerge_worker::family::family;
 
 /// Resident memory of an idle `fsmerge` process (libtorch linked), MiB: the floor of every
@@ -40,19 +40,10 @@ pub fn run(args: &JobArgs) -> Result<()> {
             cfg.tasks.len()
         );
     }
-    let data = task_data(&job)?;
-    for d in &data {
+    for d in task_data(&job)? {
         println!(
             "task {}: {} merge inputs, {} labeled eval inputs",
             d.task, d.merge_rows, d.eval_rows
-        );
-    }
-    let need = cfg.merge.n_originals;
-    if let Some(d) = data.iter().find(|d| d.merge_rows < need) {
-        anyhow::bail!(
-            "task {}: merge.n_originals = {need} but its merge data has {} inputs",
-            d.task,
-            d.merge_rows
         );
     }
     if untrained {
@@ -84,24 +75,6 @@ pub fn run(args: &JobArgs) -> Result<()> {
     }
     println!("ok: `fsmerge merge` or `fsmerge coordinator` can run this job");
     Ok(())
-}
-
-/// Each task's data: a `[[models]]` job's sources surveyed, a built-in dataset's rows counted.
-fn task_data(job: &Job) -> Result<Vec<TaskData>> {
-    let cfg = &job.cfg;
-    if !cfg.models.is_empty() {
-        return Ok(survey(cfg)?);
-    }
-    let splits = fsmerge_worker::data::load_job(cfg, false)?;
-    Ok(cfg
-        .tasks
-        .iter()
-        .map(|t| TaskData {
-            task: t.name.clone(),
-            merge_rows: splits.train.indices_of(&t.classes).len(),
-            eval_rows: splits.test.indices_of(&t.classes).len(),
-        })
-        .collect())
 }
 
 /// Floats per sample of one model's stream between units (a transformer's tokens × width, an

@@ -11,6 +11,7 @@ use crate::data::preprocess::text::TextProcessor;
 use crate::data::rows::{ImageSet, Splits};
 use crate::data::sources::{self, Input, InputKind, Record};
 use fsmerge_common::config::JobConfig;
+use fsmerge_common::data_source::DataSource;
 use fsmerge_common::models::ModelFacts;
 use fsmerge_common::{Error, Result};
 
@@ -144,6 +145,16 @@ fn differs(a: &Processor, b: &Processor) -> Option<&'static str> {
     }
 }
 
+/// Model `t`'s labeled data: required, for the per-task accuracies.
+fn eval_source(job: &JobConfig, t: usize) -> Result<&DataSource> {
+    job.models[t].eval_data.as_ref().ok_or_else(|| {
+        Error::field(
+            format!("models[{t}].eval_data"),
+            "missing: per-task accuracy needs labeled data (fidelity without labels is not implemented yet)",
+        )
+    })
+}
+
 /// Every model preprocesses as the first one does, or the setting that differs is named.
 fn check_alike(job: &JobConfig, processors: &[Processor], kind: InputKind) -> Result<()> {
     for (t, p) in processors.iter().enumerate().skip(1) {
@@ -192,13 +203,7 @@ pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
         let merge = sources::read(&m.merge_data, kind)?;
         let (rows, dim) = processors[t].rows(&merge, pixels)?;
         append(&mut train, rows, vec![offset; merge.len()], dim);
-        let eval = m.eval_data.as_ref().ok_or_else(|| {
-            Error::field(
-                format!("models[{t}].eval_data"),
-                "missing: per-task accuracy needs labeled data (fidelity without labels is not implemented yet)",
-            )
-        })?;
-        let eval = sources::read(eval, kind)?;
+        let eval = sources::read(eval_source(job, t)?, kind)?;
         let facts = ModelFacts::read(&m.path)?;
         let classes = sources::class_ids(
             &eval,
@@ -260,21 +265,15 @@ pub fn survey(job: &JobConfig) -> Result<Vec<TaskData>> {
     for (t, (m, task)) in job.models.iter().zip(&job.tasks).enumerate() {
         let merge = sources::read(&m.merge_data, kind)?;
         processors[t].rows(&merge[..1], true)?;
-        let eval = match &m.eval_data {
-            Some(src) => {
-                let eval = sources::read(src, kind)?;
-                let facts = ModelFacts::read(&m.path)?;
-                let config = m.path.join("config.json");
-                sources::class_ids(&eval, &facts.label2id(), facts.labels.len(), &config)?;
-                processors[t].rows(&eval[..1], true)?;
-                eval.len()
-            }
-            None => 0,
-        };
+        let eval = sources::read(eval_source(job, t)?, kind)?;
+        let facts = ModelFacts::read(&m.path)?;
+        let config = m.path.join("config.json");
+        sources::class_ids(&eval, &facts.label2id(), facts.labels.len(), &config)?;
+        processors[t].rows(&eval[..1], true)?;
         out.push(TaskData {
             task: task.name.clone(),
             merge_rows: merge.len(),
-            eval_rows: eval,
+            eval_rows: eval.len(),
         });
     }
     Ok(out)
