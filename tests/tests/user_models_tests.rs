@@ -50,26 +50,16 @@ fn make_fixture(script: &str, name: &str, steps: &str) -> Fixture {
     }
 }
 
-/// A `[[models]]` config over the fixture, each model's entry edited by `entry`.
+/// A `[[models]]` config over the ViT fixture (Parquet merge data, ImageFolder test data),
+/// each model's entry edited by `entry`.
 fn config(dir: &Path, root: &Path, name: &str, entry: &dyn Fn(usize, String) -> String) -> PathBuf {
-    let mut text = format!("name = \"{name}\"\nthreads = 2\n");
-    for (t, task) in TASKS.iter().enumerate() {
-        let m = root.join("models").join(task);
-        let d = root.join("data").join(task);
-        text += &entry(
-            t,
-            format!(
-                "[[models]]\npath = \"{}\"\nmerge_data = {{ format = \"parquet\", path = \"{}/train-*.parquet\" }}\neval_data = {{ format = \"imagefolder\", path = \"{}/test\" }}\n",
-                m.display(),
-                d.display(),
-                d.display()
-            ),
-        );
-    }
-    text += "[merge]\nmode = \"local-then-global\"\nrank = 8\nbatch_size = 64\nepochs = 20\nglobal_epochs = 20\nn_originals = 256\nn_augmented = 0\n";
-    let file = dir.join(format!("{name}.toml"));
-    std::fs::write(&file, text).unwrap();
-    file
+    let data = |d: &Path| {
+        format!(
+            "merge_data = {{ format = \"parquet\", path = \"{0}/train-*.parquet\" }}\neval_data = {{ format = \"imagefolder\", path = \"{0}/test\" }}\n",
+            d.display()
+        )
+    };
+    write_config(dir, root, name, (&TASKS, ""), &data, entry)
 }
 
 /// A `[[models]]` config over the BERT fixture (JSON Lines merge data, CSV test data).
@@ -79,18 +69,34 @@ fn text_config(
     name: &str,
     entry: &dyn Fn(usize, String) -> String,
 ) -> PathBuf {
-    let mut text = format!("name = \"{name}\"\nthreads = 2\n[data]\nmax_tokens = 32\n");
-    for (t, task) in TEXT_TASKS.iter().enumerate() {
+    let data = |d: &Path| {
+        format!(
+            "merge_data = {{ format = \"jsonl\", path = \"{0}/merge.jsonl\" }}\neval_data = {{ format = \"csv\", path = \"{0}/test.csv\" }}\n",
+            d.display()
+        )
+    };
+    let header = "[data]\nmax_tokens = 32\n";
+    write_config(dir, root, name, (&TEXT_TASKS, header), &data, entry)
+}
+
+/// `<dir>/<name>.toml`: `header`, one `[[models]]` entry per task of `tasks` (its folder under
+/// `<root>/models/`, its data lines from `data(<root>/data/<task>)`, edited by `entry`), and the
+/// test's merge schedule.
+fn write_config(
+    dir: &Path,
+    root: &Path,
+    name: &str,
+    (tasks, header): (&[&str], &str),
+    data: &dyn Fn(&Path) -> String,
+    entry: &dyn Fn(usize, String) -> String,
+) -> PathBuf {
+    let mut text = format!("name = \"{name}\"\nthreads = 2\n{header}");
+    for (t, task) in tasks.iter().enumerate() {
         let m = root.join("models").join(task);
-        let d = root.join("data").join(task);
+        let lines = data(&root.join("data").join(task));
         text += &entry(
             t,
-            format!(
-                "[[models]]\npath = \"{}\"\nmerge_data = {{ format = \"jsonl\", path = \"{}/merge.jsonl\" }}\neval_data = {{ format = \"csv\", path = \"{}/test.csv\" }}\n",
-                m.display(),
-                d.display(),
-                d.display()
-            ),
+            format!("[[models]]\npath = \"{}\"\n{lines}", m.display()),
         );
     }
     text += "[merge]\nmode = \"local-then-global\"\nrank = 8\nbatch_size = 64\nepochs = 20\nglobal_epochs = 20\nn_originals = 256\nn_augmented = 0\n";

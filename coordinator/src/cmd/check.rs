@@ -4,6 +4,7 @@
 //! included), prints the plan and an estimate of each worker's memory, and exits 0, or with the
 //! first problem.
 
+use crate::job::originals::missing;
 use crate::job::prepare::task_data;
 use crate::job::Job;
 use crate::JobArgs;
@@ -21,11 +22,7 @@ pub fn run(args: &JobArgs) -> Result<()> {
     let cfg = &job.cfg;
     let family = family(cfg.model.arch);
     let arch = format!("{:?}", cfg.model.arch).to_lowercase();
-    let untrained = cfg.models.is_empty()
-        && cfg.tasks.iter().any(|t| {
-            let files = family.original_files(&job.models_dir, &t.name);
-            files.iter().all(|f| !f.exists())
-        });
+    let untrained = !missing(&job).is_empty();
     if untrained {
         println!(
             "models: not trained yet in {} (`fsmerge merge` trains them first); no plan without them",

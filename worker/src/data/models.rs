@@ -155,6 +155,33 @@ fn eval_source(job: &JobConfig, t: usize) -> Result<&DataSource> {
     })
 }
 
+/// What the job's models read, and each model's processor (all alike, or the setting that
+/// differs is named).
+fn processors(job: &JobConfig) -> Result<(InputKind, Vec<Processor>)> {
+    let kind = if job.data.is_text() {
+        InputKind::Text
+    } else {
+        InputKind::Image
+    };
+    let processors = (0..job.models.len())
+        .map(|t| Processor::load(job, t))
+        .collect::<Result<Vec<_>>>()?;
+    check_alike(job, &processors, kind)?;
+    Ok((kind, processors))
+}
+
+/// Model `t`'s class id of every eval record, through its `label2id`.
+fn eval_classes(job: &JobConfig, t: usize, eval: &[Record]) -> Result<Vec<usize>> {
+    let path = &job.models[t].path;
+    let facts = ModelFacts::read(path)?;
+    sources::class_ids(
+        eval,
+        &facts.label2id(),
+        facts.labels.len(),
+        &path.join("config.json"),
+    )
+}
+
 /// Every model preprocesses as the first one does, or the setting that differs is named.
 fn check_alike(job: &JobConfig, processors: &[Processor], kind: InputKind) -> Result<()> {
     for (t, p) in processors.iter().enumerate().skip(1) {
@@ -179,38 +206,20 @@ fn check_alike(job: &JobConfig, processors: &[Processor], kind: InputKind) -> Re
 /// The splits of a `[[models]]` job; `pixels` false: labels only (image rows of width 0), for
 /// a stage that never reads the rows.
 pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
-    let kind = if job.data.is_text() {
-        InputKind::Text
-    } else {
-        InputKind::Image
-    };
-    let processors = (0..job.models.len())
-        .map(|t| Processor::load(job, t))
-        .collect::<Result<Vec<_>>>()?;
-    check_alike(job, &processors, kind)?;
-    let mut train = ImageSet {
+    let (kind, processors) = processors(job)?;
+    let empty = || ImageSet {
         pixels: Vec::new(),
         labels: Vec::new(),
         dim: 0,
     };
-    let mut test = ImageSet {
-        pixels: Vec::new(),
-        labels: Vec::new(),
-        dim: 0,
-    };
+    let (mut train, mut test) = (empty(), empty());
     for (t, (m, task)) in job.models.iter().zip(&job.tasks).enumerate() {
         let offset = task.classes[0];
         let merge = sources::read(&m.merge_data, kind)?;
         let (rows, dim) = processors[t].rows(&merge, pixels)?;
         append(&mut train, rows, vec![offset; merge.len()], dim);
         let eval = sources::read(eval_source(job, t)?, kind)?;
-        let facts = ModelFacts::read(&m.path)?;
-        let classes = sources::class_ids(
-            &eval,
-            &facts.label2id(),
-            facts.labels.len(),
-            &m.path.join("config.json"),
-        )?;
+        let classes = eval_classes(job, t, &eval)?;
         let (rows, dim) = processors[t].rows(&eval, pixels)?;
         append(
             &mut test,
@@ -219,11 +228,7 @@ pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
             dim,
         );
     }
-    let val = ImageSet {
-        pixels: test.pixels.clone(),
-        labels: test.labels.clone(),
-        dim: test.dim,
-    };
+    let val = test.clone();
     Ok(Splits {
         side: job.data.image_side(),
         train,
@@ -252,23 +257,13 @@ pub struct TaskData {
 /// the models), every record, the eval labels through `label2id`, and the first input of each
 /// source preprocessed. The first problem is an error naming the file, row or key.
 pub fn survey(job: &JobConfig) -> Result<Vec<TaskData>> {
-    let kind = if job.data.is_text() {
-        InputKind::Text
-    } else {
-        InputKind::Image
-    };
-    let processors = (0..job.models.len())
-        .map(|t| Processor::load(job, t))
-        .collect::<Result<Vec<_>>>()?;
-    check_alike(job, &processors, kind)?;
+    let (kind, processors) = processors(job)?;
     let mut out = Vec::new();
     for (t, (m, task)) in job.models.iter().zip(&job.tasks).enumerate() {
         let merge = sources::read(&m.merge_data, kind)?;
         processors[t].rows(&merge[..1], true)?;
         let eval = sources::read(eval_source(job, t)?, kind)?;
-        let facts = ModelFacts::read(&m.path)?;
-        let config = m.path.join("config.json");
-        sources::class_ids(&eval, &facts.label2id(), facts.labels.len(), &config)?;
+        eval_classes(job, t, &eval)?;
         processors[t].rows(&eval[..1], true)?;
         out.push(TaskData {
             task: task.name.clone(),

@@ -5,6 +5,7 @@ use tch::Tensor;
 
 /// Images of one split: rows of `dim` normalized pixels (or, for text, token ids), with dataset
 /// labels.
+#[derive(Clone)]
 pub struct ImageSet {
     pub pixels: Vec<f32>,
     pub labels: Vec<usize>,
