@@ -987,6 +987,12 @@ impl JobConfig {
         }
     }
 
+    /// Whether task `t` has labeled evaluation data: every built-in task, a `[[models]]` entry
+    /// with `eval_data`. An unlabeled task is scored by fidelity alone, on held-out merge inputs.
+    pub fn labeled(&self, t: usize) -> bool {
+        self.models.get(t).is_none_or(|m| m.eval_data.is_some())
+    }
+
     /// Every task's original folder, in task order.
     pub fn original_dirs(&self, models_dir: &Path) -> Vec<PathBuf> {
         (0..self.tasks.len())

@@ -16,6 +16,15 @@ pub struct MethodResult {
     /// Argmax over all heads' concatenated logits (labels offset per task); None for a single
     /// original model, which has only its own head.
     pub joint_acc: Option<f64>,
+    /// Per task: the share of test inputs on which the task's head agrees with its original's
+    /// prediction (held-out merge inputs for a task without labels).
+    #[serde(default)]
+    pub per_task_fidelity: BTreeMap<String, f64>,
+    /// Per task: ‖z − z_orig‖ / ‖z_orig‖ over the test inputs, z the task head's logits (the
+    /// last features every merged model exposes in the original's space: FS-Merge folds its
+    /// final unmerge into the heads).
+    #[serde(default)]
+    pub per_task_logit_error: BTreeMap<String, f64>,
     /// Validation-split mean task accuracy (used to choose defaults).
     pub val_mean_task_acc: f64,
     /// Wall time of the method (merge/training, not evaluation).
@@ -27,7 +36,12 @@ pub struct MethodResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SplitScores {
     pub per_task: Vec<f64>,
+    /// Over the labeled tasks only.
     pub joint: f64,
+    /// Per task: agreement with the original's predictions (1 for the originals).
+    pub fidelity: Vec<f64>,
+    /// Per task: relative error of the task head's logits against the original's.
+    pub logit_error: Vec<f64>,
 }
 
 impl SplitScores {
@@ -142,18 +156,63 @@ impl Metrics {
                         .unwrap_or_else(|| "–".into())
                 ));
             }
+            let labeled = !r.per_task_acc.is_empty();
             s.push_str(&format!(
                 " {} | {} | {} | {:.1} |\n",
-                pct(r.mean_task_acc),
+                if labeled {
+                    pct(r.mean_task_acc)
+                } else {
+                    "–".into()
+                },
                 r.joint_acc.map(pct).unwrap_or_else(|| "–".into()),
                 pct(r.val_mean_task_acc),
                 r.seconds
             ));
         }
+        s.push_str(&self.fidelity_markdown(tasks));
         s.push_str(&format!(
             "\npeak RSS {:.0} MiB, total {:.1} s\n",
             self.peak_rss_mib, self.total_seconds
         ));
+        s
+    }
+
+    /// The fidelity table: per task, agreement with the original's predictions (%) and the
+    /// relative logit error; empty when no row has them (metrics of older runs).
+    fn fidelity_markdown(&self, tasks: &[String]) -> String {
+        let rows: Vec<&MethodResult> = (self.results.iter())
+            .filter(|r| !r.per_task_fidelity.is_empty())
+            .collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from(
+            "\nFidelity: agreement of each task's head with its original's predictions (%) / relative logit error, on the test inputs (held-out merge inputs for a task without labels).\n\n| method |",
+        );
+        for t in tasks {
+            s.push_str(&format!(" {t} |"));
+        }
+        s.push_str(" mean |\n|---|");
+        for _ in 0..=tasks.len() {
+            s.push_str("---:|");
+        }
+        s.push('\n');
+        let cell = |f: f64, e: f64| format!("{} / {e:.3}", pct(f));
+        for r in rows {
+            s.push_str(&format!("| {} |", r.method));
+            for t in tasks {
+                let c = match (r.per_task_fidelity.get(t), r.per_task_logit_error.get(t)) {
+                    (Some(&f), Some(&e)) => cell(f, e),
+                    _ => "–".into(),
+                };
+                s.push_str(&format!(" {c} |"));
+            }
+            let mean = |m: &BTreeMap<String, f64>| m.values().sum::<f64>() / m.len().max(1) as f64;
+            s.push_str(&format!(
+                " {} |\n",
+                cell(mean(&r.per_task_fidelity), mean(&r.per_task_logit_error))
+            ));
+        }
         s
     }
 }

@@ -21,7 +21,8 @@ pub struct ModelEntry {
     pub task: Option<String>,
     /// Inputs FS-Merge reconstructs the model's features on (labels unused).
     pub merge_data: DataSource,
-    /// Labeled inputs for the per-task accuracies.
+    /// Labeled inputs for the per-task accuracies; without them every fifth `merge_data` input
+    /// is held out (not merged on) to measure the task's fidelity.
     #[serde(default)]
     pub eval_data: Option<DataSource>,
 }

@@ -155,7 +155,48 @@ fn merge_and_load_back(cfg: &Path, fixture: &Fixture, tasks: &[&str], max_tokens
         row(&m, "regmean").mean_task_acc,
         row(&m, "average").mean_task_acc
     );
+    fidelity_ranks_as_accuracy(&m);
     m
+}
+
+const MERGES: [&str; 5] = ["first", "average", "regmean", "kd", "fs-merge"];
+
+fn mean(m: &BTreeMap<String, f64>) -> f64 {
+    m.values().sum::<f64>() / m.len() as f64
+}
+
+/// On a job with labels, fidelity ranks the merged models as accuracy does: every pair of
+/// methods more than 3 accuracy points apart is ordered alike by mean fidelity (a closer pair
+/// may swap), and the originals agree with themselves exactly.
+fn fidelity_ranks_as_accuracy(m: &Metrics) {
+    for r in m
+        .results
+        .iter()
+        .filter(|r| r.method.starts_with("original:"))
+    {
+        assert_eq!(mean(&r.per_task_fidelity), 1.0, "{}", r.method);
+        assert_eq!(mean(&r.per_task_logit_error), 0.0, "{}", r.method);
+    }
+    let scores: Vec<(&str, f64, f64)> = MERGES
+        .iter()
+        .map(|&name| {
+            let r = row(m, name);
+            (name, r.mean_task_acc, mean(&r.per_task_fidelity))
+        })
+        .collect();
+    eprintln!("(method, mean accuracy, mean fidelity): {scores:?}");
+    for a in &scores {
+        for b in &scores {
+            if a.1 > b.1 + 0.03 {
+                assert!(
+                    a.2 > b.2,
+                    "{} above {} by accuracy, not by fidelity: {scores:?}",
+                    a.0,
+                    b.0
+                );
+            }
+        }
+    }
 }
 
 fn row<'a>(m: &'a Metrics, method: &str) -> &'a fsmerge_common::metrics::MethodResult {
@@ -168,10 +209,44 @@ fn row<'a>(m: &'a Metrics, method: &str) -> &'a fsmerge_common::metrics::MethodR
 #[test]
 fn user_vits_merge_from_their_folders_and_load_back_in_transformers() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), &fixture().0, "user-vits", &|_, e| e);
-    merge_and_load_back(&cfg, fixture(), &TASKS, "0");
+    let root = &fixture().0;
+    let cfg = config(tmp.path(), root, "user-vits", &|_, e| e);
+    let m = merge_and_load_back(&cfg, fixture(), &TASKS, "0");
     let merged = cfg.with_extension("run").join("merged");
     assert!(merged.join("preprocessor_config.json").is_file());
+
+    // Model b fine-tuned under another normalization (mean = std = 0.5, weights rewritten to
+    // the same function of the raw image): fsmerge folds the difference into its patch
+    // embedding, so the job reads model a's pixels and merges as before.
+    let orig_b = root.join("models/fmnist-b");
+    let renormalized = tmp.path().join("renormalized/fmnist-b");
+    eprintln!(
+        "{}",
+        python_fixture("renormalize_vit.py", &[&orig_b, &renormalized]).trim()
+    );
+    let cfg = config(tmp.path(), root, "renormalized", &|t, e| {
+        if t == 1 {
+            e.replace(
+                &orig_b.display().to_string(),
+                &renormalized.display().to_string(),
+            )
+        } else {
+            e
+        }
+    });
+    let again = merge_and_load_back(&cfg, fixture(), &TASKS, "0");
+    for method in MERGES {
+        for task in TASKS {
+            let (before, after) = (
+                row(&m, method).per_task_acc[task],
+                row(&again, method).per_task_acc[task],
+            );
+            assert!(
+                (before - after).abs() <= 0.02,
+                "{method} on {task}: {before} with equal processors, {after} renormalized"
+            );
+        }
+    }
 }
 
 #[test]
@@ -209,6 +284,62 @@ fn user_berts_merge_with_their_tokenizer_and_load_back_in_transformers() {
     fails(&cfg, tmp.path(), &["names/tokenizer.json", "missing"]);
 }
 
+/// A `[[models]]` entry without its `eval_data` line.
+fn without_eval_data(entry: String) -> String {
+    (entry.lines())
+        .filter(|l| !l.starts_with("eval_data"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Models without labeled data: each task is scored by fidelity to its original on every fifth
+/// merge input, held out (51 of 256), and FS-Merge keeps its lead over the baselines there.
+#[test]
+fn user_berts_without_eval_data_are_scored_by_fidelity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = &text_fixture().0;
+    let cfg = text_config(tmp.path(), root, "unlabeled", &|_, e| without_eval_data(e));
+    let few = ["--set", "merge.n_originals=200"];
+    let o = fsmerge(&[&["check", cfg.to_str().unwrap()][..], &few].concat());
+    let printed = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{printed}{}", stderr(&o));
+    for task in TEXT_TASKS {
+        let want = format!("task {task}: 205 merge inputs, 51 held-out merge inputs");
+        assert!(printed.contains(&want), "`{want}` not in:\n{printed}");
+    }
+
+    let out = cfg.with_extension("run");
+    let o = merge(&cfg, &out, &few);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: Metrics = read_json(&out.join("metrics.json")).unwrap();
+    let fs = row(&m, "fs-merge");
+    assert!(
+        fs.per_task_acc.is_empty() && fs.joint_acc.is_none(),
+        "{fs:?}"
+    );
+    for task in TEXT_TASKS {
+        let own = row(&m, &format!("original:{task}"));
+        assert_eq!(own.per_task_fidelity[task], 1.0);
+        assert!(fs.per_task_fidelity[task] > 0.5, "{fs:?}");
+        assert!(fs.per_task_logit_error[task] > 0.0, "{fs:?}");
+    }
+    let fidelity = |name: &str| mean(&row(&m, name).per_task_fidelity);
+    for b in ["first", "average", "regmean"] {
+        assert!(
+            fidelity("fs-merge") > fidelity(b),
+            "fs-merge {} vs {b} {}",
+            fidelity("fs-merge"),
+            fidelity(b)
+        );
+    }
+    let table = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(table.contains("Fidelity: agreement"), "{table}");
+    eprintln!(
+        "{}",
+        MERGES.map(|n| format!("{n} {:.4}", fidelity(n))).join(", ")
+    );
+}
+
 /// Copy model `task` of the fixture into `dir` (to damage it there).
 fn copy_model(root: &Path, task: &str, dir: &Path) -> PathBuf {
     let to = dir.join(task);
@@ -242,13 +373,14 @@ fn bad_models_and_data_are_named() {
         e.replace(&from.display().to_string(), &to.display().to_string())
     };
 
-    // A processor that normalizes differently from the other model's.
-    let b = copy_model(root, "fmnist-b", &tmp.join("other-mean"));
+    // A processor that resizes to another size than the other model's (a normalization that
+    // differs is adapted: the ViT test).
+    let b = copy_model(root, "fmnist-b", &tmp.join("other-size"));
     let p = b.join("preprocessor_config.json");
-    let text = std::fs::read_to_string(&p).unwrap().replace("0.29", "0.5");
-    std::fs::write(&p, text).unwrap();
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace("\"height\": 28", "\"height\": 24")).unwrap();
     let orig_b = root.join("models/fmnist-b");
-    let cfg = config(tmp, root, "other-mean", &|t, e| {
+    let cfg = config(tmp, root, "other-size", &|t, e| {
         if t == 1 {
             swap_path(e, &orig_b, &b)
         } else {
@@ -258,7 +390,10 @@ fn bad_models_and_data_are_named() {
     fails(
         &cfg,
         tmp,
-        &["preprocessor_config.json", "image_mean differs"],
+        &[
+            "other-size/fmnist-b/preprocessor_config.json",
+            "size differs",
+        ],
     );
 
     // A model without a processor config.
@@ -336,17 +471,19 @@ fn bad_models_and_data_are_named() {
         }
     });
     fails(&cfg, tmp, &["nothing-*.parquet", "no file matches"]);
+    // Without eval_data, every fifth merge input is held out: 4 are too few.
     let cfg = config(tmp, root, "no-eval", &|t, e| {
         if t == 1 {
-            e.lines()
-                .filter(|l| !l.starts_with("eval_data"))
-                .map(|l| format!("{l}\n"))
-                .collect()
+            without_eval_data(e).replace(".parquet\"", ".parquet\", limit = 4")
         } else {
             e
         }
     });
-    fails(&cfg, tmp, &["models[1].eval_data"]);
+    fails(
+        &cfg,
+        tmp,
+        &["models[1].merge_data", "4 inputs", "at least 5"],
+    );
 
     // Tasks given beside [[models]], and a model folder without config.json.
     let cfg = config(tmp, root, "with-tasks", &|t, e| {

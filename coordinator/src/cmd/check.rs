@@ -38,8 +38,13 @@ pub fn run(args: &JobArgs) -> Result<()> {
         );
     }
     for d in task_data(&job)? {
+        let eval = if d.labeled {
+            "labeled eval inputs"
+        } else {
+            "held-out merge inputs (no eval_data: fidelity only)"
+        };
         println!(
-            "task {}: {} merge inputs, {} labeled eval inputs",
+            "task {}: {} merge inputs, {} {eval}",
             d.task, d.merge_rows, d.eval_rows
         );
     }

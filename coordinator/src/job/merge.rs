@@ -40,7 +40,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let mut writer = family.writer(cfg, &job.models_dir, &staging.path(""))?;
     let clock = Instant::now();
     let outcome = cluster::run(job, &plan, launch, resume, writer.as_mut())?;
-    let evaluated = Evaluated::new(&outcome.evaluations, job.task_names())?;
+    let evaluated = Evaluated::new(&outcome.evaluations, job.task_names(), job.labeled())?;
     // FS-Merge's time: the workers' run without the originals' and baselines' evaluations.
     let fs_seconds = (clock.elapsed().as_secs_f64() - evaluated.seconds_of_others()).max(0.0);
     warn_if_global_rose(&outcome.log, m.lr);

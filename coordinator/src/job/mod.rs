@@ -83,4 +83,11 @@ impl Job {
     pub fn task_names(&self) -> Vec<String> {
         self.cfg.tasks.iter().map(|t| t.name.clone()).collect()
     }
+
+    /// Whether each task has labeled evaluation data.
+    pub fn labeled(&self) -> Vec<bool> {
+        (0..self.cfg.tasks.len())
+            .map(|t| self.cfg.labeled(t))
+            .collect()
+    }
 }

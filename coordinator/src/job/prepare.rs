@@ -32,6 +32,7 @@ pub fn task_data(job: &Job) -> Result<Vec<TaskData>> {
                 task: t.name.clone(),
                 merge_rows: splits.train.indices_of(&t.classes).len(),
                 eval_rows: splits.test.indices_of(&t.classes).len(),
+                labeled: true,
             })
             .collect()
     } else {

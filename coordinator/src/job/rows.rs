@@ -2,7 +2,7 @@
 //! splits, the variants that tell runs apart, and the local phase's rows.
 
 use fsmerge_common::config::{MergeConfig, Mode};
-use fsmerge_common::metrics::{Evaluation, MethodResult, SplitScores};
+use fsmerge_common::metrics::{Evaluation, MethodResult};
 use fsmerge_worker::train::progress::LogRow;
 use fsmerge_worker::train::settings::TrainSettings;
 use serde_json::json;
@@ -68,15 +68,22 @@ pub fn variant(pairs: &[(&str, serde_json::Value)]) -> BTreeMap<String, serde_js
 pub struct Evaluated<'a> {
     by_method: BTreeMap<&'a str, &'a Evaluation>,
     names: Vec<String>,
+    /// Whether each task has labels (else it is scored by fidelity alone).
+    labeled: Vec<bool>,
 }
 
 impl<'a> Evaluated<'a> {
     /// Index the workers' evaluations; one that does not score every task of the job is an
     /// error naming it.
-    pub fn new(evaluations: &'a [Evaluation], names: Vec<String>) -> anyhow::Result<Self> {
+    pub fn new(
+        evaluations: &'a [Evaluation],
+        names: Vec<String>,
+        labeled: Vec<bool>,
+    ) -> anyhow::Result<Self> {
         for e in evaluations {
             for (split, s) in [("test", &e.test), ("validation", &e.val)] {
-                if s.per_task.len() != names.len() {
+                let lens = [s.per_task.len(), s.fidelity.len(), s.logit_error.len()];
+                if lens.iter().any(|&l| l != names.len()) {
                     anyhow::bail!(
                         "the workers evaluated `{}` on {} tasks of the {split} split; the job has {}",
                         e.method,
@@ -87,7 +94,11 @@ impl<'a> Evaluated<'a> {
             }
         }
         let by_method = evaluations.iter().map(|e| (e.method.as_str(), e)).collect();
-        Ok(Self { by_method, names })
+        Ok(Self {
+            by_method,
+            names,
+            labeled,
+        })
     }
 
     /// Seconds the workers spent on the originals and the baselines (not FS-Merge's own rows).
@@ -110,18 +121,24 @@ impl<'a> Evaluated<'a> {
             method
         };
         let e = self.by_method.get(name)?;
+        let per_task_acc = self.labeled_only(&e.test.per_task);
+        let any_labels = !per_task_acc.is_empty();
+        let fidelity = self.per_task(&e.test.fidelity);
         tracing::info!(
-            "{method}: mean task accuracy {:.2}%, joint {:.2}%",
-            100.0 * e.test.mean(),
-            100.0 * e.test.joint
+            "{method}: mean task accuracy {}, joint {}; mean fidelity {:.2}%",
+            percent(any_labels.then(|| mean(&per_task_acc))),
+            percent(any_labels.then_some(e.test.joint)),
+            100.0 * mean(&fidelity)
         );
         Some(MethodResult {
             method: method.to_string(),
             variant,
-            per_task_acc: self.per_task(&e.test),
-            mean_task_acc: e.test.mean(),
-            joint_acc: Some(e.test.joint),
-            val_mean_task_acc: e.val.mean(),
+            mean_task_acc: mean(&per_task_acc),
+            per_task_acc,
+            joint_acc: any_labels.then_some(e.test.joint),
+            per_task_fidelity: fidelity,
+            per_task_logit_error: self.per_task(&e.test.logit_error),
+            val_mean_task_acc: mean(&self.labeled_only(&e.val.per_task)),
             seconds: if method == "ensemble" { 0.0 } else { e.seconds },
         })
     }
@@ -139,25 +156,50 @@ impl<'a> Evaluated<'a> {
             anyhow::bail!("the workers sent no evaluation of the originals");
         };
         Ok((self.names.iter().enumerate())
-            .map(|(t, name)| MethodResult {
-                method: format!("original:{name}"),
-                variant: BTreeMap::new(),
-                per_task_acc: [(name.clone(), e.test.per_task[t])].into(),
-                mean_task_acc: e.test.per_task[t],
-                joint_acc: None,
-                val_mean_task_acc: e.val.per_task[t],
-                seconds: 0.0,
+            .map(|(t, name)| {
+                let own = |v: &[f64]| BTreeMap::from([(name.clone(), v[t])]);
+                let labeled = self.labeled[t];
+                MethodResult {
+                    method: format!("original:{name}"),
+                    variant: BTreeMap::new(),
+                    per_task_acc: if labeled {
+                        own(&e.test.per_task)
+                    } else {
+                        BTreeMap::new()
+                    },
+                    mean_task_acc: if labeled { e.test.per_task[t] } else { 0.0 },
+                    joint_acc: None,
+                    per_task_fidelity: own(&e.test.fidelity),
+                    per_task_logit_error: own(&e.test.logit_error),
+                    val_mean_task_acc: if labeled { e.val.per_task[t] } else { 0.0 },
+                    seconds: 0.0,
+                }
             })
             .collect())
     }
 
-    fn per_task(&self, s: &SplitScores) -> BTreeMap<String, f64> {
-        self.names
-            .iter()
-            .cloned()
-            .zip(s.per_task.iter().copied())
+    /// Every task's value of `v`, by task name.
+    fn per_task(&self, v: &[f64]) -> BTreeMap<String, f64> {
+        self.names.iter().cloned().zip(v.iter().copied()).collect()
+    }
+
+    /// The labeled tasks' values of `v` (accuracies), by task name.
+    fn labeled_only(&self, v: &[f64]) -> BTreeMap<String, f64> {
+        (self.names.iter().zip(v).zip(&self.labeled))
+            .filter(|(_, &l)| l)
+            .map(|((n, &x), _)| (n.clone(), x))
             .collect()
     }
+}
+
+/// Mean of the values (0 when there are none).
+fn mean(m: &BTreeMap<String, f64>) -> f64 {
+    m.values().sum::<f64>() / m.len().max(1) as f64
+}
+
+/// A share as a percentage for the log, `–` when there is none.
+fn percent(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".into(), |v| format!("{:.2}%", 100.0 * v))
 }
 
 /// Warn when the global phase ended with a higher batch loss than it began with (the OneCycle

@@ -287,6 +287,8 @@ mod tests {
             per_task_acc: BTreeMap::new(),
             mean_task_acc: acc,
             joint_acc: joint,
+            per_task_fidelity: BTreeMap::new(),
+            per_task_logit_error: BTreeMap::new(),
             val_mean_task_acc: acc,
             seconds: 1.0,
         };

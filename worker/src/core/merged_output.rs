@@ -30,7 +30,7 @@ pub struct HfLayout {
     pub input: &'static str,
     /// A `[[models]]` job's preprocessing files, copied from the first model's folder when it
     /// has them (`preprocessor_config.json`, tokenizer files): every model preprocesses
-    /// alike, and the merged model is loaded with them.
+    /// alike or was adapted to the first's input, and the merged model is loaded with them.
     pub processor_files: &'static [&'static str],
 }
 

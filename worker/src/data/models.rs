@@ -1,17 +1,18 @@
 //! The data of a `[[models]]` job as the splits every job reads: task t's rows are model t's
 //! `merge_data` (the train split FS-Merge draws its merge rows from; labels unused) and its
-//! `eval_data` (the test split; the validation split repeats it), each input preprocessed by
+//! `eval_data` (the test split; the validation split repeats it) — or, for a model without
+//! `eval_data`, every fifth merge input held out as an unlabeled test split, on which the task
+//! is scored by fidelity to its original alone. Each input is preprocessed by
 //! the models' processor and labels mapped through model t's `label2id` to the job's class ids
 //! (task t's classes follow task t-1's). The merged model reads one input, so the models must
 //! preprocess alike: a processor setting or tokenizer that differs is refused by name.
 
-use crate::data::preprocess::image::ImageProcessor;
+use crate::data::preprocess::image::{ChannelAffine, ImageProcessor};
 use crate::data::preprocess::parallel::{self, process_all, Encoded};
 use crate::data::preprocess::text::TextProcessor;
 use crate::data::rows::{ImageSet, Splits};
 use crate::data::sources::{self, Input, InputKind, Record};
 use fsmerge_common::config::JobConfig;
-use fsmerge_common::data_source::DataSource;
 use fsmerge_common::models::ModelFacts;
 use fsmerge_common::{Error, Result};
 
@@ -90,11 +91,13 @@ fn not_an(r: &Record, what: &str) -> Error {
     }
 }
 
-/// The first preprocessing setting in which model `t`'s processor differs from model 0's.
+/// The first preprocessing setting in which model `t`'s processor differs from model 0's and
+/// the merged model cannot absorb (image rescale and normalization differences fold into each
+/// original's patch embedding: `input_adapters`).
 fn differs(a: &Processor, b: &Processor) -> Option<&'static str> {
     match (a, b) {
         (Processor::Image(a, _), Processor::Image(b, _)) => {
-            let keys: [(&str, String, String); 8] = [
+            let keys: [(&str, String, String); 3] = [
                 (
                     "do_resize",
                     a.do_resize.to_string(),
@@ -110,31 +113,6 @@ fn differs(a: &Processor, b: &Processor) -> Option<&'static str> {
                     format!("{:?}", a.resample),
                     format!("{:?}", b.resample),
                 ),
-                (
-                    "do_rescale",
-                    a.do_rescale.to_string(),
-                    b.do_rescale.to_string(),
-                ),
-                (
-                    "rescale_factor",
-                    a.rescale_factor.to_string(),
-                    b.rescale_factor.to_string(),
-                ),
-                (
-                    "do_normalize",
-                    a.do_normalize.to_string(),
-                    b.do_normalize.to_string(),
-                ),
-                (
-                    "image_mean",
-                    format!("{:?}", a.image_mean),
-                    format!("{:?}", b.image_mean),
-                ),
-                (
-                    "image_std",
-                    format!("{:?}", a.image_std),
-                    format!("{:?}", b.image_std),
-                ),
             ];
             keys.into_iter().find(|(_, x, y)| x != y).map(|(k, _, _)| k)
         }
@@ -145,14 +123,34 @@ fn differs(a: &Processor, b: &Processor) -> Option<&'static str> {
     }
 }
 
-/// Model `t`'s labeled data: required, for the per-task accuracies.
-fn eval_source(job: &JobConfig, t: usize) -> Result<&DataSource> {
-    job.models[t].eval_data.as_ref().ok_or_else(|| {
-        Error::field(
-            format!("models[{t}].eval_data"),
-            "missing: per-task accuracy needs labeled data (fidelity without labels is not implemented yet)",
-        )
-    })
+/// Every `HOLD_OUT`-th merge input of a model without `eval_data` is held out for its fidelity.
+const HOLD_OUT: usize = 5;
+
+/// Model `t`'s inputs: (merged on, evaluated on, whether the evaluated ones carry labels).
+/// Without `eval_data`, every fifth merge input is held out, unlabeled.
+fn task_records(
+    job: &JobConfig,
+    t: usize,
+    kind: InputKind,
+) -> Result<(Vec<Record>, Vec<Record>, bool)> {
+    let m = &job.models[t];
+    let merge = sources::read(&m.merge_data, kind)?;
+    if let Some(eval) = &m.eval_data {
+        return Ok((merge, sources::read(eval, kind)?, true));
+    }
+    if merge.len() < HOLD_OUT {
+        return Err(Error::field(
+            format!("models[{t}].merge_data"),
+            format!(
+                "{} inputs; without eval_data at least {HOLD_OUT} are needed (every {HOLD_OUT}th is held out to measure the task's fidelity)",
+                merge.len()
+            ),
+        ));
+    }
+    let (held, kept): (Vec<_>, Vec<_>) =
+        (merge.into_iter().enumerate()).partition(|(i, _)| i % HOLD_OUT == HOLD_OUT - 1);
+    let strip = |v: Vec<(usize, Record)>| v.into_iter().map(|(_, r)| r).collect();
+    Ok((strip(kept), strip(held), false))
 }
 
 /// What the job's models read, and each model's processor (all alike, or the setting that
@@ -203,6 +201,34 @@ fn check_alike(job: &JobConfig, processors: &[Processor], kind: InputKind) -> Re
     Ok(())
 }
 
+/// Per model, how its pixels follow from model 0's (the merged model's input), per channel
+/// (a, b) with own = a·x₀ + b; `None` where they are equal, and for jobs without `[[models]]`
+/// or of text. An original's patch embedding composed with it reads model 0's pixels exactly.
+pub fn input_adapters(job: &JobConfig) -> Result<Vec<Option<ChannelAffine>>> {
+    if job.models.is_empty() || job.data.is_text() {
+        return Ok(vec![None; job.tasks.len()]);
+    }
+    let (_, processors) = processors(job)?;
+    processors
+        .iter()
+        .map(|p| match (p, &processors[0]) {
+            (Processor::Image(own, channels), Processor::Image(first, _)) => {
+                own.from_reference(first, *channels)
+            }
+            _ => Ok(None),
+        })
+        .collect()
+}
+
+/// The processor task t's inputs go through: model 0's for images (the merged model's input;
+/// each original is adapted to it), the model's own tokenizer for text (same vocabulary).
+fn reader(processors: &[Processor], t: usize) -> &Processor {
+    match processors[t] {
+        Processor::Image(..) => &processors[0],
+        Processor::Text(_) => &processors[t],
+    }
+}
+
 /// The splits of a `[[models]]` job; `pixels` false: labels only (image rows of width 0), for
 /// a stage that never reads the rows.
 pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
@@ -213,14 +239,19 @@ pub fn load(job: &JobConfig, pixels: bool) -> Result<Splits> {
         dim: 0,
     };
     let (mut train, mut test) = (empty(), empty());
-    for (t, (m, task)) in job.models.iter().zip(&job.tasks).enumerate() {
+    for (t, task) in job.tasks.iter().enumerate() {
         let offset = task.classes[0];
-        let merge = sources::read(&m.merge_data, kind)?;
-        let (rows, dim) = processors[t].rows(&merge, pixels)?;
+        let (merge, eval, labeled) = task_records(job, t, kind)?;
+        let reader = reader(&processors, t);
+        let (rows, dim) = reader.rows(&merge, pixels)?;
         append(&mut train, rows, vec![offset; merge.len()], dim);
-        let eval = sources::read(eval_source(job, t)?, kind)?;
-        let classes = eval_classes(job, t, &eval)?;
-        let (rows, dim) = processors[t].rows(&eval, pixels)?;
+        // Held-out inputs carry class 0 of the task: their fidelity needs no label.
+        let classes = if labeled {
+            eval_classes(job, t, &eval)?
+        } else {
+            vec![0; eval.len()]
+        };
+        let (rows, dim) = reader.rows(&eval, pixels)?;
         append(
             &mut test,
             rows,
@@ -249,8 +280,10 @@ pub struct TaskData {
     pub task: String,
     /// Inputs of `merge_data` (or the built-in train split's rows of the task).
     pub merge_rows: usize,
-    /// Labeled inputs of `eval_data` (or the built-in test split's).
+    /// Inputs of `eval_data` (or the built-in test split's), or held-out merge inputs.
     pub eval_rows: usize,
+    /// Whether the eval inputs carry labels (else they are held-out merge inputs).
+    pub labeled: bool,
 }
 
 /// Read every source of a `[[models]]` job as the workers will: the processors (equal across
@@ -259,16 +292,19 @@ pub struct TaskData {
 pub fn survey(job: &JobConfig) -> Result<Vec<TaskData>> {
     let (kind, processors) = processors(job)?;
     let mut out = Vec::new();
-    for (t, (m, task)) in job.models.iter().zip(&job.tasks).enumerate() {
-        let merge = sources::read(&m.merge_data, kind)?;
-        processors[t].rows(&merge[..1], true)?;
-        let eval = sources::read(eval_source(job, t)?, kind)?;
-        eval_classes(job, t, &eval)?;
-        processors[t].rows(&eval[..1], true)?;
+    for (t, task) in job.tasks.iter().enumerate() {
+        let (merge, eval, labeled) = task_records(job, t, kind)?;
+        let reader = reader(&processors, t);
+        reader.rows(&merge[..1], true)?;
+        if labeled {
+            eval_classes(job, t, &eval)?;
+        }
+        reader.rows(&eval[..1], true)?;
         out.push(TaskData {
             task: task.name.clone(),
             merge_rows: merge.len(),
             eval_rows: eval.len(),
+            labeled,
         });
     }
     Ok(out)

@@ -68,12 +68,20 @@ impl<P: ModelPart> EvalPart for MergedPart<P> {
     }
 }
 
-/// The rows a job is evaluated on: test and validation, each cut into tasks.
+/// The rows a job is evaluated on: test and validation, each cut into tasks; on the last
+/// stage, once the originals are evaluated, their logits on those rows (the reference of every
+/// later model's fidelity).
 pub struct EvalRows {
     splits: [EvalSet; 2],
     /// Number of classes of each task (its slice of the logits).
     classes: Vec<i64>,
+    /// Whether each task's rows carry labels (else they are held-out merge inputs).
+    labeled: Vec<bool>,
+    reference: Option<SplitLogits>,
 }
+
+/// Every task's logits [N_t, Σ classes] on the test and the validation rows.
+pub type SplitLogits = [Vec<Tensor>; 2];
 
 impl EvalRows {
     pub fn new(job: &JobConfig, splits: &Splits) -> Self {
@@ -83,6 +91,8 @@ impl EvalRows {
                 EvalSet::new(&splits.val, &job.tasks),
             ],
             classes: job.tasks.iter().map(|t| t.classes.len() as i64).collect(),
+            labeled: (0..job.tasks.len()).map(|t| job.labeled(t)).collect(),
+            reference: None,
         }
     }
 
@@ -97,34 +107,34 @@ impl EvalRows {
         Self {
             splits: [moved(&self.splits[0]), moved(&self.splits[1])],
             classes: self.classes.clone(),
+            labeled: self.labeled.clone(),
+            reference: None,
         }
+    }
+
+    /// The originals' logits, which later models' fidelity is measured against.
+    pub fn set_reference(&mut self, logits: SplitLogits) {
+        self.reference = Some(logits);
     }
 }
 
-/// Correct predictions of one task's rows: on its own head and jointly.
-#[derive(Default, Clone, Copy)]
-struct Counts {
-    own: i64,
-    joint: i64,
-    rows: i64,
-}
-
 /// Run `part` over every evaluation row, task by task in chunks, down the pipeline `pipe`
-/// (member s is stage s). Returns the [test, val] scores on the last stage, None elsewhere.
+/// (member s is stage s). Returns, on the last stage, the [test, val] scores and the logits
+/// they were computed from; None elsewhere.
 pub fn evaluate(
     part: &dyn EvalPart,
     rows: &EvalRows,
     pipe: &mut dyn Collective,
-) -> Result<Option<[SplitScores; 2]>> {
+) -> Result<Option<([SplitScores; 2], SplitLogits)>> {
     let (me, last) = (pipe.rank(), pipe.rank() + 1 == pipe.size());
-    let mut scores = Vec::new();
+    let mut logits: Vec<Vec<Tensor>> = Vec::new();
     for split in &rows.splits {
-        let mut counts = vec![Counts::default(); split.tasks.len()];
-        for (t, (x, y)) in split.tasks.iter().enumerate() {
+        let mut per_task = Vec::new();
+        for (x, _) in &split.tasks {
             let n = x.size()[0];
+            let mut chunks = Vec::new();
             for start in (0..n).step_by(CHUNK as usize) {
-                let len = CHUNK.min(n - start);
-                let chunk = x.narrow(0, start, len);
+                let chunk = x.narrow(0, start, CHUNK.min(n - start));
                 let input = if me == 0 {
                     None
                 } else {
@@ -132,52 +142,104 @@ pub fn evaluate(
                 };
                 let out = tch::no_grad(|| part.forward(&chunk, input.as_ref()));
                 if last {
-                    count(
-                        &mut counts[t],
-                        &out,
-                        &y.narrow(0, start, len),
-                        &rows.classes,
-                        t,
-                    )?;
+                    chunks.push(out);
                 } else {
                     send_stream(pipe, &out, me + 1)?;
                 }
             }
+            if last {
+                let total: i64 = rows.classes.iter().sum();
+                per_task.push(if chunks.is_empty() {
+                    Tensor::zeros([0, total], (Kind::Float, x.device()))
+                } else {
+                    Tensor::cat(&chunks, 0)
+                });
+            }
         }
-        scores.push(split_scores(&counts));
+        logits.push(per_task);
     }
-    Ok(last.then(|| {
-        let val = scores.pop().expect("two splits");
-        let test = scores.pop().expect("two splits");
-        [test, val]
-    }))
+    if !last {
+        return Ok(None);
+    }
+    let logits: SplitLogits = [
+        std::mem::take(&mut logits[0]),
+        std::mem::take(&mut logits[1]),
+    ];
+    let reference = rows.reference.as_ref().unwrap_or(&logits);
+    let mut scores = Vec::new();
+    for (i, split) in rows.splits.iter().enumerate() {
+        let mut counts = Vec::new();
+        for (t, (_, y)) in split.tasks.iter().enumerate() {
+            counts.push(count(rows, t, &logits[i][t], y, &reference[i][t])?);
+        }
+        scores.push(split_scores(&counts, &rows.labeled));
+    }
+    let val = scores.pop().expect("two splits");
+    let test = scores.pop().expect("two splits");
+    Ok(Some(([test, val], logits)))
 }
 
-/// Add a chunk's correct predictions: task t's slice of `logits` against its labels `y`, and
-/// the argmax over every slice against `y` offset by the earlier tasks' classes.
-fn count(c: &mut Counts, logits: &Tensor, y: &Tensor, classes: &[i64], t: usize) -> Result<()> {
+/// What one task's rows scored.
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    /// Correct predictions on the task's own head, and jointly.
+    own: i64,
+    joint: i64,
+    /// Own-head predictions equal to the original's.
+    agree: i64,
+    rows: i64,
+    /// ‖z − z_orig‖² and ‖z_orig‖² of the task head's logits.
+    error_sq: f64,
+    reference_sq: f64,
+}
+
+/// Score task t's `logits` against its labels `y` (its own slice; and the argmax over every
+/// slice against `y` offset by the earlier tasks' classes) and against the original's logits
+/// `reference` on the same rows.
+fn count(
+    rows: &EvalRows,
+    t: usize,
+    logits: &Tensor,
+    y: &Tensor,
+    reference: &Tensor,
+) -> Result<Counts> {
+    let classes = &rows.classes;
     let total: i64 = classes.iter().sum();
-    if logits.size() != [y.size()[0], total] {
+    let n = y.size()[0];
+    if logits.size() != [n, total] || reference.size() != [n, total] {
         return Err(Error::Compute(format!(
-            "the last stage gave logits of shape {:?} for {} rows of {total} classes",
+            "the last stage gave logits of shape {:?} (reference {:?}) for {n} rows of {total} classes",
             logits.size(),
-            y.size()[0]
+            reference.size(),
         )));
     }
     let offset: i64 = classes[..t].iter().sum();
-    let correct = |pred: Tensor, labels: &Tensor| {
-        pred.eq_tensor(labels)
+    let equal = |a: &Tensor, b: &Tensor| {
+        a.eq_tensor(b)
             .to_kind(Kind::Int64)
             .sum(Kind::Int64)
             .int64_value(&[])
     };
-    c.own += correct(logits.narrow(1, offset, classes[t]).argmax(1, false), y);
-    c.joint += correct(logits.argmax(1, false), &(y + offset));
-    c.rows += y.size()[0];
-    Ok(())
+    let own = logits.narrow(1, offset, classes[t]);
+    let theirs = reference.narrow(1, offset, classes[t]);
+    let sq = |x: &Tensor| {
+        x.to_kind(Kind::Double)
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[])
+    };
+    Ok(Counts {
+        own: equal(&own.argmax(1, false), y),
+        joint: equal(&logits.argmax(1, false), &(y + offset)),
+        agree: equal(&own.argmax(1, false), &theirs.argmax(1, false)),
+        rows: n,
+        error_sq: sq(&(&own - &theirs)),
+        reference_sq: sq(&theirs),
+    })
 }
 
-fn split_scores(counts: &[Counts]) -> SplitScores {
+/// Per-task scores; the joint accuracy averages the labeled tasks only.
+fn split_scores(counts: &[Counts], labeled: &[bool]) -> SplitScores {
     let share = |k: i64, rows: i64| {
         if rows == 0 {
             0.0
@@ -186,9 +248,25 @@ fn split_scores(counts: &[Counts]) -> SplitScores {
         }
     };
     let per_task: Vec<f64> = counts.iter().map(|c| share(c.own, c.rows)).collect();
-    let joint =
-        counts.iter().map(|c| share(c.joint, c.rows)).sum::<f64>() / counts.len().max(1) as f64;
-    SplitScores { per_task, joint }
+    let joints: Vec<f64> = (counts.iter().zip(labeled))
+        .filter(|(_, &l)| l)
+        .map(|(c, _)| share(c.joint, c.rows))
+        .collect();
+    let joint = joints.iter().sum::<f64>() / joints.len().max(1) as f64;
+    SplitScores {
+        per_task,
+        joint,
+        fidelity: counts.iter().map(|c| share(c.agree, c.rows)).collect(),
+        logit_error: (counts.iter())
+            .map(|c| {
+                if c.reference_sq > 0.0 {
+                    (c.error_sq / c.reference_sq).sqrt()
+                } else {
+                    0.0
+                }
+            })
+            .collect(),
+    }
 }
 
 /// Longest stream shape sent between stages ([n, B, T, d] and its rank).

@@ -12,7 +12,7 @@ use crate::dist::collective::quic::{connect_mesh, QuicGroup};
 use crate::dist::collective::watchdog::Watchdog;
 use crate::dist::collective::{Collective, Solo};
 use crate::dist::distill::{distill, kd_tensors};
-use crate::dist::evaluate::{evaluate, first_or_average, EvalPart, EvalRows};
+use crate::dist::evaluate::{evaluate, first_or_average, EvalPart, EvalRows, SplitLogits};
 use crate::dist::pipeline::Collectives;
 use crate::dist::stage::{StageData, WorkerStage};
 use crate::dist::{feature_cache, pipeline};
@@ -379,8 +379,8 @@ impl Ctx<'_> {
         reps.barrier()?;
 
         self.set_phase("load");
-        let (mut stage, rows, eval) = self.load_stage(&plan, device)?;
-        if let Some(eval) = &eval {
+        let (mut stage, rows, mut eval) = self.load_stage(&plan, device)?;
+        if let Some(eval) = &mut eval {
             self.set_phase("evaluate");
             self.evaluate_originals(stage.as_ref(), eval, pipe.as_mut())?;
         }
@@ -468,22 +468,20 @@ impl Ctx<'_> {
         Ok((stage, rows, eval))
     }
 
-    /// Evaluate the originals (their rows and the ensemble) and the baselines merged from them
-    /// alone (`first`, `average`), while the stage still holds the originals.
+    /// Evaluate the originals (their rows and the ensemble; their logits become the reference
+    /// of every later model's fidelity) and the baselines merged from them alone (`first`,
+    /// `average`), while the stage still holds the originals.
     fn evaluate_originals(
         &self,
         stage: &dyn WorkerStage,
-        eval: &EvalRows,
+        eval: &mut EvalRows,
         pipe: &mut dyn Collective,
     ) -> Result<()> {
         let clock = Instant::now();
-        self.evaluate(
-            "originals",
-            stage.originals_part().as_ref(),
-            eval,
-            pipe,
-            clock,
-        )?;
+        let part = stage.originals_part();
+        if let Some(logits) = self.evaluate("originals", part.as_ref(), eval, pipe, clock)? {
+            eval.set_reference(logits);
+        }
         for &b in &self.job.baselines.methods {
             if matches!(b, Baseline::First | Baseline::Average) {
                 let clock = Instant::now();
@@ -511,7 +509,8 @@ impl Ctx<'_> {
         self.set_phase("evaluate");
         let clock = Instant::now();
         let part = stage.merged_part(stage.regmean(data, b.regmean_alpha)?)?;
-        self.evaluate(Baseline::Regmean.name(), part.as_ref(), eval, pipe, clock)
+        self.evaluate(Baseline::Regmean.name(), part.as_ref(), eval, pipe, clock)?;
+        Ok(())
     }
 
     /// After the local phase, for a family with a shared residual merge: the rows of the local
@@ -533,7 +532,8 @@ impl Ctx<'_> {
             .map(|(n, t)| (n, to_tch(&t).to_device(device)))
             .collect();
         let part = stage.merged_part(folded)?;
-        self.evaluate("local folded", part.as_ref(), eval, pipe, clock)
+        self.evaluate("local folded", part.as_ref(), eval, pipe, clock)?;
+        Ok(())
     }
 
     /// KD when the job asks for it: model 1's units distilled as a pipeline over the stages
@@ -573,7 +573,8 @@ impl Ctx<'_> {
     }
 
     /// Run `part` (this stage's part of the model `method`) over the evaluation rows down the
-    /// pipeline; the last stage reports the scores and the seconds since `clock`.
+    /// pipeline; the last stage reports the scores and the seconds since `clock`, and returns
+    /// the logits.
     fn evaluate(
         &self,
         method: &str,
@@ -581,7 +582,7 @@ impl Ctx<'_> {
         eval: &EvalRows,
         pipe: &mut dyn Collective,
         clock: Instant,
-    ) -> Result<()> {
+    ) -> Result<Option<SplitLogits>> {
         self.evaluate_logged(method, part, eval, pipe, clock, Vec::new())
     }
 
@@ -594,17 +595,18 @@ impl Ctx<'_> {
         pipe: &mut dyn Collective,
         clock: Instant,
         log: Vec<LogRow>,
-    ) -> Result<()> {
-        if let Some([test, val]) = evaluate(part, eval, pipe)? {
-            self.control.send(&Message::Evaluated(Box::new(Evaluation {
-                method: method.to_string(),
-                seconds: clock.elapsed().as_secs_f64(),
-                test,
-                val,
-                log,
-            })))?;
-        }
-        Ok(())
+    ) -> Result<Option<SplitLogits>> {
+        let Some(([test, val], logits)) = evaluate(part, eval, pipe)? else {
+            return Ok(None);
+        };
+        self.control.send(&Message::Evaluated(Box::new(Evaluation {
+            method: method.to_string(),
+            seconds: clock.elapsed().as_secs_f64(),
+            test,
+            val,
+            log,
+        })))?;
+        Ok(Some(logits))
     }
 
     /// The stage's teacher features: from the cache when the coordinator says they exist, else

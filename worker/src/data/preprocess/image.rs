@@ -11,7 +11,11 @@ use ::image::DynamicImage;
 use fsmerge_common::{Error, Result};
 use serde_json::{Map, Value};
 
-use super::resize::{resize, Filter};
+use super::resize::{resize_into, Buffers, Filter};
+use std::borrow::Cow;
+
+/// Per channel (a, b): a map x ↦ a·x + b between two processors' pixel values.
+pub type ChannelAffine = Vec<(f64, f64)>;
 
 /// The file a model folder's image preprocessing is read from.
 pub const CONFIG_FILE: &str = "preprocessor_config.json";
@@ -166,6 +170,60 @@ impl ImageProcessor {
         Ok(())
     }
 
+    /// Per channel (α, β) with pixel value α·v + β for a resized byte v: the rescale and the
+    /// normalization, the only steps after the resize.
+    fn affine(&self, channels: usize) -> Result<Vec<(f64, f64)>> {
+        let f = if self.do_rescale {
+            self.rescale_factor
+        } else {
+            1.0
+        };
+        if !self.do_normalize {
+            return Ok(vec![(f, 0.0); channels]);
+        }
+        let (Some(mean), Some(std)) = (
+            self.image_mean.values(channels),
+            self.image_std.values(channels),
+        ) else {
+            return Err(data_err(&self.path, "`image_mean`/`image_std` length"));
+        };
+        Ok((mean.iter().zip(&std))
+            .map(|(&m, &s)| (f / s as f64, -(m as f64) / s as f64))
+            .collect())
+    }
+
+    /// How this processor's output follows from `reference`'s on the same image, per channel:
+    /// (a, b) with own = a·reference + b. Defined when the two agree on every step before the
+    /// rescale and normalization; `None` when they agree on those too (nothing to adapt).
+    pub fn from_reference(
+        &self,
+        reference: &ImageProcessor,
+        channels: usize,
+    ) -> Result<Option<ChannelAffine>> {
+        let (own, theirs) = (self.affine(channels)?, reference.affine(channels)?);
+        if own == theirs {
+            return Ok(None);
+        }
+        own.iter()
+            .zip(&theirs)
+            .map(|(&(a1, b1), &(a0, b0))| {
+                let a = a1 / a0;
+                if a.is_finite() && a != 0.0 && b1.is_finite() && b0.is_finite() {
+                    Ok((a, b1 - a * b0))
+                } else {
+                    Err(data_err(
+                        &self.path,
+                        format!(
+                            "its rescale/normalization cannot be expressed through {}'s (a zero or infinite scale)",
+                            reference.path.display()
+                        ),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// The model input of image `img` (`origin` names it in errors): `channels` × height ×
     /// width f32, channels first, exactly the slow `ViTImageProcessor`'s `pixel_values` for the
     /// image converted to `channels` channels (`convert("RGB")` or `convert("L")`).
@@ -191,15 +249,28 @@ impl ImageProcessor {
     ) -> Result<()> {
         self.check_channels(channels)?;
         let size = (img.width() as usize, img.height() as usize);
-        let mut px = pixels(img, channels, origin)?;
-        let (w, h) = if self.do_resize {
-            let out = (self.width, self.height);
-            px = resize(&px, size, channels, out, self.resample)
+        let px = pixels_of(img, channels, origin)?;
+        if !self.do_resize {
+            return self.normalize_into(&px, size, channels, origin, out);
+        }
+        let to = (self.width, self.height);
+        BUFFERS.with_borrow_mut(|buffers| {
+            resize_into(&px, size, channels, to, self.resample, buffers)
                 .map_err(|e| data_err(Path::new(origin), e.to_string()))?;
-            out
-        } else {
-            size
-        };
+            self.normalize_into(&buffers.out, to, channels, origin, out)
+        })
+    }
+
+    /// Rescale and normalize the resized interleaved pixels `px` of size (w, h) into `out`,
+    /// channels first.
+    fn normalize_into(
+        &self,
+        px: &[u8],
+        (w, h): (usize, usize),
+        channels: usize,
+        origin: &str,
+        out: &mut [f32],
+    ) -> Result<()> {
         let unit = PerChannel::All(1.0);
         let zero = PerChannel::All(0.0);
         let (mean, std) = if self.do_normalize {
@@ -238,10 +309,10 @@ impl ImageProcessor {
                 ),
             ));
         }
-        for (c, (dst, t)) in out.chunks_exact_mut(plane).zip(&table).enumerate() {
-            for (o, pixel) in dst.iter_mut().zip(px.chunks_exact(channels)) {
-                *o = t[usize::from(pixel[c])];
-            }
+        match channels {
+            1 => to_planes::<1>(px, &table, out),
+            3 => to_planes::<3>(px, &table, out),
+            _ => unreachable!("check_channels admits 1 or 3 channels"),
         }
         Ok(())
     }
@@ -371,9 +442,41 @@ pub fn decode(bytes: &[u8], origin: &str) -> Result<DynamicImage> {
         .map_err(|e| data_err(Path::new(origin), format!("cannot decode the image: {e}")))
 }
 
+/// Interleaved `px` (C channels) to channel planes in `out`, each byte through its channel's
+/// table; C known at compile time, so the loop has no stride to compute.
+fn to_planes<const C: usize>(px: &[u8], table: &[[f32; 256]], out: &mut [f32]) {
+    let plane = out.len() / C;
+    let (tables, planes): (Vec<&[f32; 256]>, Vec<&mut [f32]>) =
+        (table.iter().zip(out.chunks_exact_mut(plane))).unzip();
+    let tables: [&[f32; 256]; C] = std::array::from_fn(|c| tables[c]);
+    let mut planes: Vec<std::slice::IterMut<f32>> =
+        planes.into_iter().map(|p| p.iter_mut()).collect();
+    for pixel in px.chunks_exact(C) {
+        for c in 0..C {
+            if let Some(o) = planes[c].next() {
+                *o = tables[c][usize::from(pixel[c])];
+            }
+        }
+    }
+}
+
 /// Pillow's ITU-R 601-2 luma in 16-bit fixed point (`L24` in `libImaging/Convert.c`).
 fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16) as u8
+}
+
+thread_local! {
+    /// Each thread's resize buffers, reused from image to image.
+    static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
+}
+
+/// `pixels`, borrowing the decoded buffer where it already has `channels` 8-bit channels.
+fn pixels_of<'a>(img: &'a DynamicImage, channels: usize, origin: &str) -> Result<Cow<'a, [u8]>> {
+    match (img, channels) {
+        (DynamicImage::ImageLuma8(b), 1) => Ok(Cow::Borrowed(b.as_raw())),
+        (DynamicImage::ImageRgb8(b), 3) => Ok(Cow::Borrowed(b.as_raw())),
+        _ => pixels(img, channels, origin).map(Cow::Owned),
+    }
 }
 
 /// The pixels of `img` as interleaved `u8` with `channels` channels (1 or 3), as Pillow's
@@ -453,6 +556,36 @@ mod tests {
         assert!(p.do_resize && p.do_rescale && p.do_normalize);
         assert_eq!(p.rescale_factor, 1.0 / 255.0);
         assert_eq!(p.image_mean, PerChannel::All(0.5));
+    }
+
+    /// Another rescale/normalization is an affine map of the reference's pixels, per channel.
+    #[test]
+    fn a_processor_follows_from_another_that_normalizes_otherwise() {
+        let reference = parse(
+            r#"{"size": 4, "image_mean": [0.29, 0.25, 0.21], "image_std": [0.35, 0.3, 0.25]}"#,
+        )
+        .unwrap();
+        let img = DynamicImage::ImageRgb8(::image::RgbImage::from_fn(6, 5, |x, y| {
+            ::image::Rgb([(x * 40) as u8, (y * 50) as u8, (x * y * 9) as u8])
+        }));
+        let x0 = reference.process(&img, 3, "img").unwrap();
+        for own in [
+            r#"{"size": 4}"#,
+            r#"{"size": 4, "do_normalize": false}"#,
+            r#"{"size": 4, "do_rescale": false, "image_mean": [1, 2, 3], "image_std": 7}"#,
+        ] {
+            let own = parse(own).unwrap();
+            let ab = own.from_reference(&reference, 3).unwrap().unwrap();
+            let x = own.process(&img, 3, "img").unwrap();
+            for (i, (&v, &v0)) in x.iter().zip(&x0).enumerate() {
+                let (a, b) = ab[i / 16];
+                assert!(
+                    (v as f64 - (a * v0 as f64 + b)).abs() < 1e-4,
+                    "{own:?}: {v} vs {v0}"
+                );
+            }
+        }
+        assert_eq!(reference.from_reference(&reference, 3).unwrap(), None);
     }
 
     #[test]

@@ -172,26 +172,35 @@ fn clip8(acc: i32) -> u8 {
 /// Pillow's rounding offset, where every accumulation starts.
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
-/// Horizontal pass: `(w, h)` → `(out_w, h)`; all channels of a pixel in one sweep of its taps
-/// (the common channel counts compiled with a fixed count, which the compiler unrolls).
-fn horizontal(src: &[u8], (w, h): (usize, usize), c: usize, out_w: usize, f: Filter) -> Vec<u8> {
+/// Horizontal pass: `(w, h)` → `(out_w, h)` into `out`; all channels of a pixel in one sweep
+/// of its taps (the common channel counts compiled with a fixed count, which the compiler
+/// unrolls).
+fn horizontal(
+    src: &[u8],
+    (w, h): (usize, usize),
+    c: usize,
+    out_w: usize,
+    f: Filter,
+    out: &mut Vec<u8>,
+) {
     let taps = coefficients(w, out_w, f, f.support().unwrap_or(0.0));
+    out.clear();
+    out.resize(out_w * h * c, 0);
     match c {
-        1 => horizontal_n::<1>(src, (w, h), out_w, &taps),
-        2 => horizontal_n::<2>(src, (w, h), out_w, &taps),
-        3 => horizontal_n::<3>(src, (w, h), out_w, &taps),
-        4 => horizontal_n::<4>(src, (w, h), out_w, &taps),
+        1 => horizontal_n::<1>(src, (w, h), out_w, &taps, out),
+        2 => horizontal_n::<2>(src, (w, h), out_w, &taps, out),
+        3 => horizontal_n::<3>(src, (w, h), out_w, &taps, out),
+        4 => horizontal_n::<4>(src, (w, h), out_w, &taps, out),
         _ => {
             // Any other count: one channel at a time.
-            let mut out = vec![0u8; out_w * h * c];
+            let mut done = vec![0u8; out_w * h];
             for ch in 0..c {
                 let plane: Vec<u8> = src.iter().skip(ch).step_by(c).copied().collect();
-                let done = horizontal_n::<1>(&plane, (w, h), out_w, &taps);
-                for (o, v) in out.iter_mut().skip(ch).step_by(c).zip(done) {
+                horizontal_n::<1>(&plane, (w, h), out_w, &taps, &mut done);
+                for (o, &v) in out.iter_mut().skip(ch).step_by(c).zip(&done) {
                     *o = v;
                 }
             }
-            out
         }
     }
 }
@@ -201,9 +210,27 @@ fn horizontal_n<const C: usize>(
     (w, h): (usize, usize),
     out_w: usize,
     taps: &[Taps],
-) -> Vec<u8> {
-    let mut out = vec![0u8; out_w * h * C];
-    for (row, dst) in src.chunks_exact(w * C).zip(out.chunks_exact_mut(out_w * C)) {
+    out: &mut [u8],
+) {
+    let k = taps.iter().map(|t| t.weights.len()).max().unwrap_or(0);
+    if k <= w {
+        // Every output's taps padded with zero weights to one length k (a zero weight adds
+        // exactly nothing), so the tap loop has a length the compiler knows and unrolls.
+        macro_rules! fixed {
+            ($($k:literal)*) => {
+                match k {
+                    $($k => return horizontal_fixed::<C, $k>(src, w, out_w, &padded(taps, k, w), out),)*
+                    _ => {}
+                }
+            };
+        }
+        fixed!(1 2 3 4 5 6 7 8);
+    }
+    for (row, dst) in src
+        .chunks_exact(w * C)
+        .zip(out.chunks_exact_mut(out_w * C))
+        .take(h)
+    {
         for (t, px) in taps.iter().zip(dst.chunks_exact_mut(C)) {
             let mut acc = [HALF; C];
             let from = &row[t.start * C..(t.start + t.weights.len()) * C];
@@ -217,15 +244,63 @@ fn horizontal_n<const C: usize>(
             }
         }
     }
-    out
 }
 
-/// Vertical pass: `(w, h)` → `(w, out_h)`; each output row sums whole input rows (contiguous,
-/// so the inner loop vectorizes).
-fn vertical(src: &[u8], (w, h): (usize, usize), c: usize, out_h: usize, f: Filter) -> Vec<u8> {
+/// The taps of `taps`, each `k` long: its first input index moved left where the row ends
+/// before `start + k` (the row is at least `k` wide), zero weights around its own.
+fn padded(taps: &[Taps], k: usize, w: usize) -> Vec<(usize, Vec<i32>)> {
+    taps.iter()
+        .map(|t| {
+            let start = t.start.min(w - k);
+            let mut weights = vec![0; k];
+            let at = t.start - start;
+            weights[at..at + t.weights.len()].copy_from_slice(&t.weights);
+            (start, weights)
+        })
+        .collect()
+}
+
+/// `horizontal_n` with every output's taps `K` long (`padded`).
+fn horizontal_fixed<const C: usize, const K: usize>(
+    src: &[u8],
+    w: usize,
+    out_w: usize,
+    taps: &[(usize, Vec<i32>)],
+    out: &mut [u8],
+) {
+    let taps: Vec<(usize, [i32; K])> = (taps.iter())
+        .map(|(start, weights)| (*start, std::array::from_fn(|i| weights[i])))
+        .collect();
+    for (row, dst) in src.chunks_exact(w * C).zip(out.chunks_exact_mut(out_w * C)) {
+        for ((start, weights), px) in taps.iter().zip(dst.chunks_exact_mut(C)) {
+            let from = &row[start * C..][..K * C];
+            let mut acc = [HALF; C];
+            for (i, wt) in weights.iter().enumerate() {
+                for k in 0..C {
+                    acc[k] += i32::from(from[i * C + k]) * wt;
+                }
+            }
+            for k in 0..C {
+                px[k] = clip8(acc[k]);
+            }
+        }
+    }
+}
+
+/// Vertical pass: `(w, h)` → `(w, out_h)` into `out`; each output row sums whole input rows
+/// (contiguous, so the inner loop vectorizes).
+fn vertical(
+    src: &[u8],
+    (w, h): (usize, usize),
+    c: usize,
+    out_h: usize,
+    f: Filter,
+    out: &mut Vec<u8>,
+) {
     let taps = coefficients(h, out_h, f, f.support().unwrap_or(0.0));
     let stride = w * c;
-    let mut out = vec![0u8; out_h * stride];
+    out.clear();
+    out.resize(out_h * stride, 0);
     let mut acc = vec![0i32; stride];
     for (t, dst) in taps.iter().zip(out.chunks_exact_mut(stride)) {
         acc.fill(HALF);
@@ -239,13 +314,18 @@ fn vertical(src: &[u8], (w, h): (usize, usize), c: usize, out_h: usize, f: Filte
             *o = clip8(a);
         }
     }
-    out
 }
 
 /// Pillow's nearest-neighbour resize (`ImagingScaleAffine`): the source position of each
 /// output pixel is accumulated in double (`x0 = scale/2`, then `+= scale`) and truncated; a
 /// position that falls outside the input (never, in practice) leaves the pixel 0.
-fn nearest(src: &[u8], (w, h): (usize, usize), c: usize, (ow, oh): (usize, usize)) -> Vec<u8> {
+fn nearest(
+    src: &[u8],
+    (w, h): (usize, usize),
+    c: usize,
+    (ow, oh): (usize, usize),
+    out: &mut Vec<u8>,
+) {
     let table = |in_size: usize, out_size: usize| -> Vec<Option<usize>> {
         let step = f64::from(in_size as f32) / out_size as f64;
         let mut pos = step * 0.5;
@@ -258,7 +338,8 @@ fn nearest(src: &[u8], (w, h): (usize, usize), c: usize, (ow, oh): (usize, usize
             .collect()
     };
     let (xs, ys) = (table(w, ow), table(h, oh));
-    let mut out = vec![0u8; ow * oh * c];
+    out.clear();
+    out.resize(ow * oh * c, 0);
     for (yy, y) in ys.iter().enumerate() {
         let Some(y) = y else { continue };
         for (xx, x) in xs.iter().enumerate() {
@@ -268,7 +349,6 @@ fn nearest(src: &[u8], (w, h): (usize, usize), c: usize, (ow, oh): (usize, usize
             }
         }
     }
-    out
 }
 
 /// Resize an interleaved `u8` image of `size` = (width, height) with `channels` channels to
@@ -283,6 +363,28 @@ pub fn resize(
     out: (usize, usize),
     filter: Filter,
 ) -> Result<Vec<u8>> {
+    let mut buffers = Buffers::default();
+    resize_into(src, size, channels, out, filter, &mut buffers)?;
+    Ok(buffers.out)
+}
+
+/// Reusable buffers of `resize_into` (kept across images by a thread, so no pass allocates or
+/// faults in fresh pages); the resized image is left in `out`.
+#[derive(Default)]
+pub struct Buffers {
+    between: Vec<u8>,
+    pub out: Vec<u8>,
+}
+
+/// `resize` into `buffers.out`.
+pub fn resize_into(
+    src: &[u8],
+    size: (usize, usize),
+    channels: usize,
+    out: (usize, usize),
+    filter: Filter,
+    buffers: &mut Buffers,
+) -> Result<()> {
     let (w, h) = size;
     if w == 0 || h == 0 || out.0 == 0 || out.1 == 0 || channels == 0 {
         return Err(Error::Compute(format!(
@@ -296,29 +398,50 @@ pub fn resize(
             src.len()
         )));
     }
+    let Buffers { between, out: dst } = buffers;
     if size == out {
-        return Ok(src.to_vec());
+        dst.clear();
+        dst.extend_from_slice(src);
+        return Ok(());
     }
     if filter == Filter::Nearest {
-        return Ok(nearest(src, size, channels, out));
+        nearest(src, size, channels, out, dst);
+        return Ok(());
     }
     let (ow, oh) = out;
     let tall = h > w * 100 && oh < h;
-    // The passes that run, in Pillow's order; the first reads `src` itself.
-    let mut img: Option<Vec<u8>> = None;
-    if tall && oh != h {
-        img = Some(vertical(src, (w, h), channels, oh, filter));
+    // The passes that run, in Pillow's order (true: horizontal to `ow`, false: vertical to `oh`).
+    let passes: Vec<bool> = if tall {
+        vec![false, true]
+    } else {
+        vec![true, false]
+    };
+    let passes: Vec<bool> = (passes.into_iter())
+        .filter(|&horizontal| if horizontal { ow != w } else { oh != h })
+        .collect();
+    let run = |horizontal_pass: bool, from: &[u8], (w, h), to: &mut Vec<u8>| {
+        if horizontal_pass {
+            horizontal(from, (w, h), channels, ow, filter, to);
+            (ow, h)
+        } else {
+            vertical(from, (w, h), channels, oh, filter, to);
+            (w, oh)
+        }
+    };
+    match passes.as_slice() {
+        [first, second] => {
+            let size = run(*first, src, size, between);
+            run(*second, between, size, dst);
+        }
+        [only] => {
+            run(*only, src, size, dst);
+        }
+        _ => {
+            dst.clear();
+            dst.extend_from_slice(src);
+        }
     }
-    let h_now = if tall { oh } else { h };
-    if ow != w {
-        let from = img.as_deref().unwrap_or(src);
-        img = Some(horizontal(from, (w, h_now), channels, ow, filter));
-    }
-    if !tall && oh != h {
-        let from = img.as_deref().unwrap_or(src);
-        img = Some(vertical(from, (ow, h), channels, oh, filter));
-    }
-    Ok(img.unwrap_or_else(|| src.to_vec()))
+    Ok(())
 }
 
 #[cfg(test)]

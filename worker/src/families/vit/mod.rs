@@ -29,6 +29,7 @@ impl Family for VitFamily {
         let (j, tasks) = (spec.job, spec.tasks());
         let stage = stage::VitStage::load(
             &spec.original_dirs(),
+            &crate::data::models::input_adapters(j)?,
             &tasks,
             spec.units.clone(),
             &j.merge,

@@ -183,6 +183,35 @@ impl VitPart {
         })
     }
 
+    /// Make the part read another processor's pixels x, its own being a_c·x + b_c per channel
+    /// c (`adapter`, from `ImageProcessor::from_reference`): exact, because the patch
+    /// embedding is a convolution without padding, so W·(a·x + b) + bias = (W·a)·x + (bias +
+    /// Σ W·b). Computed in f64. A part without the embeddings has nothing to adapt.
+    pub fn read_pixels_as(&mut self, adapter: &[(f64, f64)], dir: &Path) -> Result<()> {
+        let Some([w, bias, ..]) = &mut self.embeddings else {
+            return Ok(());
+        };
+        let c = w.size()[1];
+        if adapter.len() as i64 != c {
+            return Err(Error::Data {
+                path: dir.join("preprocessor_config.json"),
+                msg: format!("normalizes {} channels; the model reads {c}", adapter.len()),
+            });
+        }
+        let per_channel = |v: Vec<f64>| {
+            Tensor::from_slice(&v)
+                .to_device(w.device())
+                .view([1, c, 1, 1])
+        };
+        let a = per_channel(adapter.iter().map(|&(a, _)| a).collect());
+        let b = per_channel(adapter.iter().map(|&(_, b)| b).collect());
+        let w64 = w.to_kind(tch::Kind::Double);
+        let shift = (&w64 * b).sum_dim_intlist([1i64, 2, 3].as_slice(), false, tch::Kind::Double);
+        *bias = (bias.to_kind(tch::Kind::Double) + shift).to_kind(w.kind());
+        *w = (w64 * a).to_kind(w.kind());
+        Ok(())
+    }
+
     /// Move every tensor to `device`.
     pub fn to_device(&mut self, device: tch::Device) {
         let mut ts: Vec<&mut Tensor> = self.embeddings.iter_mut().flatten().collect();

@@ -20,6 +20,7 @@ use crate::core::loss::{own_mask, reconstruction_loss};
 use crate::core::mu::{with_mu_seed, MuMatrix};
 use crate::core::tensor::{chunked, named_groups, to_host};
 use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
+use crate::data::preprocess::image::ChannelAffine;
 use crate::dist::collective::Collective;
 use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart};
@@ -75,17 +76,25 @@ pub struct VitStage {
 }
 
 impl VitStage {
-    /// Read units `units` of every task's ViT (`<models_dir>/<task>/`) and draw the job's M/U.
+    /// Read units `units` of every task's ViT (`dirs`), each adapted to read model 0's pixels
+    /// where its processor rescales or normalizes otherwise (`adapters`), and draw the job's
+    /// M/U.
     pub fn load(
         dirs: &[PathBuf],
+        adapters: &[Option<ChannelAffine>],
         tasks: &[String],
         units: Range<usize>,
         merge: &MergeConfig,
         seed: u64,
     ) -> Result<Self> {
-        let parts = dirs
-            .iter()
-            .map(|d| VitPart::load(d, units.clone()))
+        let parts = (dirs.iter().zip(adapters))
+            .map(|(d, adapter)| {
+                let mut part = VitPart::load(d, units.clone())?;
+                if let Some(a) = adapter {
+                    part.read_pixels_as(a, d)?;
+                }
+                Ok(part)
+            })
             .collect::<Result<Vec<_>>>()?;
         check_mergeable(
             &parts.iter().collect::<Vec<_>>(),
