@@ -1,7 +1,7 @@
 //! A job's work directory (`<output>.work/`), beside its output: what a distributed run shares
 //! through the file system and what `--resume` needs. Holds the rendezvous file (coordinator
-//! address, certificate fingerprint, job token; readable by the owner only), the teacher-feature
-//! cache per stage, one checkpoint per finished (stage, phase), and the manifest that lists
+//! address, certificate fingerprint, job token; readable by the owner only), a `[[models]]`
+//! job's preprocessed inputs, the teacher-feature cache per stage, one checkpoint per finished (stage, phase), and the manifest that lists
 //! them. Every file is written atomically.
 
 use crate::fsio::write_atomic_private;
@@ -106,6 +106,11 @@ impl WorkDir {
         self.root
             .join("features")
             .join(format!("stage{stage}.safetensors"))
+    }
+    /// A `[[models]]` job's preprocessed inputs, under the fingerprint `key` of what they
+    /// were made from.
+    pub fn inputs(&self, key: &str) -> PathBuf {
+        self.root.join("inputs").join(format!("{key}.safetensors"))
     }
     /// (tensors, record) of a stage's finished phase.
     pub fn checkpoint(&self, stage: usize, phase: &str) -> (PathBuf, PathBuf) {

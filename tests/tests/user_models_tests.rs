@@ -340,6 +340,54 @@ fn user_berts_without_eval_data_are_scored_by_fidelity() {
     );
 }
 
+/// A job's preprocessed inputs are cached in its work directory: the second load reads them
+/// back equal, and a changed data file is preprocessed again (the stale file removed).
+#[test]
+fn preprocessed_inputs_are_cached_until_the_data_changes() {
+    use fsmerge_common::config::JobConfig;
+    use fsmerge_common::workdir::WorkDir;
+    use fsmerge_worker::data::{input_cache, models};
+    let (root, _) = text_fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("spam");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in ["merge.jsonl", "test.csv"] {
+        std::fs::copy(root.join("data/spam").join(f), data.join(f)).unwrap();
+    }
+    let from = root.join("data/spam").display().to_string();
+    let cfg = text_config(tmp.path(), root, "cached", &|t, e| {
+        if t == 0 {
+            e.replace(&from, &data.display().to_string())
+        } else {
+            e
+        }
+    });
+    let work = WorkDir::new(tmp.path().join("work"));
+    let load = || {
+        let job = JobConfig::load(&cfg).unwrap();
+        input_cache::load_or_build(&job, &work, || models::load(&job, true)).unwrap()
+    };
+    let (first, cached) = load();
+    assert!(!cached);
+    let (again, cached) = load();
+    assert!(cached, "the second load preprocessed again");
+    assert_eq!(again.train.pixels, first.train.pixels);
+    assert_eq!(again.test.labels, first.test.labels);
+    assert_eq!(again.val.pixels, first.test.pixels);
+
+    let merge = data.join("merge.jsonl");
+    let mut text = std::fs::read_to_string(&merge).unwrap();
+    text.push_str("{\"text\": \"one more mail\"}\n");
+    std::fs::write(&merge, text).unwrap();
+    let (changed, cached) = load();
+    assert!(!cached, "a changed data file was read from the cache");
+    assert_eq!(changed.train.labels.len(), first.train.labels.len() + 1);
+    let files = std::fs::read_dir(tmp.path().join("work/inputs"))
+        .unwrap()
+        .count();
+    assert_eq!(files, 1, "the stale inputs were kept");
+}
+
 /// Copy model `task` of the fixture into `dir` (to damage it there).
 fn copy_model(root: &Path, task: &str, dir: &Path) -> PathBuf {
     let to = dir.join(task);

@@ -4,6 +4,7 @@
 //! tasks are subsets of classes.
 
 pub mod augment;
+pub mod input_cache;
 pub mod merge_set;
 pub mod models;
 pub mod preprocess;
@@ -15,6 +16,7 @@ pub mod wordpiece;
 use crate::data::rows::{ImageSet, Splits};
 use crate::data::wordpiece::WordPiece;
 use fsmerge_common::config::{DataConfig, Dataset, JobConfig};
+use fsmerge_common::workdir::WorkDir;
 use fsmerge_common::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -40,6 +42,17 @@ pub fn load_job(job: &JobConfig, pixels: bool) -> Result<Splits> {
     match job.data.dataset {
         Dataset::Models => models::load(job, pixels),
         _ => load_with(&job.data, pixels),
+    }
+}
+
+/// `load_job` with every row's values, a `[[models]]` job's through the input cache in `work`
+/// (preprocessed once per job, not on every worker start or resume).
+pub fn load_job_cached(job: &JobConfig, work: &WorkDir) -> Result<Splits> {
+    match job.data.dataset {
+        Dataset::Models => {
+            input_cache::load_or_build(job, work, || models::load(job, true)).map(|(s, _)| s)
+        }
+        _ => load_with(&job.data, true),
     }
 }
 

@@ -379,7 +379,7 @@ impl Ctx<'_> {
         reps.barrier()?;
 
         self.set_phase("load");
-        let (mut stage, rows, mut eval) = self.load_stage(&plan, device)?;
+        let (mut stage, rows, mut eval) = self.load_stage(&plan, device, &work)?;
         if let Some(eval) = &mut eval {
             self.set_phase("evaluate");
             self.evaluate_originals(stage.as_ref(), eval, pipe.as_mut())?;
@@ -433,6 +433,7 @@ impl Ctx<'_> {
         &self,
         plan: &Plan,
         device: Device,
+        work: &WorkDir,
     ) -> Result<(
         Box<dyn WorkerStage>,
         Option<(Tensor, Tensor)>,
@@ -445,7 +446,7 @@ impl Ctx<'_> {
         let evaluates = a.replica == 0;
         // A stage that never reads rows evaluates from its labels alone.
         let splits = if needs_rows || (evaluates && stage_i == 0) {
-            Some(crate::data::load_job(job, true)?)
+            Some(crate::data::load_job_cached(job, work)?)
         } else if evaluates {
             Some(crate::data::load_job(job, false)?)
         } else {
