@@ -133,7 +133,7 @@ fn read(job: &JobConfig, file: &Path) -> Result<Splits> {
         let [rows, labels] = names(split);
         let (Some(rows), Some(labels)) = (t.remove(&rows), t.remove(&labels)) else {
             return Err(Error::Checkpoint {
-                file: file.clone(),
+                file: file.to_path_buf(),
                 msg: format!("no `{split}` inputs"),
             });
         };
