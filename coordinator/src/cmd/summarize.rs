@@ -1,4 +1,5 @@
-//! `fsmerge summarize`: mean and standard deviation of each method's accuracies over runs.
+//! `fsmerge summarize`: mean and standard deviation of each method's accuracies (and mean
+//! fidelity) over runs.
 
 use anyhow::{Context, Result};
 use fsmerge_common::checkpoint::read_json;
@@ -6,12 +7,14 @@ use fsmerge_common::metrics::Metrics;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// Per method: mean task accuracies, joint accuracies, per-task accuracies (one per run).
+/// Per method: mean task accuracies, joint accuracies, per-task accuracies and mean fidelities
+/// (one per run that has them).
 #[derive(Default)]
 struct Collected {
     mean: Vec<f64>,
     joint: Vec<f64>,
     per_task: BTreeMap<String, Vec<f64>>,
+    fidelity: Vec<f64>,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -46,7 +49,13 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
                 order.push(key.clone());
             }
             let e = per.entry(key).or_default();
-            e.mean.push(r.mean_task_acc);
+            if !r.per_task_acc.is_empty() {
+                e.mean.push(r.mean_task_acc);
+            }
+            let f = &r.per_task_fidelity;
+            if !f.is_empty() {
+                e.fidelity.push(f.values().sum::<f64>() / f.len() as f64);
+            }
             if let Some(j) = r.joint_acc {
                 e.joint.push(j);
             }
@@ -65,20 +74,26 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
     for t in &tasks {
         s.push_str(&format!(" {t} |"));
     }
-    s.push_str(" mean task | joint |\n|---|");
-    s.push_str(&"---:|".repeat(tasks.len() + 2));
+    s.push_str(" mean task | joint | mean fidelity |\n|---|");
+    s.push_str(&"---:|".repeat(tasks.len() + 3));
     s.push('\n');
     for key in &order {
         let Collected {
             mean,
             joint,
             per_task: pt,
+            fidelity,
         } = &per[key];
         s.push_str(&format!("| {key} |"));
         for t in &tasks {
             s.push_str(&format!(" {} |", pt.get(t).map_or("–".into(), |v| cell(v))));
         }
-        s.push_str(&format!(" {} | {} |\n", cell(mean), cell(joint)));
+        s.push_str(&format!(
+            " {} | {} | {} |\n",
+            cell(mean),
+            cell(joint),
+            cell(fidelity)
+        ));
     }
     println!("{s}");
     Ok(())
