@@ -124,6 +124,10 @@ pub struct ClusterConfig {
     /// libtorch threads per worker (0 = the job's `threads`).
     #[serde(default)]
     pub worker_threads: usize,
+    /// Memory of each worker, GB: a plan whose estimate for some stage exceeds it fails before
+    /// any work, naming the stage (`fsmerge check` prints the estimates). Unset: not checked.
+    #[serde(default)]
+    pub memory_gb: Option<f64>,
 }
 
 fn one() -> usize {
@@ -162,6 +166,7 @@ impl Default for ClusterConfig {
             collective_timeout_secs: default_collective_timeout(),
             checkpoint_every_steps: default_checkpoint_every(),
             worker_threads: 0,
+            memory_gb: None,
         }
     }
 }
@@ -1228,6 +1233,14 @@ impl JobConfig {
             86400.0,
             "cluster.peer_timeout_secs",
         )?;
+        if let Some(gb) = c.memory_gb {
+            if !(0.01..=1e6).contains(&gb) {
+                return Err(Error::field(
+                    "cluster.memory_gb",
+                    format!("must be between 0.01 and 1000000 GB, got {gb:e}"),
+                ));
+            }
+        }
         at_most(
             usize::try_from(c.checkpoint_every_steps).unwrap_or(usize::MAX),
             1_000_000_000,

@@ -50,6 +50,43 @@ fn vit_merge_fails(dir: &Path, models: &Path, extra: &[&str]) -> String {
     stderr(&o)
 }
 
+/// A plan that does not fit `cluster.memory_gb` fails before any work, naming the stage and
+/// the missing GB; `fsmerge check` says the same. (The estimate's floor is an idle process's
+/// 0.46 GB, so 0.3 GB fits no stage.)
+#[test]
+fn a_plan_over_the_memory_budget_fails_up_front_naming_the_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    vit_models(&models);
+    let budget = [
+        "--set",
+        "cluster.memory_gb=0.3",
+        "--set",
+        "cluster.stages=2",
+    ];
+    let e = vit_merge_fails(dir.path(), &models, &budget);
+    for want in [
+        "stage 0 (units 0..",
+        "cluster.memory_gb` = 0.3",
+        "GB missing",
+    ] {
+        assert!(e.contains(want), "`{want}` not in: {e}");
+    }
+    assert!(!e.contains("worker rank"), "workers started: {e}");
+    let config = root().join("configs/digits-vit.toml").display().to_string();
+    let models_dir = format!("train.models_dir=\"{}\"", models.display());
+    let check =
+        |extra: &[&str]| fsmerge(&[&["check", &config, "--set", &models_dir][..], extra].concat());
+    let o = check(&budget);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("GB missing"), "{}", stderr(&o));
+    // A budget the estimate fits passes; one out of range is named.
+    let o = check(&["--set", "cluster.memory_gb=4", "--set", "cluster.stages=2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = vit_merge_fails(dir.path(), &models, &["--set", "cluster.memory_gb=1e9"]);
+    assert!(e.contains("cluster.memory_gb"), "{e}");
+}
+
 /// Run the binary, killed after 120 s: an input that hangs it fails the test.
 fn run_bounded(args: &[String]) -> Output {
     let mut child = std::process::Command::new(fsmerge_tests::fsmerge_bin())

@@ -6,6 +6,7 @@
 //! with embedded workers, `fsmerge coordinator` with worker processes.
 
 use crate::cluster::{self, Launch};
+use crate::job::memory;
 use crate::job::prepare::prepare;
 use crate::job::rows::{
     fs_merge_variant, kd_variant, report_local_phase, variant, warn_if_global_rose, Evaluated,
@@ -35,6 +36,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
         cfg.cluster.replicas,
     )?;
     tracing::info!("plan: {}", plan.describe());
+    memory::check_fits(cfg, &plan)?;
 
     let staging = Staging::new(&job.out)?;
     let mut writer = family.writer(cfg, &job.models_dir, &staging.path(""))?;

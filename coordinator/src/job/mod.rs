@@ -1,6 +1,7 @@
 //! A job: its validated config and where its files go; the merge job (`merge`, one for every
 //! family), the originals it trains when missing, its preparation and its result rows.
 
+pub mod memory;
 pub mod merge;
 pub mod originals;
 pub mod prepare;
