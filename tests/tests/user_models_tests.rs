@@ -334,6 +334,33 @@ fn user_berts_without_eval_data_are_scored_by_fidelity() {
     }
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(table.contains("Fidelity: agreement"), "{table}");
+
+    // Resumed, the job reads its preprocessed inputs from the work directory and reports the
+    // same fidelity.
+    let o = std::process::Command::new(fsmerge_tests::fsmerge_bin())
+        .args([
+            "merge",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--resume",
+        ])
+        .args(few)
+        .current_dir(fsmerge_tests::root())
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &stderr(&o);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("inputs: preprocessed inputs read from the cache"),
+        "{log}"
+    );
+    let resumed: Metrics = read_json(&out.join("metrics.json")).unwrap();
+    assert_eq!(
+        row(&resumed, "fs-merge").per_task_fidelity,
+        row(&m, "fs-merge").per_task_fidelity
+    );
     eprintln!(
         "{}",
         MERGES.map(|n| format!("{n} {:.4}", fidelity(n))).join(", ")

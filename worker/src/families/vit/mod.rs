@@ -27,9 +27,17 @@ impl Family for VitFamily {
     }
     fn load_stage(&self, spec: &StageSpec) -> Result<Box<dyn WorkerStage>> {
         let (j, tasks) = (spec.job, spec.tasks());
+        let adapters = crate::data::models::input_adapters(j)?;
+        for (t, _) in adapters.iter().enumerate().filter(|(_, a)| a.is_some()) {
+            tracing::info!(
+                "task {}: its processor rescales or normalizes otherwise than the first model's; \
+                 its patch embedding is adapted to read the first model's pixels",
+                tasks[t]
+            );
+        }
         let stage = stage::VitStage::load(
             &spec.original_dirs(),
-            &crate::data::models::input_adapters(j)?,
+            &adapters,
             &tasks,
             spec.units.clone(),
             &j.merge,
