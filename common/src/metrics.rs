@@ -44,9 +44,15 @@ pub struct SplitScores {
     pub logit_error: Vec<f64>,
 }
 
-impl SplitScores {
-    pub fn mean(&self) -> f64 {
-        self.per_task.iter().sum::<f64>() / self.per_task.len().max(1) as f64
+/// Mean of a per-task map's values (0 when it is empty).
+pub fn mean_of(per_task: &BTreeMap<String, f64>) -> f64 {
+    per_task.values().sum::<f64>() / per_task.len().max(1) as f64
+}
+
+impl MethodResult {
+    /// Mean fidelity over the tasks (0 for metrics of runs before fidelity existed).
+    pub fn mean_fidelity(&self) -> f64 {
+        mean_of(&self.per_task_fidelity)
     }
 }
 
@@ -207,10 +213,9 @@ impl Metrics {
                 };
                 s.push_str(&format!(" {c} |"));
             }
-            let mean = |m: &BTreeMap<String, f64>| m.values().sum::<f64>() / m.len().max(1) as f64;
             s.push_str(&format!(
                 " {} |\n",
-                cell(mean(&r.per_task_fidelity), mean(&r.per_task_logit_error))
+                cell(r.mean_fidelity(), mean_of(&r.per_task_logit_error))
             ));
         }
         s

@@ -8,7 +8,7 @@
 //! input is named.
 
 use fsmerge_common::checkpoint::read_json;
-use fsmerge_common::metrics::Metrics;
+use fsmerge_common::metrics::{mean_of, Metrics};
 use fsmerge_tests::{fsmerge, python_fixture, stderr};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -161,10 +161,6 @@ fn merge_and_load_back(cfg: &Path, fixture: &Fixture, tasks: &[&str], max_tokens
 
 const MERGES: [&str; 5] = ["first", "average", "regmean", "kd", "fs-merge"];
 
-fn mean(m: &BTreeMap<String, f64>) -> f64 {
-    m.values().sum::<f64>() / m.len() as f64
-}
-
 /// On a job with labels, fidelity ranks the merged models as accuracy does: every pair of
 /// methods more than 3 accuracy points apart is ordered alike by mean fidelity (a closer pair
 /// may swap), and the originals agree with themselves exactly.
@@ -174,14 +170,14 @@ fn fidelity_ranks_as_accuracy(m: &Metrics) {
         .iter()
         .filter(|r| r.method.starts_with("original:"))
     {
-        assert_eq!(mean(&r.per_task_fidelity), 1.0, "{}", r.method);
-        assert_eq!(mean(&r.per_task_logit_error), 0.0, "{}", r.method);
+        assert_eq!(mean_of(&r.per_task_fidelity), 1.0, "{}", r.method);
+        assert_eq!(mean_of(&r.per_task_logit_error), 0.0, "{}", r.method);
     }
     let scores: Vec<(&str, f64, f64)> = MERGES
         .iter()
         .map(|&name| {
             let r = row(m, name);
-            (name, r.mean_task_acc, mean(&r.per_task_fidelity))
+            (name, r.mean_task_acc, mean_of(&r.per_task_fidelity))
         })
         .collect();
     eprintln!("(method, mean accuracy, mean fidelity): {scores:?}");
@@ -323,7 +319,7 @@ fn user_berts_without_eval_data_are_scored_by_fidelity() {
         assert!(fs.per_task_fidelity[task] > 0.5, "{fs:?}");
         assert!(fs.per_task_logit_error[task] > 0.0, "{fs:?}");
     }
-    let fidelity = |name: &str| mean(&row(&m, name).per_task_fidelity);
+    let fidelity = |name: &str| mean_of(&row(&m, name).per_task_fidelity);
     for b in ["first", "average", "regmean"] {
         assert!(
             fidelity("fs-merge") > fidelity(b),

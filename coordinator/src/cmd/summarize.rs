@@ -52,9 +52,8 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
             if !r.per_task_acc.is_empty() {
                 e.mean.push(r.mean_task_acc);
             }
-            let f = &r.per_task_fidelity;
-            if !f.is_empty() {
-                e.fidelity.push(f.values().sum::<f64>() / f.len() as f64);
+            if !r.per_task_fidelity.is_empty() {
+                e.fidelity.push(r.mean_fidelity());
             }
             if let Some(j) = r.joint_acc {
                 e.joint.push(j);

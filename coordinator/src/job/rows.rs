@@ -2,7 +2,7 @@
 //! splits, the variants that tell runs apart, and the local phase's rows.
 
 use fsmerge_common::config::{MergeConfig, Mode};
-use fsmerge_common::metrics::{Evaluation, MethodResult};
+use fsmerge_common::metrics::{mean_of, Evaluation, MethodResult};
 use fsmerge_worker::train::progress::LogRow;
 use fsmerge_worker::train::settings::TrainSettings;
 use serde_json::json;
@@ -126,19 +126,19 @@ impl<'a> Evaluated<'a> {
         let fidelity = self.per_task(&e.test.fidelity);
         tracing::info!(
             "{method}: mean task accuracy {}, joint {}; mean fidelity {:.2}%",
-            percent(any_labels.then(|| mean(&per_task_acc))),
+            percent(any_labels.then(|| mean_of(&per_task_acc))),
             percent(any_labels.then_some(e.test.joint)),
-            100.0 * mean(&fidelity)
+            100.0 * mean_of(&fidelity)
         );
         Some(MethodResult {
             method: method.to_string(),
             variant,
-            mean_task_acc: mean(&per_task_acc),
+            mean_task_acc: mean_of(&per_task_acc),
             per_task_acc,
             joint_acc: any_labels.then_some(e.test.joint),
             per_task_fidelity: fidelity,
             per_task_logit_error: self.per_task(&e.test.logit_error),
-            val_mean_task_acc: mean(&self.labeled_only(&e.val.per_task)),
+            val_mean_task_acc: mean_of(&self.labeled_only(&e.val.per_task)),
             seconds: if method == "ensemble" { 0.0 } else { e.seconds },
         })
     }
@@ -190,11 +190,6 @@ impl<'a> Evaluated<'a> {
             .map(|((n, &x), _)| (n.clone(), x))
             .collect()
     }
-}
-
-/// Mean of the values (0 when there are none).
-fn mean(m: &BTreeMap<String, f64>) -> f64 {
-    m.values().sum::<f64>() / m.len().max(1) as f64
 }
 
 /// A share as a percentage for the log, `–` when there is none.

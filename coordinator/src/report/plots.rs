@@ -207,8 +207,7 @@ fn accuracy(root: &Area, results: &[MethodResult]) -> Result<()> {
         ("mean task accuracy", BLUE.mix(0.75), |r| r.mean_task_acc)
     } else {
         ("mean fidelity (no labels)", BLUE.mix(0.75), |r| {
-            let f = &r.per_task_fidelity;
-            f.values().sum::<f64>() / f.len().max(1) as f64
+            r.mean_fidelity()
         })
     };
     let bars: [Bar; 2] = [

@@ -6,13 +6,14 @@
 //! is preprocessed again, never read stale.
 
 use crate::data::rows::{ImageSet, Splits};
+use crate::data::sources;
 use fsmerge_common::checkpoint::{read_tensors, write_tensors, HostTensor};
 use fsmerge_common::config::JobConfig;
 use fsmerge_common::workdir::WorkDir;
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Files of a model folder that decide its preprocessing.
 const PROCESSOR_FILES: [&str; 3] = [
@@ -54,7 +55,7 @@ fn fingerprint(job: &JobConfig) -> Result<String> {
     json(serde_json::to_string(&job.data))?.hash(&mut h);
     for m in &job.models {
         for src in std::iter::once(&m.merge_data).chain(&m.eval_data) {
-            for f in source_files(&src.path)? {
+            for f in sources::input_files(src)? {
                 let meta = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?;
                 let modified = (meta.modified().ok())
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
@@ -67,31 +68,6 @@ fn fingerprint(job: &JobConfig) -> Result<String> {
         }
     }
     Ok(format!("{:016x}", h.finish()))
-}
-
-/// Every file `pattern` (a file, a glob or an image folder) names, folders walked, sorted.
-fn source_files(pattern: &str) -> Result<Vec<PathBuf>> {
-    fn walk(p: PathBuf, out: &mut Vec<PathBuf>) -> Result<()> {
-        if p.is_dir() {
-            let entries = std::fs::read_dir(&p).map_err(|e| Error::io(&p, e))?;
-            for e in entries {
-                walk(e.map_err(|e| Error::io(&p, e))?.path(), out)?;
-            }
-        } else {
-            out.push(p);
-        }
-        Ok(())
-    }
-    let bad = |e: String| Error::Data {
-        path: pattern.into(),
-        msg: e,
-    };
-    let mut out = Vec::new();
-    for p in glob::glob(pattern).map_err(|e| bad(format!("bad glob pattern: {e}")))? {
-        walk(p.map_err(|e| bad(e.to_string()))?, &mut out)?;
-    }
-    out.sort();
-    Ok(out)
 }
 
 /// Tensor names of a split in the cache file.

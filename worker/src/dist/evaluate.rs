@@ -166,21 +166,17 @@ pub fn evaluate(
         std::mem::take(&mut logits[1]),
     ];
     let reference = rows.reference.as_ref().unwrap_or(&logits);
-    let mut scores = Vec::new();
-    for (i, split) in rows.splits.iter().enumerate() {
-        let mut counts = Vec::new();
-        for (t, (_, y)) in split.tasks.iter().enumerate() {
-            counts.push(count(rows, t, &logits[i][t], y, &reference[i][t])?);
-        }
-        scores.push(split_scores(&counts, &rows.labeled));
-    }
-    let val = scores.pop().expect("two splits");
-    let test = scores.pop().expect("two splits");
-    Ok(Some(([test, val], logits)))
+    let score = |i: usize| -> Result<SplitScores> {
+        let counts = (rows.splits[i].tasks.iter().enumerate())
+            .map(|(t, (_, y))| count(rows, t, &logits[i][t], y, &reference[i][t]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(split_scores(&counts, &rows.labeled))
+    };
+    let scores = [score(0)?, score(1)?];
+    Ok(Some((scores, logits)))
 }
 
 /// What one task's rows scored.
-#[derive(Default, Clone, Copy)]
 struct Counts {
     /// Correct predictions on the task's own head, and jointly.
     own: i64,
@@ -228,10 +224,11 @@ fn count(
             .sum(Kind::Double)
             .double_value(&[])
     };
+    let predicted = own.argmax(1, false);
     Ok(Counts {
-        own: equal(&own.argmax(1, false), y),
+        own: equal(&predicted, y),
         joint: equal(&logits.argmax(1, false), &(y + offset)),
-        agree: equal(&own.argmax(1, false), &theirs.argmax(1, false)),
+        agree: equal(&predicted, &theirs.argmax(1, false)),
         rows: n,
         error_sq: sq(&(&own - &theirs)),
         reference_sq: sq(&theirs),

@@ -309,10 +309,10 @@ impl ImageProcessor {
                 ),
             ));
         }
-        match channels {
-            1 => to_planes::<1>(px, &table, out),
-            3 => to_planes::<3>(px, &table, out),
-            _ => unreachable!("check_channels admits 1 or 3 channels"),
+        for (c, (dst, t)) in out.chunks_exact_mut(plane).zip(&table).enumerate() {
+            for (o, pixel) in dst.iter_mut().zip(px.chunks_exact(channels)) {
+                *o = t[usize::from(pixel[c])];
+            }
         }
         Ok(())
     }
@@ -440,24 +440,6 @@ impl Keys<'_> {
 pub fn decode(bytes: &[u8], origin: &str) -> Result<DynamicImage> {
     ::image::load_from_memory(bytes)
         .map_err(|e| data_err(Path::new(origin), format!("cannot decode the image: {e}")))
-}
-
-/// Interleaved `px` (C channels) to channel planes in `out`, each byte through its channel's
-/// table; C known at compile time, so the loop has no stride to compute.
-fn to_planes<const C: usize>(px: &[u8], table: &[[f32; 256]], out: &mut [f32]) {
-    let plane = out.len() / C;
-    let (tables, planes): (Vec<&[f32; 256]>, Vec<&mut [f32]>) =
-        (table.iter().zip(out.chunks_exact_mut(plane))).unzip();
-    let tables: [&[f32; 256]; C] = std::array::from_fn(|c| tables[c]);
-    let mut planes: Vec<std::slice::IterMut<f32>> =
-        planes.into_iter().map(|p| p.iter_mut()).collect();
-    for pixel in px.chunks_exact(C) {
-        for c in 0..C {
-            if let Some(o) = planes[c].next() {
-                *o = tables[c][usize::from(pixel[c])];
-            }
-        }
-    }
 }
 
 /// Pillow's ITU-R 601-2 luma in 16-bit fixed point (`L24` in `libImaging/Convert.c`).

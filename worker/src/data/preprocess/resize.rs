@@ -212,36 +212,27 @@ fn horizontal_n<const C: usize>(
     taps: &[Taps],
     out: &mut [u8],
 ) {
+    // Every output's taps padded with zero weights to one length k (a zero weight adds exactly
+    // nothing), so that up to 8 taps the tap loop has a length the compiler knows and unrolls.
+    // Taps lie inside the row, so k ≤ w.
     let k = taps.iter().map(|t| t.weights.len()).max().unwrap_or(0);
-    if k <= w {
-        // Every output's taps padded with zero weights to one length k (a zero weight adds
-        // exactly nothing), so the tap loop has a length the compiler knows and unrolls.
-        macro_rules! fixed {
-            ($($k:literal)*) => {
-                match k {
-                    $($k => return horizontal_fixed::<C, $k>(src, w, out_w, &padded(taps, k, w), out),)*
-                    _ => {}
-                }
-            };
-        }
-        fixed!(1 2 3 4 5 6 7 8);
+    let taps = padded(taps, k, w);
+    macro_rules! fixed {
+        ($($k:literal)*) => {
+            match k {
+                $($k => return horizontal_fixed::<C, $k>(src, w, out_w, &taps, out),)*
+                _ => {}
+            }
+        };
     }
+    fixed!(1 2 3 4 5 6 7 8);
     for (row, dst) in src
         .chunks_exact(w * C)
         .zip(out.chunks_exact_mut(out_w * C))
         .take(h)
     {
-        for (t, px) in taps.iter().zip(dst.chunks_exact_mut(C)) {
-            let mut acc = [HALF; C];
-            let from = &row[t.start * C..(t.start + t.weights.len()) * C];
-            for (&wt, pixel) in t.weights.iter().zip(from.chunks_exact(C)) {
-                for k in 0..C {
-                    acc[k] += i32::from(pixel[k]) * wt;
-                }
-            }
-            for k in 0..C {
-                px[k] = clip8(acc[k]);
-            }
+        for ((start, weights), px) in taps.iter().zip(dst.chunks_exact_mut(C)) {
+            convolve::<C>(&row[start * C..][..k * C], weights, px);
         }
     }
 }
@@ -273,17 +264,23 @@ fn horizontal_fixed<const C: usize, const K: usize>(
         .collect();
     for (row, dst) in src.chunks_exact(w * C).zip(out.chunks_exact_mut(out_w * C)) {
         for ((start, weights), px) in taps.iter().zip(dst.chunks_exact_mut(C)) {
-            let from = &row[start * C..][..K * C];
-            let mut acc = [HALF; C];
-            for (i, wt) in weights.iter().enumerate() {
-                for k in 0..C {
-                    acc[k] += i32::from(from[i * C + k]) * wt;
-                }
-            }
-            for k in 0..C {
-                px[k] = clip8(acc[k]);
-            }
+            convolve::<C>(&row[start * C..][..K * C], weights, px);
         }
+    }
+}
+
+/// One output pixel `px`: the tap `weights` over the input pixels `from` (C channels each),
+/// summed from Pillow's rounding offset and clipped.
+#[inline(always)]
+fn convolve<const C: usize>(from: &[u8], weights: &[i32], px: &mut [u8]) {
+    let mut acc = [HALF; C];
+    for (&wt, pixel) in weights.iter().zip(from.chunks_exact(C)) {
+        for k in 0..C {
+            acc[k] += i32::from(pixel[k]) * wt;
+        }
+    }
+    for k in 0..C {
+        px[k] = clip8(acc[k]);
     }
 }
 

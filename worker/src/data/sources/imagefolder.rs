@@ -25,6 +25,11 @@ pub fn read(root: &Path, limit: usize) -> Result<Vec<Record>> {
     Ok(out)
 }
 
+/// Every image file under `root`, in reading order.
+pub fn files(root: &Path) -> Result<Vec<PathBuf>> {
+    Ok(listing(root)?.into_iter().map(|(_, f)| f).collect())
+}
+
 /// (class folder name, image file) of every image, sorted; loose images have no class.
 fn listing(root: &Path) -> Result<Vec<(Option<String>, PathBuf)>> {
     let mut out = Vec::new();

@@ -10,7 +10,7 @@ pub mod table;
 use fsmerge_common::data_source::{DataFormat, DataSource};
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What the model reads: images (ViT) or texts (BERT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +77,14 @@ fn bad(src: &DataSource, msg: &str) -> Error {
     Error::Data {
         path: PathBuf::from(&src.path),
         msg: msg.to_string(),
+    }
+}
+
+/// Every file `src` is read from: an image folder's images, else the files of `files`.
+pub fn input_files(src: &DataSource) -> Result<Vec<PathBuf>> {
+    match src.format {
+        DataFormat::Imagefolder => imagefolder::files(Path::new(&src.path)),
+        _ => files(src),
     }
 }
 
