@@ -632,6 +632,21 @@ pub struct MergeConfig {
     /// unmerge consistent (M_res·U_res ≈ I on the merged stream).
     #[serde(default = "default_inner_weight")]
     pub res_consistency: f64,
+    /// Where each stage keeps its teacher features: `memory`, `disk` (a memory-mapped file in
+    /// the work directory, read batch by batch), or `auto` (memory unless the stage would not
+    /// fit `cluster.memory_gb` with them there).
+    #[serde(default)]
+    pub features: Features,
+}
+
+/// `merge.features`: where the teacher features live (architecture.md §2, step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Features {
+    #[default]
+    Auto,
+    Memory,
+    Disk,
 }
 
 fn default_inner_weight() -> f64 {
@@ -691,6 +706,7 @@ impl Default for MergeConfig {
             n_originals: default_n_originals(),
             n_augmented: default_n_augmented(),
             step_form: default_step_form(),
+            features: Features::Auto,
             augment: AugmentConfig::default(),
             inner_layers: Vec::new(),
             inner_weight: default_inner_weight(),

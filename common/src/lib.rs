@@ -11,6 +11,7 @@ pub mod error;
 pub mod fsio;
 pub mod hf;
 pub mod hf_writer;
+pub mod mapped;
 pub mod metrics;
 pub mod models;
 pub mod plan;

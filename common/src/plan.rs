@@ -48,6 +48,22 @@ pub struct StagePlan {
     pub units: Range<usize>,
     pub flops: u64,
     pub bytes: u64,
+    /// Where the stage's workers keep their teacher features (chosen after the partition,
+    /// from `merge.features` and the memory budget).
+    #[serde(default)]
+    pub features: FeaturesAt,
+}
+
+/// Where a stage keeps its teacher features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeaturesAt {
+    /// In RAM, as tensors.
+    #[default]
+    Memory,
+    /// In a safetensors file of the work directory, memory-mapped: the kernel pages in the
+    /// rows a batch reads and may drop them again, so RAM holds no whole `[n, N, ..]` stream.
+    Disk,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +137,7 @@ impl Plan {
                 units: w[0]..w[1],
                 flops: units[w[0]..w[1]].iter().map(|u| u.flops).sum(),
                 bytes: units[w[0]..w[1]].iter().map(|u| u.bytes).sum(),
+                features: FeaturesAt::Memory,
             })
             .collect();
         Ok(Plan {
@@ -147,11 +164,15 @@ impl Plan {
                 .map(|u| u.name.as_str())
                 .collect();
             s.push_str(&format!(
-                "\n  stage {}: {} ({:.2} MFLOP/sample, {:.2} MB frozen)",
+                "\n  stage {}: {} ({:.2} MFLOP/sample, {:.2} MB frozen, teacher features in {})",
                 st.index,
                 names.join(", "),
                 st.flops as f64 / 1e6,
-                st.bytes as f64 / 1e6
+                st.bytes as f64 / 1e6,
+                match st.features {
+                    FeaturesAt::Memory => "memory",
+                    FeaturesAt::Disk => "a memory-mapped file",
+                }
             ));
         }
         s

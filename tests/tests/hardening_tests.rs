@@ -83,8 +83,28 @@ fn a_plan_over_the_memory_budget_fails_up_front_naming_the_stage() {
     // A budget the estimate fits passes; one out of range is named.
     let o = check(&["--set", "cluster.memory_gb=4", "--set", "cluster.stages=2"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(in memory)"), "{}", stdout(&o));
+    // A budget that fits only without the teacher features in memory (470 MiB of process,
+    // 0.1 MiB of weights, 1.5–2.2 MiB of features per stage) sends them to disk, mapped.
+    let o = check(&[
+        "--set",
+        "cluster.memory_gb=0.46",
+        "--set",
+        "cluster.stages=2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).matches("(on disk, memory-mapped)").count(),
+        2,
+        "{}",
+        stdout(&o)
+    );
     let e = vit_merge_fails(dir.path(), &models, &["--set", "cluster.memory_gb=1e9"]);
     assert!(e.contains("cluster.memory_gb"), "{e}");
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Run the binary, killed after 120 s: an input that hangs it fails the test.

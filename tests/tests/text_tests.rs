@@ -282,12 +282,14 @@ fn distributed_bert_merge_equals_the_single_process_merge() {
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["phase"].to_string())
             .collect()
     };
+    // 3 stages × 2 replicas with the teacher features on disk, memory-mapped.
     let mut sets: Vec<&str> = small.to_vec();
     sets.extend([
         models.as_str(),
         "cluster.stages=3",
         "cluster.replicas=2",
         "cluster.micro_batches=3",
+        "merge.features=\"disk\"",
     ]);
     let o = merge(&dir.join("3x2"), &sets);
     assert!(o.status.success(), "3x2 failed: {}", stderr(&o));

@@ -267,6 +267,18 @@ fn distributed_vit_merge_equals_the_single_process_merge() {
         );
     }
 
+    // Teacher features on disk, memory-mapped (replica 1's in a scratch file): the same run.
+    run(
+        "disk-3x2",
+        &[
+            "cluster.stages=3",
+            "cluster.replicas=2",
+            "cluster.micro_batches=3",
+            "merge.features=\"disk\"",
+        ],
+    );
+    assert_eq!(max_rel_diff(&merged("disk-3x2"), &merged("3x2")), 0.0);
+
     // The inner-feature terms (global): each stage adds those of its inner blocks.
     let inner = ["merge.mode=\"global\"", "merge.inner_layers=[0, 1]"];
     let reference = run("single-inner", &inner);
@@ -279,9 +291,10 @@ fn distributed_vit_merge_equals_the_single_process_merge() {
     assert!(diff <= 1e-4, "inner-3x2: folded weights differ by {diff:e}");
     assert_eq!(scores(&m), scores(&reference), "inner-3x2");
 
-    // Worker processes; kill stage 1's once the local phase is checkpointed.
+    // Worker processes, features on disk; kill stage 1's once the local phase is checkpointed
+    // (the resumed workers map the features the first ones wrote).
     let config = root().join("configs/digits-vit.toml").display().to_string();
-    let s = sets(&["cluster.micro_batches=1"]);
+    let s = sets(&["cluster.micro_batches=1", "merge.features=\"disk\""]);
     let mut job = launch_config(&config, dir, "job", 2, 1, &s, false);
     let work = WorkDir::new(dir.join("job.work"));
     let until = Instant::now() + Duration::from_secs(120);

@@ -10,7 +10,7 @@ use crate::job::prepare::task_data;
 use crate::job::Job;
 use crate::JobArgs;
 use anyhow::{Context, Result};
-use fsmerge_common::plan::Plan;
+use fsmerge_common::plan::{FeaturesAt, Plan};
 use fsmerge_worker::family::family;
 
 pub fn run(args: &JobArgs) -> Result<()> {
@@ -48,16 +48,25 @@ pub fn run(args: &JobArgs) -> Result<()> {
         println!("ok: `fsmerge merge` can run this job (it trains the originals first)");
         return Ok(());
     }
-    let plan = Plan::balanced(
+    let mut plan = Plan::balanced(
         family.unit_costs(cfg, &job.models_dir)?,
         cfg.cluster.stages,
         cfg.cluster.replicas,
     )?;
+    memory::place_features(cfg, &mut plan);
     println!("plan: {}", plan.describe());
     for s in memory::estimate(cfg, &plan) {
         println!(
-            "stage {}: units {:?}, weights {:.1} MiB + teacher features {:.1} MiB; estimated peak RSS per worker ≈ {:.0} MiB",
-            s.index, s.units, s.weights_mib, s.features_mib, s.peak_mib
+            "stage {}: units {:?}, weights {:.1} MiB + teacher features {:.1} MiB ({}); estimated peak RSS per worker ≈ {:.0} MiB",
+            s.index,
+            s.units,
+            s.weights_mib,
+            s.features_mib,
+            match s.features_at {
+                FeaturesAt::Memory => "in memory",
+                FeaturesAt::Disk => "on disk, memory-mapped",
+            },
+            s.peak_mib
         );
     }
     memory::check_fits(cfg, &plan)?;

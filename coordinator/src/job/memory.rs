@@ -1,12 +1,14 @@
 //! Each worker's memory, estimated from the plan before any work starts: the stage's frozen
 //! weights of every model, its teacher features (every model's stream at each of the stage's
 //! boundaries, for every merge row), 20% on top for activations, M/U and the optimiser, and
-//! the resident floor of an idle `fsmerge` process. `fsmerge check` prints it; a job with
-//! `cluster.memory_gb` fails up front when a stage does not fit, naming the stage.
+//! the resident floor of an idle `fsmerge` process. Features kept on disk (memory-mapped) count
+//! nothing: the kernel pages in what a batch reads and may evict it. `fsmerge check` prints it;
+//! `merge.features = "auto"` puts a stage's features on disk when they would not fit
+//! `cluster.memory_gb`, and a stage that fits neither way fails up front, naming the stage.
 
 use anyhow::Result;
-use fsmerge_common::config::{Arch, JobConfig};
-use fsmerge_common::plan::Plan;
+use fsmerge_common::config::{Arch, Features, JobConfig};
+use fsmerge_common::plan::{FeaturesAt, Plan, StagePlan};
 use std::ops::Range;
 
 /// Resident memory of an idle `fsmerge` process (libtorch linked), MiB: the floor of every
@@ -23,29 +25,66 @@ pub struct StageMemory {
     pub index: usize,
     pub units: Range<usize>,
     pub weights_mib: f64,
+    /// The teacher features' size, wherever they are kept.
     pub features_mib: f64,
+    pub features_at: FeaturesAt,
     /// Estimated peak resident memory of each of the stage's workers.
     pub peak_mib: f64,
 }
 
-/// Every stage's estimate under `plan`.
+/// Every stage's estimate under `plan`, with its features where the plan keeps them.
 pub fn estimate(cfg: &JobConfig, plan: &Plan) -> Vec<StageMemory> {
-    let rows = cfg.tasks.len() * (cfg.merge.n_originals + cfg.merge.n_augmented);
-    let stream = stream_floats(cfg);
     (plan.stages.iter())
-        .map(|s| {
-            let weights = s.bytes as f64 / MIB;
-            let boundaries = (s.units.len() + 1) as f64;
-            let features = boundaries * (cfg.tasks.len() * rows * stream * 4) as f64 / MIB;
-            StageMemory {
-                index: s.index,
-                units: s.units.clone(),
-                weights_mib: weights,
-                features_mib: features,
-                peak_mib: PROCESS_BASELINE_MIB + (1.0 + WORKING_SHARE) * (weights + features),
-            }
-        })
+        .map(|s| stage_estimate(cfg, s, s.features))
         .collect()
+}
+
+fn stage_estimate(cfg: &JobConfig, s: &StagePlan, at: FeaturesAt) -> StageMemory {
+    let rows = cfg.tasks.len() * (cfg.merge.n_originals + cfg.merge.n_augmented);
+    let weights = s.bytes as f64 / MIB;
+    let boundaries = (s.units.len() + 1) as f64;
+    let features = boundaries * (cfg.tasks.len() * rows * stream_floats(cfg) * 4) as f64 / MIB;
+    let resident = match at {
+        FeaturesAt::Memory => features,
+        FeaturesAt::Disk => 0.0,
+    };
+    StageMemory {
+        index: s.index,
+        units: s.units.clone(),
+        weights_mib: weights,
+        features_mib: features,
+        features_at: at,
+        peak_mib: PROCESS_BASELINE_MIB + (1.0 + WORKING_SHARE) * (weights + resident),
+    }
+}
+
+/// Decide where each stage keeps its teacher features (`merge.features`; `auto`: in memory
+/// unless the stage would then exceed `cluster.memory_gb`), logging every stage sent to disk.
+pub fn place_features(cfg: &JobConfig, plan: &mut Plan) {
+    let budget_mib = cfg.cluster.memory_gb.map(|gb| gb * 1024.0);
+    for s in &mut plan.stages {
+        s.features = match cfg.merge.features {
+            Features::Memory => FeaturesAt::Memory,
+            Features::Disk => FeaturesAt::Disk,
+            Features::Auto => {
+                let in_memory = stage_estimate(cfg, s, FeaturesAt::Memory);
+                match budget_mib {
+                    Some(b) if in_memory.peak_mib > b => {
+                        tracing::info!(
+                            "stage {}: teacher features ({:.2} GB) on disk, memory-mapped: with them in memory \
+                             the stage would need ≈ {:.2} GB per worker, over `cluster.memory_gb` = {:.2}",
+                            s.index,
+                            in_memory.features_mib / 1024.0,
+                            in_memory.peak_mib / 1024.0,
+                            b / 1024.0
+                        );
+                        FeaturesAt::Disk
+                    }
+                    _ => FeaturesAt::Memory,
+                }
+            }
+        };
+    }
 }
 
 /// With `cluster.memory_gb` set, the first stage whose estimate exceeds it is an error naming
@@ -58,17 +97,25 @@ pub fn check_fits(cfg: &JobConfig, plan: &Plan) -> Result<()> {
     for s in estimate(cfg, plan) {
         if gb(s.peak_mib) > budget_gb {
             anyhow::bail!(
-                "stage {} (units {:?}) needs ≈ {:.2} GB per worker (weights {:.2} GB, teacher features {:.2} GB, \
+                "stage {} (units {:?}) needs ≈ {:.2} GB per worker (weights {:.2} GB, teacher features {:.2} GB{}, \
                  process {:.2} GB, +{:.0}% working memory) but `cluster.memory_gb` = {budget_gb}: {:.2} GB missing; \
-                 use more stages (`cluster.stages`) or fewer merge inputs",
+                 use more stages (`cluster.stages`){}",
                 s.index,
                 s.units,
                 gb(s.peak_mib),
                 gb(s.weights_mib),
                 gb(s.features_mib),
+                match s.features_at {
+                    FeaturesAt::Memory => "",
+                    FeaturesAt::Disk => " on disk, not counted",
+                },
                 gb(PROCESS_BASELINE_MIB),
                 100.0 * WORKING_SHARE,
-                gb(s.peak_mib) - budget_gb
+                gb(s.peak_mib) - budget_gb,
+                match s.features_at {
+                    FeaturesAt::Memory => ", fewer merge inputs or `merge.features = \"disk\"`",
+                    FeaturesAt::Disk => "",
+                }
             );
         }
     }

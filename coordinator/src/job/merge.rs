@@ -30,11 +30,12 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let m = &cfg.merge;
     let family = family(cfg.model.arch);
     prepare(job)?;
-    let plan = Plan::balanced(
+    let mut plan = Plan::balanced(
         family.unit_costs(cfg, &job.models_dir)?,
         cfg.cluster.stages,
         cfg.cluster.replicas,
     )?;
+    memory::place_features(cfg, &mut plan);
     tracing::info!("plan: {}", plan.describe());
     memory::check_fits(cfg, &plan)?;
 

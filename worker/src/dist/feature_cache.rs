@@ -1,14 +1,18 @@
 //! A stage's teacher features on disk (`<out>.work/features/stage<s>.safetensors`), so a
 //! resumed job skips computing and moving them, and stage 0's starting point, the merge inputs.
+//! A stage that keeps its features on disk (`FeaturesAt::Disk`) computes them straight into
+//! that file, memory-mapped, and trains from the map.
 
 use crate::core::tensor::{to_host, to_tch};
 use crate::dist::stage::StageData;
 use fsmerge_common::checkpoint::{read_tensors, write_tensors, HostTensor};
 use fsmerge_common::config::JobConfig;
+use fsmerge_common::mapped::MappedTensors;
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
-use tch::{Kind, Tensor};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
 
 /// Stage 0's start: the merge inputs and their tasks, built from the data exactly as the
 /// single-process job builds them.
@@ -39,13 +43,94 @@ pub fn save(path: &Path, d: &StageData) -> Result<()> {
     write_tensors(path, &t)
 }
 
-/// Read a stage's cached teacher features (`layers` of them), checked against the stage: `n`
-/// models, and on a stage after the first the stream's per-sample shape `stream`. A cache that
-/// disagrees (another job's, or damaged) is an error naming the file and tensor.
-pub fn load(path: &Path, layers: usize, n: usize, stream: Option<&[i64]>) -> Result<StageData> {
+/// The names of a stage's tensors in its feature file.
+fn names(layers: usize) -> Vec<String> {
     let mut names = vec!["input".to_string(), "task".to_string()];
     names.extend((0..layers).map(|j| format!("feat{j}")));
-    let mut t = read_tensors(path, &names)?;
+    names
+}
+
+/// A tensor over the bytes of `name` in `file`, no copy.
+fn mapped(file: &MappedTensors, name: &str) -> Result<Tensor> {
+    let (shape, ptr) = file.slot(name)?;
+    let size: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    // SAFETY: the slot holds shape.product() f32 values, 4-byte aligned; the StageData built on
+    // it keeps `file` alive as long as its tensors.
+    unsafe { Tensor::f_from_blob(ptr, &size, &[], Kind::Float, Device::Cpu) }.map_err(|e| {
+        Error::Tensor {
+            file: file.path().to_path_buf(),
+            tensor: name.to_string(),
+            msg: e.to_string(),
+        }
+    })
+}
+
+/// A stage's features in a new file at `path`, mapped and zero: the stage input of shape
+/// `input`, the tasks `task` (written), and the features of shapes `feats`, to be filled in
+/// place; `scratch`: a file without a name, private to this worker (a replica other than 0).
+/// `MappedTensors::commit` names it once filled.
+pub fn create_mapped(
+    path: &Path,
+    input: &[i64],
+    feats: &[Vec<i64>],
+    task: &Tensor,
+    scratch: bool,
+) -> Result<(StageData, MappedTensors)> {
+    let dims = |s: &[i64]| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
+    let rows = task.size()[0];
+    let mut shapes = vec![
+        ("input".to_string(), dims(input)),
+        ("task".to_string(), vec![rows as usize]),
+    ];
+    shapes.extend((feats.iter().enumerate()).map(|(j, f)| (format!("feat{j}"), dims(f))));
+    let file = MappedTensors::create(path, &shapes, scratch)?;
+    let mut t = mapped(&file, "task")?;
+    tch::no_grad(|| t.copy_(&task.to_kind(Kind::Float)));
+    let data = StageData {
+        input: mapped(&file, "input")?,
+        feats: (0..feats.len())
+            .map(|j| mapped(&file, &format!("feat{j}")))
+            .collect::<Result<_>>()?,
+        task: task.to_kind(Kind::Int64),
+        backing: None,
+    };
+    Ok((data, file))
+}
+
+/// Read a stage's cached teacher features (`layers` of them), checked against the stage: `n`
+/// models, and on a stage after the first the stream's per-sample shape `stream`; with
+/// `map`, mapped from the file rather than read. A cache that disagrees (another job's, or
+/// damaged) is an error naming the file and tensor.
+pub fn load(
+    path: &Path,
+    layers: usize,
+    n: usize,
+    stream: Option<&[i64]>,
+    map: bool,
+) -> Result<StageData> {
+    let data = if map {
+        let file = MappedTensors::open(path)?;
+        let input = mapped(&file, "input")?;
+        let task = mapped(&file, "task")?.to_kind(Kind::Int64);
+        let feats = (0..layers)
+            .map(|j| mapped(&file, &format!("feat{j}")))
+            .collect::<Result<_>>()?;
+        StageData {
+            input,
+            feats,
+            task,
+            backing: Some(Arc::new(file)),
+        }
+    } else {
+        read(path, layers)?
+    };
+    check(path, &data, n, stream)?;
+    Ok(data)
+}
+
+/// The cached features read into memory.
+fn read(path: &Path, layers: usize) -> Result<StageData> {
+    let mut t = read_tensors(path, &names(layers))?;
     let mut take = |name: &str| -> Result<HostTensor> {
         t.remove(name).ok_or_else(|| Error::Tensor {
             file: path.to_path_buf(),
@@ -58,6 +143,19 @@ pub fn load(path: &Path, layers: usize, n: usize, stream: Option<&[i64]>) -> Res
     let feats: Vec<Tensor> = (0..layers)
         .map(|j| take(&format!("feat{j}")).map(|h| to_tch(&h)))
         .collect::<Result<_>>()?;
+    Ok(StageData {
+        input,
+        feats,
+        task,
+        backing: None,
+    })
+}
+
+/// Check cached features against the stage (see `load`).
+fn check(path: &Path, data: &StageData, n: usize, stream: Option<&[i64]>) -> Result<()> {
+    let StageData {
+        input, feats, task, ..
+    } = data;
     let bad = |tensor: &str, msg: String| Error::Tensor {
         file: path.to_path_buf(),
         tensor: tensor.to_string(),
@@ -96,5 +194,5 @@ pub fn load(path: &Path, layers: usize, n: usize, stream: Option<&[i64]>) -> Res
             ));
         }
     }
-    Ok(StageData { input, feats, task })
+    Ok(())
 }

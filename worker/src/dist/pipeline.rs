@@ -11,14 +11,17 @@
 //! full batch's gradient, as in the single-process run.
 
 use crate::core::loss::own_mask;
+use crate::core::tensor::CHUNK;
 use crate::core::tensor::{flatten_all, unflatten_like};
 use crate::dist::collective::Collective;
+use crate::dist::feature_cache;
 use crate::dist::stage::{PipelineStage, StageData};
 use crate::train::optim::gradients;
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::TrainSettings;
 use fsmerge_common::config::Targets;
 use fsmerge_common::{Error, Result};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Member `r` of `n`'s contiguous share of a batch.
@@ -363,7 +366,7 @@ pub fn stacked_traces(
     rows: i64,
     trace: &dyn Fn(usize, i64, i64) -> Vec<Tensor>,
 ) -> Vec<Tensor> {
-    let chunk = crate::core::tensor::CHUNK;
+    let chunk = CHUNK;
     let per_model: Vec<Vec<Tensor>> = (0..n)
         .map(|i| {
             let chunks: Vec<Vec<Tensor>> = (0..rows)
@@ -398,41 +401,160 @@ pub fn stacked_traces(
         .collect()
 }
 
+/// Where `flow_features` keeps a stage's teacher features.
+pub enum FeatureSink<'a> {
+    Memory,
+    /// A mapped file at `path` (`scratch`: without a name, private to this worker), filled
+    /// chunk by chunk of rows and named when complete.
+    Disk {
+        path: &'a Path,
+        scratch: bool,
+    },
+}
+
 /// Move teacher features down the pipeline: stage 0 starts from the merge inputs, every later
 /// stage receives the previous stage's last features; each computes its own and forwards its
-/// last layer's. `start` is (x, task) on stage 0.
+/// last layer's. `start` is (x, task) on stage 0. The stream goes over the wire in chunks of
+/// `CHUNK` rows, model by model, so neither side needs it whole in one buffer.
 pub fn flow_features<S: PipelineStage + ?Sized>(
     stage: &S,
     pipe: &mut dyn Collective,
     start: Option<(Tensor, Tensor)>,
+    sink: FeatureSink,
 ) -> Result<StageData> {
     let me = pipe.rank();
     let device = pipe.device();
-    let (input, task) = match start {
-        Some(s) => s,
+    let n = stage.n() as i64;
+    let (x, task) = match start {
+        Some((x, task)) => (Some(x), task),
         None => {
             let mut header = Tensor::zeros([1], (Kind::Float, device));
             pipe.recv(&mut header, me - 1)?;
             let len = header.double_value(&[0]) as i64;
-            let shape: Vec<i64> = [stage.n() as i64, len]
+            let mut task = Tensor::zeros([len], (Kind::Float, device));
+            pipe.recv(&mut task, me - 1)?;
+            (None, task.to_kind(Kind::Int64))
+        }
+    };
+    let len = task.size()[0];
+    let row_dim = usize::from(x.is_none());
+    let input_shape: Vec<i64> = match &x {
+        Some(x) => x.size(),
+        None => [n, len]
+            .iter()
+            .chain(&stage.stream_dims())
+            .copied()
+            .collect(),
+    };
+    let send_on = !stage.is_last();
+    if send_on {
+        pipe.send(&Tensor::from_slice(&[len as f32]).to_device(device), me + 1)?;
+        pipe.send(&task.to_kind(Kind::Float), me + 1)?;
+    }
+    let chunks: Vec<(i64, i64)> = (0..len)
+        .step_by(CHUNK as usize)
+        .map(|s| (s, CHUNK.min(len - s)))
+        .collect();
+    let disk = match sink {
+        FeatureSink::Disk { path, scratch } if len > 0 => Some((path, scratch)),
+        _ => None,
+    };
+    let Some((path, scratch)) = disk else {
+        let input = match x {
+            Some(x) => x,
+            None => {
+                let input = Tensor::zeros(input_shape.as_slice(), (Kind::Float, device));
+                recv_rows(pipe, &input, &chunks, n)?;
+                input
+            }
+        };
+        let feats = tch::no_grad(|| stage.teacher(&input, 0));
+        if send_on {
+            for &(s, l) in &chunks {
+                send_rows(pipe, &feats[feats.len() - 1].narrow(1, s, l), n)?;
+            }
+        }
+        return Ok(StageData {
+            input,
+            feats,
+            task,
+            backing: None,
+        });
+    };
+    // The features' shapes, from one row through the stage.
+    let probe = match &x {
+        Some(x) => x.narrow(0, 0, 1),
+        None => Tensor::zeros(
+            [n, 1]
                 .iter()
                 .chain(&stage.stream_dims())
                 .copied()
-                .collect();
-            let mut input = Tensor::zeros(shape, (Kind::Float, device));
-            pipe.recv(&mut input, me - 1)?;
-            let mut task = Tensor::zeros([len], (Kind::Float, device));
-            pipe.recv(&mut task, me - 1)?;
-            (input, task.to_kind(Kind::Int64))
-        }
+                .collect::<Vec<_>>(),
+            (Kind::Float, device),
+        ),
     };
-    let feats = stage.teacher(&input);
-    if !stage.is_last() {
-        let out = &feats[feats.len() - 1];
-        let len = task.size()[0];
-        pipe.send(&Tensor::from_slice(&[len as f32]).to_device(device), me + 1)?;
-        pipe.send(&out.contiguous(), me + 1)?;
-        pipe.send(&task.to_kind(Kind::Float), me + 1)?;
+    let shapes: Vec<Vec<i64>> = tch::no_grad(|| stage.teacher(&probe, 0))
+        .iter()
+        .map(|f| {
+            let mut s = f.size();
+            s[1] = len;
+            s
+        })
+        .collect();
+    let (mut data, mut file) = feature_cache::create_mapped(
+        path,
+        &input_shape,
+        &shapes,
+        &task.to_device(Device::Cpu),
+        scratch,
+    )?;
+    data.task = task;
+    match &x {
+        Some(x) => tch::no_grad(|| data.input.copy_(x)),
+        None => recv_rows(pipe, &data.input, &chunks, n)?,
     }
-    Ok(StageData { input, feats, task })
+    for &(s, l) in &chunks {
+        let rows = data.input.narrow(row_dim as i64, s, l).to_device(device);
+        let feats = tch::no_grad(|| stage.teacher(&rows, s));
+        for (to, f) in data.feats.iter().zip(&feats) {
+            let mut rows = to.narrow(1, s, l);
+            tch::no_grad(|| rows.copy_(f));
+        }
+        if send_on {
+            send_rows(pipe, &feats[feats.len() - 1], n)?;
+        }
+    }
+    file.commit()?;
+    data.backing = Some(std::sync::Arc::new(file));
+    Ok(data)
+}
+
+/// Send a chunk of rows [n, l, ..] of every model's stream to the next stage, model by model.
+fn send_rows(pipe: &mut dyn Collective, rows: &Tensor, n: i64) -> Result<()> {
+    let next = pipe.rank() + 1;
+    for i in 0..n {
+        pipe.send(&rows.get(i).contiguous(), next)?;
+    }
+    Ok(())
+}
+
+/// Receive the previous stage's stream into `into` [n, N, ..] (any device), in the chunks of
+/// rows and the order `send_rows` sends them.
+fn recv_rows(
+    pipe: &mut dyn Collective,
+    into: &Tensor,
+    chunks: &[(i64, i64)],
+    n: i64,
+) -> Result<()> {
+    let prev = pipe.rank() - 1;
+    let device = pipe.device();
+    for &(s, l) in chunks {
+        for i in 0..n {
+            let mut to = into.get(i).narrow(0, s, l);
+            let mut buf = Tensor::zeros(to.size().as_slice(), (Kind::Float, device));
+            pipe.recv(&mut buf, prev)?;
+            tch::no_grad(|| to.copy_(&buf));
+        }
+    }
+    Ok(())
 }

@@ -14,6 +14,7 @@ use crate::dist::collective::{Collective, Solo};
 use crate::dist::distill::{distill, kd_tensors};
 use crate::dist::evaluate::{evaluate, first_or_average, EvalPart, EvalRows, SplitLogits};
 use crate::dist::pipeline::Collectives;
+use crate::dist::pipeline::FeatureSink;
 use crate::dist::stage::{StageData, WorkerStage};
 use crate::dist::{feature_cache, pipeline};
 use crate::family::{family, StageSpec};
@@ -24,7 +25,7 @@ use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::checkpoint::{read_json, read_tensors, write_json, write_tensors};
 use fsmerge_common::config::{Backend, Baseline, JobConfig, Mode};
 use fsmerge_common::metrics::{peak_rss_mib, Evaluation, WorkerStats};
-use fsmerge_common::plan::Plan;
+use fsmerge_common::plan::{FeaturesAt, Plan};
 use fsmerge_common::transport::{self, Identity, Timeouts};
 use fsmerge_common::wire::{self, Assignment, Hello, Message, NamedTensor};
 use fsmerge_common::workdir::{PhaseRecord, WorkDir};
@@ -385,7 +386,8 @@ impl Ctx<'_> {
             self.evaluate_originals(stage.as_ref(), eval, pipe.as_mut())?;
         }
         self.set_phase("features");
-        let mut data = self.features(stage.as_ref(), rows, pipe.as_mut(), device, &work)?;
+        let at = plan.stages[stage_i].features;
+        let mut data = self.features(stage.as_ref(), rows, pipe.as_mut(), (device, at), &work)?;
         if let Some(eval) = &eval {
             self.evaluate_regmean(stage.as_ref(), &data, eval, pipe.as_mut())?;
         }
@@ -611,31 +613,50 @@ impl Ctx<'_> {
     }
 
     /// The stage's teacher features: from the cache when the coordinator says they exist, else
-    /// computed down the pipeline (stage 0 from the merge rows) and cached by replica 0.
+    /// computed down the pipeline (stage 0 from the merge rows) and cached by replica 0; kept
+    /// where the plan says (`at`): in memory, or in the cache file, memory-mapped (a replica
+    /// other than 0 maps a private scratch file).
     fn features(
         &self,
         stage: &dyn WorkerStage,
         rows: Option<(Tensor, Tensor)>,
         pipe: &mut dyn Collective,
-        device: Device,
+        (device, at): (Device, FeaturesAt),
         work: &WorkDir,
     ) -> Result<StageData> {
         let a = self.a;
         let stage_i = a.stage as usize;
+        let cache = work.features(stage_i);
+        let on_disk = at == FeaturesAt::Disk;
         let data = if a.features_cached {
             let stream = (stage_i > 0).then(|| stage.stream_dims());
             let (layers, n) = (stage.feature_count(), stage.n());
-            feature_cache::load(&work.features(stage_i), layers, n, stream.as_deref())?
+            feature_cache::load(&cache, layers, n, stream.as_deref(), on_disk)?
         } else {
             let start = rows
                 .filter(|_| stage_i == 0)
                 .map(|(x, task)| (x.to_device(device), task.to_device(device)));
-            let d = pipeline::flow_features(stage, pipe, start)?;
-            if a.replica == 0 {
-                feature_cache::save(&work.features(stage_i), &d)?;
+            let sink = if on_disk {
+                FeatureSink::Disk {
+                    path: &cache,
+                    scratch: a.replica != 0,
+                }
+            } else {
+                FeatureSink::Memory
+            };
+            let d = pipeline::flow_features(stage, pipe, start, sink)?;
+            if a.replica == 0 && !on_disk {
+                feature_cache::save(&cache, &d)?;
             }
             d
         };
+        if on_disk {
+            tracing::info!(
+                "worker rank {}: teacher features of stage {stage_i} on disk, memory-mapped ({})",
+                a.rank,
+                cache.display()
+            );
+        }
         Ok(data.to_device(device))
     }
 

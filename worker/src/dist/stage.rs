@@ -24,8 +24,9 @@ pub trait PipelineStage {
     fn stream_dims(&self) -> Vec<i64>;
     /// The originals' features after each of the stage's units (and, on the last stage, what
     /// the loss reconstructs, last) from the stage input: the merge inputs x [N, D] on stage 0,
-    /// else the previous stage's last features [n, N, ..].
-    fn teacher(&self, input: &Tensor) -> Vec<Tensor>;
+    /// else the previous stage's last features [n, N, ..]; `input` may be the merge rows
+    /// `first_row..` only (the teacher runs in chunks of rows when features go to disk).
+    fn teacher(&self, input: &Tensor, first_row: i64) -> Vec<Tensor>;
     /// Parameters the stage trains in the global phase.
     fn global_params(&self) -> Vec<Tensor>;
     /// The stage's part of the global SuperNet on the merged stream of samples `idx` (their x
@@ -118,6 +119,9 @@ pub struct StageData {
     pub feats: Vec<Tensor>,
     /// Task of each sample [N] (i64).
     pub task: Tensor,
+    /// The mapped file `input` and `feats` live in when the stage keeps its features on disk
+    /// (`FeaturesAt::Disk`): the tensors borrow its memory, so it lives as long as they do.
+    pub backing: Option<std::sync::Arc<fsmerge_common::mapped::MappedTensors>>,
 }
 
 impl StageData {
@@ -142,6 +146,7 @@ impl StageData {
             input: self.input.to_device(device),
             feats: self.feats.iter().map(|f| f.to_device(device)).collect(),
             task: self.task.to_device(device),
+            backing: self.backing.clone(),
         }
     }
 

@@ -129,12 +129,12 @@ impl PipelineStage for BertStage {
         vec![self.mask.size()[1], self.sn.frozen.cfg.hidden_size as i64]
     }
 
-    fn teacher(&self, input: &Tensor) -> Vec<Tensor> {
+    fn teacher(&self, input: &Tensor, first_row: i64) -> Vec<Tensor> {
         let first = self.sn.has_embeddings();
         let rows = input.size()[if first { 0 } else { 1 }];
         tch::no_grad(|| {
             stacked_traces(self.n(), rows, &|i, start, len| {
-                let mask = self.mask.narrow(0, start, len);
+                let mask = self.mask.narrow(0, first_row + start, len);
                 let x = if first {
                     tokens(&input.narrow(0, start, len)).0
                 } else {

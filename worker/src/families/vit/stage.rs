@@ -244,7 +244,7 @@ impl PipelineStage for VitStage {
         vec![tokens as i64, self.cfg.hidden_size as i64]
     }
 
-    fn teacher(&self, input: &Tensor) -> Vec<Tensor> {
+    fn teacher(&self, input: &Tensor, _first_row: i64) -> Vec<Tensor> {
         let first = self.units.start == 0;
         let rows = input.size()[if first { 0 } else { 1 }];
         tch::no_grad(|| {
