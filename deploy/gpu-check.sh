@@ -4,7 +4,9 @@
 # check that CUDA and NCCL were really used, and print step times. Needs a built `fsmerge` (pass
 # its path, default target/release/fsmerge) and the digits data (data/digits.csv.gz, made by
 # deploy/setup.sh); the BERT merge runs when data/spam-assassin, data/names and the vocabulary are
-# there too.
+# there too. Then the scale case when `transformers` is importable: 8 ViT-B/16-shaped models
+# (tests/fixtures/make_scale_models.py, SCALE_INPUTS merge images per task, default 64) merged
+# on the one GPU, local then global for one epoch each, with its phase times and peak memory.
 #
 #   deploy/gpu-check.sh [path/to/fsmerge]
 set -euo pipefail
@@ -65,4 +67,40 @@ if [[ -d data/spam-assassin && -d data/names && -f data/all-MiniLM-L6-v2/vocab.t
   check "$out/bert/metrics.json" 0.75
 else
   echo "SKIP: BERT merge (no text data; deploy/setup.sh fetches it)"
+fi
+# The scale case: 8 ViT-B/16s (86 M parameters each) on one GPU.
+if "$PY" -c 'import transformers' 2>/dev/null; then
+  inputs=${SCALE_INPUTS:-64}
+  "$PY" tests/fixtures/make_scale_models.py "$out/scale" vit 8 "$inputs" | tail -1
+  {
+    echo 'name = "scale-vit"'
+    for k in 0 1 2 3 4 5 6 7; do
+      echo "[[models]]"
+      echo "path = \"$out/scale/models/m$k\""
+      echo "merge_data = { format = \"imagefolder\", path = \"$out/scale/data/m$k/merge\" }"
+    done
+    echo "[merge]"
+    echo "mode = \"local-then-global\""
+    echo "epochs = 1"
+    echo "global_epochs = 1"
+    echo "batch_size = 32"
+    echo "n_originals = $inputs"
+    echo "n_augmented = 0"
+    echo "[baselines]"
+    echo "methods = []"
+  } > "$out/scale.toml"
+  /usr/bin/time -v "$BIN" merge "$out/scale.toml" --out "$out/scale-run" \
+      --set 'cluster.backend="nccl"' 2> "$out/scale.log" || { tail -30 "$out/scale.log"; exit 1; }
+  grep -E 'Maximum resident|Elapsed' "$out/scale.log"
+  "$PY" - "$out/scale-run/metrics.json" <<'PYEOF'
+import json, sys
+w = json.load(open(sys.argv[1]))["workers"][0]
+print(f"scale: device {w['device']}, load {w.get('load_seconds', 0):.1f} s, "
+      f"teacher features {w.get('features_seconds', 0):.1f} s, peak RSS {w['peak_rss_mib']:.0f} MiB")
+for phase, secs in w["phase_seconds"].items():
+    steps = w["phase_steps"].get(phase, 0)
+    print(f"scale {phase}: {steps} steps, {1000 * secs / max(steps, 1):.0f} ms/step")
+PYEOF
+else
+  echo "SKIP: the ViT-B/16 x 8 scale case (transformers not importable)"
 fi

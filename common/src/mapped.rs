@@ -61,7 +61,7 @@ impl MappedTensors {
             .map_err(|e| Error::io(&tmp, e))?;
         fsio::remove_on_signal(&tmp);
         let map = (|| {
-            file.set_len(total as u64)?;
+            reserve(&file, total as u64)?;
             // SAFETY: the file was just created by this process, which alone writes it.
             let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }?;
             map[..header.len()].copy_from_slice(&header);
@@ -173,6 +173,24 @@ impl Drop for MappedTensors {
             fsio::forget_on_signal(&tmp);
         }
     }
+}
+
+/// Give `file` `len` bytes of real disk blocks, not a sparse hole: a write through the map into
+/// a hole on a full disk would kill the process (SIGBUS) instead of failing here, cleanly.
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        let len = libc::off_t::try_from(len)
+            .map_err(|_| std::io::Error::other(format!("{len} bytes is too large a file")))?;
+        // SAFETY: a valid descriptor of a file opened for writing.
+        match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
+            0 => Ok(()),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    file.set_len(len)
 }
 
 /// The safetensors header of `tensors` (f32, in the given order, contiguous), padded so the

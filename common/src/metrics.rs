@@ -101,6 +101,16 @@ pub struct WorkerStats {
     pub allreduce_calls: u64,
     /// Time spent in optimizer steps (compute + communication), for the all-reduce share.
     pub step_seconds: f64,
+    /// Loading the stage's units of every model, and computing (or mapping) its teacher
+    /// features.
+    #[serde(default)]
+    pub load_seconds: f64,
+    #[serde(default)]
+    pub features_seconds: f64,
+    /// Time the stage waited on its pipeline neighbours in the global phase (the bubble, plus
+    /// the transfers): against `phase_seconds["global"]`, the measured bubble fraction.
+    #[serde(default)]
+    pub pipeline_wait_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

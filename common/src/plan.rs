@@ -76,6 +76,18 @@ pub struct Plan {
 impl Plan {
     /// Cut `units` into `stages` contiguous stages minimising the largest stage's FLOPs.
     pub fn balanced(units: Vec<UnitCost>, stages: usize, replicas: usize) -> Result<Plan> {
+        Plan::balanced_within(units, stages, replicas, &|_| true)
+    }
+
+    /// Cut `units` into `stages` contiguous stages minimising the largest stage's FLOPs among
+    /// the cuts whose every stage `fits` (a worker's memory, say; a range of units that fits
+    /// must fit when it shrinks). Without such a cut, the FLOP-balanced one.
+    pub fn balanced_within(
+        units: Vec<UnitCost>,
+        stages: usize,
+        replicas: usize,
+        fits: &dyn Fn(Range<usize>) -> bool,
+    ) -> Result<Plan> {
         if stages == 0 || replicas == 0 {
             return Err(Error::Plan(format!(
                 "stages ({stages}) and replicas ({replicas}) must be ≥ 1"
@@ -87,48 +99,10 @@ impl Plan {
                 units.len()
             )));
         }
-        // Binary search on the bottleneck cost; greedy packing checks feasibility.
         let costs: Vec<u64> = units.iter().map(|u| u.flops.max(1)).collect();
-        let fits = |cap: u64| {
-            let mut count = 1;
-            let mut acc = 0;
-            for &c in &costs {
-                if c > cap {
-                    return false;
-                }
-                if acc + c > cap {
-                    count += 1;
-                    acc = 0;
-                }
-                acc += c;
-            }
-            count <= stages
-        };
-        let (mut lo, mut hi) = (*costs.iter().max().unwrap_or(&1), costs.iter().sum::<u64>());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if fits(mid) {
-                hi = mid
-            } else {
-                lo = mid + 1
-            }
-        }
-        // Pack with cap `lo`, keeping at least one unit for every remaining stage.
-        let mut bounds = vec![0];
-        let mut acc = 0;
-        for (i, &c) in costs.iter().enumerate() {
-            let stages_left = stages - bounds.len();
-            let units_left = costs.len() - i;
-            if i > bounds[bounds.len() - 1]
-                && (acc + c > lo || units_left == stages_left)
-                && stages_left > 0
-            {
-                bounds.push(i);
-                acc = 0;
-            }
-            acc += c;
-        }
-        bounds.push(costs.len());
+        let bounds = cut(&costs, stages, fits).unwrap_or_else(|| {
+            cut(&costs, stages, &|_| true).expect("a cut by FLOPs alone always exists")
+        });
         let stages = bounds
             .windows(2)
             .enumerate()
@@ -179,6 +153,67 @@ impl Plan {
     }
 }
 
+/// The stage bounds (0, …, units) of `stages` contiguous stages of `costs` with the smallest
+/// bottleneck cost whose stages all `fit`, or None when no cut into `stages` fits: a binary
+/// search on the bottleneck, greedy packing checking each cap (optimal for contiguous cuts
+/// under constraints that hold for every sub-range of a range that satisfies them).
+fn cut(costs: &[u64], stages: usize, fits: &dyn Fn(Range<usize>) -> bool) -> Option<Vec<usize>> {
+    // Greedy packing under `cap`: the bounds, or None when a unit alone exceeds it or does not
+    // fit.
+    let pack = |cap: u64| -> Option<Vec<usize>> {
+        let mut bounds = vec![0];
+        let mut acc = 0;
+        for (i, &c) in costs.iter().enumerate() {
+            let start = bounds[bounds.len() - 1];
+            if i > start && (acc + c > cap || !fits(start..i + 1)) {
+                bounds.push(i);
+                acc = 0;
+            }
+            let start = bounds[bounds.len() - 1];
+            if c > cap || !fits(start..i + 1) {
+                return None;
+            }
+            acc += c;
+        }
+        bounds.push(costs.len());
+        Some(bounds)
+    };
+    let feasible = |cap: u64| pack(cap).is_some_and(|b| b.len() - 1 <= stages);
+    let (mut lo, mut hi) = (*costs.iter().max()?, costs.iter().sum::<u64>());
+    if !feasible(hi) {
+        return None;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if feasible(mid) {
+            hi = mid
+        } else {
+            lo = mid + 1
+        }
+    }
+    // Pack with cap `lo`, keeping at least one unit for every remaining stage.
+    let mut bounds = vec![0];
+    let mut acc = 0;
+    for (i, &c) in costs.iter().enumerate() {
+        let stages_left = stages - bounds.len();
+        let units_left = costs.len() - i;
+        let start = bounds[bounds.len() - 1];
+        if i > start
+            && (acc + c > lo || units_left == stages_left || !fits(start..i + 1))
+            && stages_left > 0
+        {
+            bounds.push(i);
+            acc = 0;
+        }
+        acc += c;
+    }
+    bounds.push(costs.len());
+    bounds
+        .windows(2)
+        .all(|w| fits(w[0]..w[1]))
+        .then_some(bounds)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +223,25 @@ mod tests {
         let p = Plan::single(mlp_unit_costs(784, &[256, 256, 256], 2));
         assert_eq!(p.stages.len(), 1);
         assert_eq!(p.stages[0].units, 0..3);
+    }
+
+    #[test]
+    fn a_memory_bound_moves_units_off_a_full_stage() {
+        let units = mlp_unit_costs(784, &[256, 256, 256, 256], 2);
+        let by_flops = Plan::balanced(units.clone(), 2, 1).unwrap();
+        assert_eq!(by_flops.stages[0].units, 0..2);
+        // Stage bytes capped just under what stage 0 holds by FLOPs.
+        let cap = by_flops.stages[0].bytes - 1;
+        let bytes = |r: Range<usize>| units[r].iter().map(|u| u.bytes).sum::<u64>();
+        let p = Plan::balanced_within(units.clone(), 2, 1, &|r| bytes(r) <= cap).unwrap();
+        assert_eq!(p.stages[0].units, 0..1);
+        assert!(p.stages.iter().all(|s| s.bytes <= cap));
+        // Nothing fits: the FLOP-balanced cut (the memory check names the stage).
+        let none = Plan::balanced_within(units.clone(), 2, 1, &|_| false).unwrap();
+        assert_eq!(none.stages, by_flops.stages);
+        // More stages than the packing needs: every stage still gets a unit.
+        let four = Plan::balanced_within(units, 4, 1, &|_| true).unwrap();
+        assert!(four.stages.iter().all(|s| s.units.len() == 1));
     }
 
     #[test]

@@ -249,6 +249,19 @@ fn launch_job(
     }
 }
 
+/// A quiet `fsmerge worker` process of rank `rank`, waiting up to 10 min for the rendezvous
+/// file `rendezvous` (the benchmarks' workers).
+pub fn spawn_worker(rendezvous: &Path, rank: usize) -> std::process::Child {
+    Command::new(fsmerge_bin())
+        .args(["worker", "--rank", &rank.to_string(), "--wait", "600"])
+        .arg("--rendezvous")
+        .arg(rendezvous)
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap()
+}
+
 /// Wait for a child up to `limit`; kill it and panic past that (tests never hang).
 pub fn wait_for(
     child: &mut std::process::Child,

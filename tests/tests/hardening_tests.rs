@@ -103,6 +103,56 @@ fn a_plan_over_the_memory_budget_fails_up_front_naming_the_stage() {
     assert!(e.contains("cluster.memory_gb"), "{e}");
 }
 
+/// With `cluster.memory_gb`, stages are cut so that each fits when the compute-balanced cut
+/// does not. A digits MLP 2048-64-64-64 (2 models, 500 merge rows, features counted in memory,
+/// each boundary 8 MB by the widest layer): by compute, layer 0 alone is stage 0 and stage 1
+/// holds 4 boundaries (≈ 510 MiB estimated); cut 0..2 | 2..4 both stages need ≈ 500–502 MiB.
+#[test]
+fn a_memory_budget_moves_the_stage_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = format!(
+        "train.models_dir=\"{}\"",
+        dir.path().join("models").display()
+    );
+    let config = digits_config();
+    let sets = [
+        "--set",
+        &models,
+        "--set",
+        "model.hidden=[2048,64,64,64]",
+        "--set",
+        "cluster.stages=2",
+        "--set",
+        "merge.features=\"memory\"",
+    ];
+    let o = fsmerge(&[&["train", &config][..], &sets].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let check = |extra: &[&str]| fsmerge(&[&["check", &config][..], &sets, extra].concat());
+    let o = check(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("stage 0: units 0..1,"),
+        "{}",
+        stdout(&o)
+    );
+    let o = check(&["--set", "cluster.memory_gb=0.4932"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("stage 0: units 0..2,"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stdout(&o).contains("stage 1: units 2..4,"),
+        "{}",
+        stdout(&o)
+    );
+    // Tighter than any cut: the compute-balanced plan's stage is named.
+    let o = check(&["--set", "cluster.memory_gb=0.47"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("GB missing"), "{}", stderr(&o));
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -10,7 +10,7 @@ use crate::job::prepare::task_data;
 use crate::job::Job;
 use crate::JobArgs;
 use anyhow::{Context, Result};
-use fsmerge_common::plan::{FeaturesAt, Plan};
+use fsmerge_common::plan::FeaturesAt;
 use fsmerge_worker::family::family;
 
 pub fn run(args: &JobArgs) -> Result<()> {
@@ -48,12 +48,7 @@ pub fn run(args: &JobArgs) -> Result<()> {
         println!("ok: `fsmerge merge` can run this job (it trains the originals first)");
         return Ok(());
     }
-    let mut plan = Plan::balanced(
-        family.unit_costs(cfg, &job.models_dir)?,
-        cfg.cluster.stages,
-        cfg.cluster.replicas,
-    )?;
-    memory::place_features(cfg, &mut plan);
+    let plan = memory::plan(cfg, family.unit_costs(cfg, &job.models_dir)?)?;
     println!("plan: {}", plan.describe());
     for s in memory::estimate(cfg, &plan) {
         println!(

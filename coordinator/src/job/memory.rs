@@ -8,7 +8,7 @@
 
 use anyhow::Result;
 use fsmerge_common::config::{Arch, Features, JobConfig};
-use fsmerge_common::plan::{FeaturesAt, Plan, StagePlan};
+use fsmerge_common::plan::{FeaturesAt, Plan, StagePlan, UnitCost};
 use std::ops::Range;
 
 /// Resident memory of an idle `fsmerge` process (libtorch linked), MiB: the floor of every
@@ -58,9 +58,57 @@ fn stage_estimate(cfg: &JobConfig, s: &StagePlan, at: FeaturesAt) -> StageMemory
     }
 }
 
+/// The job's plan: stages balanced by compute and each stage's features placed
+/// (`place_features`); with `cluster.memory_gb`, when a stage would not fit, the cut is made
+/// again among those whose every stage fits (its features on disk where `merge.features`
+/// allows), the slowest stage as fast as that allows. A plan that fits no way is returned as
+/// balanced by compute, for `check_fits` to name the stage.
+pub fn plan(cfg: &JobConfig, units: Vec<UnitCost>) -> fsmerge_common::Result<Plan> {
+    let (stages, replicas) = (cfg.cluster.stages, cfg.cluster.replicas);
+    let mut plan = Plan::balanced(units.clone(), stages, replicas)?;
+    place_features(cfg, &mut plan);
+    let Some(budget_mib) = cfg.cluster.memory_gb.map(|gb| gb * 1024.0) else {
+        return Ok(plan);
+    };
+    if estimate(cfg, &plan)
+        .iter()
+        .all(|s| s.peak_mib <= budget_mib)
+    {
+        return Ok(plan);
+    }
+    let leanest = match cfg.merge.features {
+        Features::Memory => FeaturesAt::Memory,
+        Features::Auto | Features::Disk => FeaturesAt::Disk,
+    };
+    let fits = |r: Range<usize>| {
+        let s = StagePlan {
+            index: 0,
+            flops: 0,
+            bytes: units[r.clone()].iter().map(|u| u.bytes).sum(),
+            units: r,
+            features: leanest,
+        };
+        stage_estimate(cfg, &s, leanest).peak_mib <= budget_mib
+    };
+    let mut within = Plan::balanced_within(units.clone(), stages, replicas, &fits)?;
+    place_features(cfg, &mut within);
+    if within
+        .stages
+        .iter()
+        .map(|s| &s.units)
+        .ne(plan.stages.iter().map(|s| &s.units))
+    {
+        tracing::info!(
+            "plan: stages cut again so that each fits `cluster.memory_gb` = {:.2} (the compute-balanced cut did not)",
+            budget_mib / 1024.0
+        );
+    }
+    Ok(within)
+}
+
 /// Decide where each stage keeps its teacher features (`merge.features`; `auto`: in memory
 /// unless the stage would then exceed `cluster.memory_gb`), logging every stage sent to disk.
-pub fn place_features(cfg: &JobConfig, plan: &mut Plan) {
+fn place_features(cfg: &JobConfig, plan: &mut Plan) {
     let budget_mib = cfg.cluster.memory_gb.map(|gb| gb * 1024.0);
     for s in &mut plan.stages {
         s.features = match cfg.merge.features {

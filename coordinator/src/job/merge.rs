@@ -16,7 +16,6 @@ use crate::report;
 use anyhow::{Context, Result};
 use fsmerge_common::config::{Baseline, Mode};
 use fsmerge_common::fsio::Staging;
-use fsmerge_common::plan::Plan;
 use fsmerge_worker::family::family;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -30,12 +29,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let m = &cfg.merge;
     let family = family(cfg.model.arch);
     prepare(job)?;
-    let mut plan = Plan::balanced(
-        family.unit_costs(cfg, &job.models_dir)?,
-        cfg.cluster.stages,
-        cfg.cluster.replicas,
-    )?;
-    memory::place_features(cfg, &mut plan);
+    let plan = memory::plan(cfg, family.unit_costs(cfg, &job.models_dir)?)?;
     tracing::info!("plan: {}", plan.describe());
     memory::check_fits(cfg, &plan)?;
 

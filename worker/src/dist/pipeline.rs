@@ -100,11 +100,16 @@ pub struct Collectives<'a> {
     pub replicas: &'a mut dyn Collective,
 }
 
+/// The terms of a stage's local loss of samples `idx`, handed to `emit` one at a time.
+pub type LocalTerms<'a> = dyn Fn(&Tensor, &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> + 'a;
+
 /// A transformer stage's local phase: its units' problems (and the output's on the last
-/// stage) in one run seeded like the single-process one; `loss(idx)` is the stage's part of
-/// the local loss of samples idx. Each step sums the gradients over the replicas, then the
-/// `shared` ones (M_res/U_res, held by every stage) and the loss over the stages: every copy of
-/// the shared parameters gets the single-process gradient, and every stage logs the total loss.
+/// stage) in one run seeded like the single-process one; `terms(idx, emit)` emits the stage's
+/// local loss of samples idx term by term (a block's problem each), and each term is
+/// backpropagated as it comes, so one block's activations are alive at a time, not the stage's.
+/// Each step sums the gradients over the replicas, then the `shared` ones (M_res/U_res, held
+/// by every stage) and the loss over the stages: every copy of the shared parameters gets the
+/// single-process gradient, and every stage logs the total loss.
 pub fn train_local_shared(
     data: &StageData,
     s: &TrainSettings,
@@ -112,7 +117,7 @@ pub fn train_local_shared(
     own: &[Tensor],
     shared: &[Tensor],
     progress: &dyn Progress,
-    loss: &dyn Fn(&Tensor) -> Tensor,
+    terms: &LocalTerms,
 ) -> Result<Vec<LogRow>> {
     let Collectives { pipe, replicas } = groups;
     let device = data.task.device();
@@ -124,26 +129,45 @@ pub fn train_local_shared(
     s.run("local", data.len(), s.seed)
         .optimise_with(&params, data.len(), progress, |batch| {
             let part = share(batch, replicas.rank(), replicas.size());
-            let (value, grads) = if part.is_empty() {
-                (0.0, zero_grads(&params))
-            } else {
+            let mut value = 0.0;
+            if !part.is_empty() {
                 let idx = index(part, device);
-                let l = scaled(loss(&idx), part.len(), batch.len());
-                // A stage of embeddings alone may have no local problem of its own: it only
-                // keeps its copy of M_res/U_res in step with the others.
-                let grads = if l.requires_grad() {
-                    gradients(&l, &params)?
-                } else {
-                    zero_grads(&params)
-                };
-                (l.double_value(&[]), grads)
-            };
+                terms(&idx, &mut |term| {
+                    let term = scaled(term, part.len(), batch.len());
+                    value += term.double_value(&[]);
+                    // A stage of embeddings alone may have no local problem of its own: it
+                    // only keeps its copy of M_res/U_res in step with the others.
+                    if term.requires_grad() {
+                        term.f_backward()
+                            .map_err(|e| Error::Compute(format!("backward: {e}")))?;
+                    }
+                    Ok(())
+                })?;
+            }
+            let grads = take_grads(&params);
             let (mut grads, losses) = reduce_many(replicas, grads, &[value])?;
             let shared_grads = grads.split_off(own.len());
             let (shared_grads, losses) = reduce_many(pipe, shared_grads, &losses)?;
             grads.extend(shared_grads);
             Ok((losses[0], grads))
         })
+}
+
+/// The gradients `backward` accumulated in `params` (zero where none reached), which are reset.
+fn take_grads(params: &[Tensor]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(|p| {
+            let g = p.grad();
+            if g.defined() {
+                let taken = g.detach().copy();
+                p.shallow_clone().zero_grad();
+                taken
+            } else {
+                p.zeros_like()
+            }
+        })
+        .collect()
 }
 
 /// Train the global SuperNet's parameters of this stage in the pipeline `pipe` (member s is
@@ -359,46 +383,37 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
 }
 
 /// The teacher features of a stage: `trace(i, start, len)` runs model i's units on rows
-/// start..start + len of the stage input and returns every feature of those rows; the chunks
-/// of `CHUNK` rows are concatenated per feature and the models stacked: [n, N, ..] each.
+/// start..start + len of the stage input and returns every feature of those rows; chunks of
+/// `CHUNK` rows are copied into each feature's [n, N, ..] as they come (no second copy of a
+/// whole stream to concatenate or stack).
 pub fn stacked_traces(
     n: usize,
     rows: i64,
     trace: &dyn Fn(usize, i64, i64) -> Vec<Tensor>,
 ) -> Vec<Tensor> {
-    let chunk = CHUNK;
-    let per_model: Vec<Vec<Tensor>> = (0..n)
-        .map(|i| {
-            let chunks: Vec<Vec<Tensor>> = (0..rows)
-                .step_by(chunk as usize)
-                .map(|s| trace(i, s, chunk.min(rows - s)))
-                .collect();
-            let features = chunks.first().map_or(0, Vec::len);
-            (0..features)
-                .map(|k| {
-                    Tensor::cat(
-                        &chunks
-                            .iter()
-                            .map(|c| c[k].shallow_clone())
-                            .collect::<Vec<_>>(),
-                        0,
-                    )
-                })
-                .collect()
-        })
-        .collect();
-    let features = per_model.first().map_or(0, Vec::len);
-    (0..features)
-        .map(|k| {
-            Tensor::stack(
-                &per_model
+    let mut out: Vec<Tensor> = Vec::new();
+    for i in 0..n {
+        for s in (0..rows).step_by(CHUNK as usize) {
+            let len = CHUNK.min(rows - s);
+            let feats = trace(i, s, len);
+            if out.is_empty() {
+                out = feats
                     .iter()
-                    .map(|m| m[k].shallow_clone())
-                    .collect::<Vec<_>>(),
-                0,
-            )
-        })
-        .collect()
+                    .map(|f| {
+                        let mut shape = f.size();
+                        shape[0] = rows;
+                        shape.insert(0, n as i64);
+                        Tensor::zeros(shape.as_slice(), (f.kind(), f.device()))
+                    })
+                    .collect();
+            }
+            for (to, f) in out.iter().zip(&feats) {
+                let mut rows_of = to.get(i as i64).narrow(0, s, len);
+                tch::no_grad(|| rows_of.copy_(f));
+            }
+        }
+    }
+    out
 }
 
 /// Where `flow_features` keeps a stage's teacher features.

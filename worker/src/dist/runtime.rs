@@ -10,7 +10,7 @@ use crate::core::tensor::{assign, to_host, to_tch};
 use crate::dist::collective::nccl::{self, NcclGroup};
 use crate::dist::collective::quic::{connect_mesh, QuicGroup};
 use crate::dist::collective::watchdog::Watchdog;
-use crate::dist::collective::{Collective, Solo};
+use crate::dist::collective::{Collective, Solo, TimedRecv};
 use crate::dist::distill::{distill, kd_tensors};
 use crate::dist::evaluate::{evaluate, first_or_average, EvalPart, EvalRows, SplitLogits};
 use crate::dist::pipeline::Collectives;
@@ -328,6 +328,9 @@ async fn listen(
 struct Timings {
     seconds: BTreeMap<String, f64>,
     steps: BTreeMap<String, u64>,
+    load_seconds: f64,
+    features_seconds: f64,
+    pipeline_wait_seconds: f64,
 }
 
 struct Ctx<'a> {
@@ -380,14 +383,18 @@ impl Ctx<'_> {
         reps.barrier()?;
 
         self.set_phase("load");
+        let clock = Instant::now();
         let (mut stage, rows, mut eval) = self.load_stage(&plan, device, &work)?;
+        let load_seconds = clock.elapsed().as_secs_f64();
         if let Some(eval) = &mut eval {
             self.set_phase("evaluate");
             self.evaluate_originals(stage.as_ref(), eval, pipe.as_mut())?;
         }
         self.set_phase("features");
         let at = plan.stages[stage_i].features;
+        let clock = Instant::now();
         let mut data = self.features(stage.as_ref(), rows, pipe.as_mut(), (device, at), &work)?;
+        let features_seconds = clock.elapsed().as_secs_f64();
         if let Some(eval) = &eval {
             self.evaluate_regmean(stage.as_ref(), &data, eval, pipe.as_mut())?;
         }
@@ -399,13 +406,17 @@ impl Ctx<'_> {
             stages,
         )?;
         stage.prepare(&data)?;
-        let timings = self.train(
-            stage.as_mut(),
-            &mut data,
-            [pipe.as_mut(), reps.as_mut()],
-            (&work, eval.as_ref()),
-            stages,
-        )?;
+        let timings = Timings {
+            load_seconds,
+            features_seconds,
+            ..self.train(
+                stage.as_mut(),
+                &mut data,
+                [pipe.as_mut(), reps.as_mut()],
+                (&work, eval.as_ref()),
+                stages,
+            )?
+        };
         self.set_phase("fold");
         if let Some(eval) = &eval {
             let clock = Instant::now();
@@ -703,9 +714,14 @@ impl Ctx<'_> {
             } else {
                 1
             };
+            let mut timed = TimedRecv {
+                inner: pipe,
+                recv_seconds: 0.0,
+            };
             self.phase(work, stage, "global", &mut t, || {
-                pipeline::train_global(stage, data, &s, pipe, reps, micro, &progress)
+                pipeline::train_global(stage, data, &s, &mut timed, reps, micro, &progress)
             })?;
+            t.pipeline_wait_seconds = timed.recv_seconds;
         }
         Ok(t)
     }
@@ -757,6 +773,9 @@ impl Ctx<'_> {
             phase_seconds: t.seconds,
             allreduce_seconds: pa + ra,
             allreduce_calls: pc + rc,
+            load_seconds: t.load_seconds,
+            features_seconds: t.features_seconds,
+            pipeline_wait_seconds: t.pipeline_wait_seconds,
         }))
     }
 

@@ -69,3 +69,43 @@ impl Collective for Solo {
         tch::Device::Cpu
     }
 }
+
+/// A group whose receives are timed: on a pipeline, the time a stage waits for its neighbours
+/// (the pipeline bubble, plus the transfers) against the phase's wall time.
+pub struct TimedRecv<'a> {
+    pub inner: &'a mut dyn Collective,
+    pub recv_seconds: f64,
+}
+
+impl Collective for TimedRecv<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
+        self.inner.all_reduce_sum(t)
+    }
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
+        self.inner.broadcast(t, root)
+    }
+    fn send(&mut self, t: &Tensor, peer: usize) -> Result<()> {
+        self.inner.send(t, peer)
+    }
+    fn recv(&mut self, t: &mut Tensor, peer: usize) -> Result<()> {
+        let clock = std::time::Instant::now();
+        let r = self.inner.recv(t, peer);
+        self.recv_seconds += clock.elapsed().as_secs_f64();
+        r
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.inner.barrier()
+    }
+    fn device(&self) -> tch::Device {
+        self.inner.device()
+    }
+    fn allreduce_time(&self) -> (f64, u64) {
+        self.inner.allreduce_time()
+    }
+}

@@ -8,7 +8,7 @@ use crate::core::linear::Linear;
 use crate::core::loss::reconstruction_loss;
 use crate::core::tensor::{chunked, F32};
 use crate::families::bert::model::Bert;
-use crate::families::bert::supernet::BertSuperNet;
+use crate::families::bert::supernet::{BertSuperNet, LocalProblem};
 use crate::train::optim::{Classifier, OriginalSpec};
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::config::StepForm;
@@ -76,10 +76,10 @@ fn token_loss(pred: &Tensor, target: &Tensor, tokens: &Tensor, own: Option<&Tens
     }
 }
 
-/// The local loss of a SuperNet part on a batch: each held unit's reconstruction of the next
-/// stream over the real tokens plus the residual round-trip drift weighted by
-/// `res_consistency`, and with the output the reconstruction of the pooled outputs `pooled`
-/// [n, B, d]; summed. `stream(k)`: the originals' stream after unit k of the batch.
+/// The local loss of a SuperNet part on a batch, term by term to `emit`: each held unit's
+/// reconstruction of the next stream over the real tokens plus the residual round-trip drift
+/// weighted by `res_consistency`, and with the output the reconstruction of the pooled outputs
+/// `pooled` [n, B, d]. `stream(k)`: the originals' stream after unit k of the batch.
 #[allow(clippy::too_many_arguments)]
 pub fn local_loss(
     sn: &BertSuperNet,
@@ -88,18 +88,17 @@ pub fn local_loss(
     stream: &dyn Fn(usize) -> Tensor,
     pooled: &Tensor,
     own: Option<&Tensor>,
-    form: StepForm,
-    res_consistency: f64,
-) -> Tensor {
-    let p = sn.local_problems(ids, mask, stream, form);
-    let mut loss = Tensor::zeros([], (Kind::Float, mask.device()));
-    for (pred, target, drift) in &p.units {
-        loss = loss + token_loss(pred, target, mask, own) + drift * res_consistency;
-    }
-    match &p.output {
-        Some(pred) => loss + reconstruction_loss(pred, pooled, own),
-        None => loss,
-    }
+    (form, res_consistency): (StepForm, f64),
+    emit: &mut dyn FnMut(Tensor) -> Result<()>,
+) -> Result<()> {
+    sn.local_problems(ids, mask, stream, form, &mut |p| {
+        emit(match p {
+            LocalProblem::Unit(pred, target, drift) => {
+                token_loss(&pred, &target, mask, own) + drift * res_consistency
+            }
+            LocalProblem::Output(pred) => reconstruction_loss(&pred, pooled, own),
+        })
+    })
 }
 
 impl Classifier for Bert {

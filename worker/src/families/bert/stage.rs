@@ -1,7 +1,9 @@
 //! One stage of a distributed BERT merge: plan units `units` (unit 0 is the embeddings, unit
 //! 1 + l is block l) of every original BERT, read from their HF folders, as a part of the
-//! SuperNet (`BertSuperNet::from_parts`: the single-process M/U values). The stage holding the
-//! last block also holds the pooler, U_final and the task heads.
+//! SuperNet (`BertSuperNet::from_parts_without_blocks`: the single-process M/U values; its
+//! frozen blocks are stacked from the originals by `prepare`, when the originals go, so the
+//! stage never holds two copies of its weights). The stage holding the last block also holds
+//! the pooler, U_final and the task heads.
 //!
 //! Every unit needs the attention mask of its samples. The mask is a function of the merge
 //! rows (token ids, `[PAD]` = 0), which every worker rebuilds from the config and the data as
@@ -63,7 +65,7 @@ impl BertStage {
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&BertPart> = parts.iter().collect();
         let sn = with_mu_seed(seed, || {
-            BertSuperNet::from_parts(&refs, merge.mu_type, merge.init, merge.rank)
+            BertSuperNet::from_parts_without_blocks(&refs, merge.mu_type, merge.init, merge.rank)
         })?;
         let classifiers = if sn.has_output() {
             let heads: Vec<_> = parts.iter().map(|p| p.classifier.as_ref()).collect();
@@ -89,7 +91,13 @@ impl BertStage {
     }
 
     /// The stage's part of the local loss of samples `idx`.
-    fn local_loss(&self, data: &StageData, idx: &Tensor, s: &TrainSettings) -> Tensor {
+    fn local_loss(
+        &self,
+        data: &StageData,
+        idx: &Tensor,
+        s: &TrainSettings,
+        emit: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
         let own = (s.targets == Targets::Own)
             .then(|| own_mask(&data.task.index_select(0, idx), self.n()));
         let ids = if self.sn.has_embeddings() {
@@ -109,8 +117,8 @@ impl BertStage {
             &|k| self.stream(data, k, idx),
             &pooled,
             own.as_ref(),
-            s.form,
-            self.res_consistency,
+            (s.form, self.res_consistency),
+            emit,
         )
     }
 }
@@ -188,7 +196,9 @@ impl WorkerStage for BertStage {
     }
 
     /// The teacher is done: the originals go.
+    /// The SuperNet's frozen blocks, stacked from the originals, which go.
     fn prepare(&mut self, _data: &StageData) -> Result<()> {
+        self.sn.stack_blocks(&mut self.originals)?;
         self.originals.clear();
         Ok(())
     }
@@ -208,8 +218,8 @@ impl WorkerStage for BertStage {
     ) -> Result<Vec<LogRow>> {
         let (own, shared) = self.sn.local_params();
         let groups = Collectives { pipe, replicas };
-        train_local_shared(data, s, groups, &own, &shared, progress, &|idx| {
-            self.local_loss(data, idx, s)
+        train_local_shared(data, s, groups, &own, &shared, progress, &|idx, emit| {
+            self.local_loss(data, idx, s, emit)
         })
     }
 

@@ -63,8 +63,10 @@ pub struct FrozenBert {
     /// The plan units held (unit 0 is the embeddings, unit 1 + l is block l).
     pub units: Range<usize>,
     embeddings: Option<FrozenEmbeddings>,
-    /// Blocks `unit_blocks(&units)`.
+    /// Blocks `unit_blocks(&units)` (empty until `stack_blocks` when built without them).
     blocks: Vec<FrozenBlock>,
+    /// Each block's two LayerNorms stacked (the M/U draw reads them; the blocks may come later).
+    block_lns: Vec<(FrozenLn, FrozenLn)>,
     /// On the part that holds the last block.
     pooler: Option<FrozenLayer>,
 }
@@ -93,11 +95,12 @@ impl FrozenBert {
                 pooler: m.pooler.as_ref(),
             })
             .collect::<Vec<_>>();
-        Self::stack(&of, 0..units)
+        Self::stack(&of, 0..units, true)
     }
 
-    /// The units `parts` hold (every part holds the same ones).
-    pub fn from_parts(parts: &[&BertPart]) -> Result<Self> {
+    /// The units `parts` hold (every part holds the same ones); the blocks only `with_blocks`
+    /// (else `stack_blocks` adds them).
+    pub fn from_parts(parts: &[&BertPart], with_blocks: bool) -> Result<Self> {
         let units = parts.first().map_or(0..0, |p| p.units.clone());
         let of = parts
             .iter()
@@ -111,10 +114,32 @@ impl FrozenBert {
                 pooler: p.pooler.as_ref(),
             })
             .collect::<Vec<_>>();
-        Self::stack(&of, units)
+        Self::stack(&of, units, with_blocks)
     }
 
-    fn stack(models: &[UnitsOf], units: Range<usize>) -> Result<Self> {
+    /// Stack the blocks of every model (`per_model[i]` model i's blocks, in order), dropping
+    /// each model's copy of a block once it is stacked.
+    fn stack_blocks(&mut self, per_model: Vec<Vec<EncoderBlock>>) -> Result<()> {
+        let mut per_model: Vec<_> = per_model.into_iter().map(Vec::into_iter).collect();
+        self.blocks = (0..unit_blocks(&self.units).len())
+            .map(|j| {
+                let block_j = (per_model.iter_mut())
+                    .map(|m| {
+                        m.next().ok_or_else(|| {
+                            Error::Compute(format!(
+                                "units {:?}: an original lacks its block {j}",
+                                self.units
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(FrozenBlock::stack(&block_j.iter().collect::<Vec<_>>()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    fn stack(models: &[UnitsOf], units: Range<usize>, with_blocks: bool) -> Result<Self> {
         check_mergeable(
             &models.iter().collect::<Vec<_>>(),
             |m: &UnitsOf| shape_of(m.cfg),
@@ -138,8 +163,21 @@ impl FrozenBert {
         } else {
             None
         };
-        let blocks = (0..unit_blocks(&units).len())
+        let held = if with_blocks {
+            unit_blocks(&units).len()
+        } else {
+            0
+        };
+        let blocks = (0..held)
             .map(|j| FrozenBlock::stack(&models.iter().map(|m| &m.blocks[j]).collect::<Vec<_>>()))
+            .collect();
+        let block_lns = (0..unit_blocks(&units).len())
+            .map(|j| {
+                let ln = |f: &dyn Fn(&EncoderBlock) -> &LayerNorm| {
+                    FrozenLn::stack(&models.iter().map(|m| f(&m.blocks[j])).collect::<Vec<_>>())
+                };
+                (ln(&|b| &b.ln_attn), ln(&|b| &b.ln_mlp))
+            })
             .collect();
         let pooler = if units.end == cfg.num_hidden_layers + 1 {
             let poolers: Option<Vec<&Linear>> = models.iter().map(|m| m.pooler).collect();
@@ -159,6 +197,7 @@ impl FrozenBert {
             units,
             embeddings,
             blocks,
+            block_lns,
             pooler,
         })
     }
@@ -221,13 +260,15 @@ impl BertMu {
         let mut blocks = Vec::new();
         for l in 0..c.num_hidden_layers {
             let mats = draw.block()?;
-            let Some(fb) = l.checked_sub(keep.start).and_then(|j| f.blocks.get(j)) else {
+            let Some((ln_attn, ln_mlp)) =
+                l.checked_sub(keep.start).and_then(|j| f.block_lns.get(j))
+            else {
                 continue;
             };
             blocks.push(EncoderBlockMu::new(
                 mats,
-                MergedLn::new(&fb.ln_attn, init, eps),
-                MergedLn::new(&fb.ln_mlp, init, eps),
+                MergedLn::new(ln_attn, init, eps),
+                MergedLn::new(ln_mlp, init, eps),
             ));
         }
         let [u_pool, m_pool, u_final] = [
@@ -273,9 +314,37 @@ impl BertSuperNet {
         init: Init,
         rank: usize,
     ) -> Result<Self> {
-        let frozen = FrozenBert::from_parts(parts)?;
+        Self::over_parts(parts, (mu_type, init, rank), true)
+    }
+
+    /// `from_parts` whose frozen blocks come later, from `stack_blocks`: a pipeline stage keeps
+    /// its originals until then, and never both copies of their weights.
+    pub fn from_parts_without_blocks(
+        parts: &[&BertPart],
+        mu_type: MuType,
+        init: Init,
+        rank: usize,
+    ) -> Result<Self> {
+        Self::over_parts(parts, (mu_type, init, rank), false)
+    }
+
+    fn over_parts(
+        parts: &[&BertPart],
+        (mu_type, init, rank): (MuType, Init, usize),
+        with_blocks: bool,
+    ) -> Result<Self> {
+        let frozen = FrozenBert::from_parts(parts, with_blocks)?;
         let mu = BertMu::new(&frozen, mu_type, init, rank)?;
         Ok(Self { frozen, mu })
+    }
+
+    /// The frozen blocks of a SuperNet built `from_parts_without_blocks`, taken out of the
+    /// originals' parts (whose blocks are left empty), on their device.
+    pub fn stack_blocks(&mut self, parts: &mut [BertPart]) -> Result<()> {
+        let per_model = (parts.iter_mut())
+            .map(|p| std::mem::take(&mut p.blocks))
+            .collect();
+        self.frozen.stack_blocks(per_model)
     }
 
     /// The held units.
@@ -509,7 +578,8 @@ impl BertSuperNet {
         self.mu.m_emb.merge(&f.view([n, b * t, d])).view([b, t, d])
     }
 
-    /// The local problems of the held units on a batch, each unit's reconstruction with the
+    /// The local problems of the held units on a batch, one at a time to `each` (so a caller
+    /// may backpropagate each before the next is built), each unit's reconstruction with the
     /// residual drift: the embeddings' U_res LN_emb(M_emb emb(ids)) of f_0, then block l's
     /// U_res block(M_res f_l) of f_{l+1} (`stream(k)` gives f_k [n, B, T, d], the originals'
     /// stream after unit k), and with the output its ŷ [n, B, d] from M_res f_L[CLS].
@@ -519,27 +589,27 @@ impl BertSuperNet {
         mask: &Tensor,
         stream: &dyn Fn(usize) -> Tensor,
         form: StepForm,
-    ) -> LocalProblems {
+        each: &mut dyn FnMut(LocalProblem) -> Result<()>,
+    ) -> Result<()> {
         let bias = mask_bias(mask);
-        let units = self
-            .embed(ids, form)
-            .map(|e| {
-                let (pred, drift) = self.unmerge_res(&e);
-                (pred, stream(0), drift)
-            })
-            .into_iter()
-            .chain((0..self.frozen.blocks.len()).map(|j| {
-                let l = self.first_block() + j;
-                let y = self.block(j, &self.merge_res(&stream(l)), &bias, form);
-                let (pred, drift) = self.unmerge_res(&y);
-                (pred, stream(l + 1), drift)
-            }))
-            .collect();
+        if let Some(e) = self.embed(ids, form) {
+            let (pred, drift) = self.unmerge_res(&e);
+            each(LocalProblem::Unit(pred, stream(0), drift))?;
+        }
+        for j in 0..self.frozen.blocks.len() {
+            let l = self.first_block() + j;
+            let y = self.block(j, &self.merge_res(&stream(l)), &bias, form);
+            let (pred, drift) = self.unmerge_res(&y);
+            each(LocalProblem::Unit(pred, stream(l + 1), drift))?;
+        }
         let output = self.frozen.pooler.as_ref().and_then(|_| {
             let last = stream(self.frozen.units.end - 1).select(2, 0);
             self.output(&self.mu.m_emb.merge(&last), form)
         });
-        LocalProblems { units, output }
+        match output {
+            Some(pred) => each(LocalProblem::Output(pred)),
+            None => Ok(()),
+        }
     }
 
     /// The local SuperNet as trained: after every unit the stream goes through U_res and back
@@ -618,10 +688,10 @@ impl BertSuperNet {
     }
 }
 
-/// The local problems of a SuperNet part on one batch (`BertSuperNet::local_problems`).
-pub struct LocalProblems {
-    /// Per held unit: its reconstruction [n, B, T, d], its target, the residual drift.
-    pub units: Vec<(Tensor, Tensor, Tensor)>,
-    /// With the output: ŷ [n, B, d] (its target is the pooled outputs).
-    pub output: Option<Tensor>,
+/// One local problem of a SuperNet part on a batch (`BertSuperNet::local_problems`).
+pub enum LocalProblem {
+    /// A held unit: its reconstruction [n, B, T, d], its target, the residual drift.
+    Unit(Tensor, Tensor, Tensor),
+    /// The output: ŷ [n, B, d] (its target is the pooled outputs).
+    Output(Tensor),
 }

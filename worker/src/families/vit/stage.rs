@@ -13,8 +13,8 @@
 //! Teacher features (`PipelineStage::teacher`) are the n models' streams after each of the
 //! stage's units, [n, N, T, d], and on the last stage their pooled outputs [n, N, d] as well.
 
-use crate::core::encoder_block::{EncoderBlockMu, FrozenBlock, Norm};
-use crate::core::layer_norm::{FrozenLn, MergedLn};
+use crate::core::encoder_block::{EncoderBlock, EncoderBlockMu, FrozenBlock, Norm};
+use crate::core::layer_norm::{FrozenLn, LayerNorm, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::loss::{own_mask, reconstruction_loss};
 use crate::core::mu::{with_mu_seed, MuMatrix};
@@ -108,10 +108,18 @@ impl VitStage {
             .map(|p| p.embeddings.as_ref().map(|[w, b, c, q]| [w, b, c, q]))
             .collect::<Option<Vec<_>>>()
             .map(|e| FrozenEmbed::stack(&e));
-        let blocks: Vec<FrozenBlock> = (0..parts[0].blocks.len())
-            .map(|j| FrozenBlock::stack(&parts.iter().map(|p| &p.blocks[j]).collect::<Vec<_>>()))
+        // The blocks' LayerNorms stacked (the M/U draw reads them); the blocks themselves are
+        // stacked by `prepare`, once the originals are no longer needed, so the stage never
+        // holds its models' weights twice.
+        let block_lns: Vec<(FrozenLn, FrozenLn)> = (0..parts[0].blocks.len())
+            .map(|j| {
+                let ln = |f: &dyn Fn(&EncoderBlock) -> &LayerNorm| {
+                    FrozenLn::stack(&parts.iter().map(|p| f(&p.blocks[j])).collect::<Vec<_>>())
+                };
+                (ln(&|b| &b.ln_attn), ln(&|b| &b.ln_mlp))
+            })
             .collect();
-        let lns: Vec<_> = blocks.iter().map(|b| (&b.ln_attn, &b.ln_mlp)).collect();
+        let lns: Vec<_> = block_lns.iter().map(|(a, m)| (a, m)).collect();
         let draw = MuDraw::for_vit(&cfg, merge.mu_type, merge.init, n, merge.rank);
         let eps = cfg.layer_norm_eps;
         let keep = unit_blocks(&units);
@@ -143,7 +151,7 @@ impl VitStage {
             task_names: tasks.to_vec(),
             originals: parts,
             embed,
-            blocks,
+            blocks: Vec::new(),
             mu: drawn.blocks,
             m_pre: drawn.m_pre,
             u_res: drawn.u_res,
@@ -158,6 +166,33 @@ impl VitStage {
             out,
             res_consistency: merge.res_consistency,
         })
+    }
+
+    /// The originals' blocks stacked per block for the SuperNet (`FrozenBlock`), each
+    /// model's copy dropped as its block is stacked; the originals go.
+    fn stack_blocks(&mut self) -> Result<()> {
+        let mut per_model: Vec<std::vec::IntoIter<EncoderBlock>> = (self.originals.iter_mut())
+            .map(|p| std::mem::take(&mut p.blocks).into_iter())
+            .collect();
+        self.originals.clear();
+        let depth = unit_blocks(&self.units).len();
+        self.blocks = (0..depth)
+            .map(|j| {
+                let block_j: Vec<EncoderBlock> = per_model
+                    .iter_mut()
+                    .map(|m| {
+                        m.next().ok_or_else(|| {
+                            fsmerge_common::Error::Compute(format!(
+                                "stage {:?}: an original lacks its block {j}",
+                                self.units
+                            ))
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(FrozenBlock::stack(&block_j.iter().collect::<Vec<_>>()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(())
     }
 
     fn first_block(&self) -> usize {
@@ -183,36 +218,40 @@ impl VitStage {
         self.stream(data, k).index_select(1, idx)
     }
 
-    /// The stage's part of the local loss of samples `idx`: each of its blocks' problems (with
-    /// the residual drift) and, on the last stage, the output's problem.
+    /// The stage's part of the local loss of samples `idx`, term by term to `emit`: each of
+    /// its blocks' problems (with the residual drift) and, on the last stage, the output's.
     fn local_loss(
         &self,
         data: &StageData,
         idx: &Tensor,
-        targets: Targets,
-        form: StepForm,
-    ) -> Tensor {
+        (targets, form): (Targets, StepForm),
+        emit: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
         let mask =
             (targets == Targets::Own).then(|| own_mask(&data.task.index_select(0, idx), self.n));
         let n = self.n as i64;
         let b = idx.size()[0];
-        let mut loss = Tensor::zeros([], (Kind::Float, idx.device()));
         for j in 0..self.blocks.len() {
             let l = self.first_block() + j;
             let f_in = self.boundary(data, l, idx);
             let (pred, drift) = self.unit(j).local(&self.m_pre, &self.u_res, &f_in, form);
             let target = self.boundary(data, l + 1, idx).view([n, b, -1]);
-            loss = loss
-                + reconstruction_loss(&pred.view([n, b, -1]), &target, mask.as_ref())
-                + drift * self.res_consistency;
+            emit(
+                reconstruction_loss(&pred.view([n, b, -1]), &target, mask.as_ref())
+                    + drift * self.res_consistency,
+            )?;
         }
         if let Some(o) = &self.out {
             let cls = self.boundary(data, self.units.end - 1, idx).select(2, 0);
             let pred = local_read_out(&self.m_pre, &o.ln_post, &o.u_final, &cls);
             let pooled = &data.feats[data.feats.len() - 1];
-            loss += reconstruction_loss(&pred, &pooled.index_select(1, idx), mask.as_ref());
+            emit(reconstruction_loss(
+                &pred,
+                &pooled.index_select(1, idx),
+                mask.as_ref(),
+            ))?;
         }
-        loss
+        Ok(())
     }
 
     /// The stage's own local parameters (its blocks; LN_post and U_final on the last stage)
@@ -395,8 +434,7 @@ impl WorkerStage for VitStage {
                 .collect()
         });
         self.inner = inner;
-        self.originals.clear();
-        Ok(())
+        self.stack_blocks()
     }
 
     fn global_seed(&self, seed: u64) -> u64 {
@@ -414,8 +452,8 @@ impl WorkerStage for VitStage {
     ) -> Result<Vec<LogRow>> {
         let (own, shared) = self.local_params();
         let groups = Collectives { pipe, replicas };
-        train_local_shared(data, s, groups, &own, &shared, progress, &|idx| {
-            self.local_loss(data, idx, s.targets, s.form)
+        train_local_shared(data, s, groups, &own, &shared, progress, &|idx, emit| {
+            self.local_loss(data, idx, (s.targets, s.form), emit)
         })
     }
 
