@@ -466,10 +466,13 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
         pipe.send(&Tensor::from_slice(&[len as f32]).to_device(device), me + 1)?;
         pipe.send(&task.to_kind(Kind::Float), me + 1)?;
     }
-    let chunks: Vec<(i64, i64)> = (0..len)
-        .step_by(CHUNK as usize)
-        .map(|s| (s, CHUNK.min(len - s)))
-        .collect();
+    // The wire's chunks: rows of one model's stream up to `WIRE_BYTES`, a function of the
+    // stream's shape, which both ends know.
+    let stream_floats = |dims: &[i64]| dims.iter().product::<i64>().max(1);
+    let wire = |floats: i64| chunks_of(len, WIRE_BYTES / (4 * floats));
+    let in_wire = wire(stream_floats(
+        &input_shape[if x.is_some() { 1 } else { 2 }..],
+    ));
     let disk = match sink {
         FeatureSink::Disk { path, scratch } if len > 0 => Some((path, scratch)),
         _ => None,
@@ -479,14 +482,15 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
             Some(x) => x,
             None => {
                 let input = Tensor::zeros(input_shape.as_slice(), (Kind::Float, device));
-                recv_rows(pipe, &input, &chunks, n)?;
+                recv_rows(pipe, &input, &in_wire, n)?;
                 input
             }
         };
         let feats = tch::no_grad(|| stage.teacher(&input, 0));
         if send_on {
-            for &(s, l) in &chunks {
-                send_rows(pipe, &feats[feats.len() - 1].narrow(1, s, l), n)?;
+            let last = &feats[feats.len() - 1];
+            for &(s, l) in &wire(stream_floats(&last.size()[2..])) {
+                send_rows(pipe, &last.narrow(1, s, l), n)?;
             }
         }
         return Ok(StageData {
@@ -526,22 +530,47 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
     data.task = task;
     match &x {
         Some(x) => tch::no_grad(|| data.input.copy_(x)),
-        None => recv_rows(pipe, &data.input, &chunks, n)?,
+        None => recv_rows(pipe, &data.input, &in_wire, n)?,
     }
-    for &(s, l) in &chunks {
+    // The teacher runs on chunks whose features (every model's, at every boundary) stay
+    // under `COMPUTE_BYTES`: the file takes them chunk by chunk.
+    let row_floats: i64 = shapes.iter().map(|f| f[0] * stream_floats(&f[2..])).sum();
+    let last = data.feats.len() - 1;
+    let out_wire = wire(stream_floats(&shapes[last][2..]));
+    let mut sent = 0;
+    for (s, l) in chunks_of(len, COMPUTE_BYTES / (4 * row_floats.max(1))) {
         let rows = data.input.narrow(row_dim as i64, s, l).to_device(device);
         let feats = tch::no_grad(|| stage.teacher(&rows, s));
         for (to, f) in data.feats.iter().zip(&feats) {
             let mut rows = to.narrow(1, s, l);
             tch::no_grad(|| rows.copy_(f));
         }
-        if send_on {
-            send_rows(pipe, &feats[feats.len() - 1], n)?;
+        // Send on every wire chunk now complete.
+        while send_on && sent < out_wire.len() && out_wire[sent].0 + out_wire[sent].1 <= s + l {
+            let (ws, wl) = out_wire[sent];
+            send_rows(pipe, &data.feats[last].narrow(1, ws, wl), n)?;
+            sent += 1;
         }
     }
     file.commit()?;
     data.backing = Some(std::sync::Arc::new(file));
     Ok(data)
+}
+
+/// Most bytes of one model's stream rows in one message between stages.
+const WIRE_BYTES: i64 = 64 << 20;
+
+/// Most bytes of teacher features (every model's, every boundary) computed at once when they
+/// go to disk.
+const COMPUTE_BYTES: i64 = 256 << 20;
+
+/// `len` rows in chunks of `rows` (at least 1, at most `CHUNK`): (start, length) each.
+fn chunks_of(len: i64, rows: i64) -> Vec<(i64, i64)> {
+    let rows = rows.clamp(1, CHUNK);
+    (0..len)
+        .step_by(rows as usize)
+        .map(|s| (s, rows.min(len - s)))
+        .collect()
 }
 
 /// Send a chunk of rows [n, l, ..] of every model's stream to the next stage, model by model.
