@@ -393,8 +393,7 @@ pub fn stacked_traces(
 ) -> Vec<Tensor> {
     let mut out: Vec<Tensor> = Vec::new();
     for i in 0..n {
-        for s in (0..rows).step_by(CHUNK as usize) {
-            let len = CHUNK.min(rows - s);
+        for (s, len) in chunks_of(rows, CHUNK) {
             let feats = trace(i, s, len);
             if out.is_empty() {
                 out = feats
@@ -470,9 +469,7 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
     // stream's shape, which both ends know.
     let stream_floats = |dims: &[i64]| dims.iter().product::<i64>().max(1);
     let wire = |floats: i64| chunks_of(len, WIRE_BYTES / (4 * floats));
-    let in_wire = wire(stream_floats(
-        &input_shape[if x.is_some() { 1 } else { 2 }..],
-    ));
+    let in_wire = wire(stream_floats(&stage.stream_dims()));
     let disk = match sink {
         FeatureSink::Disk { path, scratch } if len > 0 => Some((path, scratch)),
         _ => None,
@@ -503,14 +500,11 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
     // The features' shapes, from one row through the stage.
     let probe = match &x {
         Some(x) => x.narrow(0, 0, 1),
-        None => Tensor::zeros(
-            [n, 1]
-                .iter()
-                .chain(&stage.stream_dims())
-                .copied()
-                .collect::<Vec<_>>(),
-            (Kind::Float, device),
-        ),
+        None => {
+            let mut one_row = input_shape.clone();
+            one_row[1] = 1;
+            Tensor::zeros(one_row.as_slice(), (Kind::Float, device))
+        }
     };
     let shapes: Vec<Vec<i64>> = tch::no_grad(|| stage.teacher(&probe, 0))
         .iter()
