@@ -6,7 +6,8 @@
 # deploy/setup.sh); the BERT merge runs when data/spam-assassin, data/names and the vocabulary are
 # there too. Then the scale case when `transformers` is importable: 8 ViT-B/16-shaped models
 # (tests/fixtures/make_scale_models.py, SCALE_INPUTS merge images per task, default 64) merged
-# on the one GPU, local then global for one epoch each, with its phase times and peak memory.
+# on the one GPU in bf16 and in fp32 (SCALE_PRECISIONS), local then global for one epoch each,
+# with its phase times and peak memory.
 #
 #   deploy/gpu-check.sh [path/to/fsmerge]
 set -euo pipefail
@@ -89,18 +90,24 @@ if "$PY" -c 'import transformers' 2>/dev/null; then
     echo "[baselines]"
     echo "methods = []"
   } > "$out/scale.toml"
-  /usr/bin/time -v "$BIN" merge "$out/scale.toml" --out "$out/scale-run" \
-      --set 'cluster.backend="nccl"' 2> "$out/scale.log" || { tail -30 "$out/scale.log"; exit 1; }
-  grep -E 'Maximum resident|Elapsed' "$out/scale.log"
-  "$PY" - "$out/scale-run/metrics.json" <<'PYEOF'
+  # bf16 first (the issue's case), then fp32 beside it: SCALE_PRECISIONS picks.
+  for prec in ${SCALE_PRECISIONS:-bf16 fp32}; do
+    /usr/bin/time -v "$BIN" merge "$out/scale.toml" --out "$out/scale-$prec" \
+        --set 'cluster.backend="nccl"' --set "merge.precision=\"$prec\"" \
+        2> "$out/scale-$prec.log" || { tail -30 "$out/scale-$prec.log"; exit 1; }
+    grep -E 'Maximum resident|Elapsed' "$out/scale-$prec.log"
+    "$PY" - "$out/scale-$prec/metrics.json" "$prec" <<'PYEOF'
 import json, sys
 w = json.load(open(sys.argv[1]))["workers"][0]
-print(f"scale: device {w['device']}, load {w.get('load_seconds', 0):.1f} s, "
-      f"teacher features {w.get('features_seconds', 0):.1f} s, peak RSS {w['peak_rss_mib']:.0f} MiB")
+p = sys.argv[2]
+print(f"scale {p}: device {w['device']}, load {w.get('load_seconds', 0):.1f} s, "
+      f"teacher features {w.get('features_seconds', 0):.1f} s, peak RSS {w['peak_rss_mib']:.0f} MiB, "
+      f"originals {w['weight_bytes'] / 2**30:.2f} GiB")
 for phase, secs in w["phase_seconds"].items():
     steps = w["phase_steps"].get(phase, 0)
-    print(f"scale {phase}: {steps} steps, {1000 * secs / max(steps, 1):.0f} ms/step")
+    print(f"scale {p} {phase}: {steps} steps, {1000 * secs / max(steps, 1):.0f} ms/step")
 PYEOF
+  done
 else
   echo "SKIP: the ViT-B/16 x 8 scale case (transformers not importable)"
 fi

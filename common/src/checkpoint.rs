@@ -149,18 +149,16 @@ pub fn tensors_in(
             tensor: name.clone(),
             msg: "missing".into(),
         })?;
-        if view.dtype() != safetensors::Dtype::F32 {
+        // Half-precision checkpoints are read exactly into f32; `merge.precision` decides
+        // what the worker keeps.
+        let Some(dtype) = crate::precision::Precision::of_safetensors(view.dtype()) else {
             return Err(Error::Tensor {
                 file: file.to_path_buf(),
                 tensor: name.clone(),
-                msg: format!("dtype {:?}, expected F32", view.dtype()),
+                msg: format!("dtype {:?}, expected F32, BF16 or F16", view.dtype()),
             });
-        }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        };
+        let data = dtype.decode(view.data());
         if let Some(v) = data.iter().find(|v| !v.is_finite()) {
             return Err(Error::Tensor {
                 file: file.to_path_buf(),

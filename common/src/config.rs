@@ -637,6 +637,11 @@ pub struct MergeConfig {
     /// fit `cluster.memory_gb` with them there).
     #[serde(default)]
     pub features: Features,
+    /// The precision the frozen originals and their features are stored and run in, and the
+    /// merged model is written in: `fp32`, `bf16`, `fp16`; absent = the originals' own
+    /// (`torch_dtype`). M/U, gradients, optimiser state and the fold stay fp32.
+    #[serde(default)]
+    pub precision: Option<crate::precision::Precision>,
 }
 
 /// `merge.features`: where the teacher features live (architecture.md §2, step 4).
@@ -707,6 +712,7 @@ impl Default for MergeConfig {
             n_augmented: default_n_augmented(),
             step_form: default_step_form(),
             features: Features::Auto,
+            precision: None,
             augment: AugmentConfig::default(),
             inner_layers: Vec::new(),
             inner_weight: default_inner_weight(),

@@ -6,6 +6,7 @@
 //! the folder itself is made atomic by the caller's staging directory.
 
 use crate::checkpoint::{write_json, HostTensor};
+use crate::precision::Precision;
 use crate::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufWriter, Write};
@@ -33,6 +34,8 @@ pub struct ShardedWriter {
     written: Vec<(PathBuf, Vec<String>)>,
     names: BTreeSet<String>,
     total_bytes: u64,
+    /// What the tensors are written in (`with_precision`; fp32 by default).
+    precision: Precision,
 }
 
 impl ShardedWriter {
@@ -45,7 +48,14 @@ impl ShardedWriter {
             written: Vec::new(),
             names: BTreeSet::new(),
             total_bytes: 0,
+            precision: Precision::Fp32,
         })
+    }
+
+    /// Write every tensor in `precision` (rounded to nearest even).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// Add one tensor, written to disk at once; the shard being filled is closed first when
@@ -66,7 +76,7 @@ impl ShardedWriter {
                 msg: format!("shape {:?} but {} values", t.shape, t.data.len()),
             });
         }
-        let bytes = 4 * t.data.len() as u64;
+        let bytes = (self.precision.bytes() * t.data.len()) as u64;
         let full = self
             .open
             .as_ref()
@@ -79,9 +89,11 @@ impl ShardedWriter {
             None => self.open.insert(self.new_shard()?),
         };
         let io = |e| Error::io(&shard.data_path, e);
-        for v in &t.data {
-            shard.data.write_all(&v.to_le_bytes()).map_err(io)?;
+        let mut encoded = Vec::with_capacity(bytes as usize);
+        for &v in &t.data {
+            self.precision.encode(v, &mut encoded);
         }
+        shard.data.write_all(&encoded).map_err(io)?;
         shard
             .entries
             .push((name.clone(), t.shape, shard.bytes, shard.bytes + bytes));
@@ -125,10 +137,11 @@ impl ShardedWriter {
             .map_err(io(&shard.data_path))?;
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let dtype = format!("{:?}", self.precision.safetensors());
         for (name, shape, begin, end) in &shard.entries {
             header.insert(
                 name.clone(),
-                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}),
             );
         }
         let mut header = serde_json::to_vec(&header)

@@ -15,6 +15,7 @@ pub mod mapped;
 pub mod metrics;
 pub mod models;
 pub mod plan;
+pub mod precision;
 pub mod transport;
 pub mod wire;
 pub mod workdir;

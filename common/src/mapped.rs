@@ -1,9 +1,10 @@
-//! A safetensors file of f32 tensors that lives in memory through a mapping, not a copy: a
+//! A safetensors file of f32 or half-precision tensors that lives in memory through a mapping, not a copy: a
 //! stage's teacher features at scale ([n, N, T, d] per block boundary, gigabytes each). The
 //! file is laid out first (header, then every tensor's bytes, zero) and written in place
 //! through the map as the features are computed; readers index rows of it and the kernel pages
 //! in only those, and may evict them again — file pages, not the process's own memory.
 
+use crate::precision::Precision;
 use crate::{fsio, Error, Result};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -13,12 +14,13 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub shape: Vec<usize>,
+    pub precision: Precision,
     /// Byte offset from the start of the file.
     pub offset: usize,
     pub len: usize,
 }
 
-/// A mapped safetensors file of f32 tensors.
+/// A mapped safetensors file of f32/bf16/f16 tensors.
 pub struct MappedTensors {
     map: memmap2::MmapMut,
     slots: BTreeMap<String, Slot>,
@@ -29,10 +31,14 @@ pub struct MappedTensors {
 }
 
 impl MappedTensors {
-    /// Lay out a new file of zeroed f32 tensors `tensors` (name, shape) for `path` and map it
+    /// Lay out a new file of zeroed tensors `tensors` (name, shape, precision) for `path` and map it
     /// writable. It is written under a temporary name until `commit`; with `scratch` it has no
     /// name at all (removed once mapped: private to this process, gone when it ends).
-    pub fn create(path: &Path, tensors: &[(String, Vec<usize>)], scratch: bool) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        tensors: &[(String, Vec<usize>, Precision)],
+        scratch: bool,
+    ) -> Result<Self> {
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -86,7 +92,7 @@ impl MappedTensors {
         })
     }
 
-    /// Map an existing safetensors file of f32 tensors, copy-on-write: reads come from the
+    /// Map an existing safetensors file of f32/bf16/f16 tensors, copy-on-write: reads come from the
     /// file, a write stays private to this process.
     pub fn open(path: &Path) -> Result<Self> {
         crate::checkpoint::regular_file(path)?;
@@ -103,18 +109,26 @@ impl MappedTensors {
             let base = map.as_ptr() as usize;
             let mut slots = BTreeMap::new();
             for (name, view) in st.tensors() {
-                if view.dtype() != safetensors::Dtype::F32 {
+                let Some(precision) = Precision::of_safetensors(view.dtype()) else {
                     return Err(Error::Tensor {
                         file: path.to_path_buf(),
                         tensor: name,
-                        msg: format!("dtype {:?}, expected F32", view.dtype()),
+                        msg: format!("dtype {:?}, expected F32, BF16 or F16", view.dtype()),
+                    });
+                };
+                let data = view.data();
+                if !(data.as_ptr() as usize).is_multiple_of(precision.bytes()) {
+                    return Err(Error::Tensor {
+                        file: path.to_path_buf(),
+                        tensor: name,
+                        msg: "its data is not aligned to its values".into(),
                     });
                 }
-                let data = view.data();
                 slots.insert(
                     name,
                     Slot {
                         shape: view.shape().to_vec(),
+                        precision,
                         offset: data.as_ptr() as usize - base,
                         len: data.len(),
                     },
@@ -134,9 +148,9 @@ impl MappedTensors {
         &self.path
     }
 
-    /// The tensor `name`'s shape and the address of its first byte (4-byte aligned), valid
-    /// while `self` lives; a missing tensor is an error naming the file.
-    pub fn slot(&self, name: &str) -> Result<(&[usize], *mut u8)> {
+    /// The tensor `name`'s shape, precision and the address of its first byte (aligned to
+    /// its values), valid while `self` lives; a missing tensor is an error naming the file.
+    pub fn slot(&self, name: &str) -> Result<(&[usize], Precision, *mut u8)> {
         let s = self.slots.get(name).ok_or_else(|| Error::Tensor {
             file: self.path.clone(),
             tensor: name.to_string(),
@@ -144,7 +158,7 @@ impl MappedTensors {
         })?;
         // SAFETY: offset + len lies inside the map (checked by `layout` or by safetensors).
         let ptr = unsafe { self.map.as_ptr().add(s.offset) } as *mut u8;
-        Ok((&s.shape, ptr))
+        Ok((&s.shape, s.precision, ptr))
     }
 
     /// Flush the written data and give the file its name (atomically; nothing to do for a
@@ -193,19 +207,22 @@ fn reserve(file: &File, len: u64) -> std::io::Result<()> {
     file.set_len(len)
 }
 
-/// The safetensors header of `tensors` (f32, in the given order, contiguous), padded so the
-/// data starts 8-byte aligned, and each tensor's slot.
-fn layout(tensors: &[(String, Vec<usize>)]) -> (Vec<u8>, BTreeMap<String, Slot>) {
+/// The safetensors header of `tensors` (contiguous, wider values first so every tensor is
+/// aligned to its values), padded so the data starts 8-byte aligned, and each tensor's slot.
+fn layout(tensors: &[(String, Vec<usize>, Precision)]) -> (Vec<u8>, BTreeMap<String, Slot>) {
     let mut json = serde_json::Map::new();
     let mut at = 0usize;
     let mut relative = Vec::new();
-    for (name, shape) in tensors {
-        let len = 4 * shape.iter().product::<usize>();
+    let mut ordered: Vec<_> = tensors.iter().collect();
+    ordered.sort_by_key(|(_, _, p)| std::cmp::Reverse(p.bytes()));
+    for (name, shape, precision) in ordered {
+        let len = precision.bytes() * shape.iter().product::<usize>();
+        let dtype = format!("{:?}", precision.safetensors());
         json.insert(
             name.clone(),
-            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [at, at + len] }),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [at, at + len] }),
         );
-        relative.push((name.clone(), shape.clone(), at, len));
+        relative.push((name.clone(), shape.clone(), *precision, at, len));
         at += len;
     }
     let mut text = serde_json::Value::Object(json).to_string().into_bytes();
@@ -217,11 +234,12 @@ fn layout(tensors: &[(String, Vec<usize>)]) -> (Vec<u8>, BTreeMap<String, Slot>)
     let start = header.len();
     let slots = relative
         .into_iter()
-        .map(|(name, shape, at, len)| {
+        .map(|(name, shape, precision, at, len)| {
             (
                 name,
                 Slot {
                     shape,
+                    precision,
                     offset: start + at,
                     len,
                 },
@@ -239,20 +257,33 @@ mod tests {
     fn a_written_file_reads_back_with_safetensors_and_mapped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.safetensors");
-        let tensors = vec![("b".to_string(), vec![2, 3]), ("a".to_string(), vec![5])];
+        // An odd count of bf16 values before an f32 tensor: the layout keeps both aligned.
+        let tensors = vec![
+            ("h".to_string(), vec![3], Precision::Bf16),
+            ("b".to_string(), vec![2, 3], Precision::Fp32),
+            ("a".to_string(), vec![5], Precision::Fp32),
+        ];
         let mut m = MappedTensors::create(&path, &tensors, false).unwrap();
         assert!(!path.exists(), "named before commit");
-        let (shape, ptr) = m.slot("b").unwrap();
+        let (shape, _, ptr) = m.slot("b").unwrap();
         assert_eq!(shape, [2, 3]);
+        assert_eq!(ptr as usize % 4, 0);
+        let (_, precision, h) = m.slot("h").unwrap();
+        assert_eq!(precision, Precision::Bf16);
+        // SAFETY: slot h holds 3 bf16 values.
+        unsafe { std::slice::from_raw_parts_mut(h, 6) }
+            .copy_from_slice(&[0, 0x3f, 0x80, 0xbf, 0, 0]);
         // SAFETY: slot b holds 6 floats.
         let b = unsafe { std::slice::from_raw_parts_mut(ptr as *mut f32, 6) };
         b.copy_from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         m.commit().unwrap();
-        let read = crate::checkpoint::read_tensors(&path, &["a".into(), "b".into()]).unwrap();
+        let names = ["a".into(), "b".into(), "h".into()];
+        let read = crate::checkpoint::read_tensors(&path, &names).unwrap();
+        assert_eq!(read["h"].data, [0.5, -1.0, 0.0]);
         assert_eq!(read["b"].data, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(read["a"].data, [0.0; 5]);
         let opened = MappedTensors::open(&path).unwrap();
-        let (shape, ptr) = opened.slot("b").unwrap();
+        let (shape, _, ptr) = opened.slot("b").unwrap();
         assert_eq!(shape, [2, 3]);
         assert_eq!(unsafe { *(ptr as *const f32).add(5) }, 6.0);
         assert!(opened.slot("c").unwrap_err().to_string().contains("`c`"));
@@ -261,7 +292,7 @@ mod tests {
     #[test]
     fn uncommitted_and_scratch_files_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let t = vec![("x".to_string(), vec![4])];
+        let t = vec![("x".to_string(), vec![4], Precision::Fp32)];
         drop(MappedTensors::create(&dir.path().join("a.safetensors"), &t, false).unwrap());
         let scratch = MappedTensors::create(&dir.path().join("b.safetensors"), &t, true).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -3,10 +3,11 @@
 //! `transformers` in shards (`tests/fixtures/make_scale_models.py`, random init, one seed per
 //! model, 10 classes each), merged by a coordinator and S worker processes on loopback for a
 //! few steps of `local` then `global`, S = 1, 2, 4, with the teacher features in memory and
-//! (S = 1) on disk, memory-mapped.
+//! (S = 1) on disk, memory-mapped, and (S = 1) with the originals and features in bf16.
 //!
 //! Run: `cargo bench -p fsmerge-tests --bench scale`. Sized by `FSMERGE_SCALE_RUNS`
-//! (`vit:1,vit:2,vit:4,vit:1:disk,bert:1,bert:4`: family, stages, where the features live),
+//! (`vit:1,vit:2,vit:4,vit:1:disk,vit:1:memory:bf16,bert:1,bert:4`: family, stages, where the
+//! features live, `merge.precision`),
 //! `FSMERGE_SCALE_MODELS` (8), `FSMERGE_SCALE_INPUTS` (merge inputs per task, 4: on 2 cores the
 //! teacher pass of 8 ViT-B/16s over 8 × 4 images takes ~2.5 min, so the 64 per task is
 //! for a bigger machine), `FSMERGE_SCALE_DIR` (keep the fixtures there between runs; default: a
@@ -122,7 +123,7 @@ fn run(
     config: &Path,
     out: &Path,
     stages: usize,
-    features: &str,
+    (features, precision): (&str, &str),
     threads: usize,
 ) -> (Metrics, Vec<f64>, f64) {
     let work = PathBuf::from(format!("{}.work", out.display()));
@@ -132,6 +133,7 @@ fn run(
     let sets = [
         format!("cluster.stages={stages}"),
         format!("merge.features=\"{features}\""),
+        format!("merge.precision=\"{precision}\""),
         format!("cluster.worker_threads={threads}"),
         "cluster.micro_batches=4".to_string(),
     ];
@@ -178,11 +180,11 @@ fn stream_floats(family: &str) -> f64 {
     }
 }
 
-/// The runs `FSMERGE_SCALE_RUNS` lists, `family:stages[:features]` each.
-fn runs() -> Vec<(String, usize, String)> {
+/// The runs `FSMERGE_SCALE_RUNS` lists, `family:stages[:features[:precision]]` each.
+fn runs() -> Vec<(String, usize, String, String)> {
     env_list(
         "FSMERGE_SCALE_RUNS",
-        "vit:1,vit:2,vit:4,vit:1:disk,bert:1,bert:4",
+        "vit:1,vit:2,vit:4,vit:1:disk,vit:1:memory:bf16,bert:1,bert:4",
     )
     .iter()
     .map(|r| {
@@ -193,8 +195,11 @@ fn runs() -> Vec<(String, usize, String)> {
                 family.to_string(),
                 stages,
                 f.get(2).unwrap_or(&"memory").to_string(),
+                f.get(3).unwrap_or(&"fp32").to_string(),
             ),
-            _ => panic!("FSMERGE_SCALE_RUNS: `{r}` is not family:stages[:memory|disk]"),
+            _ => panic!(
+                "FSMERGE_SCALE_RUNS: `{r}` is not family:stages[:memory|disk[:fp32|bf16|fp16]]"
+            ),
         }
     })
     .collect()
@@ -210,15 +215,17 @@ fn main() {
     let idle = idle_worker_mib(&base);
     println!("idle worker process: {idle:.0} MiB resident; {n} models, {inputs} merge inputs per task, local then global (1 epoch each, batch 16)");
     let mib = (1u64 << 20) as f64;
-    for (family, stages, features) in runs() {
+    for (family, stages, features, precision) in runs() {
         let config = fixture(&base, &family, n, inputs);
         let rows = (n * inputs) as f64;
-        let name = format!("{family}-s{stages}-{features}");
+        let name = format!("{family}-s{stages}-{features}-{precision}");
         let threads = (2 / stages).max(1);
-        let (m, anon, wall) = run(&config, &base.join(&name), stages, &features, threads);
+        let at = (features.as_str(), precision.as_str());
+        let (m, anon, wall) = run(&config, &base.join(&name), stages, at, threads);
+        let value_bytes = if precision == "fp32" { 4.0 } else { 2.0 };
         let plan_stages = m.plan["stages"].as_array().cloned().unwrap_or_default();
         println!(
-            "\n### {n} × {family}, S = {stages}, features in {features}: {wall:.0} s wall, coordinator peak RSS {:.0} MiB",
+            "\n### {n} × {family}, S = {stages}, features in {features}, {precision}: {wall:.0} s wall, coordinator peak RSS {:.0} MiB",
             m.peak_rss_mib
         );
         for (w, anon) in m.workers.iter().zip(&anon) {
@@ -227,7 +234,9 @@ fn main() {
                 - units["start"].as_u64().unwrap_or(0) as f64
                 + 1.0;
             let feats = match features.as_str() {
-                "memory" => boundaries * n as f64 * rows * stream_floats(&family) * 4.0 / mib,
+                "memory" => {
+                    boundaries * n as f64 * rows * stream_floats(&family) * value_bytes / mib
+                }
                 _ => 0.0,
             };
             let weights = w.weight_bytes as f64 / mib;

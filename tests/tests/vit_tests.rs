@@ -326,3 +326,114 @@ fn distributed_vit_merge_equals_the_single_process_merge() {
     let diff = max_rel_diff(&merged("job"), &merged("2x1"));
     assert!(diff <= 1e-6, "resumed output differs by {diff:e}");
 }
+
+/// The dtype of every tensor in a safetensors file.
+fn dtypes(file: &Path) -> std::collections::BTreeSet<String> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(_, v)| format!("{:?}", v.dtype()))
+        .collect()
+}
+
+/// `merge.precision`: bf16 originals and features (2 stages, features on disk) and fp16
+/// checkpoints (their `torch_dtype` the default) merge within tolerance of fp32, and the merged
+/// model is written in that precision, loadable by `transformers`.
+#[test]
+fn half_precision_merges_stay_within_tolerance_of_fp32() {
+    use fsmerge_common::hf_writer::ShardedWriter;
+    use fsmerge_common::precision::Precision;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let models = dir.join("models");
+    let base = [
+        "baselines.methods=[]",
+        "merge.epochs=10",
+        "merge.global_epochs=30",
+    ];
+    let run = |name: &str, models: &Path, extra: &[&str]| -> Metrics {
+        let sets: Vec<String> = (base.iter().chain(extra))
+            .flat_map(|s| ["--set".to_string(), s.to_string()])
+            .collect();
+        merge(
+            &dir.join(name),
+            models,
+            &sets.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let acc = |m: &Metrics| {
+        (m.results.iter().find(|r| r.method == "fs-merge"))
+            .unwrap()
+            .mean_task_acc
+    };
+    let merged = |name: &str| dir.join(name).join("merged/model.safetensors");
+    let fp32 = run("fp32", &models, &[]);
+
+    let bf16 = run(
+        "bf16",
+        &models,
+        &[
+            "merge.precision=\"bf16\"",
+            "cluster.stages=2",
+            "merge.features=\"disk\"",
+        ],
+    );
+    let diff = max_rel_diff(&merged("bf16"), &merged("fp32"));
+    println!(
+        "bf16: accuracy {:.4} vs fp32 {:.4}; folded weights differ by {diff:.2e}",
+        acc(&bf16),
+        acc(&fp32)
+    );
+    assert!((acc(&bf16) - acc(&fp32)).abs() <= 0.02);
+    assert!(diff > 0.0 && diff < 0.1, "{diff:e}");
+    assert_eq!(dtypes(&merged("bf16")), ["BF16".to_string()].into());
+    let features = dir.join("bf16.work/features/stage1.safetensors");
+    assert!(
+        dtypes(&features).contains("BF16"),
+        "features stored in bf16"
+    );
+    let cfg: serde_json::Value = read_json(&dir.join("bf16/merged/config.json")).unwrap();
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+
+    // The originals as fp16 checkpoints: their torch_dtype is the job's precision.
+    let models16 = dir.join("models16");
+    for task in ["digits-0-4", "digits-5-9"] {
+        let (from, to) = (models.join(task), models16.join(task));
+        let file = from.join("model.safetensors");
+        let names = fsmerge_common::checkpoint::tensor_names(&file).unwrap();
+        let mut w = ShardedWriter::new(&to, u64::MAX)
+            .unwrap()
+            .with_precision(Precision::Fp16);
+        for (name, t) in fsmerge_common::checkpoint::read_tensors(&file, &names).unwrap() {
+            w.add(name, t).unwrap();
+        }
+        w.finish().unwrap();
+        let mut cfg: serde_json::Value = read_json(&from.join("config.json")).unwrap();
+        cfg["torch_dtype"] = "float16".into();
+        fsmerge_common::checkpoint::write_json(&to.join("config.json"), &cfg).unwrap();
+    }
+    let fp16 = run("fp16", &models16, &[]);
+    println!("fp16 originals: accuracy {:.4}", acc(&fp16));
+    assert!((acc(&fp16) - acc(&fp32)).abs() <= 0.02);
+    assert_eq!(dtypes(&merged("fp16")), ["F16".to_string()].into());
+    // fsmerge's loader and transformers read it alike.
+    let m = Vit::load(&dir.join("fp16/merged")).unwrap();
+    let x = images(
+        &tch::Tensor::rand([8, 64], fsmerge_worker::core::tensor::F32),
+        1,
+    );
+    let mut reference = BTreeMap::new();
+    reference.insert("pixel_values".to_string(), to_host(&x).unwrap());
+    let logits = tch::no_grad(|| m.logits(&x).unwrap());
+    reference.insert("logits".to_string(), to_host(&logits).unwrap());
+    let ref_file = dir.join("reference.safetensors");
+    write_tensors(&ref_file, &reference).unwrap();
+    println!(
+        "{}",
+        python_fixture(
+            "check_vit_merged.py",
+            &[&dir.join("fp16/merged"), &ref_file]
+        )
+    );
+}

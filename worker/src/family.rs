@@ -37,6 +37,10 @@ impl StageSpec<'_> {
     pub fn tasks(&self) -> Vec<String> {
         self.job.tasks.iter().map(|t| t.name.clone()).collect()
     }
+    /// The job's `merge.precision` (else the first original's).
+    pub fn precision(&self) -> Result<fsmerge_common::precision::Precision> {
+        fsmerge_common::precision::Precision::for_job(self.job, self.models_dir)
+    }
 }
 
 /// One model family (MLP, ViT, BERT, …) as the rest of fsmerge sees it.

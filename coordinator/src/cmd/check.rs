@@ -11,6 +11,7 @@ use crate::job::Job;
 use crate::JobArgs;
 use anyhow::{Context, Result};
 use fsmerge_common::plan::FeaturesAt;
+use fsmerge_common::precision::Precision;
 use fsmerge_worker::family::family;
 
 pub fn run(args: &JobArgs) -> Result<()> {
@@ -48,9 +49,14 @@ pub fn run(args: &JobArgs) -> Result<()> {
         println!("ok: `fsmerge merge` can run this job (it trains the originals first)");
         return Ok(());
     }
-    let plan = memory::plan(cfg, family.unit_costs(cfg, &job.models_dir)?)?;
-    println!("plan: {}", plan.describe());
-    for s in memory::estimate(cfg, &plan) {
+    let precision = Precision::for_job(cfg, &job.models_dir)?;
+    let plan = memory::plan(cfg, family.unit_costs(cfg, &job.models_dir)?, precision)?;
+    println!(
+        "plan: {}; originals and features in {}",
+        plan.describe(),
+        precision.torch_dtype()
+    );
+    for s in memory::estimate(cfg, &plan, precision) {
         println!(
             "stage {}: units {:?}, weights {:.1} MiB + teacher features {:.1} MiB ({}); estimated peak RSS per worker ≈ {:.0} MiB",
             s.index,
@@ -64,7 +70,7 @@ pub fn run(args: &JobArgs) -> Result<()> {
             s.peak_mib
         );
     }
-    memory::check_fits(cfg, &plan)?;
+    memory::check_fits(cfg, &plan, precision)?;
     println!("ok: `fsmerge merge` or `fsmerge coordinator` can run this job");
     Ok(())
 }

@@ -9,6 +9,7 @@
 use anyhow::Result;
 use fsmerge_common::config::{Arch, Features, JobConfig};
 use fsmerge_common::plan::{FeaturesAt, Plan, StagePlan, UnitCost};
+use fsmerge_common::precision::Precision;
 use std::ops::Range;
 
 /// Resident memory of an idle `fsmerge` process (libtorch linked), MiB: the floor of every
@@ -33,17 +34,24 @@ pub struct StageMemory {
 }
 
 /// Every stage's estimate under `plan`, with its features where the plan keeps them.
-pub fn estimate(cfg: &JobConfig, plan: &Plan) -> Vec<StageMemory> {
+/// Weights and features count in the job's `precision` (the plan's unit bytes are fp32's).
+pub fn estimate(cfg: &JobConfig, plan: &Plan, precision: Precision) -> Vec<StageMemory> {
     (plan.stages.iter())
-        .map(|s| stage_estimate(cfg, s, s.features))
+        .map(|s| stage_estimate(cfg, s, s.features, precision))
         .collect()
 }
 
-fn stage_estimate(cfg: &JobConfig, s: &StagePlan, at: FeaturesAt) -> StageMemory {
+fn stage_estimate(
+    cfg: &JobConfig,
+    s: &StagePlan,
+    at: FeaturesAt,
+    precision: Precision,
+) -> StageMemory {
     let rows = cfg.tasks.len() * (cfg.merge.n_originals + cfg.merge.n_augmented);
-    let weights = s.bytes as f64 / MIB;
+    let value = precision.bytes();
+    let weights = (s.bytes as f64 / 4.0) * value as f64 / MIB;
     let boundaries = (s.units.len() + 1) as f64;
-    let features = boundaries * (cfg.tasks.len() * rows * stream_floats(cfg) * 4) as f64 / MIB;
+    let features = boundaries * (cfg.tasks.len() * rows * stream_floats(cfg) * value) as f64 / MIB;
     let resident = match at {
         FeaturesAt::Memory => features,
         FeaturesAt::Disk => 0.0,
@@ -63,14 +71,18 @@ fn stage_estimate(cfg: &JobConfig, s: &StagePlan, at: FeaturesAt) -> StageMemory
 /// again among those whose every stage fits (its features on disk where `merge.features`
 /// allows), the slowest stage as fast as that allows. A plan that fits no way is returned as
 /// balanced by compute, for `check_fits` to name the stage.
-pub fn plan(cfg: &JobConfig, units: Vec<UnitCost>) -> fsmerge_common::Result<Plan> {
+pub fn plan(
+    cfg: &JobConfig,
+    units: Vec<UnitCost>,
+    precision: Precision,
+) -> fsmerge_common::Result<Plan> {
     let (stages, replicas) = (cfg.cluster.stages, cfg.cluster.replicas);
     let mut plan = Plan::balanced(units.clone(), stages, replicas)?;
-    place_features(cfg, &mut plan);
+    place_features(cfg, &mut plan, precision);
     let Some(budget_mib) = cfg.cluster.memory_gb.map(|gb| gb * 1024.0) else {
         return Ok(plan);
     };
-    if estimate(cfg, &plan)
+    if estimate(cfg, &plan, precision)
         .iter()
         .all(|s| s.peak_mib <= budget_mib)
     {
@@ -88,10 +100,10 @@ pub fn plan(cfg: &JobConfig, units: Vec<UnitCost>) -> fsmerge_common::Result<Pla
             units: r,
             features: leanest,
         };
-        stage_estimate(cfg, &s, leanest).peak_mib <= budget_mib
+        stage_estimate(cfg, &s, leanest, precision).peak_mib <= budget_mib
     };
     let mut within = Plan::balanced_within(units.clone(), stages, replicas, &fits)?;
-    place_features(cfg, &mut within);
+    place_features(cfg, &mut within, precision);
     if within
         .stages
         .iter()
@@ -108,14 +120,14 @@ pub fn plan(cfg: &JobConfig, units: Vec<UnitCost>) -> fsmerge_common::Result<Pla
 
 /// Decide where each stage keeps its teacher features (`merge.features`; `auto`: in memory
 /// unless the stage would then exceed `cluster.memory_gb`), logging every stage sent to disk.
-fn place_features(cfg: &JobConfig, plan: &mut Plan) {
+fn place_features(cfg: &JobConfig, plan: &mut Plan, precision: Precision) {
     let budget_mib = cfg.cluster.memory_gb.map(|gb| gb * 1024.0);
     for s in &mut plan.stages {
         s.features = match cfg.merge.features {
             Features::Memory => FeaturesAt::Memory,
             Features::Disk => FeaturesAt::Disk,
             Features::Auto => {
-                let in_memory = stage_estimate(cfg, s, FeaturesAt::Memory);
+                let in_memory = stage_estimate(cfg, s, FeaturesAt::Memory, precision);
                 match budget_mib {
                     Some(b) if in_memory.peak_mib > b => {
                         tracing::info!(
@@ -137,12 +149,12 @@ fn place_features(cfg: &JobConfig, plan: &mut Plan) {
 
 /// With `cluster.memory_gb` set, the first stage whose estimate exceeds it is an error naming
 /// the stage and the missing GB.
-pub fn check_fits(cfg: &JobConfig, plan: &Plan) -> Result<()> {
+pub fn check_fits(cfg: &JobConfig, plan: &Plan, precision: Precision) -> Result<()> {
     let Some(budget_gb) = cfg.cluster.memory_gb else {
         return Ok(());
     };
     let gb = |mib: f64| mib / 1024.0;
-    for s in estimate(cfg, plan) {
+    for s in estimate(cfg, plan, precision) {
         if gb(s.peak_mib) > budget_gb {
             anyhow::bail!(
                 "stage {} (units {:?}) needs ≈ {:.2} GB per worker (weights {:.2} GB, teacher features {:.2} GB{}, \

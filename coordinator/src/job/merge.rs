@@ -16,6 +16,7 @@ use crate::report;
 use anyhow::{Context, Result};
 use fsmerge_common::config::{Baseline, Mode};
 use fsmerge_common::fsio::Staging;
+use fsmerge_common::precision::Precision;
 use fsmerge_worker::family::family;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -29,9 +30,14 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let m = &cfg.merge;
     let family = family(cfg.model.arch);
     prepare(job)?;
-    let plan = memory::plan(cfg, family.unit_costs(cfg, &job.models_dir)?)?;
-    tracing::info!("plan: {}", plan.describe());
-    memory::check_fits(cfg, &plan)?;
+    let precision = Precision::for_job(cfg, &job.models_dir)?;
+    let plan = memory::plan(cfg, family.unit_costs(cfg, &job.models_dir)?, precision)?;
+    tracing::info!(
+        "plan: {}; originals and features in {}",
+        plan.describe(),
+        precision.torch_dtype()
+    );
+    memory::check_fits(cfg, &plan, precision)?;
 
     let staging = Staging::new(&job.out)?;
     let mut writer = family.writer(cfg, &job.models_dir, &staging.path(""))?;

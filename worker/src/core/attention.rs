@@ -27,8 +27,10 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, bias: Option<&Tens
         Some(bias) => scores + bias,
         None => scores,
     };
+    // The softmax in fp32 whatever the weights' precision, its weights back in v's.
     scores
         .softmax(-1, tch::Kind::Float)
+        .to_kind(v.kind())
         .matmul(&v)
         .transpose(1, 2)
         .contiguous()

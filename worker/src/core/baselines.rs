@@ -12,6 +12,8 @@ pub struct RegmeanSums(Option<(Tensor, Tensor)>);
 
 impl RegmeanSums {
     pub fn add(&mut self, x: &Tensor, w: &Tensor, alpha: f64) {
+        // In fp32 whatever the originals' precision.
+        let (x, w) = (&crate::core::tensor::f32(x), &crate::core::tensor::f32(w));
         let g = x.tr().matmul(x);
         let g = &g * alpha + g.diagonal(0, 0, 1).diag_embed(0, -2, -1) * (1.0 - alpha);
         let rhs = g.matmul(&w.tr());

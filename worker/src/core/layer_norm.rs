@@ -1,7 +1,7 @@
 //! LayerNorm: a model's own, n models' stacked (frozen), and the trainable one of a merged
 //! network.
 
-use crate::core::tensor::F32;
+use crate::core::tensor::{f32, F32};
 use fsmerge_common::config::Init;
 use tch::Tensor;
 
@@ -54,10 +54,11 @@ pub struct MergedLn {
 
 impl MergedLn {
     pub(crate) fn new(f: &FrozenLn, init: Init, eps: f64) -> Self {
+        let (fw, fb) = (f32(&f.w), f32(&f.b));
         let (w, b) = match init {
-            Init::First => (f.w.get(0).copy(), f.b.get(0).copy()),
-            Init::Average => (f.w.mean_dim(0, false, None), f.b.mean_dim(0, false, None)),
-            Init::Random => (f.w.get(0).ones_like(), f.b.get(0).zeros_like()),
+            Init::First => (fw.get(0).copy(), fb.get(0).copy()),
+            Init::Average => (fw.mean_dim(0, false, None), fb.mean_dim(0, false, None)),
+            Init::Random => (fw.get(0).ones_like(), fb.get(0).zeros_like()),
         };
         Self {
             w: w.set_requires_grad(true),

@@ -4,6 +4,7 @@
 
 use crate::core::linear::Linear;
 use crate::core::mu::{MuMatrix, Role};
+use crate::core::tensor::f32;
 use fsmerge_common::config::{Init, MuType, StepForm};
 use fsmerge_common::Result;
 use tch::Tensor;
@@ -31,14 +32,15 @@ impl FrozenLayer {
         self.wt = self.wt.to_device(device);
         self.b = self.b.to_device(device);
     }
-    /// Branch outputs W_i v_i + b_i for v [n, B, in], or for a shared input [B, in].
+    /// Branch outputs W_i v_i + b_i for v [n, B, in], or for a shared input [B, in], in fp32.
     pub fn branches(&self, v: &Tensor) -> Tensor {
+        let (v, wt) = (f32(v), f32(&self.wt));
         let y = if v.dim() == 2 {
-            v.matmul(&self.wt)
+            v.matmul(&wt)
         } else {
-            v.bmm(&self.wt)
+            v.bmm(&wt)
         };
-        y + self.b.unsqueeze(1)
+        y + f32(&self.b).unsqueeze(1)
     }
 }
 

@@ -8,6 +8,7 @@ use crate::family::MergedWriter;
 use fsmerge_common::checkpoint::{head_bias, head_weight, write_json, HostTensor};
 use fsmerge_common::config::{JobConfig, TaskConfig};
 use fsmerge_common::hf_writer::ShardedWriter;
+use fsmerge_common::precision::Precision;
 use fsmerge_common::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -57,11 +58,14 @@ pub struct HfClassifierWriter {
     tasks: Vec<TaskConfig>,
     heads: BTreeMap<String, HostTensor>,
     left: BTreeSet<String>,
+    precision: Precision,
 }
 
 impl HfClassifierWriter {
-    /// Write into `<out>/merged`.
-    pub fn new(out: &Path, job: &JobConfig, layout: HfLayout) -> Result<Self> {
+    /// Write into `<out>/merged`, in the job's precision (`merge.precision`, else that of the
+    /// originals in `models_dir`).
+    pub fn new(out: &Path, job: &JobConfig, models_dir: &Path, layout: HfLayout) -> Result<Self> {
+        let precision = Precision::for_job(job, models_dir)?;
         let dir = out.join("merged");
         let mut left = layout.encoder.clone();
         for t in &job.tasks {
@@ -78,7 +82,9 @@ impl HfClassifierWriter {
             None => Vec::new(),
         };
         Ok(Self {
-            shards: ShardedWriter::new(&dir, job.output.max_shard_bytes())?,
+            shards: ShardedWriter::new(&dir, job.output.max_shard_bytes())?
+                .with_precision(precision),
+            precision,
             class_names: class_names(job, layout.class_name)?,
             copies,
             dir,
@@ -122,7 +128,9 @@ impl MergedWriter for HfClassifierWriter {
                 .cloned()
                 .unwrap_or_else(|| format!("class {c}"))
         });
-        write_json(&me.dir.join("config.json"), &(me.layout.config)(&labels))?;
+        let mut config = (me.layout.config)(&labels);
+        config["torch_dtype"] = me.precision.torch_dtype().into();
+        write_json(&me.dir.join("config.json"), &config)?;
         let mut input = me.layout.input.to_string();
         for file in &me.copies {
             let name = file.file_name().unwrap_or_default();

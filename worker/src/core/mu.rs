@@ -9,7 +9,7 @@
 //!   unmerge u1 [H, d_h, d_h] (shared by the models), u2 [n, H, H]
 
 use crate::core::linear::Linear;
-use crate::core::tensor::F32;
+use crate::core::tensor::{f32, F32};
 use fsmerge_common::config::{Init, MuType};
 use fsmerge_common::{Error, Result};
 use tch::Tensor;
@@ -265,6 +265,7 @@ impl MuMatrix {
     /// Merge: Σ_i y_i M_i for y [n, R, k] → [R, k'].
     pub fn merge(&self, y: &Tensor) -> Tensor {
         debug_assert_eq!(self.role, Role::Merge);
+        let y = &f32(y);
         let sum0 = |t: Tensor| t.sum_dim_intlist(0, false, None);
         self.combine(
             |d| sum0(y * d.unsqueeze(1)),
@@ -276,6 +277,7 @@ impl MuMatrix {
     /// Unmerge: x U_i for x [R, k'] → [n, R, k].
     pub fn unmerge(&self, x: &Tensor) -> Tensor {
         debug_assert_eq!(self.role, Role::Unmerge);
+        let x = &f32(x);
         self.combine(
             |d| x.unsqueeze(0) * d.unsqueeze(1),
             |a, b| x.matmul(a).unsqueeze(0).matmul(&self.lr_blocks(b)),
@@ -289,6 +291,7 @@ impl MuMatrix {
     /// Folding never forms the k×k products A·B_i, so a low-rank unmerge costs n·r·k·C.
     pub fn push_into(&self, wt: &Tensor) -> Vec<(Option<Tensor>, Tensor)> {
         debug_assert_eq!(self.role, Role::Unmerge);
+        let wt = &f32(wt);
         let mut parts = Vec::new();
         if let Some(d) = &self.diag {
             parts.push((None, wt * d.unsqueeze(2)));

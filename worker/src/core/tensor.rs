@@ -6,6 +6,31 @@ use tch::{Device, Kind, Tensor};
 
 pub const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
 
+/// The tch kind of a precision.
+pub fn kind_of(p: fsmerge_common::precision::Precision) -> Kind {
+    use fsmerge_common::precision::Precision;
+    match p {
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+        Precision::Fp16 => Kind::Half,
+    }
+}
+
+/// `t` in fp32, what everything trained computes in (no copy when it already is): frozen
+/// weights and features may be stored in half precision (`merge.precision`).
+pub fn f32(t: &Tensor) -> Tensor {
+    if t.kind() == Kind::Float {
+        t.shallow_clone()
+    } else {
+        t.to_kind(Kind::Float)
+    }
+}
+
+/// Bytes of `t`'s values.
+pub fn bytes_of(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
+}
+
 pub fn to_tch(t: &HostTensor) -> Tensor {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     Tensor::from_slice(&t.data).reshape(&shape)

@@ -76,10 +76,10 @@ fn scaled_targets(data: &StageData, target_scale: f64) -> (Vec<f64>, Tensor) {
     let outputs = &data.feats[data.feats.len() - 1];
     let n = outputs.size()[0];
     let mut scales = Vec::new();
-    let mut targets = outputs.get(0).zeros_like();
+    let mut targets = crate::core::tensor::f32(&outputs.get(0)).zeros_like();
     for t in 0..n {
         let rows = data.task.eq(t).nonzero().squeeze_dim(1);
-        let f = outputs.get(t).index_select(0, &rows);
+        let f = crate::core::tensor::f32(&outputs.get(t).index_select(0, &rows));
         let scale = target_scale / mean_abs(&f).max(1e-12);
         targets = targets.index_copy(0, &rows, &(f * scale));
         scales.push(scale);

@@ -313,7 +313,7 @@ pub fn own_heads_logits(heads: &[crate::core::linear::Linear], outputs: &Tensor)
     let logits: Vec<Tensor> = heads
         .iter()
         .enumerate()
-        .map(|(t, h)| h.forward(&outputs.get(t as i64)))
+        .map(|(t, h)| h.forward(&crate::core::tensor::f32(&outputs.get(t as i64))))
         .collect();
     Tensor::cat(&logits, 1)
 }
@@ -335,7 +335,11 @@ pub fn first_or_average(
     let mut by_name: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
     for model in models {
         for (name, t) in model {
-            by_name.entry(name).or_default().push(t);
+            // fp32, what the merged model is built in (the originals may be stored in half).
+            by_name
+                .entry(name)
+                .or_default()
+                .push(crate::core::tensor::f32(&t));
         }
     }
     by_name

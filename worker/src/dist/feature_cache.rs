@@ -8,6 +8,7 @@ use crate::dist::stage::StageData;
 use fsmerge_common::checkpoint::{read_tensors, write_tensors, HostTensor};
 use fsmerge_common::config::JobConfig;
 use fsmerge_common::mapped::MappedTensors;
+use fsmerge_common::precision::Precision;
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -52,37 +53,38 @@ fn names(layers: usize) -> Vec<String> {
 
 /// A tensor over the bytes of `name` in `file`, no copy.
 fn mapped(file: &MappedTensors, name: &str) -> Result<Tensor> {
-    let (shape, ptr) = file.slot(name)?;
+    let (shape, precision, ptr) = file.slot(name)?;
     let size: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    // SAFETY: the slot holds shape.product() f32 values, 4-byte aligned; the StageData built on
-    // it keeps `file` alive as long as its tensors.
-    unsafe { Tensor::f_from_blob(ptr, &size, &[], Kind::Float, Device::Cpu) }.map_err(|e| {
-        Error::Tensor {
-            file: file.path().to_path_buf(),
-            tensor: name.to_string(),
-            msg: e.to_string(),
-        }
+    let kind = crate::core::tensor::kind_of(precision);
+    // SAFETY: the slot holds shape.product() values of `kind`, aligned to them; the StageData
+    // built on it keeps `file` alive as long as its tensors.
+    unsafe { Tensor::f_from_blob(ptr, &size, &[], kind, Device::Cpu) }.map_err(|e| Error::Tensor {
+        file: file.path().to_path_buf(),
+        tensor: name.to_string(),
+        msg: e.to_string(),
     })
 }
 
 /// A stage's features in a new file at `path`, mapped and zero: the stage input of shape
-/// `input`, the tasks `task` (written), and the features of shapes `feats`, to be filled in
-/// place; `scratch`: a file without a name, private to this worker (a replica other than 0).
-/// `MappedTensors::commit` names it once filled.
+/// `input` (in its precision), the tasks `task` (written), and the features of shapes `feats`
+/// in `precision`, to be filled in place; `scratch`: a file without a name, private to this
+/// worker (a replica other than 0). `MappedTensors::commit` names it once filled.
 pub fn create_mapped(
     path: &Path,
-    input: &[i64],
+    input: (&[i64], Precision),
     feats: &[Vec<i64>],
+    precision: Precision,
     task: &Tensor,
     scratch: bool,
 ) -> Result<(StageData, MappedTensors)> {
     let dims = |s: &[i64]| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
     let rows = task.size()[0];
     let mut shapes = vec![
-        ("input".to_string(), dims(input)),
-        ("task".to_string(), vec![rows as usize]),
+        ("input".to_string(), dims(input.0), input.1),
+        ("task".to_string(), vec![rows as usize], Precision::Fp32),
     ];
-    shapes.extend((feats.iter().enumerate()).map(|(j, f)| (format!("feat{j}"), dims(f))));
+    shapes
+        .extend((feats.iter().enumerate()).map(|(j, f)| (format!("feat{j}"), dims(f), precision)));
     let file = MappedTensors::create(path, &shapes, scratch)?;
     let mut t = mapped(&file, "task")?;
     tch::no_grad(|| t.copy_(&task.to_kind(Kind::Float)));
@@ -98,14 +100,14 @@ pub fn create_mapped(
 }
 
 /// Read a stage's cached teacher features (`layers` of them), checked against the stage: `n`
-/// models, and on a stage after the first the stream's per-sample shape `stream`; with
-/// `map`, mapped from the file rather than read. A cache that disagrees (another job's, or
-/// damaged) is an error naming the file and tensor.
+/// models, and on a stage after the first the stream's per-sample shape `stream`; read into
+/// memory in the stage's `precision`, or with `map` mapped from the file as it was written.
+/// A cache that disagrees (another job's, or damaged) is an error naming the file and tensor.
 pub fn load(
     path: &Path,
     layers: usize,
     n: usize,
-    stream: Option<&[i64]>,
+    (stream, precision): (Option<&[i64]>, Precision),
     map: bool,
 ) -> Result<StageData> {
     let data = if map {
@@ -122,7 +124,15 @@ pub fn load(
             backing: Some(Arc::new(file)),
         }
     } else {
-        read(path, layers)?
+        let mut data = read(path, layers)?;
+        let kind = crate::core::tensor::kind_of(precision);
+        for f in &mut data.feats {
+            *f = f.to_kind(kind);
+        }
+        if stream.is_some() {
+            data.input = data.input.to_kind(kind);
+        }
+        data
     };
     check(path, &data, n, stream)?;
     Ok(data)

@@ -20,6 +20,7 @@ use crate::train::optim::gradients;
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::TrainSettings;
 use fsmerge_common::config::Targets;
+use fsmerge_common::precision::Precision;
 use fsmerge_common::{Error, Result};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -452,6 +453,7 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
     };
     let len = task.size()[0];
     let row_dim = usize::from(x.is_none());
+    let stored = crate::core::tensor::kind_of(stage.precision());
     let input_shape: Vec<i64> = match &x {
         Some(x) => x.size(),
         None => [n, len]
@@ -478,7 +480,7 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
         let input = match x {
             Some(x) => x,
             None => {
-                let input = Tensor::zeros(input_shape.as_slice(), (Kind::Float, device));
+                let input = Tensor::zeros(input_shape.as_slice(), (stored, device));
                 recv_rows(pipe, &input, &in_wire, n)?;
                 input
             }
@@ -503,7 +505,7 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
         None => {
             let mut one_row = input_shape.clone();
             one_row[1] = 1;
-            Tensor::zeros(one_row.as_slice(), (Kind::Float, device))
+            Tensor::zeros(one_row.as_slice(), (stored, device))
         }
     };
     let shapes: Vec<Vec<i64>> = tch::no_grad(|| stage.teacher(&probe, 0))
@@ -514,10 +516,16 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
             s
         })
         .collect();
+    // Stage 0's input (the merge rows: pixels, token ids) stays fp32.
+    let input_precision = match x {
+        Some(_) => Precision::Fp32,
+        None => stage.precision(),
+    };
     let (mut data, mut file) = feature_cache::create_mapped(
         path,
-        &input_shape,
+        (&input_shape, input_precision),
         &shapes,
+        stage.precision(),
         &task.to_device(Device::Cpu),
         scratch,
     )?;
@@ -571,7 +579,8 @@ fn chunks_of(len: i64, rows: i64) -> Vec<(i64, i64)> {
 fn send_rows(pipe: &mut dyn Collective, rows: &Tensor, n: i64) -> Result<()> {
     let next = pipe.rank() + 1;
     for i in 0..n {
-        pipe.send(&rows.get(i).contiguous(), next)?;
+        // The wire carries f32.
+        pipe.send(&rows.get(i).to_kind(Kind::Float).contiguous(), next)?;
     }
     Ok(())
 }

@@ -421,9 +421,10 @@ impl Ctx<'_> {
         if let Some(eval) = &eval {
             let clock = Instant::now();
             let folded = stage.fold()?;
+            let written = written_as(stage.precision());
             let tensors = folded
                 .iter()
-                .map(|(n, t)| (n.clone(), to_tch(t).to_device(device)));
+                .map(|(n, t)| (n.clone(), written(&to_tch(t).to_device(device))));
             let part = stage.merged_part(tensors.collect())?;
             self.evaluate("fs-merge", part.as_ref(), eval, pipe.as_mut(), clock)?;
             self.send_folded(folded)?;
@@ -542,8 +543,9 @@ impl Ctx<'_> {
         let clock = Instant::now();
         self.evaluate("local supernet", chain.as_ref(), eval, pipe, clock)?;
         let device = pipe.device();
+        let written = written_as(stage.precision());
         let folded = (stage.fold()?.into_iter())
-            .map(|(n, t)| (n, to_tch(&t).to_device(device)))
+            .map(|(n, t)| (n, written(&to_tch(&t).to_device(device))))
             .collect();
         let part = stage.merged_part(folded)?;
         self.evaluate("local folded", part.as_ref(), eval, pipe, clock)?;
@@ -642,7 +644,8 @@ impl Ctx<'_> {
         let data = if a.features_cached {
             let stream = (stage_i > 0).then(|| stage.stream_dims());
             let (layers, n) = (stage.feature_count(), stage.n());
-            feature_cache::load(&cache, layers, n, stream.as_deref(), on_disk)?
+            let at = (stream.as_deref(), stage.precision());
+            feature_cache::load(&cache, layers, n, at, on_disk)?
         } else {
             let start = rows
                 .filter(|_| stage_i == 0)
@@ -961,4 +964,11 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+/// A folded tensor as the merged model holds it once written in `precision` (rounded, then
+/// computed with in fp32): what the reported accuracy is measured on.
+fn written_as(precision: fsmerge_common::precision::Precision) -> impl Fn(&Tensor) -> Tensor {
+    let kind = crate::core::tensor::kind_of(precision);
+    move |t: &Tensor| t.to_kind(kind).to_kind(tch::Kind::Float)
 }

@@ -19,6 +19,10 @@ pub trait PipelineStage {
     fn is_last(&self) -> bool;
     /// The plan units the stage holds.
     fn units(&self) -> Range<usize>;
+    /// What the stage stores its originals and teacher features in (`merge.precision`).
+    fn precision(&self) -> fsmerge_common::precision::Precision {
+        fsmerge_common::precision::Precision::Fp32
+    }
     /// Per-sample shape of the stream entering the stage from the previous one (the teacher's
     /// [n, N, ..] and the merged [B, ..] alike).
     fn stream_dims(&self) -> Vec<i64>;
@@ -44,7 +48,7 @@ pub trait PipelineStage {
     /// reconstruction of the originals' last features, on each input's own slice or on all.
     fn loss(&self, out: &Tensor, idx: &Tensor, data: &StageData, s: &TrainSettings) -> Tensor {
         let feats = &data.feats;
-        let target = feats[feats.len() - 1].index_select(1, idx);
+        let target = crate::core::tensor::f32(&feats[feats.len() - 1].index_select(1, idx));
         let m = crate::dist::pipeline::mask(self.n(), data, idx, s.targets);
         crate::core::loss::reconstruction_loss(out, &target, m.as_ref())
     }
@@ -156,7 +160,7 @@ impl StageData {
     pub fn keep_global_only(&mut self, first: bool, last: bool) -> u64 {
         let mut freed = 0;
         let mut free = |t: &mut Tensor| {
-            freed += 4 * t.numel() as u64;
+            freed += crate::core::tensor::bytes_of(t);
             *t = Tensor::zeros([0], (Kind::Float, t.device()));
         };
         if !first {

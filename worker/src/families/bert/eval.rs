@@ -160,8 +160,9 @@ pub struct Student {
 
 impl Student {
     pub fn of(model1: &BertPart, mask: &Tensor) -> Result<Self> {
+        // Trained in fp32 whatever the originals' precision.
         let tensors = (named(model1, "", None).into_iter())
-            .map(|(n, t)| (n, t.detach().copy()))
+            .map(|(n, t)| (n, crate::core::tensor::f32(&t.detach()).copy()))
             .collect();
         let part = BertPart::from_tensors(model1.cfg.clone(), model1.units.clone(), "", tensors)?;
         Ok(Self {

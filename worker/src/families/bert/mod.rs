@@ -42,6 +42,7 @@ impl Family for BertFamily {
             &j.merge,
             j.seed,
             rows,
+            spec.precision()?,
         )?;
         Ok(Box::new(stage))
     }

@@ -418,6 +418,50 @@ impl BertPart {
 
     /// Move every tensor to `device`.
     pub fn to_device(&mut self, device: tch::Device) {
+        self.map_body(&|t| t.to_device(device));
+        if let Some(c) = &mut self.classifier {
+            for t in [&mut c.w, &mut c.b] {
+                *t = t.to_device(device);
+            }
+        }
+    }
+
+    /// Store the body (all but the classifier, which the read-out folds into in fp32) in
+    /// `kind` (`merge.precision`); `trace` then runs in it.
+    pub fn store_in(&mut self, kind: tch::Kind) {
+        self.map_body(&|t| t.to_kind(kind));
+        self.bytes = self
+            .body()
+            .iter()
+            .map(|t| crate::core::tensor::bytes_of(t))
+            .sum::<u64>()
+            + (self.classifier.iter())
+                .map(|c| crate::core::tensor::bytes_of(&c.w) + crate::core::tensor::bytes_of(&c.b))
+                .sum::<u64>();
+    }
+
+    /// The kind the body is stored in.
+    fn kind(&self) -> tch::Kind {
+        self.body().first().map_or(tch::Kind::Float, |t| t.kind())
+    }
+
+    /// Every tensor but the classifier.
+    fn body(&self) -> Vec<&Tensor> {
+        let mut ts: Vec<&Tensor> = Vec::new();
+        if let Some((tables, ln)) = &self.embeddings {
+            ts.extend(tables.iter());
+            ts.extend([&ln.w, &ln.b]);
+        }
+        for b in &self.blocks {
+            ts.extend(b.named(0, &BERT_BLOCK).into_iter().map(|(_, t)| t));
+        }
+        if let Some(l) = &self.pooler {
+            ts.extend([&l.w, &l.b]);
+        }
+        ts
+    }
+
+    fn map_body(&mut self, f: &dyn Fn(&Tensor) -> Tensor) {
         let mut ts: Vec<&mut Tensor> = Vec::new();
         if let Some((tables, ln)) = &mut self.embeddings {
             ts.extend(tables.iter_mut());
@@ -433,11 +477,11 @@ impl BertPart {
                 ts.extend([&mut n.w, &mut n.b]);
             }
         }
-        for l in self.pooler.iter_mut().chain(self.classifier.iter_mut()) {
+        for l in self.pooler.iter_mut() {
             ts.extend([&mut l.w, &mut l.b]);
         }
         for t in ts {
-            *t = t.to_device(device);
+            *t = f(t);
         }
     }
 
@@ -454,7 +498,7 @@ impl BertPart {
                 out.push(e.shallow_clone());
                 e
             }
-            None => input.shallow_clone(),
+            None => input.to_kind(self.kind()),
         };
         for b in &self.blocks {
             h = b.forward_post_ln(&h, &bias, heads);

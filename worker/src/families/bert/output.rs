@@ -99,5 +99,7 @@ pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn 
             "vocab.txt",
         ],
     };
-    Ok(Box::new(HfClassifierWriter::new(out, job, layout)?))
+    Ok(Box::new(HfClassifierWriter::new(
+        out, job, models_dir, layout,
+    )?))
 }

@@ -15,7 +15,7 @@
 use crate::core::linear::Linear;
 use crate::core::loss::own_mask;
 use crate::core::mu::with_mu_seed;
-use crate::core::tensor::to_host;
+use crate::core::tensor::{f32, to_host};
 use crate::dist::collective::Collective;
 use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart};
@@ -29,6 +29,7 @@ use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
 use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::config::{MergeConfig, Targets};
+use fsmerge_common::precision::Precision;
 use fsmerge_common::Result;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -46,6 +47,7 @@ pub struct BertStage {
     mask: Tensor,
     res_consistency: f64,
     weight_bytes: u64,
+    precision: Precision,
 }
 
 impl BertStage {
@@ -58,10 +60,15 @@ impl BertStage {
         merge: &MergeConfig,
         seed: u64,
         rows: &Tensor,
+        precision: Precision,
     ) -> Result<Self> {
         let parts = dirs
             .iter()
-            .map(|d| BertPart::load(d, units.clone()))
+            .map(|d| {
+                let mut part = BertPart::load(d, units.clone())?;
+                part.store_in(crate::core::tensor::kind_of(precision));
+                Ok(part)
+            })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&BertPart> = parts.iter().collect();
         let sn = with_mu_seed(seed, || {
@@ -81,13 +88,14 @@ impl BertStage {
             classifiers,
             mask: tokens(rows).1,
             res_consistency: merge.res_consistency,
+            precision,
         })
     }
 
     /// The originals' streams after unit k of samples `idx` [n, B, T, d]: the stage input for
     /// the unit before its first, else one of its features.
     fn stream(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
-        data.stream(self.sn.units().start, k).index_select(1, idx)
+        f32(&data.stream(self.sn.units().start, k).index_select(1, idx))
     }
 
     /// The stage's part of the local loss of samples `idx`.
@@ -106,7 +114,7 @@ impl BertStage {
             Tensor::zeros([0], (Kind::Int64, idx.device()))
         };
         let pooled = if self.is_last() {
-            data.feats[data.feats.len() - 1].index_select(1, idx)
+            f32(&data.feats[data.feats.len() - 1].index_select(1, idx))
         } else {
             Tensor::zeros([0], (Kind::Float, idx.device()))
         };
@@ -126,6 +134,9 @@ impl BertStage {
 impl PipelineStage for BertStage {
     fn n(&self) -> usize {
         self.sn.frozen.n
+    }
+    fn precision(&self) -> Precision {
+        self.precision
     }
     fn is_last(&self) -> bool {
         self.sn.has_output()

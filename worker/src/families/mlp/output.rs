@@ -24,6 +24,16 @@ fn data_width(job: &JobConfig) -> usize {
 /// Every original has the same body, the data's input width and a head with one output per
 /// class of its task; `merge.rank` fits the narrowest layer. Shapes come from the headers.
 pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
+    use fsmerge_common::precision::Precision;
+    if let Some(p @ (Precision::Bf16 | Precision::Fp16)) = job.merge.precision {
+        return Err(fsmerge_common::Error::field(
+            "merge.precision",
+            format!(
+                "`{}` is for the transformer families; fsmerge's MLPs are fp32 and merge in fp32",
+                p.torch_dtype()
+            ),
+        ));
+    }
     let mut first: Option<(PathBuf, BTreeMap<String, Vec<usize>>)> = None;
     for task in &job.tasks {
         let config = MlpPart::load(models_dir, &task.name, 0..0, false)?.config;

@@ -42,6 +42,7 @@ impl Family for VitFamily {
             spec.units.clone(),
             &j.merge,
             j.seed,
+            spec.precision()?,
         )?;
         Ok(Box::new(stage))
     }

@@ -214,18 +214,38 @@ impl VitPart {
 
     /// Move every tensor to `device`.
     pub fn to_device(&mut self, device: tch::Device) {
+        self.map_body(&|t| t.to_device(device));
+        if let Some(c) = &mut self.classifier {
+            for t in [&mut c.w, &mut c.b] {
+                *t = t.to_device(device);
+            }
+        }
+    }
+
+    /// Store the body (all but the classifier, which the read-out folds into in fp32) in
+    /// `kind` (`merge.precision`); `trace` then runs in it.
+    pub fn store_in(&mut self, kind: tch::Kind) {
+        self.map_body(&|t| t.to_kind(kind));
+    }
+
+    /// The kind the body is stored in.
+    fn kind(&self) -> tch::Kind {
+        let first = (self.embeddings.as_ref().map(|e| &e[0]))
+            .or(self.blocks.first().map(|b| &b.q.w))
+            .or(self.ln_final.as_ref().map(|n| &n.w));
+        first.map_or(tch::Kind::Float, Tensor::kind)
+    }
+
+    fn map_body(&mut self, f: &dyn Fn(&Tensor) -> Tensor) {
         let mut ts: Vec<&mut Tensor> = self.embeddings.iter_mut().flatten().collect();
         if let Some(n) = &mut self.ln_final {
             ts.extend([&mut n.w, &mut n.b]);
         }
-        if let Some(c) = &mut self.classifier {
-            ts.extend([&mut c.w, &mut c.b]);
-        }
         for t in ts {
-            *t = t.to_device(device);
+            *t = f(t);
         }
         for b in &mut self.blocks {
-            *b = b.map(&|t| t.to_device(device));
+            *b = b.map(f);
         }
     }
 
@@ -246,7 +266,7 @@ impl VitPart {
         if let Some(c) = &self.classifier {
             ts.extend([&c.w, &c.b]);
         }
-        ts.iter().map(|t| 4 * t.numel() as u64).sum()
+        ts.iter().map(|t| crate::core::tensor::bytes_of(t)).sum()
     }
 
     /// The part's units on one model's input: images [B, C, H, W] when it holds the
@@ -254,6 +274,7 @@ impl VitPart {
     /// pooled output ([CLS] after the final LayerNorm) when it holds that LayerNorm.
     pub fn trace(&self, input: &Tensor) -> Vec<Tensor> {
         let heads = self.cfg.num_attention_heads as i64;
+        let input = &input.to_kind(self.kind());
         let mut out = Vec::new();
         let mut h = match &self.embeddings {
             Some([w, b, cls, pos]) => {

@@ -83,5 +83,7 @@ pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn 
         input: "square grey images, normalised as fsmerge's data loader does",
         processor_files: &["preprocessor_config.json"],
     };
-    Ok(Box::new(HfClassifierWriter::new(out, job, layout)?))
+    Ok(Box::new(HfClassifierWriter::new(
+        out, job, models_dir, layout,
+    )?))
 }

@@ -18,7 +18,7 @@ use crate::core::layer_norm::{FrozenLn, LayerNorm, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::loss::{own_mask, reconstruction_loss};
 use crate::core::mu::{with_mu_seed, MuMatrix};
-use crate::core::tensor::{chunked, named_groups, to_host};
+use crate::core::tensor::{chunked, f32, kind_of, named_groups, to_host};
 use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
 use crate::data::preprocess::image::ChannelAffine;
 use crate::dist::collective::Collective;
@@ -37,6 +37,7 @@ use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
 use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::config::{MergeConfig, StepForm, Targets};
 use fsmerge_common::hf::VitConfig;
+use fsmerge_common::precision::Precision;
 use fsmerge_common::Result;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -73,6 +74,7 @@ pub struct VitStage {
     /// model's mean |·| of it on its own task [n]); filled by `prepare`.
     inner: Vec<(usize, Tensor, Tensor)>,
     weight_bytes: u64,
+    precision: Precision,
 }
 
 impl VitStage {
@@ -86,6 +88,7 @@ impl VitStage {
         units: Range<usize>,
         merge: &MergeConfig,
         seed: u64,
+        precision: Precision,
     ) -> Result<Self> {
         let parts = (dirs.iter().zip(adapters))
             .map(|(d, adapter)| {
@@ -93,6 +96,7 @@ impl VitStage {
                 if let Some(a) = adapter {
                     part.read_pixels_as(a, d)?;
                 }
+                part.store_in(kind_of(precision));
                 Ok(part)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -165,6 +169,7 @@ impl VitStage {
             inner: Vec::new(),
             out,
             res_consistency: merge.res_consistency,
+            precision,
         })
     }
 
@@ -215,7 +220,7 @@ impl VitStage {
 
     /// `stream` of samples `idx`.
     fn boundary(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
-        self.stream(data, k).index_select(1, idx)
+        f32(&self.stream(data, k).index_select(1, idx))
     }
 
     /// The stage's part of the local loss of samples `idx`, term by term to `emit`: each of
@@ -247,7 +252,7 @@ impl VitStage {
             let pooled = &data.feats[data.feats.len() - 1];
             emit(reconstruction_loss(
                 &pred,
-                &pooled.index_select(1, idx),
+                &f32(&pooled.index_select(1, idx)),
                 mask.as_ref(),
             ))?;
         }
@@ -277,6 +282,9 @@ impl PipelineStage for VitStage {
     }
     fn units(&self) -> Range<usize> {
         self.units.clone()
+    }
+    fn precision(&self) -> Precision {
+        self.precision
     }
     fn stream_dims(&self) -> Vec<i64> {
         let tokens = (self.cfg.image_size / self.cfg.patch_size).pow(2) + 1;

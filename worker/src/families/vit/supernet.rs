@@ -23,6 +23,7 @@ use crate::core::layer_norm::{FrozenLn, MergedLn};
 use crate::core::linear::Linear;
 use crate::core::merged_linear::{fold_layer, folded_linear, FrozenLayer};
 use crate::core::mu::{MuMatrix, Role};
+use crate::core::tensor::f32;
 use crate::core::transformer::{check_mergeable, MuDraw};
 use crate::families::vit::model::{embed_tokens, Vit};
 use fsmerge_common::config::{Init, MuType, StepForm};
@@ -91,8 +92,8 @@ impl FrozenEmbed {
                     .patch
                     .branches(&Self::patches(pixels, p))
                     .view([n, b, -1, d]);
-                let cls = self.cls.unsqueeze(1).expand([n, b, 1, d], false);
-                let e = Tensor::cat(&[cls, e], 2) + self.pos.unsqueeze(1);
+                let cls = f32(&self.cls).unsqueeze(1).expand([n, b, 1, d], false);
+                let e = Tensor::cat(&[cls, e], 2) + f32(&self.pos).unsqueeze(1);
                 let t = e.size()[2];
                 m_pre.merge(&e.view([n, b * t, d])).view([b, t, d])
             }
