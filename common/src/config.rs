@@ -633,8 +633,9 @@ pub struct MergeConfig {
     #[serde(default = "default_inner_weight")]
     pub res_consistency: f64,
     /// Where each stage keeps its teacher features: `memory`, `disk` (a memory-mapped file in
-    /// the work directory, read batch by batch), or `auto` (memory unless the stage would not
-    /// fit `cluster.memory_gb` with them there).
+    /// the work directory, read batch by batch), `recompute` (only the stage's input stream is
+    /// kept; every batch's features are recomputed by the frozen originals), or `auto` (memory
+    /// unless the stage would not fit `cluster.memory_gb` with them there).
     #[serde(default)]
     pub features: Features,
     /// The precision the frozen originals and their features are stored and run in, and the
@@ -652,6 +653,7 @@ pub enum Features {
     Auto,
     Memory,
     Disk,
+    Recompute,
 }
 
 fn default_inner_weight() -> f64 {

@@ -64,6 +64,9 @@ pub enum FeaturesAt {
     /// In a safetensors file of the work directory, memory-mapped: the kernel pages in the
     /// rows a batch reads and may drop them again, so RAM holds no whole `[n, N, ..]` stream.
     Disk,
+    /// Not kept: only the stage's input stream is (stage 0: the merge rows), and each batch's
+    /// features are recomputed from it by the frozen originals (one teacher forward per step).
+    Recompute,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,14 +141,15 @@ impl Plan {
                 .map(|u| u.name.as_str())
                 .collect();
             s.push_str(&format!(
-                "\n  stage {}: {} ({:.2} MFLOP/sample, {:.2} MB frozen, teacher features in {})",
+                "\n  stage {}: {} ({:.2} MFLOP/sample, {:.2} MB frozen in fp32, teacher features {})",
                 st.index,
                 names.join(", "),
                 st.flops as f64 / 1e6,
                 st.bytes as f64 / 1e6,
                 match st.features {
-                    FeaturesAt::Memory => "memory",
-                    FeaturesAt::Disk => "a memory-mapped file",
+                    FeaturesAt::Memory => "in memory",
+                    FeaturesAt::Disk => "in a memory-mapped file",
+                    FeaturesAt::Recompute => "recomputed each batch from the stage input",
                 }
             ));
         }

@@ -308,6 +308,31 @@ fn distributed_bert_merge_equals_the_single_process_merge() {
         "one log row per step and phase"
     );
 
+    // Features recomputed each batch (2 stages; RegMean reads them materialized): the same
+    // merge within float tolerance, nothing but each stage's input cached.
+    let mut sets: Vec<&str> = small.to_vec();
+    sets.extend([
+        models.as_str(),
+        "cluster.stages=2",
+        "merge.features=\"recompute\"",
+        "baselines.methods=[\"regmean\"]",
+    ]);
+    let o = merge(&dir.join("recompute"), &sets);
+    assert!(o.status.success(), "recompute failed: {}", stderr(&o));
+    let diff = max_rel_diff(&merged("recompute"), &merged("single"));
+    println!("recompute: folded weights differ by {diff:.2e} (relative)");
+    assert!(diff <= 1e-4, "recompute: folded weights differ by {diff:e}");
+    let fs = |m: &Metrics| scores(m).into_iter().find(|r| r.0 == "fs-merge");
+    assert_eq!(fs(&metrics("recompute")), fs(&reference));
+    assert!(scores(&metrics("recompute"))
+        .iter()
+        .any(|r| r.0 == "regmean"));
+    let cached = fsmerge_common::checkpoint::tensor_names(
+        &dir.join("recompute.work/features/stage1.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(cached, ["input", "task"], "only the stage input is kept");
+
     // Worker processes, started apart from the coordinator.
     let mut sets: Vec<String> = [
         "data.max_tokens=32",

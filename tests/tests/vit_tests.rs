@@ -339,9 +339,10 @@ fn dtypes(file: &Path) -> std::collections::BTreeSet<String> {
 
 /// `merge.precision`: bf16 originals and features (2 stages, features on disk) and fp16
 /// checkpoints (their `torch_dtype` the default) merge within tolerance of fp32, and the merged
-/// model is written in that precision, loadable by `transformers`.
+/// model is written in that precision, loadable by `transformers`; `merge.features =
+/// "recompute"` (bf16, 2 stages) within tolerance of the stored features.
 #[test]
-fn half_precision_merges_stay_within_tolerance_of_fp32() {
+fn half_precision_and_recomputed_features_stay_within_tolerance() {
     use fsmerge_common::hf_writer::ShardedWriter;
     use fsmerge_common::precision::Precision;
     let dir = tempfile::tempdir().unwrap();
@@ -395,6 +396,21 @@ fn half_precision_merges_stay_within_tolerance_of_fp32() {
     );
     let cfg: serde_json::Value = read_json(&dir.join("bf16/merged/config.json")).unwrap();
     assert_eq!(cfg["torch_dtype"], "bfloat16");
+
+    // The same with every batch's features recomputed by the originals instead of stored.
+    let recomputed = run(
+        "bf16-recompute",
+        &models,
+        &[
+            "merge.precision=\"bf16\"",
+            "cluster.stages=2",
+            "merge.features=\"recompute\"",
+        ],
+    );
+    let diff = max_rel_diff(&merged("bf16-recompute"), &merged("bf16"));
+    println!("bf16, recomputed features: folded weights differ by {diff:.2e} from stored ones");
+    assert!(diff <= 1e-3, "{diff:e}");
+    assert!((acc(&recomputed) - acc(&bf16)).abs() <= 0.005);
 
     // The originals as fp16 checkpoints: their torch_dtype is the job's precision.
     let models16 = dir.join("models16");

@@ -66,6 +66,7 @@ pub fn run(args: &JobArgs) -> Result<()> {
             match s.features_at {
                 FeaturesAt::Memory => "in memory",
                 FeaturesAt::Disk => "on disk, memory-mapped",
+                FeaturesAt::Recompute => "recomputed each batch; the input stream in memory",
             },
             s.peak_mib
         );

@@ -55,6 +55,8 @@ fn stage_estimate(
     let resident = match at {
         FeaturesAt::Memory => features,
         FeaturesAt::Disk => 0.0,
+        // The input stream alone.
+        FeaturesAt::Recompute => features / boundaries,
     };
     StageMemory {
         index: s.index,
@@ -91,6 +93,7 @@ pub fn plan(
     let leanest = match cfg.merge.features {
         Features::Memory => FeaturesAt::Memory,
         Features::Auto | Features::Disk => FeaturesAt::Disk,
+        Features::Recompute => FeaturesAt::Recompute,
     };
     let fits = |r: Range<usize>| {
         let s = StagePlan {
@@ -126,6 +129,7 @@ fn place_features(cfg: &JobConfig, plan: &mut Plan, precision: Precision) {
         s.features = match cfg.merge.features {
             Features::Memory => FeaturesAt::Memory,
             Features::Disk => FeaturesAt::Disk,
+            Features::Recompute => FeaturesAt::Recompute,
             Features::Auto => {
                 let in_memory = stage_estimate(cfg, s, FeaturesAt::Memory, precision);
                 match budget_mib {
@@ -168,13 +172,14 @@ pub fn check_fits(cfg: &JobConfig, plan: &Plan, precision: Precision) -> Result<
                 match s.features_at {
                     FeaturesAt::Memory => "",
                     FeaturesAt::Disk => " on disk, not counted",
+                    FeaturesAt::Recompute => " recomputed, only the input stream counted",
                 },
                 gb(PROCESS_BASELINE_MIB),
                 100.0 * WORKING_SHARE,
                 gb(s.peak_mib) - budget_gb,
                 match s.features_at {
                     FeaturesAt::Memory => ", fewer merge inputs or `merge.features = \"disk\"`",
-                    FeaturesAt::Disk => "",
+                    FeaturesAt::Disk | FeaturesAt::Recompute => "",
                 }
             );
         }

@@ -237,6 +237,21 @@ impl FrozenBlock {
         }
     }
 
+    /// Model i's block, views of the stacked tensors (no copy): what a stage that recomputes
+    /// its teacher features runs once the originals' own copies are gone.
+    pub fn model(&self, i: usize, eps: f64) -> EncoderBlock {
+        EncoderBlock {
+            q: self.q.model(i),
+            k: self.k.model(i),
+            v: self.v.model(i),
+            out: self.o.model(i),
+            ln_attn: self.ln_attn.model(i, eps),
+            fc1: self.fc1.model(i),
+            fc2: self.fc2.model(i),
+            ln_mlp: self.ln_mlp.model(i, eps),
+        }
+    }
+
     pub fn move_to(&mut self, device: Device) {
         for l in [
             &mut self.q,

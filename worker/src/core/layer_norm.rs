@@ -36,6 +36,14 @@ impl FrozenLn {
         self.w = self.w.to_device(device);
         self.b = self.b.to_device(device);
     }
+    /// Model i's LayerNorm, a view of the stacked tensors (no copy).
+    pub(crate) fn model(&self, i: usize, eps: f64) -> LayerNorm {
+        LayerNorm {
+            w: self.w.get(i as i64),
+            b: self.b.get(i as i64),
+            eps,
+        }
+    }
     pub(crate) fn stack(lns: &[&LayerNorm]) -> Self {
         Self {
             w: Tensor::stack(&lns.iter().map(|l| l.w.detach()).collect::<Vec<_>>(), 0),

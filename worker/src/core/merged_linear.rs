@@ -25,6 +25,13 @@ impl FrozenLayer {
             b: Tensor::stack(&b, 0),
         }
     }
+    /// Model i's layer, a view of the stacked tensors (no copy).
+    pub fn model(&self, i: usize) -> Linear {
+        Linear {
+            w: self.wt.get(i as i64).tr(),
+            b: self.b.get(i as i64),
+        }
+    }
     pub fn out_dim(&self) -> usize {
         self.wt.size()[2] as usize
     }

@@ -47,7 +47,7 @@ impl PipelineStage for KdStage<'_> {
     fn stream_dims(&self) -> Vec<i64> {
         self.stage.stream_dims()
     }
-    fn teacher(&self, _input: &Tensor, _first_row: i64) -> Vec<Tensor> {
+    fn teacher(&self, _input: &Tensor, _rows: &Tensor) -> Vec<Tensor> {
         Vec::new()
     }
     fn global_params(&self) -> Vec<Tensor> {

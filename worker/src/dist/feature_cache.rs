@@ -95,6 +95,8 @@ pub fn create_mapped(
             .collect::<Result<_>>()?,
         task: task.to_kind(Kind::Int64),
         backing: None,
+        recompute: false,
+        local: None,
     };
     Ok((data, file))
 }
@@ -122,6 +124,8 @@ pub fn load(
             feats,
             task,
             backing: Some(Arc::new(file)),
+            recompute: false,
+            local: None,
         }
     } else {
         let mut data = read(path, layers)?;
@@ -153,12 +157,7 @@ fn read(path: &Path, layers: usize) -> Result<StageData> {
     let feats: Vec<Tensor> = (0..layers)
         .map(|j| take(&format!("feat{j}")).map(|h| to_tch(&h)))
         .collect::<Result<_>>()?;
-    Ok(StageData {
-        input,
-        feats,
-        task,
-        backing: None,
-    })
+    Ok(StageData::new(input, feats, task))
 }
 
 /// Check cached features against the stage (see `load`).

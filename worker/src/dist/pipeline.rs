@@ -15,7 +15,7 @@ use crate::core::tensor::CHUNK;
 use crate::core::tensor::{flatten_all, unflatten_like};
 use crate::dist::collective::Collective;
 use crate::dist::feature_cache;
-use crate::dist::stage::{PipelineStage, StageData};
+use crate::dist::stage::{batch_view, PipelineStage, StageData};
 use crate::train::optim::gradients;
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::TrainSettings;
@@ -101,8 +101,10 @@ pub struct Collectives<'a> {
     pub replicas: &'a mut dyn Collective,
 }
 
-/// The terms of a stage's local loss of samples `idx`, handed to `emit` one at a time.
-pub type LocalTerms<'a> = dyn Fn(&Tensor, &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> + 'a;
+/// The terms of a stage's local loss of samples `idx`, read from `data` (the stage's, or a
+/// batch view of recomputed features), handed to `emit` one at a time.
+pub type LocalTerms<'a> =
+    dyn Fn(&StageData, &Tensor, &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> + 'a;
 
 /// A transformer stage's local phase: its units' problems (and the output's on the last
 /// stage) in one run seeded like the single-process one; `terms(idx, emit)` emits the stage's
@@ -111,12 +113,12 @@ pub type LocalTerms<'a> = dyn Fn(&Tensor, &mut dyn FnMut(Tensor) -> Result<()>) 
 /// Each step sums the gradients over the replicas, then the `shared` ones (M_res/U_res, held
 /// by every stage) and the loss over the stages: every copy of the shared parameters gets the
 /// single-process gradient, and every stage logs the total loss.
-pub fn train_local_shared(
+pub fn train_local_shared<S: PipelineStage + ?Sized>(
+    stage: &S,
     data: &StageData,
     s: &TrainSettings,
     groups: Collectives,
-    own: &[Tensor],
-    shared: &[Tensor],
+    (own, shared): (&[Tensor], &[Tensor]),
     progress: &dyn Progress,
     terms: &LocalTerms,
 ) -> Result<Vec<LogRow>> {
@@ -133,7 +135,8 @@ pub fn train_local_shared(
             let mut value = 0.0;
             if !part.is_empty() {
                 let idx = index(part, device);
-                terms(&idx, &mut |term| {
+                let view = batch_view(stage, data, &idx);
+                terms(view.as_ref().unwrap_or(data), &idx, &mut |term| {
                     let term = scaled(term, part.len(), batch.len());
                     value += term.double_value(&[]);
                     // A stage of embeddings alone may have no local problem of its own: it
@@ -285,8 +288,15 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
                 scaled(loss, mb.len(), batch)
             }
         };
+        // The last stage's targets, recomputed when the stage does not keep them.
+        let view = if self.last {
+            batch_view(self.stage, self.data, &idx)
+        } else {
+            None
+        };
+        let data = view.as_ref().unwrap_or(self.data);
         let (input, acc_in) = if self.first {
-            (self.data.input.index_select(0, &idx), 0.0)
+            (data.pick(&data.input, 0, &idx), 0.0)
         } else {
             let numel = mb.len() as i64 * self.dims.iter().product::<i64>();
             let mut t = Tensor::zeros([numel + 1], f32_on);
@@ -302,11 +312,11 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
                 t.double_value(&[numel]),
             )
         };
-        let (out, own) = self.stage.forward(&input, &idx, self.data, self.s);
+        let (out, own) = self.stage.forward(&input, &idx, data, self.s);
         let own = own.map(weight);
         let acc = acc_in + own.as_ref().map_or(0.0, |o| o.double_value(&[]));
         if self.last {
-            let recon = weight(self.stage.loss(&out, &idx, self.data, self.s));
+            let recon = weight(self.stage.loss(&out, &idx, data, self.s));
             let value = recon.double_value(&[]) + acc;
             let loss = match own {
                 Some(o) => recon + o,
@@ -425,6 +435,9 @@ pub enum FeatureSink<'a> {
         path: &'a Path,
         scratch: bool,
     },
+    /// Nowhere: the stage keeps its input alone and recomputes a batch's features when it
+    /// needs them (`stage::batch_view`).
+    Recompute,
 }
 
 /// Move teacher features down the pipeline: stage 0 starts from the merge inputs, every later
@@ -454,6 +467,7 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
     let len = task.size()[0];
     let row_dim = usize::from(x.is_none());
     let stored = crate::core::tensor::kind_of(stage.precision());
+    let rows_of = |s: i64, l: i64| Tensor::arange_start(s, s + l, (Kind::Int64, device));
     let input_shape: Vec<i64> = match &x {
         Some(x) => x.size(),
         None => [n, len]
@@ -472,32 +486,30 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
     let stream_floats = |dims: &[i64]| dims.iter().product::<i64>().max(1);
     let wire = |floats: i64| chunks_of(len, WIRE_BYTES / (4 * floats));
     let in_wire = wire(stream_floats(&stage.stream_dims()));
-    let disk = match sink {
-        FeatureSink::Disk { path, scratch } if len > 0 => Some((path, scratch)),
-        _ => None,
-    };
-    let Some((path, scratch)) = disk else {
-        let input = match x {
-            Some(x) => x,
+    let receive = |pipe: &mut dyn Collective, x: Option<Tensor>| -> Result<Tensor> {
+        match x {
+            Some(x) => Ok(x),
             None => {
                 let input = Tensor::zeros(input_shape.as_slice(), (stored, device));
                 recv_rows(pipe, &input, &in_wire, n)?;
-                input
-            }
-        };
-        let feats = tch::no_grad(|| stage.teacher(&input, 0));
-        if send_on {
-            let last = &feats[feats.len() - 1];
-            for &(s, l) in &wire(stream_floats(&last.size()[2..])) {
-                send_rows(pipe, &last.narrow(1, s, l), n)?;
+                Ok(input)
             }
         }
-        return Ok(StageData {
-            input,
-            feats,
-            task,
-            backing: None,
-        });
+    };
+    let disk = match sink {
+        FeatureSink::Disk { path, scratch } if len > 0 => Some((path, scratch)),
+        FeatureSink::Memory | FeatureSink::Disk { .. } => {
+            let input = receive(pipe, x)?;
+            let feats = tch::no_grad(|| stage.teacher(&input, &rows_of(0, len)));
+            if send_on {
+                let last = &feats[feats.len() - 1];
+                for &(s, l) in &wire(stream_floats(&last.size()[2..])) {
+                    send_rows(pipe, &last.narrow(1, s, l), n)?;
+                }
+            }
+            return Ok(StageData::new(input, feats, task));
+        }
+        FeatureSink::Recompute => None,
     };
     // The features' shapes, from one row through the stage.
     let probe = match &x {
@@ -508,7 +520,7 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
             Tensor::zeros(one_row.as_slice(), (stored, device))
         }
     };
-    let shapes: Vec<Vec<i64>> = tch::no_grad(|| stage.teacher(&probe, 0))
+    let shapes: Vec<Vec<i64>> = tch::no_grad(|| stage.teacher(&probe, &rows_of(0, 1)))
         .iter()
         .map(|f| {
             let mut s = f.size();
@@ -516,46 +528,71 @@ pub fn flow_features<S: PipelineStage + ?Sized>(
             s
         })
         .collect();
-    // Stage 0's input (the merge rows: pixels, token ids) stays fp32.
-    let input_precision = match x {
-        Some(_) => Precision::Fp32,
-        None => stage.precision(),
+    let (mut data, mut file) = match disk {
+        Some((path, scratch)) => {
+            // Stage 0's input (the merge rows: pixels, token ids) stays fp32.
+            let input_precision = match x {
+                Some(_) => Precision::Fp32,
+                None => stage.precision(),
+            };
+            let (mut data, file) = feature_cache::create_mapped(
+                path,
+                (&input_shape, input_precision),
+                &shapes,
+                stage.precision(),
+                &task.to_device(Device::Cpu),
+                scratch,
+            )?;
+            data.task = task;
+            match &x {
+                Some(x) => tch::no_grad(|| data.input.copy_(x)),
+                None => recv_rows(pipe, &data.input, &in_wire, n)?,
+            }
+            (data, Some(file))
+        }
+        None => {
+            let mut data = StageData::new(receive(pipe, x)?, Vec::new(), task);
+            data.recompute = true;
+            (data, None)
+        }
     };
-    let (mut data, mut file) = feature_cache::create_mapped(
-        path,
-        (&input_shape, input_precision),
-        &shapes,
-        stage.precision(),
-        &task.to_device(Device::Cpu),
-        scratch,
-    )?;
-    data.task = task;
-    match &x {
-        Some(x) => tch::no_grad(|| data.input.copy_(x)),
-        None => recv_rows(pipe, &data.input, &in_wire, n)?,
-    }
     // The teacher runs on chunks whose features (every model's, at every boundary) stay
-    // under `COMPUTE_BYTES`: the file takes them chunk by chunk.
+    // under `COMPUTE_BYTES`: the file takes them chunk by chunk, and the last features go
+    // on in the wire's chunks as those complete.
     let row_floats: i64 = shapes.iter().map(|f| f[0] * stream_floats(&f[2..])).sum();
-    let last = data.feats.len() - 1;
-    let out_wire = wire(stream_floats(&shapes[last][2..]));
+    let out_wire = wire(stream_floats(&shapes[shapes.len() - 1][2..]));
     let mut sent = 0;
+    // The last features computed but not yet sent: (first row, [n, rows, ..]).
+    let mut pending: Option<(i64, Tensor)> = None;
     for (s, l) in chunks_of(len, COMPUTE_BYTES / (4 * row_floats.max(1))) {
         let rows = data.input.narrow(row_dim as i64, s, l).to_device(device);
-        let feats = tch::no_grad(|| stage.teacher(&rows, s));
+        let feats = tch::no_grad(|| stage.teacher(&rows, &rows_of(s, l)));
         for (to, f) in data.feats.iter().zip(&feats) {
             let mut rows = to.narrow(1, s, l);
             tch::no_grad(|| rows.copy_(f));
         }
-        // Send on every wire chunk now complete.
-        while send_on && sent < out_wire.len() && out_wire[sent].0 + out_wire[sent].1 <= s + l {
+        if !send_on {
+            continue;
+        }
+        let last = &feats[feats.len() - 1];
+        let (first, buf) = match pending.take() {
+            Some((p, b)) => (p, Tensor::cat(&[b, last.shallow_clone()], 1)),
+            None => (s, last.shallow_clone()),
+        };
+        while sent < out_wire.len() && out_wire[sent].0 + out_wire[sent].1 <= s + l {
             let (ws, wl) = out_wire[sent];
-            send_rows(pipe, &data.feats[last].narrow(1, ws, wl), n)?;
+            send_rows(pipe, &buf.narrow(1, ws - first, wl), n)?;
             sent += 1;
         }
+        let done = out_wire.get(sent).map_or(s + l, |w| w.0);
+        if done < s + l {
+            pending = Some((done, buf.narrow(1, done - first, s + l - done)));
+        }
     }
-    file.commit()?;
-    data.backing = Some(std::sync::Arc::new(file));
+    if let Some(mut file) = file.take() {
+        file.commit()?;
+        data.backing = Some(std::sync::Arc::new(file));
+    }
     Ok(data)
 }
 

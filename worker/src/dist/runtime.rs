@@ -15,7 +15,7 @@ use crate::dist::distill::{distill, kd_tensors};
 use crate::dist::evaluate::{evaluate, first_or_average, EvalPart, EvalRows, SplitLogits};
 use crate::dist::pipeline::Collectives;
 use crate::dist::pipeline::FeatureSink;
-use crate::dist::stage::{StageData, WorkerStage};
+use crate::dist::stage::{materialized, StageData, WorkerStage};
 use crate::dist::{feature_cache, pipeline};
 use crate::family::{family, StageSpec};
 use crate::train::progress::{LogRow, Progress};
@@ -395,17 +395,30 @@ impl Ctx<'_> {
         let clock = Instant::now();
         let mut data = self.features(stage.as_ref(), rows, pipe.as_mut(), (device, at), &work)?;
         let features_seconds = clock.elapsed().as_secs_f64();
+        // What reads every row's features before training: RegMean, KD, the inner-feature
+        // targets; recomputed features are materialized for them, then dropped.
+        let b = &self.job.baselines.methods;
+        let whole = b.contains(&Baseline::Regmean)
+            || b.contains(&Baseline::Kd)
+            || !self.job.merge.inner_layers.is_empty();
+        let full = if whole {
+            materialized(stage.as_ref(), &data)
+        } else {
+            None
+        };
+        let all = full.as_ref().unwrap_or(&data);
         if let Some(eval) = &eval {
-            self.evaluate_regmean(stage.as_ref(), &data, eval, pipe.as_mut())?;
+            self.evaluate_regmean(stage.as_ref(), all, eval, pipe.as_mut())?;
         }
         self.evaluate_kd(
             stage.as_ref(),
-            &data,
+            all,
             [pipe.as_mut(), reps.as_mut()],
             eval.as_ref(),
             stages,
         )?;
-        stage.prepare(&data)?;
+        stage.prepare(all)?;
+        drop(full);
         let timings = Timings {
             load_seconds,
             features_seconds,
@@ -641,22 +654,26 @@ impl Ctx<'_> {
         let stage_i = a.stage as usize;
         let cache = work.features(stage_i);
         let on_disk = at == FeaturesAt::Disk;
+        let recompute = at == FeaturesAt::Recompute;
         let data = if a.features_cached {
             let stream = (stage_i > 0).then(|| stage.stream_dims());
-            let (layers, n) = (stage.feature_count(), stage.n());
+            // Recomputed features: the cache holds the stage input alone.
+            let layers = if recompute { 0 } else { stage.feature_count() };
             let at = (stream.as_deref(), stage.precision());
-            feature_cache::load(&cache, layers, n, at, on_disk)?
+            let mut data = feature_cache::load(&cache, layers, stage.n(), at, on_disk)?;
+            data.recompute = recompute;
+            data
         } else {
             let start = rows
                 .filter(|_| stage_i == 0)
                 .map(|(x, task)| (x.to_device(device), task.to_device(device)));
-            let sink = if on_disk {
-                FeatureSink::Disk {
+            let sink = match at {
+                FeaturesAt::Disk => FeatureSink::Disk {
                     path: &cache,
                     scratch: a.replica != 0,
-                }
-            } else {
-                FeatureSink::Memory
+                },
+                FeaturesAt::Memory => FeatureSink::Memory,
+                FeaturesAt::Recompute => FeatureSink::Recompute,
             };
             let d = pipeline::flow_features(stage, pipe, start, sink)?;
             if a.replica == 0 && !on_disk {

@@ -28,9 +28,10 @@ pub trait PipelineStage {
     fn stream_dims(&self) -> Vec<i64>;
     /// The originals' features after each of the stage's units (and, on the last stage, what
     /// the loss reconstructs, last) from the stage input: the merge inputs x [N, D] on stage 0,
-    /// else the previous stage's last features [n, N, ..]; `input` may be the merge rows
-    /// `first_row..` only (the teacher runs in chunks of rows when features go to disk).
-    fn teacher(&self, input: &Tensor, first_row: i64) -> Vec<Tensor>;
+    /// else the previous stage's last features [n, N, ..]; `input` may hold some of the merge
+    /// rows only, those of indices `rows` (i64; the teacher runs in chunks of rows when features
+    /// go to disk, and on a batch's rows when they are recomputed).
+    fn teacher(&self, input: &Tensor, rows: &Tensor) -> Vec<Tensor>;
     /// Parameters the stage trains in the global phase.
     fn global_params(&self) -> Vec<Tensor>;
     /// The stage's part of the global SuperNet on the merged stream of samples `idx` (their x
@@ -48,7 +49,7 @@ pub trait PipelineStage {
     /// reconstruction of the originals' last features, on each input's own slice or on all.
     fn loss(&self, out: &Tensor, idx: &Tensor, data: &StageData, s: &TrainSettings) -> Tensor {
         let feats = &data.feats;
-        let target = crate::core::tensor::f32(&feats[feats.len() - 1].index_select(1, idx));
+        let target = crate::core::tensor::f32(&data.pick(&feats[feats.len() - 1], 1, idx));
         let m = crate::dist::pipeline::mask(self.n(), data, idx, s.targets);
         crate::core::loss::reconstruction_loss(out, &target, m.as_ref())
     }
@@ -126,11 +127,37 @@ pub struct StageData {
     /// The mapped file `input` and `feats` live in when the stage keeps its features on disk
     /// (`FeaturesAt::Disk`): the tensors borrow its memory, so it lives as long as they do.
     pub backing: Option<std::sync::Arc<fsmerge_common::mapped::MappedTensors>>,
+    /// `FeaturesAt::Recompute`: `feats` are not kept; `batch_view` computes a batch's.
+    pub recompute: bool,
+    /// A batch view's map from each merge row to its row of `input` and `feats` (-1 for rows
+    /// outside the batch) [N]; None when they hold every row.
+    pub local: Option<Tensor>,
 }
 
 impl StageData {
+    /// Features and input of every row, as they come from the teacher.
+    pub fn new(input: Tensor, feats: Vec<Tensor>, task: Tensor) -> Self {
+        Self {
+            input,
+            feats,
+            task,
+            backing: None,
+            recompute: false,
+            local: None,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.task.size()[0] as usize
+    }
+
+    /// Merge rows `idx` of `t` — the stage input or one of the features — along `dim`
+    /// (the row dimension), whether this holds every row or a batch view.
+    pub fn pick(&self, t: &Tensor, dim: i64, idx: &Tensor) -> Tensor {
+        match &self.local {
+            Some(local) => t.index_select(dim, &local.index_select(0, idx)),
+            None => t.index_select(dim, idx),
+        }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -151,6 +178,8 @@ impl StageData {
             feats: self.feats.iter().map(|f| f.to_device(device)).collect(),
             task: self.task.to_device(device),
             backing: self.backing.clone(),
+            recompute: self.recompute,
+            local: self.local.as_ref().map(|l| l.to_device(device)),
         }
     }
 
@@ -163,7 +192,8 @@ impl StageData {
             freed += crate::core::tensor::bytes_of(t);
             *t = Tensor::zeros([0], (Kind::Float, t.device()));
         };
-        if !first {
+        // Recomputed features start from the input: the last stage's targets need it.
+        if !(first || self.recompute && last) {
             free(&mut self.input);
         }
         let keep = if last {
@@ -176,6 +206,43 @@ impl StageData {
         }
         freed
     }
+}
+
+/// With recomputed features (`StageData::recompute`): the features of merge rows `idx`,
+/// computed now by the stage's frozen originals from its input, as a batch view (`pick` reads
+/// it by merge row). None when the features are kept: read them from `data` itself.
+pub fn batch_view<S: PipelineStage + ?Sized>(
+    stage: &S,
+    data: &StageData,
+    idx: &Tensor,
+) -> Option<StageData> {
+    if !data.recompute {
+        return None;
+    }
+    let row_dim = i64::from(stage.units().start != 0);
+    let input = data.input.index_select(row_dim, idx);
+    let feats = tch::no_grad(|| stage.teacher(&input, idx));
+    let rows = data.task.size()[0];
+    let batch = idx.size()[0];
+    let on = (Kind::Int64, idx.device());
+    let local = Tensor::full([rows], -1, on).index_copy(0, idx, &Tensor::arange(batch, on));
+    Some(StageData {
+        local: Some(local),
+        ..StageData::new(input, feats, data.task.shallow_clone())
+    })
+}
+
+/// Every row's features in memory, computed from the input of recomputed `data` (RegMean, KD
+/// and inner-feature targets read whole streams before training); None when `data` keeps
+/// them: read `data` itself.
+pub fn materialized<S: PipelineStage + ?Sized>(stage: &S, data: &StageData) -> Option<StageData> {
+    if !data.recompute {
+        return None;
+    }
+    let every = Tensor::arange(data.len() as i64, (Kind::Int64, data.task.device()));
+    let feats = tch::no_grad(|| stage.teacher(&data.input, &every));
+    let input = data.input.shallow_clone();
+    Some(StageData::new(input, feats, data.task.shallow_clone()))
 }
 
 /// Each task's classifier from the last stage's parts (the originals' folders `dirs`, in task

@@ -28,7 +28,7 @@ use crate::families::bert::supernet::BertSuperNet;
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
 use fsmerge_common::checkpoint::HostTensor;
-use fsmerge_common::config::{MergeConfig, Targets};
+use fsmerge_common::config::{Features, MergeConfig, Targets};
 use fsmerge_common::precision::Precision;
 use fsmerge_common::Result;
 use std::collections::BTreeMap;
@@ -48,6 +48,8 @@ pub struct BertStage {
     res_consistency: f64,
     weight_bytes: u64,
     precision: Precision,
+    /// `merge.features = "recompute"`: the teacher runs every step, so it outlives `prepare`.
+    recompute: bool,
 }
 
 impl BertStage {
@@ -89,13 +91,14 @@ impl BertStage {
             mask: tokens(rows).1,
             res_consistency: merge.res_consistency,
             precision,
+            recompute: merge.features == Features::Recompute,
         })
     }
 
     /// The originals' streams after unit k of samples `idx` [n, B, T, d]: the stage input for
     /// the unit before its first, else one of its features.
     fn stream(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
-        f32(&data.stream(self.sn.units().start, k).index_select(1, idx))
+        f32(&data.pick(data.stream(self.sn.units().start, k), 1, idx))
     }
 
     /// The stage's part of the local loss of samples `idx`.
@@ -109,12 +112,12 @@ impl BertStage {
         let own = (s.targets == Targets::Own)
             .then(|| own_mask(&data.task.index_select(0, idx), self.n()));
         let ids = if self.sn.has_embeddings() {
-            tokens(&data.input.index_select(0, idx)).0
+            tokens(&data.pick(&data.input, 0, idx)).0
         } else {
             Tensor::zeros([0], (Kind::Int64, idx.device()))
         };
         let pooled = if self.is_last() {
-            f32(&data.feats[data.feats.len() - 1].index_select(1, idx))
+            f32(&data.pick(&data.feats[data.feats.len() - 1], 1, idx))
         } else {
             Tensor::zeros([0], (Kind::Float, idx.device()))
         };
@@ -148,12 +151,12 @@ impl PipelineStage for BertStage {
         vec![self.mask.size()[1], self.sn.frozen.cfg.hidden_size as i64]
     }
 
-    fn teacher(&self, input: &Tensor, first_row: i64) -> Vec<Tensor> {
+    fn teacher(&self, input: &Tensor, rows: &Tensor) -> Vec<Tensor> {
         let first = self.sn.has_embeddings();
-        let rows = input.size()[if first { 0 } else { 1 }];
+        let count = input.size()[if first { 0 } else { 1 }];
         tch::no_grad(|| {
-            stacked_traces(self.n(), rows, &|i, start, len| {
-                let mask = self.mask.narrow(0, first_row + start, len);
+            stacked_traces(self.n(), count, &|i, start, len| {
+                let mask = self.mask.index_select(0, &rows.narrow(0, start, len));
                 let x = if first {
                     tokens(&input.narrow(0, start, len)).0
                 } else {
@@ -210,7 +213,14 @@ impl WorkerStage for BertStage {
     /// The SuperNet's frozen blocks, stacked from the originals, which go.
     fn prepare(&mut self, _data: &StageData) -> Result<()> {
         self.sn.stack_blocks(&mut self.originals)?;
-        self.originals.clear();
+        if self.recompute {
+            // The teacher stays, its blocks views of the stacked ones.
+            for (i, p) in self.originals.iter_mut().enumerate() {
+                p.blocks = self.sn.model_blocks(i);
+            }
+        } else {
+            self.originals.clear();
+        }
         Ok(())
     }
 
@@ -229,9 +239,10 @@ impl WorkerStage for BertStage {
     ) -> Result<Vec<LogRow>> {
         let (own, shared) = self.sn.local_params();
         let groups = Collectives { pipe, replicas };
-        train_local_shared(data, s, groups, &own, &shared, progress, &|idx, emit| {
+        let terms = |data: &StageData, idx: &Tensor, emit: &mut dyn FnMut(Tensor) -> Result<()>| {
             self.local_loss(data, idx, s, emit)
-        })
+        };
+        train_local_shared(self, data, s, groups, (&own, &shared), progress, &terms)
     }
 
     fn originals_part(&self) -> Box<dyn EvalPart + '_> {

@@ -347,6 +347,15 @@ impl BertSuperNet {
         self.frozen.stack_blocks(per_model)
     }
 
+    /// Model i's blocks, views of the stacked ones (a stage that recomputes its teacher runs
+    /// them once the originals' copies are gone).
+    pub fn model_blocks(&self, i: usize) -> Vec<EncoderBlock> {
+        let eps = self.frozen.cfg.layer_norm_eps;
+        (self.frozen.blocks.iter())
+            .map(|b| b.model(i, eps))
+            .collect()
+    }
+
     /// The held units.
     pub fn units(&self) -> Range<usize> {
         self.frozen.units.clone()

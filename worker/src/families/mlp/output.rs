@@ -25,6 +25,12 @@ fn data_width(job: &JobConfig) -> usize {
 /// class of its task; `merge.rank` fits the narrowest layer. Shapes come from the headers.
 pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
     use fsmerge_common::precision::Precision;
+    if job.merge.features == fsmerge_common::config::Features::Recompute {
+        return Err(fsmerge_common::Error::field(
+            "merge.features",
+            "`recompute` is for the transformer families; an MLP's features are small: use `memory` or `disk`",
+        ));
+    }
     if let Some(p @ (Precision::Bf16 | Precision::Fp16)) = job.merge.precision {
         return Err(fsmerge_common::Error::field(
             "merge.precision",

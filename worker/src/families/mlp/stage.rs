@@ -185,7 +185,7 @@ impl PipelineStage for StageNet {
     }
     /// Teacher features of the stage's layers: every model's activation after each layer,
     /// `[j]` is [n, N, k], from the stage input (x [N, D] on stage 0, else [n, N, k_in]).
-    fn teacher(&self, input: &Tensor, _first_row: i64) -> Vec<Tensor> {
+    fn teacher(&self, input: &Tensor, _rows: &Tensor) -> Vec<Tensor> {
         tch::no_grad(|| {
             let mut h = input.shallow_clone();
             self.layers

@@ -35,7 +35,7 @@ use crate::families::vit::supernet::{
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
 use fsmerge_common::checkpoint::HostTensor;
-use fsmerge_common::config::{MergeConfig, StepForm, Targets};
+use fsmerge_common::config::{Features, MergeConfig, StepForm, Targets};
 use fsmerge_common::hf::VitConfig;
 use fsmerge_common::precision::Precision;
 use fsmerge_common::Result;
@@ -75,6 +75,8 @@ pub struct VitStage {
     inner: Vec<(usize, Tensor, Tensor)>,
     weight_bytes: u64,
     precision: Precision,
+    /// `merge.features = "recompute"`: the teacher runs every step, so it outlives `prepare`.
+    recompute: bool,
 }
 
 impl VitStage {
@@ -170,16 +172,16 @@ impl VitStage {
             out,
             res_consistency: merge.res_consistency,
             precision,
+            recompute: merge.features == Features::Recompute,
         })
     }
 
     /// The originals' blocks stacked per block for the SuperNet (`FrozenBlock`), each
-    /// model's copy dropped as its block is stacked; the originals go.
+    /// model's copy dropped as its block is stacked.
     fn stack_blocks(&mut self) -> Result<()> {
         let mut per_model: Vec<std::vec::IntoIter<EncoderBlock>> = (self.originals.iter_mut())
             .map(|p| std::mem::take(&mut p.blocks).into_iter())
             .collect();
-        self.originals.clear();
         let depth = unit_blocks(&self.units).len();
         self.blocks = (0..depth)
             .map(|j| {
@@ -220,7 +222,7 @@ impl VitStage {
 
     /// `stream` of samples `idx`.
     fn boundary(&self, data: &StageData, k: usize, idx: &Tensor) -> Tensor {
-        f32(&self.stream(data, k).index_select(1, idx))
+        f32(&data.pick(self.stream(data, k), 1, idx))
     }
 
     /// The stage's part of the local loss of samples `idx`, term by term to `emit`: each of
@@ -252,7 +254,7 @@ impl VitStage {
             let pooled = &data.feats[data.feats.len() - 1];
             emit(reconstruction_loss(
                 &pred,
-                &f32(&pooled.index_select(1, idx)),
+                &f32(&data.pick(pooled, 1, idx)),
                 mask.as_ref(),
             ))?;
         }
@@ -291,7 +293,7 @@ impl PipelineStage for VitStage {
         vec![tokens as i64, self.cfg.hidden_size as i64]
     }
 
-    fn teacher(&self, input: &Tensor, _first_row: i64) -> Vec<Tensor> {
+    fn teacher(&self, input: &Tensor, _rows: &Tensor) -> Vec<Tensor> {
         let first = self.units.start == 0;
         let rows = input.size()[if first { 0 } else { 1 }];
         tch::no_grad(|| {
@@ -442,7 +444,17 @@ impl WorkerStage for VitStage {
                 .collect()
         });
         self.inner = inner;
-        self.stack_blocks()
+        self.stack_blocks()?;
+        if self.recompute {
+            // The teacher stays, its blocks views of the stacked ones.
+            let eps = self.cfg.layer_norm_eps;
+            for (i, p) in self.originals.iter_mut().enumerate() {
+                p.blocks = self.blocks.iter().map(|b| b.model(i, eps)).collect();
+            }
+        } else {
+            self.originals.clear();
+        }
+        Ok(())
     }
 
     fn global_seed(&self, seed: u64) -> u64 {
@@ -460,9 +472,10 @@ impl WorkerStage for VitStage {
     ) -> Result<Vec<LogRow>> {
         let (own, shared) = self.local_params();
         let groups = Collectives { pipe, replicas };
-        train_local_shared(data, s, groups, &own, &shared, progress, &|idx, emit| {
+        let terms = |data: &StageData, idx: &Tensor, emit: &mut dyn FnMut(Tensor) -> Result<()>| {
             self.local_loss(data, idx, (s.targets, s.form), emit)
-        })
+        };
+        train_local_shared(self, data, s, groups, (&own, &shared), progress, &terms)
     }
 
     fn originals_part(&self) -> Box<dyn EvalPart + '_> {
