@@ -643,6 +643,12 @@ pub struct MergeConfig {
     /// (`torch_dtype`). M/U, gradients, optimiser state and the fold stay fp32.
     #[serde(default)]
     pub precision: Option<crate::precision::Precision>,
+    /// Global phase: keep no activations between a micro-batch's forward and its backward
+    /// but each block's input, and recompute each block's forward (through the fold) in the
+    /// backward, one block at a time: memory of one block's graph instead of the stage's for
+    /// every micro-batch in flight, for one more forward.
+    #[serde(default)]
+    pub checkpoint_activations: bool,
 }
 
 /// `merge.features`: where the teacher features live (architecture.md §2, step 4).
@@ -715,6 +721,7 @@ impl Default for MergeConfig {
             step_form: default_step_form(),
             features: Features::Auto,
             precision: None,
+            checkpoint_activations: false,
             augment: AugmentConfig::default(),
             inner_layers: Vec::new(),
             inner_weight: default_inner_weight(),

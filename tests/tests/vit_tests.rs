@@ -340,7 +340,8 @@ fn dtypes(file: &Path) -> std::collections::BTreeSet<String> {
 /// `merge.precision`: bf16 originals and features (2 stages, features on disk) and fp16
 /// checkpoints (their `torch_dtype` the default) merge within tolerance of fp32, and the merged
 /// model is written in that precision, loadable by `transformers`; `merge.features =
-/// "recompute"` (bf16, 2 stages) within tolerance of the stored features.
+/// "recompute"` (bf16, 2 stages) within tolerance of the stored features; checkpointed
+/// activations give the same merge.
 #[test]
 fn half_precision_and_recomputed_features_stay_within_tolerance() {
     use fsmerge_common::hf_writer::ShardedWriter;
@@ -411,6 +412,22 @@ fn half_precision_and_recomputed_features_stay_within_tolerance() {
     println!("bf16, recomputed features: folded weights differ by {diff:.2e} from stored ones");
     assert!(diff <= 1e-3, "{diff:e}");
     assert!((acc(&recomputed) - acc(&bf16)).abs() <= 0.005);
+
+    // Activations checkpointed per block in the global phase: the same step, recomputed.
+    run(
+        "bf16-checkpointed",
+        &models,
+        &[
+            "merge.precision=\"bf16\"",
+            "cluster.stages=2",
+            "merge.features=\"disk\"",
+            "merge.checkpoint_activations=true",
+        ],
+    );
+    assert_eq!(
+        max_rel_diff(&merged("bf16-checkpointed"), &merged("bf16")),
+        0.0
+    );
 
     // The originals as fp16 checkpoints: their torch_dtype is the job's precision.
     let models16 = dir.join("models16");

@@ -119,7 +119,11 @@ pub fn distill(
         student: student.as_ref(),
         targets,
     };
-    let log = train_pipelined("kd", &kd, data, s, groups, micro_batches, progress)?;
+    let schedule = crate::dist::pipeline::Schedule {
+        micro_batches,
+        checkpoint: false,
+    };
+    let log = train_pipelined("kd", &kd, data, s, groups, schedule, progress)?;
     Ok(Distilled {
         student,
         scales,

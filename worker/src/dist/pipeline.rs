@@ -15,7 +15,7 @@ use crate::core::tensor::CHUNK;
 use crate::core::tensor::{flatten_all, unflatten_like};
 use crate::dist::collective::Collective;
 use crate::dist::feature_cache;
-use crate::dist::stage::{batch_view, PipelineStage, StageData};
+use crate::dist::stage::{batch_view, sum_terms, PipelineStage, StageData};
 use crate::train::optim::gradients;
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::TrainSettings;
@@ -182,7 +182,7 @@ pub fn train_global<S: PipelineStage + ?Sized>(
     s: &TrainSettings,
     pipe: &mut dyn Collective,
     replicas: &mut dyn Collective,
-    micro_batches: usize,
+    schedule: Schedule,
     progress: &dyn Progress,
 ) -> Result<Vec<LogRow>> {
     train_pipelined(
@@ -191,9 +191,17 @@ pub fn train_global<S: PipelineStage + ?Sized>(
         data,
         s,
         Collectives { pipe, replicas },
-        micro_batches,
+        schedule,
         progress,
     )
+}
+
+/// How the global step runs its micro-batches: how many per replica share, and whether
+/// their activations are checkpointed (`merge.checkpoint_activations`).
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    pub micro_batches: usize,
+    pub checkpoint: bool,
 }
 
 /// Train `stage.global_params()` as a pipeline over the stages (GPipe), the last stage's
@@ -204,7 +212,7 @@ pub fn train_pipelined<S: PipelineStage + ?Sized>(
     data: &StageData,
     s: &TrainSettings,
     groups: Collectives,
-    micro_batches: usize,
+    schedule: Schedule,
     progress: &dyn Progress,
 ) -> Result<Vec<LogRow>> {
     let Collectives { pipe, replicas } = groups;
@@ -226,7 +234,9 @@ pub fn train_pipelined<S: PipelineStage + ?Sized>(
         last: stage.is_last(),
         dims: stage.stream_dims(),
         device: data.task.device(),
+        checkpoint: schedule.checkpoint,
     };
+    let micro_batches = schedule.micro_batches;
     s.run(phase, data.len(), s.seed)
         .optimise_with(&params, data.len(), progress, |batch| {
             let part = share(batch, replicas.rank(), replicas.size());
@@ -239,7 +249,7 @@ pub fn train_pipelined<S: PipelineStage + ?Sized>(
                 .iter()
                 .map(|mb| step.forward(mb, batch.len(), whole, pipe))
                 .collect::<Result<Vec<_>>>()?;
-            let (grads, loss) = step.backward(&params, saved, whole, pipe)?;
+            let (grads, loss) = step.backward(&params, saved, pipe)?;
             reduce(replicas, grads, loss)
         })
 }
@@ -256,16 +266,37 @@ struct GlobalStep<'a, S: ?Sized> {
     /// Per-sample shape of the merged stream entering the stage.
     dims: Vec<i64>,
     device: Device,
+    /// Keep each segment's input only, and recompute the segments in the backward.
+    checkpoint: bool,
 }
 
 /// What a micro-batch's backward needs from its forward: the stage input (a leaf that requires
 /// grad, except on stage 0), the stage output (on the last stage: the loss), the stage's own
-/// loss terms, and (last stage) the loss value.
+/// loss terms, and (last stage) the loss value; with checkpointing, instead of the graph, each
+/// segment's input and what recomputing needs.
 struct Saved {
     input: Tensor,
     out: Tensor,
     own: Option<Tensor>,
     value: f64,
+    checkpoint: Option<Checkpoint>,
+}
+
+/// A checkpointed micro-batch: each segment's input (detached), its samples, the batch view
+/// its targets were recomputed in (recomputed features), and its share of the batch.
+struct Checkpoint {
+    inputs: Vec<Tensor>,
+    idx: Tensor,
+    view: Option<StageData>,
+    share: Option<(usize, usize)>,
+}
+
+/// A loss term weighted by its micro-batch's share (`part` of `batch` samples), if any.
+fn weighted(loss: Tensor, share: Option<(usize, usize)>) -> Tensor {
+    match share {
+        Some((part, batch)) => scaled(loss, part, batch),
+        None => loss,
+    }
 }
 
 impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
@@ -281,13 +312,7 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
     ) -> Result<Saved> {
         let (me, f32_on) = (self.me, (Kind::Float, self.device));
         let idx = index(mb, self.device);
-        let weight = |loss: Tensor| {
-            if whole {
-                loss
-            } else {
-                scaled(loss, mb.len(), batch)
-            }
-        };
+        let share = (!whole).then_some((mb.len(), batch));
         // The last stage's targets, recomputed when the stage does not keep them.
         let view = if self.last {
             batch_view(self.stage, self.data, &idx)
@@ -312,11 +337,32 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
                 t.double_value(&[numel]),
             )
         };
-        let (out, own) = self.stage.forward(&input, &idx, data, self.s);
-        let own = own.map(weight);
+        let (out, own, inputs) = if self.checkpoint {
+            // Each segment's input kept; no graph.
+            tch::no_grad(|| {
+                let (mut x, mut own, mut inputs) = (input.detach(), None, Vec::new());
+                for k in 0..self.stage.segments() {
+                    let (y, o) = self.stage.forward_segment(k, &x, &idx, data, self.s);
+                    inputs.push(x);
+                    own = sum_terms(own, o);
+                    x = y;
+                }
+                (x, own, Some(inputs))
+            })
+        } else {
+            let (out, own) = self.stage.forward(&input, &idx, data, self.s);
+            (out, own, None)
+        };
+        let own = own.map(|o| weighted(o, share));
         let acc = acc_in + own.as_ref().map_or(0.0, |o| o.double_value(&[]));
+        let checkpoint = inputs.map(|inputs| Checkpoint {
+            inputs,
+            idx: idx.shallow_clone(),
+            view: None,
+            share,
+        });
         if self.last {
-            let recon = weight(self.stage.loss(&out, &idx, data, self.s));
+            let recon = weighted(self.stage.loss(&out, &idx, data, self.s), share);
             let value = recon.double_value(&[]) + acc;
             let loss = match own {
                 Some(o) => recon + o,
@@ -327,6 +373,7 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
                 out: loss,
                 own: None,
                 value,
+                checkpoint: checkpoint.map(|c| Checkpoint { view, ..c }),
             })
         } else {
             let acc_t = Tensor::from_slice(&[acc as f32]).to_device(self.device);
@@ -339,6 +386,7 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
                 out,
                 own,
                 value: 0.0,
+                checkpoint,
             })
         }
     }
@@ -351,45 +399,105 @@ impl<S: PipelineStage + ?Sized> GlobalStep<'_, S> {
         &self,
         params: &[Tensor],
         saved: Vec<Saved>,
-        whole: bool,
         pipe: &mut dyn Collective,
     ) -> Result<(Vec<Tensor>, f64)> {
         let (me, f32_on) = (self.me, (Kind::Float, self.device));
         let mut grads = zero_grads(params);
         let mut loss_sum = 0.0;
         for m in saved.into_iter().rev() {
-            let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
-            if !self.first {
-                wrt.push(m.input.shallow_clone());
-            }
-            let (mut g, loss) = if self.last {
-                (gradients(&m.out, &wrt)?, m.value)
+            // The gradient of the stage output and the micro-batch's loss.
+            let (g_out, loss) = if self.last {
+                (None, m.value)
             } else {
                 let numel = m.out.numel() as i64;
                 let mut back = Tensor::zeros([numel + 1], f32_on);
                 pipe.recv(&mut back, me + 1)?;
                 let g_out = back.narrow(0, 0, numel).view(m.out.size().as_slice());
-                let value = back.double_value(&[numel]);
-                let surrogate = (&m.out * &g_out).sum(Kind::Float);
-                let surrogate = match m.own {
-                    Some(o) => surrogate + o,
-                    None => surrogate,
-                };
-                (gradients(&surrogate, &wrt)?, value)
+                (Some(g_out), back.double_value(&[numel]))
             };
             loss_sum += loss;
+            let (g, g_in) = match &m.checkpoint {
+                Some(c) => self.recompute(params, c, g_out)?,
+                None => {
+                    let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+                    if !self.first {
+                        wrt.push(m.input.shallow_clone());
+                    }
+                    let objective = match &g_out {
+                        None => m.out.shallow_clone(),
+                        Some(g_out) => {
+                            let surrogate = (&m.out * g_out).sum(Kind::Float);
+                            match m.own {
+                                Some(o) => surrogate + o,
+                                None => surrogate,
+                            }
+                        }
+                    };
+                    let mut g = gradients(&objective, &wrt)?;
+                    let g_in = (!self.first).then(|| g.pop()).flatten();
+                    (g, g_in)
+                }
+            };
             if !self.first {
-                let g_in = g.pop().unwrap_or_else(|| Tensor::zeros([0], f32_on));
+                let g_in = g_in.unwrap_or_else(|| Tensor::zeros([0], f32_on));
                 let loss_t = Tensor::from_slice(&[loss as f32]).to_device(self.device);
                 pipe.send(&Tensor::cat(&[g_in.reshape([-1]), loss_t], 0), me - 1)?;
             }
-            grads = if whole {
-                g
-            } else {
-                grads.iter().zip(&g).map(|(a, b)| a + b).collect()
-            };
+            add_defined(&mut grads, g);
         }
         Ok((grads, loss_sum))
+    }
+
+    /// A checkpointed micro-batch's backward: each segment recomputed from its saved input,
+    /// last first, and backpropagated at once (one segment's graph alive at a time), from the
+    /// loss on the last stage, else from the output's gradient `g_out`. Returns the gradients
+    /// of `params` (undefined where a segment does not reach one) and of the stage input.
+    fn recompute(
+        &self,
+        params: &[Tensor],
+        c: &Checkpoint,
+        g_out: Option<Tensor>,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let data = c.view.as_ref().unwrap_or(self.data);
+        let mut grads = zero_grads(params);
+        let mut g = g_out;
+        let segments = c.inputs.len();
+        for k in (0..segments).rev() {
+            let needs_in = k > 0 || !self.first;
+            let x = c.inputs[k].detach();
+            let x = if needs_in {
+                x.set_requires_grad(true)
+            } else {
+                x
+            };
+            let (y, own) = self.stage.forward_segment(k, &x, &c.idx, data, self.s);
+            let own = own.map(|o| weighted(o, c.share));
+            let objective = match &g {
+                Some(g) => (&y * g).sum(Kind::Float),
+                None => weighted(self.stage.loss(&y, &c.idx, data, self.s), c.share),
+            };
+            let objective = match own {
+                Some(o) => objective + o,
+                None => objective,
+            };
+            let mut wrt: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+            if needs_in {
+                wrt.push(x.shallow_clone());
+            }
+            let mut gs = gradients(&objective, &wrt)?;
+            g = if needs_in { gs.pop() } else { None };
+            add_defined(&mut grads, gs);
+        }
+        Ok((grads, g))
+    }
+}
+
+/// Add each defined gradient of `g` to `acc` (a segment leaves the others' undefined).
+fn add_defined(acc: &mut [Tensor], g: Vec<Tensor>) {
+    for (a, g) in acc.iter_mut().zip(g) {
+        if g.defined() {
+            *a = &*a + g;
+        }
     }
 }
 

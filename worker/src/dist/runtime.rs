@@ -739,7 +739,11 @@ impl Ctx<'_> {
                 recv_seconds: 0.0,
             };
             self.phase(work, stage, "global", &mut t, || {
-                pipeline::train_global(stage, data, &s, &mut timed, reps, micro, &progress)
+                let schedule = pipeline::Schedule {
+                    micro_batches: micro,
+                    checkpoint: m.checkpoint_activations,
+                };
+                pipeline::train_global(stage, data, &s, &mut timed, reps, schedule, &progress)
             })?;
             t.pipeline_wait_seconds = timed.recv_seconds;
         }

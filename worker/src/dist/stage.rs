@@ -45,6 +45,25 @@ pub trait PipelineStage {
         data: &StageData,
         s: &TrainSettings,
     ) -> (Tensor, Option<Tensor>);
+    /// The segments `forward` is the composition of, for activation checkpointing (one per
+    /// block, say): at least one.
+    fn segments(&self) -> usize {
+        1
+    }
+    /// Segment `k` of `forward` on its input (the stage input for segment 0, else segment
+    /// k − 1's output): its output and its own loss terms. `forward` is every segment in turn,
+    /// the terms summed.
+    fn forward_segment(
+        &self,
+        k: usize,
+        input: &Tensor,
+        idx: &Tensor,
+        data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>) {
+        let _ = k;
+        self.forward(input, idx, data, s)
+    }
     /// The last stage's loss of its output `out` on samples `idx` (a mean over them): the
     /// reconstruction of the originals' last features, on each input's own slice or on all.
     fn loss(&self, out: &Tensor, idx: &Tensor, data: &StageData, s: &TrainSettings) -> Tensor {
@@ -205,6 +224,31 @@ impl StageData {
             free(f);
         }
         freed
+    }
+}
+
+/// `PipelineStage::forward` as its segments in turn, their own loss terms summed.
+pub fn by_segments<S: PipelineStage + ?Sized>(
+    stage: &S,
+    input: &Tensor,
+    idx: &Tensor,
+    data: &StageData,
+    s: &TrainSettings,
+) -> (Tensor, Option<Tensor>) {
+    let (mut x, mut own) = (input.shallow_clone(), None);
+    for k in 0..stage.segments() {
+        let (y, term) = stage.forward_segment(k, &x, idx, data, s);
+        own = sum_terms(own, term);
+        x = y;
+    }
+    (x, own)
+}
+
+/// Two optional loss terms added.
+pub fn sum_terms(a: Option<Tensor>, b: Option<Tensor>) -> Option<Tensor> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
     }
 }
 

@@ -186,6 +186,27 @@ impl PipelineStage for BertStage {
         let mask = self.mask.index_select(0, idx);
         (self.sn.forward(&input, &mask, s.form), None)
     }
+
+    fn segments(&self) -> usize {
+        self.sn.segments()
+    }
+
+    fn forward_segment(
+        &self,
+        k: usize,
+        input: &Tensor,
+        idx: &Tensor,
+        _data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>) {
+        let input = if k == 0 && self.sn.has_embeddings() {
+            tokens(input).0
+        } else {
+            input.shallow_clone()
+        };
+        let mask = self.mask.index_select(0, idx);
+        (self.sn.forward_segment(k, &input, &mask, s.form), None)
+    }
 }
 
 impl WorkerStage for BertStage {

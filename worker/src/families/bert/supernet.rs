@@ -550,12 +550,39 @@ impl BertSuperNet {
     /// stream [B, T, d] — with the attention mask [B, T], in `form`: the merged stream after
     /// the last held block, or with the output ŷ [n, B, d]. For the whole SuperNet, ŷ of ids.
     pub fn forward(&self, input: &Tensor, mask: &Tensor, form: StepForm) -> Tensor {
-        let bias = mask_bias(mask);
-        let mut x = self
-            .embed(input, form)
-            .unwrap_or_else(|| input.shallow_clone());
-        for j in 0..self.frozen.blocks.len() {
-            x = self.block(j, &x, &bias, form);
+        let mut x = input.shallow_clone();
+        for k in 0..self.segments() {
+            x = self.forward_segment(k, &x, mask, form);
+        }
+        x
+    }
+
+    /// The segments of `forward` for activation checkpointing: one per held block (the
+    /// embeddings with the first, the output with the last), at least one.
+    pub fn segments(&self) -> usize {
+        self.frozen.blocks.len().max(1)
+    }
+
+    /// Segment `k` of `forward` on its input (`forward`'s for segment 0, else segment
+    /// k − 1's output).
+    pub fn forward_segment(
+        &self,
+        k: usize,
+        input: &Tensor,
+        mask: &Tensor,
+        form: StepForm,
+    ) -> Tensor {
+        let embedded = if k == 0 {
+            self.embed(input, form)
+        } else {
+            None
+        };
+        let mut x = embedded.unwrap_or_else(|| input.shallow_clone());
+        if k < self.frozen.blocks.len() {
+            x = self.block(k, &x, &mask_bias(mask), form);
+        }
+        if k + 1 < self.segments() {
+            return x;
         }
         self.output(&x.select(1, 0), form).unwrap_or(x)
     }

@@ -322,8 +322,6 @@ impl PipelineStage for VitStage {
         v
     }
 
-    /// The blocks with inner-feature terms run literally (their terms read the branches);
-    /// the others in `s.form`.
     fn forward(
         &self,
         input: &Tensor,
@@ -331,44 +329,52 @@ impl PipelineStage for VitStage {
         data: &StageData,
         s: &TrainSettings,
     ) -> (Tensor, Option<Tensor>) {
-        let task = data.task.index_select(0, idx);
+        crate::dist::stage::by_segments(self, input, idx, data, s)
+    }
+
+    /// One segment per block (the embeddings with the first, the read-out with the last).
+    fn segments(&self) -> usize {
+        self.blocks.len().max(1)
+    }
+
+    /// Block `k` (after the embeddings on stage 0, before the read-out on the last stage); a
+    /// block with an inner-feature term runs literally (its term reads the branches), the
+    /// others in `s.form`.
+    fn forward_segment(
+        &self,
+        k: usize,
+        input: &Tensor,
+        idx: &Tensor,
+        data: &StageData,
+        s: &TrainSettings,
+    ) -> (Tensor, Option<Tensor>) {
         let mut x = match &self.embed {
-            Some(e) => e.merged(
+            Some(e) if k == 0 => e.merged(
                 &self.m_pre,
                 &images(input, self.cfg.num_channels),
                 s.form,
                 &self.cfg,
             ),
-            None => input.shallow_clone(),
+            _ => input.shallow_clone(),
         };
-        let mut own: Option<Tensor> = None;
-        for j in 0..self.blocks.len() {
-            let l = self.first_block() + j;
-            let inner = self.inner.iter().find(|(k, _, _)| *k == l);
-            x = match inner {
+        let mut own = None;
+        if k < self.blocks.len() {
+            let l = self.first_block() + k;
+            x = match self.inner.iter().find(|(i, _, _)| *i == l) {
                 Some((_, g, scale)) => {
-                    let (y, r) = self.unit(j).literal(&x);
-                    let n = self.n as i64;
-                    let term = inner_term(
-                        &r,
-                        &g.index_select(0, idx),
-                        scale,
-                        &task,
-                        n,
-                        self.inner_weight,
-                    );
-                    own = Some(match own {
-                        Some(o) => o + term,
-                        None => term,
-                    });
+                    let (y, r) = self.unit(k).literal(&x);
+                    let task = data.task.index_select(0, idx);
+                    let (n, weight) = (self.n as i64, self.inner_weight);
+                    let g = g.index_select(0, idx);
+                    own = Some(inner_term(&r, &g, scale, &task, n, weight));
                     y
                 }
-                None => self.unit(j).forward(&x, s.form),
+                None => self.unit(k).forward(&x, s.form),
             };
         }
         let out = match &self.out {
-            Some(o) => read_out(&o.ln_post, &o.u_final, &x),
-            None => x,
+            Some(o) if k + 1 == self.segments() => read_out(&o.ln_post, &o.u_final, &x),
+            _ => x,
         };
         (out, own)
     }
