@@ -7,7 +7,7 @@
 //!
 //! Run: `cargo bench -p fsmerge-tests --bench scale`. Sized by `FSMERGE_SCALE_RUNS`
 //! (`vit:1,vit:2,vit:4,vit:1:disk,vit:1:memory:bf16,bert:1,bert:4`: family, stages, where the
-//! features live, `merge.precision`),
+//! features live, `merge.precision`, and `ckpt` for `merge.checkpoint_activations`),
 //! `FSMERGE_SCALE_MODELS` (8), `FSMERGE_SCALE_INPUTS` (merge inputs per task, 4: on 2 cores the
 //! teacher pass of 8 ViT-B/16s over 8 × 4 images takes ~2.5 min, so the 64 per task is
 //! for a bigger machine), `FSMERGE_SCALE_DIR` (keep the fixtures there between runs; default: a
@@ -123,7 +123,7 @@ fn run(
     config: &Path,
     out: &Path,
     stages: usize,
-    (features, precision): (&str, &str),
+    (features, precision, checkpoint): (&str, &str, bool),
     threads: usize,
 ) -> (Metrics, Vec<f64>, f64) {
     let work = PathBuf::from(format!("{}.work", out.display()));
@@ -134,6 +134,7 @@ fn run(
         format!("cluster.stages={stages}"),
         format!("merge.features=\"{features}\""),
         format!("merge.precision=\"{precision}\""),
+        format!("merge.checkpoint_activations={checkpoint}"),
         format!("cluster.worker_threads={threads}"),
         "cluster.micro_batches=4".to_string(),
     ];
@@ -180,8 +181,8 @@ fn stream_floats(family: &str) -> f64 {
     }
 }
 
-/// The runs `FSMERGE_SCALE_RUNS` lists, `family:stages[:features[:precision]]` each.
-fn runs() -> Vec<(String, usize, String, String)> {
+/// The runs `FSMERGE_SCALE_RUNS` lists, `family:stages[:features[:precision[:ckpt]]]` each.
+fn runs() -> Vec<(String, usize, String, String, bool)> {
     env_list(
         "FSMERGE_SCALE_RUNS",
         "vit:1,vit:2,vit:4,vit:1:disk,vit:1:memory:bf16,bert:1,bert:4",
@@ -196,9 +197,10 @@ fn runs() -> Vec<(String, usize, String, String)> {
                 stages,
                 f.get(2).unwrap_or(&"memory").to_string(),
                 f.get(3).unwrap_or(&"fp32").to_string(),
+                f.get(4) == Some(&"ckpt"),
             ),
             _ => panic!(
-                "FSMERGE_SCALE_RUNS: `{r}` is not family:stages[:memory|disk[:fp32|bf16|fp16]]"
+                "FSMERGE_SCALE_RUNS: `{r}` is not family:stages[:memory|disk[:fp32|bf16|fp16[:ckpt]]]"
             ),
         }
     })
@@ -215,17 +217,18 @@ fn main() {
     let idle = idle_worker_mib(&base);
     println!("idle worker process: {idle:.0} MiB resident; {n} models, {inputs} merge inputs per task, local then global (1 epoch each, batch 16)");
     let mib = (1u64 << 20) as f64;
-    for (family, stages, features, precision) in runs() {
+    for (family, stages, features, precision, checkpoint) in runs() {
         let config = fixture(&base, &family, n, inputs);
         let rows = (n * inputs) as f64;
-        let name = format!("{family}-s{stages}-{features}-{precision}");
+        let ckpt = if checkpoint { "-ckpt" } else { "" };
+        let name = format!("{family}-s{stages}-{features}-{precision}{ckpt}");
         let threads = (2 / stages).max(1);
-        let at = (features.as_str(), precision.as_str());
+        let at = (features.as_str(), precision.as_str(), checkpoint);
         let (m, anon, wall) = run(&config, &base.join(&name), stages, at, threads);
         let value_bytes = if precision == "fp32" { 4.0 } else { 2.0 };
         let plan_stages = m.plan["stages"].as_array().cloned().unwrap_or_default();
         println!(
-            "\n### {n} × {family}, S = {stages}, features in {features}, {precision}: {wall:.0} s wall, coordinator peak RSS {:.0} MiB",
+            "\n### {n} × {family}, S = {stages}, features in {features}, {precision}{ckpt}: {wall:.0} s wall, coordinator peak RSS {:.0} MiB",
             m.peak_rss_mib
         );
         for (w, anon) in m.workers.iter().zip(&anon) {

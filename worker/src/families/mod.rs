@@ -3,5 +3,6 @@
 //! share lives in `core`. `crate::family` maps `model.arch` to one of them.
 
 pub mod bert;
+pub mod llama;
 pub mod mlp;
 pub mod vit;

@@ -1,0 +1,296 @@
+//! A Llama-family decoder in the HF layout (`LlamaForCausalLM`, `LlamaForSequenceClassification`;
+//! Mistral and Qwen2 share it): RMSNorm, rotary position embeddings (`rope_theta`), grouped-query
+//! causal attention, SwiGLU MLP, optional biases. The forward follows transformers' eager path
+//! (norms and softmax in fp32), so a checkpoint transformers writes gives its logits.
+
+use crate::core::tensor::to_tch;
+use crate::families::llama::config::LlamaConfig;
+use fsmerge_common::hf::WeightFiles;
+use fsmerge_common::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// RMSNorm: x / √(mean(x²) + eps) · w, computed in fp32.
+pub struct RmsNorm {
+    pub w: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim(-1, true, Kind::Float);
+        &self.w * (xf * (var + self.eps).rsqrt()).to_kind(x.kind())
+    }
+}
+
+/// A linear map without or with a bias (`attention_bias`, `mlp_bias`), weight [out, in].
+pub struct Proj {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+}
+
+impl Proj {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.w, self.b.as_ref())
+    }
+}
+
+/// One decoder block: pre-norm attention and SwiGLU MLP, each added to the stream.
+pub struct DecoderBlock {
+    pub ln_attn: RmsNorm,
+    pub q: Proj,
+    pub k: Proj,
+    pub v: Proj,
+    pub o: Proj,
+    pub ln_mlp: RmsNorm,
+    pub gate: Proj,
+    pub up: Proj,
+    pub down: Proj,
+}
+
+/// HF names of a block's linear maps under `model.layers.{l}.`.
+pub const BLOCK_PROJ: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// What attention needs besides the stream: the rotary tables and the additive mask.
+pub struct AttentionContext {
+    /// cos, sin [T, head_dim] of each position's angles.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Causal and padding mask [B, 1, T, T], 0 where a query may attend a key.
+    pub bias: Tensor,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+}
+
+impl AttentionContext {
+    /// For token rows of length `t` with attention mask `mask` [B, T] (1 = token).
+    pub fn new(cfg: &LlamaConfig, mask: &Tensor) -> Self {
+        let (b, t) = mask.size2().unwrap_or((0, 0));
+        let device = mask.device();
+        let hd = cfg.head_dim() as i64;
+        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / hd as f64;
+        let inv_freq = (exponents * cfg.rope_theta.ln()).exp().reciprocal();
+        let positions = Tensor::arange(t, (Kind::Float, device));
+        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+        let angles = Tensor::cat(&[&freqs, &freqs], -1);
+        let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+        let keys = mask.to_kind(Kind::Bool).view([b, 1, 1, t]);
+        let allowed = causal.view([1, 1, t, t]).logical_and(&keys);
+        let bias = Tensor::zeros([b, 1, t, t], (Kind::Float, device))
+            .masked_fill(&allowed.logical_not(), f64::from(f32::MIN));
+        Self {
+            cos: angles.cos(),
+            sin: angles.sin(),
+            bias,
+            heads: cfg.num_attention_heads as i64,
+            kv_heads: cfg.kv_heads() as i64,
+            head_dim: hd,
+        }
+    }
+
+    /// RoPE of x [B, heads, T, head_dim]: x·cos + rotate_half(x)·sin.
+    fn rotate(&self, x: &Tensor) -> Tensor {
+        let half = self.head_dim / 2;
+        let rotated = Tensor::cat(&[x.narrow(-1, half, half).neg(), x.narrow(-1, 0, half)], -1);
+        let kind = x.kind();
+        (x * self.cos.to_kind(kind)) + rotated * self.sin.to_kind(kind)
+    }
+}
+
+impl DecoderBlock {
+    pub fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> Tensor {
+        let x = x + self
+            .o
+            .forward(&self.attention(&self.ln_attn.forward(x), ctx));
+        let h = self.ln_mlp.forward(&x);
+        let gated = self.gate.forward(&h).silu() * self.up.forward(&h);
+        &x + self.down.forward(&gated)
+    }
+
+    /// Causal grouped-query attention of h [B, T, d] before the output projection
+    /// [B, T, heads·head_dim]: each key/value head serves heads / kv_heads query heads.
+    pub fn attention(&self, h: &Tensor, ctx: &AttentionContext) -> Tensor {
+        let (b, t, _) = h.size3().unwrap_or((0, 0, 0));
+        let (hd, heads, kv) = (ctx.head_dim, ctx.heads, ctx.kv_heads);
+        let split = |y: Tensor, n: i64| y.view([b, t, n, hd]).transpose(1, 2);
+        let q = ctx.rotate(&split(self.q.forward(h), heads));
+        let k = ctx.rotate(&split(self.k.forward(h), kv));
+        let v = split(self.v.forward(h), kv);
+        let repeat = |y: Tensor| {
+            y.unsqueeze(2)
+                .expand([b, kv, heads / kv, t, hd], false)
+                .reshape([b, heads, t, hd])
+        };
+        let (k, v) = (repeat(k), repeat(v));
+        let scores = q.matmul(&k.transpose(-2, -1)) / (hd as f64).sqrt() + &ctx.bias;
+        scores
+            .softmax(-1, Kind::Float)
+            .to_kind(v.kind())
+            .matmul(&v)
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, heads * hd])
+    }
+}
+
+/// A whole Llama-family model: the token embeddings, the blocks, the final norm, and the heads
+/// its folder has (an LM head, tied to the embeddings or its own; a sequence classifier's
+/// `score`).
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<DecoderBlock>,
+    pub norm: RmsNorm,
+    /// `lm_head.weight` [V, d]; None when tied to the embeddings or absent.
+    pub lm_head: Option<Tensor>,
+    /// `score.weight` [labels, d] of a sequence classifier.
+    pub score: Option<Tensor>,
+}
+
+impl Llama {
+    /// Read an HF Llama-family folder (`model.safetensors` or shards).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = LlamaConfig::load(dir)?;
+        let files = WeightFiles::open(dir)?;
+        let mut names = vec![
+            "model.embed_tokens.weight".to_string(),
+            "model.norm.weight".to_string(),
+        ];
+        for l in 0..cfg.num_hidden_layers {
+            for p in BLOCK_PROJ {
+                names.push(format!("model.layers.{l}.{p}.weight"));
+                let bias = format!("model.layers.{l}.{p}.bias");
+                if files.contains(&bias) {
+                    names.push(bias);
+                }
+            }
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                names.push(format!("model.layers.{l}.{n}.weight"));
+            }
+        }
+        for head in ["lm_head.weight", "score.weight"] {
+            if files.contains(head) {
+                names.push(head.to_string());
+            }
+        }
+        let mut t: BTreeMap<String, Tensor> = (files.read(&names)?.into_iter())
+            .map(|(n, h)| (n, to_tch(&h)))
+            .collect();
+        let mut take = |name: &str| -> Result<Tensor> {
+            t.remove(name).ok_or_else(|| Error::Tensor {
+                file: dir.to_path_buf(),
+                tensor: name.to_string(),
+                msg: "missing".into(),
+            })
+        };
+        let eps = cfg.rms_norm_eps;
+        let mut blocks = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            let mut proj = |p: &str| -> Result<Proj> {
+                let w = take(&format!("model.layers.{l}.{p}.weight"))?;
+                let b = take(&format!("model.layers.{l}.{p}.bias")).ok();
+                Ok(Proj { w, b })
+            };
+            let [q, k, v, o, gate, up, down] = BLOCK_PROJ.map(&mut proj);
+            blocks.push(DecoderBlock {
+                q: q?,
+                k: k?,
+                v: v?,
+                o: o?,
+                gate: gate?,
+                up: up?,
+                down: down?,
+                ln_attn: RmsNorm {
+                    w: take(&format!("model.layers.{l}.input_layernorm.weight"))?,
+                    eps,
+                },
+                ln_mlp: RmsNorm {
+                    w: take(&format!("model.layers.{l}.post_attention_layernorm.weight"))?,
+                    eps,
+                },
+            });
+        }
+        Ok(Self {
+            embed: take("model.embed_tokens.weight")?,
+            norm: RmsNorm {
+                w: take("model.norm.weight")?,
+                eps,
+            },
+            lm_head: take("lm_head.weight").ok(),
+            score: take("score.weight").ok(),
+            blocks,
+            cfg,
+        })
+    }
+
+    /// The final hidden states [B, T, d] (after the final norm) of token ids [B, T] (i64) with
+    /// attention mask [B, T].
+    pub fn hidden(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+        let ctx = AttentionContext::new(&self.cfg, mask);
+        let mut x = self
+            .embed
+            .index_select(0, &ids.reshape([-1]))
+            .view([ids.size()[0], ids.size()[1], -1].as_slice());
+        for b in &self.blocks {
+            x = b.forward(&x, &ctx);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Next-token logits [B, T, V]: the LM head, or the embeddings when tied.
+    pub fn lm_logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let head = match (&self.lm_head, self.cfg.tie_word_embeddings) {
+            (Some(h), _) => h,
+            (None, true) => &self.embed,
+            (None, false) => {
+                return Err(Error::Compute(
+                    "the model has no lm_head.weight and does not tie its embeddings".into(),
+                ))
+            }
+        };
+        Ok(self.hidden(ids, mask).matmul(&head.tr()))
+    }
+
+    /// A sequence classifier's logits [B, labels]: `score` at each row's last token, as
+    /// transformers reads it (the last position whose mask is 1).
+    pub fn sequence_logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let score = self.score.as_ref().ok_or_else(|| {
+            Error::Compute("the model has no score.weight (not a sequence classifier)".into())
+        })?;
+        let t = ids.size()[1];
+        let positions = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
+        let last = (positions * mask.to_kind(Kind::Int64)).argmax(-1, false);
+        let h = self.hidden(ids, mask);
+        let rows = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
+        let pooled = h.index(&[Some(rows), Some(last)]);
+        Ok(pooled.matmul(&score.tr()))
+    }
+
+    /// Every tensor's bytes.
+    pub fn bytes(&self) -> u64 {
+        let mut n = self.embed.numel() + self.norm.w.numel();
+        for b in &self.blocks {
+            for p in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+                n += p.w.numel() + p.b.as_ref().map_or(0, Tensor::numel);
+            }
+            n += b.ln_attn.w.numel() + b.ln_mlp.w.numel();
+        }
+        for h in self.lm_head.iter().chain(&self.score) {
+            n += h.numel();
+        }
+        4 * n as u64
+    }
+}
