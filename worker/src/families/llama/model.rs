@@ -115,27 +115,40 @@ impl DecoderBlock {
         let x = x + self
             .o
             .forward(&self.attention(&self.ln_attn.forward(x), ctx));
-        let h = self.ln_mlp.forward(&x);
-        let gated = self.gate.forward(&h).silu() * self.up.forward(&h);
-        &x + self.down.forward(&gated)
+        &x + self.mlp(&self.ln_mlp.forward(&x))
     }
 
     /// Causal grouped-query attention of h [B, T, d] before the output projection
     /// [B, T, heads·head_dim]: each key/value head serves heads / kv_heads query heads.
     pub fn attention(&self, h: &Tensor, ctx: &AttentionContext) -> Tensor {
-        let (b, t, _) = h.size3().unwrap_or((0, 0, 0));
-        let (hd, heads, kv) = (ctx.head_dim, ctx.heads, ctx.kv_heads);
-        let split = |y: Tensor, n: i64| y.view([b, t, n, hd]).transpose(1, 2);
-        let q = ctx.rotate(&split(self.q.forward(h), heads));
-        let k = ctx.rotate(&split(self.k.forward(h), kv));
-        let v = split(self.v.forward(h), kv);
+        ctx.attend(&self.q.forward(h), &self.k.forward(h), &self.v.forward(h))
+    }
+
+    /// SwiGLU: down(silu(gate h) ⊙ up h).
+    pub fn mlp(&self, h: &Tensor) -> Tensor {
+        self.down
+            .forward(&(self.gate.forward(h).silu() * self.up.forward(h)))
+    }
+}
+
+impl AttentionContext {
+    /// The attention core on projected q [B, T, heads·head_dim] and k, v [B, T,
+    /// kv_heads·head_dim]: RoPE on q and k, each key/value head shared by heads / kv_heads
+    /// query heads, causal softmax (fp32); [B, T, heads·head_dim].
+    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (b, t, _) = q.size3().unwrap_or((0, 0, 0));
+        let (hd, heads, kv) = (self.head_dim, self.heads, self.kv_heads);
+        let split = |y: &Tensor, n: i64| y.view([b, t, n, hd]).transpose(1, 2);
+        let q = self.rotate(&split(q, heads));
+        let k = self.rotate(&split(k, kv));
+        let v = split(v, kv);
         let repeat = |y: Tensor| {
             y.unsqueeze(2)
                 .expand([b, kv, heads / kv, t, hd], false)
                 .reshape([b, heads, t, hd])
         };
         let (k, v) = (repeat(k), repeat(v));
-        let scores = q.matmul(&k.transpose(-2, -1)) / (hd as f64).sqrt() + &ctx.bias;
+        let scores = q.matmul(&k.transpose(-2, -1)) / (hd as f64).sqrt() + &self.bias;
         scores
             .softmax(-1, Kind::Float)
             .to_kind(v.kind())
@@ -234,6 +247,48 @@ impl Llama {
             blocks,
             cfg,
         })
+    }
+
+    /// A randomly initialised causal LM as transformers initialises one (weights N(0, 0.02),
+    /// biases 0 when `attention_bias`/`mlp_bias`), its norms perturbed around 1 so they matter.
+    pub fn init(cfg: LlamaConfig) -> Self {
+        let normal = |shape: &[i64]| Tensor::randn(shape, crate::core::tensor::F32) * 0.02;
+        let (d, i) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+        let hd = cfg.head_dim() as i64;
+        let (q, kv) = (
+            cfg.num_attention_heads as i64 * hd,
+            cfg.kv_heads() as i64 * hd,
+        );
+        let proj = |out: i64, inp: i64, bias: bool| Proj {
+            w: normal(&[out, inp]),
+            b: bias.then(|| Tensor::zeros([out], crate::core::tensor::F32)),
+        };
+        let norm = || RmsNorm {
+            w: Tensor::randn([d], crate::core::tensor::F32) * 0.1 + 1.0,
+            eps: cfg.rms_norm_eps,
+        };
+        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|_| DecoderBlock {
+                ln_attn: norm(),
+                q: proj(q, d, ab),
+                k: proj(kv, d, ab),
+                v: proj(kv, d, ab),
+                o: proj(d, q, ab),
+                ln_mlp: norm(),
+                gate: proj(i, d, mb),
+                up: proj(i, d, mb),
+                down: proj(d, i, mb),
+            })
+            .collect();
+        Self {
+            embed: normal(&[cfg.vocab_size as i64, d]),
+            norm: norm(),
+            lm_head: Some(normal(&[cfg.vocab_size as i64, d])),
+            score: None,
+            blocks,
+            cfg,
+        }
     }
 
     /// The final hidden states [B, T, d] (after the final norm) of token ids [B, T] (i64) with
