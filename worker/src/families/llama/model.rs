@@ -3,9 +3,11 @@
 //! causal attention, SwiGLU MLP, optional biases. The forward follows transformers' eager path
 //! (norms and softmax in fp32), so a checkpoint transformers writes gives its logits.
 
-use crate::core::tensor::to_tch;
+use crate::core::tensor::{to_tch, write_hf_weights};
 use crate::families::llama::config::LlamaConfig;
+use fsmerge_common::checkpoint::write_json;
 use fsmerge_common::hf::WeightFiles;
+use fsmerge_common::hf_writer::DEFAULT_MAX_SHARD_BYTES;
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -332,6 +334,85 @@ impl Llama {
         let rows = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
         let pooled = h.index(&[Some(rows), Some(last)]);
         Ok(pooled.matmul(&score.tr()))
+    }
+
+    /// Every tensor under its HF name: the body under `model.`, then `lm_head.weight` and
+    /// `score.weight` when the model has them.
+    pub fn named(&self) -> Vec<(String, &Tensor)> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        for (l, b) in self.blocks.iter().enumerate() {
+            let projs = [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down];
+            for (name, p) in BLOCK_PROJ.iter().zip(projs) {
+                v.push((format!("model.layers.{l}.{name}.weight"), &p.w));
+                if let Some(bias) = &p.b {
+                    v.push((format!("model.layers.{l}.{name}.bias"), bias));
+                }
+            }
+            v.push((
+                format!("model.layers.{l}.input_layernorm.weight"),
+                &b.ln_attn.w,
+            ));
+            v.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                &b.ln_mlp.w,
+            ));
+        }
+        v.push(("model.norm.weight".to_string(), &self.norm.w));
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head.weight".to_string(), h));
+        }
+        if let Some(s) = &self.score {
+            v.push(("score.weight".to_string(), s));
+        }
+        v
+    }
+
+    /// Save as an HF folder transformers loads: a `…ForSequenceClassification` when the model
+    /// has `score`, else a `…ForCausalLM` (its own `lm_head`, or tied embeddings).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_hf_weights(dir, self.named(), DEFAULT_MAX_SHARD_BYTES)?;
+        write_json(&dir.join("config.json"), &self.config_json())
+    }
+
+    /// The HF `config.json` of the model as `save` writes it.
+    pub fn config_json(&self) -> serde_json::Value {
+        let c = &self.cfg;
+        let family = match c.model_type.as_str() {
+            "qwen2" => "Qwen2",
+            "mistral" => "Mistral",
+            _ => "Llama",
+        };
+        let head = if self.score.is_some() {
+            "ForSequenceClassification"
+        } else {
+            "ForCausalLM"
+        };
+        let mut v = serde_json::json!({
+            "architectures": [format!("{family}{head}")],
+            "model_type": c.model_type,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.kv_heads(),
+            "head_dim": c.head_dim(),
+            "vocab_size": c.vocab_size,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "hidden_act": c.hidden_act,
+            "attention_bias": c.attention_bias,
+            "mlp_bias": c.mlp_bias,
+            "tie_word_embeddings": self.lm_head.is_none() && self.score.is_none(),
+            "pad_token_id": c.pad_token_id,
+            "torch_dtype": "float32",
+        });
+        if let Some(s) = &self.score {
+            let labels: serde_json::Map<String, serde_json::Value> = (0..s.size()[0])
+                .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
+                .collect();
+            v["id2label"] = labels.into();
+        }
+        v
     }
 
     /// Every tensor's bytes.

@@ -31,6 +31,9 @@ pub struct FrozenDecoder {
     gate: FrozenLayer,
     up: FrozenLayer,
     down: FrozenLayer,
+    /// Which of q, k, v, o, gate, up, down have a bias (Qwen2: q, k, v only): the fold keeps
+    /// exactly those.
+    bias: [bool; 7],
 }
 
 impl FrozenDecoder {
@@ -50,6 +53,17 @@ impl FrozenDecoder {
                 .collect();
             FrozenLayer::stack(&linears.iter().collect::<Vec<_>>())
         };
+        let first = blocks[0];
+        let bias = [
+            &first.q,
+            &first.k,
+            &first.v,
+            &first.o,
+            &first.gate,
+            &first.up,
+            &first.down,
+        ]
+        .map(|p| p.b.is_some());
         Self {
             q: lin(&|b| &b.q),
             k: lin(&|b| &b.k),
@@ -58,6 +72,7 @@ impl FrozenDecoder {
             gate: lin(&|b| &b.gate),
             up: lin(&|b| &b.up),
             down: lin(&|b| &b.down),
+            bias,
         }
     }
 }
@@ -247,17 +262,17 @@ impl LlamaSuperNet {
                 b: bias.then_some(b),
             }
         };
-        let (ab, mb) = (self.cfg.attention_bias, self.cfg.mlp_bias);
+        let [qb, kb, vb, ob, gb, ub, db] = fb.bias;
         DecoderBlock {
             ln_attn: self.rms(&mu.rms_attn),
-            q: proj(&fb.q, &mu.m_q, &mu.u_att, ab),
-            k: proj(&fb.k, &mu.m_k, &mu.u_att, ab),
-            v: proj(&fb.v, &mu.m_v, &mu.u_att, ab),
-            o: proj(&fb.o, &mu.m_o, &mu.u_o, ab),
+            q: proj(&fb.q, &mu.m_q, &mu.u_att, qb),
+            k: proj(&fb.k, &mu.m_k, &mu.u_att, kb),
+            v: proj(&fb.v, &mu.m_v, &mu.u_att, vb),
+            o: proj(&fb.o, &mu.m_o, &mu.u_o, ob),
             ln_mlp: self.rms(&mu.rms_mlp),
-            gate: proj(&fb.gate, &mu.m_gate, &mu.u_0, mb),
-            up: proj(&fb.up, &mu.m_up, &mu.u_0, mb),
-            down: proj(&fb.down, &mu.m_down, &mu.u_1, mb),
+            gate: proj(&fb.gate, &mu.m_gate, &mu.u_0, gb),
+            up: proj(&fb.up, &mu.m_up, &mu.u_0, ub),
+            down: proj(&fb.down, &mu.m_down, &mu.u_1, db),
         }
     }
 
