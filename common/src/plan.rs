@@ -15,6 +15,11 @@ pub struct UnitCost {
     pub flops: u64,
     /// Bytes of the n models' frozen tensors of this unit.
     pub bytes: u64,
+    /// Floats per sample of one model's stream after this unit (a transformer's tokens ×
+    /// width, an MLP layer's width), from the model's own config: what its teacher features
+    /// weigh.
+    #[serde(default)]
+    pub stream: u64,
 }
 
 /// Per-sample cost of a unit's merge/unmerge, element-wise passes and optimizer step, in
@@ -35,11 +40,22 @@ pub fn mlp_unit_costs(input_dim: usize, hidden: &[usize], n_models: usize) -> Ve
                 name: format!("layer{l}"),
                 flops: (n_models * (fan_in * w + w * MU_COST_PER_FEATURE)) as u64,
                 bytes: (n_models * (fan_in * w + w) * 4) as u64,
+                stream: w as u64,
             };
             fan_in = w;
             c
         })
         .collect()
+}
+
+/// The widest stream a stage of units `range` of `units` holds features of: its input (the
+/// previous unit's stream) and each of its units' outputs.
+pub fn widest(units: &[UnitCost], range: Range<usize>) -> u64 {
+    let from = range.start.saturating_sub(1);
+    (units.get(from..range.end).unwrap_or_default().iter())
+        .map(|u| u.stream)
+        .max()
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +64,9 @@ pub struct StagePlan {
     pub units: Range<usize>,
     pub flops: u64,
     pub bytes: u64,
+    /// The widest stream the stage keeps features of (`widest`).
+    #[serde(default)]
+    pub stream: u64,
     /// Where the stage's workers keep their teacher features (chosen after the partition,
     /// from `merge.features` and the memory budget).
     #[serde(default)]
@@ -114,6 +133,7 @@ impl Plan {
                 units: w[0]..w[1],
                 flops: units[w[0]..w[1]].iter().map(|u| u.flops).sum(),
                 bytes: units[w[0]..w[1]].iter().map(|u| u.bytes).sum(),
+                stream: widest(&units, w[0]..w[1]),
                 features: FeaturesAt::Memory,
             })
             .collect();

@@ -115,8 +115,12 @@ fn head_task_count_mismatch_is_named() {
 #[test]
 fn config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--set", "merge.rnak=3"], "rnak"),
+        (&["--set", "merge.precision=\"int8\""], "int8"),
+        // The MLP family merges in fp32 and keeps its (small) features.
+        (&["--set", "merge.precision=\"bf16\""], "merge.precision"),
+        (&["--set", "merge.features=\"recompute\""], "merge.features"),
         (&["--set", "merge.rank=100"], "merge.rank"),
         (&["--set", "merge.n_originals=100000"], "merge.n_originals"),
         (&["--set", "merge.mu_type=low_rank"], "merge.init"),

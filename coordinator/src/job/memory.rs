@@ -51,7 +51,12 @@ fn stage_estimate(
     let value = precision.bytes();
     let weights = (s.bytes as f64 / 4.0) * value as f64 / MIB;
     let boundaries = (s.units.len() + 1) as f64;
-    let features = boundaries * (cfg.tasks.len() * rows * stream_floats(cfg) * value) as f64 / MIB;
+    // The models' own stream size; the config's shape for a plan from before it was recorded.
+    let stream = match s.stream {
+        0 => stream_floats(cfg),
+        floats => floats as usize,
+    };
+    let features = boundaries * (cfg.tasks.len() * rows * stream * value) as f64 / MIB;
     let resident = match at {
         FeaturesAt::Memory => features,
         FeaturesAt::Disk => 0.0,
@@ -100,6 +105,7 @@ pub fn plan(
             index: 0,
             flops: 0,
             bytes: units[r.clone()].iter().map(|u| u.bytes).sum(),
+            stream: fsmerge_common::plan::widest(&units, r.clone()),
             units: r,
             features: leanest,
         };

@@ -101,6 +101,7 @@ fn bert_unit_costs(cfg: &BertConfig, n_models: usize, tokens: usize) -> Vec<Unit
         name: "embeddings".into(),
         flops: (n_models * tokens * d * MU_COST_PER_FEATURE) as u64,
         bytes: (n_models * tables * 4) as u64,
+        stream: (tokens * d) as u64,
     }];
     for l in 0..cfg.num_hidden_layers {
         let mu = (6 * d + h) * MU_COST_PER_FEATURE;
@@ -113,6 +114,7 @@ fn bert_unit_costs(cfg: &BertConfig, n_models: usize, tokens: usize) -> Vec<Unit
             name: format!("block{l}"),
             flops: (n_models * tokens * (4 * d * d + 2 * d * h + mu)) as u64,
             bytes: (n_models * (block_params + pooler) * 4) as u64,
+            stream: (tokens * d) as u64,
         });
     }
     units

@@ -98,6 +98,7 @@ fn vit_unit_costs(cfg: &VitConfig, n_models: usize) -> Vec<UnitCost> {
         name: "embeddings".into(),
         flops: (n_models * (patches * c * p * p * d + tokens * d * MU_COST_PER_FEATURE)) as u64,
         bytes: (n_models * embed_params * 4) as u64,
+        stream: (tokens * d) as u64,
     }];
     for l in 0..cfg.num_hidden_layers {
         // Six d-wide merges and one h-wide merge per token.
@@ -106,6 +107,7 @@ fn vit_unit_costs(cfg: &VitConfig, n_models: usize) -> Vec<UnitCost> {
             name: format!("block{l}"),
             flops: (n_models * tokens * (4 * d * d + 2 * d * h + mu)) as u64,
             bytes: (n_models * block_params * 4) as u64,
+            stream: (tokens * d) as u64,
         });
     }
     units
