@@ -3,14 +3,13 @@
 //! A stage that keeps its features on disk (`FeaturesAt::Disk`) computes them straight into
 //! that file, memory-mapped, and trains from the map.
 
-use crate::core::tensor::{to_host, to_tch};
+use crate::core::tensor::to_tch;
 use crate::dist::stage::StageData;
-use fsmerge_common::checkpoint::{read_tensors, write_tensors, HostTensor};
+use fsmerge_common::checkpoint::{read_tensors, HostTensor};
 use fsmerge_common::config::JobConfig;
 use fsmerge_common::mapped::MappedTensors;
 use fsmerge_common::precision::Precision;
 use fsmerge_common::{Error, Result};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -33,15 +32,27 @@ pub fn merge_inputs(
     Ok((set.x, set.task))
 }
 
-/// Cache a stage's teacher features (atomic write).
+/// Cache a stage's teacher features (atomic write), each tensor copied straight into the
+/// mapped file in its own precision: no host copy of gigabytes of features beside them.
 pub fn save(path: &Path, d: &StageData) -> Result<()> {
-    let mut t = BTreeMap::new();
-    t.insert("input".to_string(), to_host(&d.input)?);
-    t.insert("task".to_string(), to_host(&d.task.to_kind(Kind::Float))?);
-    for (j, f) in d.feats.iter().enumerate() {
-        t.insert(format!("feat{j}"), to_host(f)?);
+    let precision = |t: &Tensor| match t.kind() {
+        Kind::BFloat16 => Precision::Bf16,
+        Kind::Half => Precision::Fp16,
+        _ => Precision::Fp32,
+    };
+    let dims = |t: &Tensor| t.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
+    let task = d.task.to_kind(Kind::Float);
+    let mut tensors = vec![("input".to_string(), &d.input), ("task".to_string(), &task)];
+    tensors.extend((d.feats.iter().enumerate()).map(|(j, f)| (format!("feat{j}"), f)));
+    let layout: Vec<(String, Vec<usize>, Precision)> = (tensors.iter())
+        .map(|(name, t)| (name.clone(), dims(t), precision(t)))
+        .collect();
+    let mut file = MappedTensors::create(path, &layout, false)?;
+    for (name, t) in &tensors {
+        let mut to = mapped(&file, name)?;
+        tch::no_grad(|| to.copy_(&t.to_device(Device::Cpu)));
     }
-    write_tensors(path, &t)
+    file.commit()
 }
 
 /// The names of a stage's tensors in its feature file.
