@@ -16,6 +16,16 @@ pub fn kind_of(p: fsmerge_common::precision::Precision) -> Kind {
     }
 }
 
+/// The precision of a tch kind (fp32 for any kind that is not half).
+pub fn precision_of(kind: Kind) -> fsmerge_common::precision::Precision {
+    use fsmerge_common::precision::Precision;
+    match kind {
+        Kind::BFloat16 => Precision::Bf16,
+        Kind::Half => Precision::Fp16,
+        _ => Precision::Fp32,
+    }
+}
+
 /// `t` in fp32, what everything trained computes in (no copy when it already is): frozen
 /// weights and features may be stored in half precision (`merge.precision`).
 pub fn f32(t: &Tensor) -> Tensor {

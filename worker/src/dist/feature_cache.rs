@@ -3,7 +3,7 @@
 //! A stage that keeps its features on disk (`FeaturesAt::Disk`) computes them straight into
 //! that file, memory-mapped, and trains from the map.
 
-use crate::core::tensor::to_tch;
+use crate::core::tensor::{precision_of, to_tch};
 use crate::dist::stage::StageData;
 use fsmerge_common::checkpoint::{read_tensors, HostTensor};
 use fsmerge_common::config::JobConfig;
@@ -35,17 +35,12 @@ pub fn merge_inputs(
 /// Cache a stage's teacher features (atomic write), each tensor copied straight into the
 /// mapped file in its own precision: no host copy of gigabytes of features beside them.
 pub fn save(path: &Path, d: &StageData) -> Result<()> {
-    let precision = |t: &Tensor| match t.kind() {
-        Kind::BFloat16 => Precision::Bf16,
-        Kind::Half => Precision::Fp16,
-        _ => Precision::Fp32,
-    };
     let dims = |t: &Tensor| t.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
     let task = d.task.to_kind(Kind::Float);
     let mut tensors = vec![("input".to_string(), &d.input), ("task".to_string(), &task)];
     tensors.extend((d.feats.iter().enumerate()).map(|(j, f)| (format!("feat{j}"), f)));
     let layout: Vec<(String, Vec<usize>, Precision)> = (tensors.iter())
-        .map(|(name, t)| (name.clone(), dims(t), precision(t)))
+        .map(|(name, t)| (name.clone(), dims(t), precision_of(t.kind())))
         .collect();
     let mut file = MappedTensors::create(path, &layout, false)?;
     for (name, t) in &tensors {

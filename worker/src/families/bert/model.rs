@@ -260,8 +260,6 @@ pub struct BertPart {
     pub blocks: Vec<EncoderBlock>,
     pub pooler: Option<Linear>,
     pub classifier: Option<Linear>,
-    /// Bytes of the part's tensors (f32).
-    pub bytes: u64,
 }
 
 impl BertPart {
@@ -337,7 +335,6 @@ impl BertPart {
         mut t: BTreeMap<String, Tensor>,
     ) -> Result<Self> {
         let last = units.end == cfg.num_hidden_layers + 1;
-        let bytes = t.values().map(|x| 4 * x.numel() as u64).sum();
         let has_pooler = last && t.contains_key(&format!("{prefix}pooler.dense.weight"));
         let has_classifier = last && t.contains_key("classifier.weight");
         let mut take = |n: &str| -> Result<Tensor> {
@@ -391,7 +388,6 @@ impl BertPart {
             blocks,
             pooler,
             classifier,
-            bytes,
         })
     }
 
@@ -430,14 +426,15 @@ impl BertPart {
     /// `kind` (`merge.precision`); `trace` then runs in it.
     pub fn store_in(&mut self, kind: tch::Kind) {
         self.map_body(&|t| t.to_kind(kind));
-        self.bytes = self
-            .body()
-            .iter()
-            .map(|t| crate::core::tensor::bytes_of(t))
-            .sum::<u64>()
-            + (self.classifier.iter())
-                .map(|c| crate::core::tensor::bytes_of(&c.w) + crate::core::tensor::bytes_of(&c.b))
-                .sum::<u64>();
+    }
+
+    /// Bytes of the part's tensors, in the precision they are stored in.
+    pub fn bytes(&self) -> u64 {
+        let mut ts = self.body();
+        if let Some(c) = &self.classifier {
+            ts.extend([&c.w, &c.b]);
+        }
+        ts.iter().map(|t| crate::core::tensor::bytes_of(t)).sum()
     }
 
     /// The kind the body is stored in.

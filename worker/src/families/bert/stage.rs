@@ -85,7 +85,7 @@ impl BertStage {
         Ok(Self {
             sn,
             task_names: tasks.to_vec(),
-            weight_bytes: parts.iter().map(|p| p.bytes).sum(),
+            weight_bytes: parts.iter().map(BertPart::bytes).sum(),
             originals: parts,
             classifiers,
             mask: tokens(rows).1,
@@ -175,16 +175,10 @@ impl PipelineStage for BertStage {
         &self,
         input: &Tensor,
         idx: &Tensor,
-        _data: &StageData,
+        data: &StageData,
         s: &TrainSettings,
     ) -> (Tensor, Option<Tensor>) {
-        let input = if self.sn.has_embeddings() {
-            tokens(input).0
-        } else {
-            input.shallow_clone()
-        };
-        let mask = self.mask.index_select(0, idx);
-        (self.sn.forward(&input, &mask, s.form), None)
+        crate::dist::stage::by_segments(self, input, idx, data, s)
     }
 
     fn segments(&self) -> usize {
