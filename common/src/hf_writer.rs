@@ -89,11 +89,15 @@ impl ShardedWriter {
             None => self.open.insert(self.new_shard()?),
         };
         let io = |e| Error::io(&shard.data_path, e);
-        let mut encoded = Vec::with_capacity(bytes as usize);
-        for &v in &t.data {
-            self.precision.encode(v, &mut encoded);
+        // Encoded a block of values at a time: no second copy of a whole tensor.
+        let mut encoded = Vec::new();
+        for block in t.data.chunks(1 << 16) {
+            encoded.clear();
+            for &v in block {
+                self.precision.encode(v, &mut encoded);
+            }
+            shard.data.write_all(&encoded).map_err(io)?;
         }
-        shard.data.write_all(&encoded).map_err(io)?;
         shard
             .entries
             .push((name.clone(), t.shape, shard.bytes, shard.bytes + bytes));

@@ -414,19 +414,4 @@ impl Llama {
         }
         v
     }
-
-    /// Every tensor's bytes.
-    pub fn bytes(&self) -> u64 {
-        let mut n = self.embed.numel() + self.norm.w.numel();
-        for b in &self.blocks {
-            for p in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
-                n += p.w.numel() + p.b.as_ref().map_or(0, Tensor::numel);
-            }
-            n += b.ln_attn.w.numel() + b.ln_mlp.w.numel();
-        }
-        for h in self.lm_head.iter().chain(&self.score) {
-            n += h.numel();
-        }
-        4 * n as u64
-    }
 }
