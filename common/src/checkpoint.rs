@@ -106,12 +106,15 @@ fn not_safetensors(file: &Path, e: safetensors::SafeTensorError) -> Error {
     }
 }
 
-/// The names of the tensors in a safetensors file (from its header).
+/// The names of the tensors in a safetensors file (from its header), sorted: the header is
+/// read into a hash map, so its own order would differ from run to run.
 pub fn tensor_names(file: &Path) -> Result<Vec<String>> {
     let mmap = map_file(file)?;
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| not_safetensors(file, e))?;
-    Ok(meta.tensors().into_keys().collect())
+    let mut names: Vec<String> = meta.tensors().into_keys().collect();
+    names.sort();
+    Ok(names)
 }
 
 /// Every tensor's shape in a safetensors file, from its header, with the file checked whole

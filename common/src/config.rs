@@ -302,6 +302,9 @@ pub struct ModelConfig {
     /// BERT: the shape of the originals `fsmerge train` builds (HF BERT layout).
     #[serde(default)]
     pub bert: BertShape,
+    /// Llama: the shape of the decoders `fsmerge train` builds (HF Llama layout).
+    #[serde(default)]
+    pub llama: LlamaShape,
 }
 
 /// The originals' architecture.
@@ -314,6 +317,85 @@ pub enum Arch {
     Vit,
     /// A Hugging Face `BertForSequenceClassification` (post-LN transformer) on text.
     Bert,
+    /// A Llama-family decoder (`LlamaForSequenceClassification`; Mistral, Qwen2) on text.
+    Llama,
+}
+
+impl Arch {
+    /// Whether the originals read text (token ids), not images.
+    pub fn reads_text(self) -> bool {
+        matches!(self, Arch::Bert | Arch::Llama)
+    }
+}
+
+/// A small Llama for the text tasks: width, depth, query and key/value heads (grouped-query
+/// attention when fewer), SwiGLU intermediate size, RoPE base.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaShape {
+    #[serde(default = "default_vit_width")]
+    pub width: usize,
+    #[serde(default = "default_bert_layers")]
+    pub layers: usize,
+    #[serde(default = "default_vit_heads")]
+    pub heads: usize,
+    #[serde(default = "default_kv_heads")]
+    pub kv_heads: usize,
+    #[serde(default = "default_vit_mlp")]
+    pub mlp_dim: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+}
+
+fn default_kv_heads() -> usize {
+    2
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+
+impl Default for LlamaShape {
+    fn default() -> Self {
+        Self {
+            width: default_vit_width(),
+            layers: default_bert_layers(),
+            heads: default_vit_heads(),
+            kv_heads: default_kv_heads(),
+            mlp_dim: default_vit_mlp(),
+            rope_theta: default_rope_theta(),
+        }
+    }
+}
+
+impl LlamaShape {
+    /// Check the shape and return the width: key/value heads divide the heads, an even
+    /// head size (RoPE rotates pairs), a positive RoPE base.
+    fn check(&self) -> Result<usize> {
+        let width = encoder_shape("llama", self.width, self.layers, self.heads, self.mlp_dim)?;
+        count_in(self.kv_heads, 1024, "model.llama.kv_heads")?;
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::field(
+                "model.llama.kv_heads",
+                format!("{} does not divide heads {}", self.kv_heads, self.heads),
+            ));
+        }
+        if !(width / self.heads).is_multiple_of(2) {
+            return Err(Error::field(
+                "model.llama.width",
+                format!(
+                    "head size {} (width / heads) must be even for RoPE",
+                    width / self.heads
+                ),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(Error::field(
+                "model.llama.rope_theta",
+                format!("must be a finite number above 1, got {}", self.rope_theta),
+            ));
+        }
+        Ok(width)
+    }
 }
 
 /// A small BERT for the text tasks: width, depth, heads, intermediate (MLP) size.
@@ -446,6 +528,7 @@ impl Default for ModelConfig {
             hidden: default_hidden(),
             vit: VitShape::default(),
             bert: BertShape::default(),
+            llama: LlamaShape::default(),
         }
     }
 }
@@ -854,13 +937,13 @@ impl JobConfig {
     /// Text data and BERTs go together; what does not apply to text is refused.
     fn check_text(&self) -> Result<()> {
         let text = self.data.is_text();
-        if text != (self.model.arch == Arch::Bert) {
+        if text != self.model.arch.reads_text() {
             return Err(Error::field(
                 "model.arch",
                 if text {
-                    "text data (`spam-names`) needs `bert` originals"
+                    "text data (`spam-names`) needs `bert` or `llama` originals"
                 } else {
-                    "`bert` originals need text data (`data.dataset = \"spam-names\"`)"
+                    "`bert` and `llama` originals need text data (`data.dataset = \"spam-names\"`)"
                 },
             ));
         }
@@ -997,13 +1080,28 @@ impl JobConfig {
                 };
                 (0, 0)
             }
+            "llama" | "mistral" | "qwen2" => {
+                self.model.arch = Arch::Llama;
+                let heads = size("num_attention_heads");
+                self.model.llama = LlamaShape {
+                    width: size("hidden_size"),
+                    layers: size("num_hidden_layers"),
+                    heads,
+                    kv_heads: c["num_key_value_heads"]
+                        .as_u64()
+                        .map_or(heads, |v| v as usize),
+                    mlp_dim: size("intermediate_size"),
+                    rope_theta: c["rope_theta"].as_f64().unwrap_or(default_rope_theta()),
+                };
+                (0, 0)
+            }
             other => {
                 return Err(Error::field(
                     "models[0].path",
                     format!(
-                        "{}: model_type `{other}` is not supported (vit, bert)",
-                        path.display()
-                    ),
+                    "{}: model_type `{other}` is not supported (vit, bert, llama, mistral, qwen2)",
+                    path.display()
+                ),
                 ))
             }
         };
@@ -1013,6 +1111,22 @@ impl JobConfig {
             classes,
         });
         Ok(())
+    }
+
+    /// Floats per sample of one model's stream between units, from the config's model shape
+    /// (a transformer's tokens × width, an MLP's widest layer): the memory estimate's fallback
+    /// when a plan does not record the models' own.
+    pub fn stream_floats(&self) -> usize {
+        let m = &self.model;
+        match m.arch {
+            Arch::Mlp => m.hidden.iter().copied().max().unwrap_or(0),
+            Arch::Vit => {
+                let side = self.data.image_side() / m.vit.patch_size.max(1);
+                (side * side + 1) * m.vit.width
+            }
+            Arch::Bert => self.data.max_tokens * m.bert.width,
+            Arch::Llama => self.data.max_tokens * m.llama.width,
+        }
     }
 
     /// The folder of task `t`'s original: its `[[models]]` path, else `<models_dir>/<task>`.
@@ -1163,6 +1277,7 @@ impl JobConfig {
             Arch::Mlp => *self.model.hidden.iter().min().unwrap_or(&0),
             Arch::Vit => self.model.vit.check(self.data.image_side())?,
             Arch::Bert => self.model.bert.check()?,
+            Arch::Llama => self.model.llama.check()?,
         })
     }
 
@@ -1244,6 +1359,7 @@ impl JobConfig {
             Arch::Mlp => (self.model.hidden.len(), "layers"),
             Arch::Vit => (self.model.vit.layers + 1, "units (embeddings + blocks)"),
             Arch::Bert => (self.model.bert.layers + 1, "units (embeddings + blocks)"),
+            Arch::Llama => (self.model.llama.layers + 1, "units (embeddings + blocks)"),
         };
         if c.stages > units {
             return Err(Error::field(

@@ -71,7 +71,9 @@ fn a_folded_llama_loads_in_transformers_and_gives_the_supernets_logits() {
         // Task t's logits in the SuperNet: its reconstruction through model t's own LM head.
         let head = original.lm_head.as_ref().unwrap();
         let want = recon.get(t as i64).matmul(&head.tr());
-        let (mut merged, mut heads) = sn.merged().unwrap();
+        let lm_heads: Vec<&tch::Tensor> =
+            refs.iter().map(|m| m.lm_head.as_ref().unwrap()).collect();
+        let (mut merged, mut heads) = sn.merged(&lm_heads).unwrap();
         merged.lm_head = Some(heads.swap_remove(t));
         let out = dir.path().join(format!("merged-{t}"));
         merged.save(&out).unwrap();

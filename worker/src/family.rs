@@ -6,7 +6,7 @@
 
 use crate::data::rows::Splits;
 use crate::dist::stage::WorkerStage;
-use crate::families::{bert, mlp, vit};
+use crate::families::{bert, llama, mlp, vit};
 use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::checkpoint::HostTensor;
 use fsmerge_common::config::{Arch, JobConfig};
@@ -43,7 +43,7 @@ impl StageSpec<'_> {
     }
 }
 
-/// One model family (MLP, ViT, BERT, …) as the rest of fsmerge sees it.
+/// One model family (MLP, ViT, BERT, Llama) as the rest of fsmerge sees it.
 pub trait Family: Sync {
     /// Cost of each plan unit for the job's n models, from the originals' configs alone (no
     /// weights are read).
@@ -101,5 +101,6 @@ pub fn family(arch: Arch) -> &'static dyn Family {
         Arch::Mlp => &mlp::MlpFamily,
         Arch::Vit => &vit::VitFamily,
         Arch::Bert => &bert::BertFamily,
+        Arch::Llama => &llama::LlamaFamily,
     }
 }

@@ -7,7 +7,7 @@
 //! `cluster.memory_gb`, and a stage that fits neither way fails up front, naming the stage.
 
 use anyhow::Result;
-use fsmerge_common::config::{Arch, Features, JobConfig};
+use fsmerge_common::config::{Features, JobConfig};
 use fsmerge_common::plan::{FeaturesAt, Plan, StagePlan, UnitCost};
 use fsmerge_common::precision::Precision;
 use std::ops::Range;
@@ -53,7 +53,7 @@ fn stage_estimate(
     let boundaries = (s.units.len() + 1) as f64;
     // The models' own stream size; the config's shape for a plan from before it was recorded.
     let stream = match s.stream {
-        0 => stream_floats(cfg),
+        0 => cfg.stream_floats(),
         floats => floats as usize,
     };
     let features = boundaries * (cfg.tasks.len() * rows * stream * value) as f64 / MIB;
@@ -191,18 +191,4 @@ pub fn check_fits(cfg: &JobConfig, plan: &Plan, precision: Precision) -> Result<
         }
     }
     Ok(())
-}
-
-/// Floats per sample of one model's stream between units (a transformer's tokens × width, an
-/// MLP's widest layer).
-fn stream_floats(cfg: &JobConfig) -> usize {
-    match cfg.model.arch {
-        Arch::Mlp => cfg.model.hidden.iter().copied().max().unwrap_or(0),
-        Arch::Vit => {
-            let v = &cfg.model.vit;
-            let side = cfg.data.image_side() / v.patch_size.max(1);
-            (side * side + 1) * v.width
-        }
-        Arch::Bert => cfg.data.max_tokens * cfg.model.bert.width,
-    }
 }

@@ -22,6 +22,9 @@ pub struct HfLayout {
     pub prefix: &'static str,
     /// The encoder tensors (merged names, no prefix) the stages must send.
     pub encoder: BTreeSet<String>,
+    /// The stacked classifier's name (`classifier`; a Llama's `score`) and whether it has a
+    /// bias (a Llama's has none: the folded heads' zero biases are checked and dropped).
+    pub head: (&'static str, bool),
     /// `config.json` for the classifier's labels.
     pub config: ConfigJson,
     /// How a built-in dataset's class is named in the labels (a `[[models]]` job's classes
@@ -118,8 +121,15 @@ impl MergedWriter for HfClassifierWriter {
             )));
         }
         let (w, b) = stacked(&me.tasks, &mut me.heads)?;
-        me.shards.add("classifier.weight".into(), w)?;
-        me.shards.add("classifier.bias".into(), b)?;
+        let (head, with_bias) = me.layout.head;
+        me.shards.add(format!("{head}.weight"), w)?;
+        if with_bias {
+            me.shards.add(format!("{head}.bias"), b)?;
+        } else if b.data.iter().any(|&v| v != 0.0) {
+            return Err(Error::Protocol(format!(
+                "the folded heads have a bias, which `{head}` does not"
+            )));
+        }
         me.shards.finish()?;
         let names = &me.class_names;
         let (labels, tasks) = stacked_labels(&me.tasks, &|c| {

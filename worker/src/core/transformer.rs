@@ -9,6 +9,26 @@ use std::ops::Range;
 use std::path::Path;
 
 /// The blocks among plan units `units` (unit 0 is the embeddings, unit 1 + l is block l).
+/// Local mode's residual unmerge of a merged stream y [B, T, d]: U_res y [n, B, T, d], and the
+/// residual basis' drift, the mean square of M_res U_res y − y.
+pub fn unmerge_res(
+    m_res: &MuMatrix,
+    u_res: &MuMatrix,
+    y: &tch::Tensor,
+) -> (tch::Tensor, tch::Tensor) {
+    let (b, t, d) = y.size3().unwrap_or((0, 0, 0));
+    let flat = y.view([-1, d]);
+    let pred = u_res.unmerge(&flat);
+    let drift = (m_res.merge(&pred) - &flat).square().mean(None);
+    (pred.view([-1, b, t, d]), drift)
+}
+
+/// Local mode's residual merge M_res f [B, T, d] of the originals' streams f [n, B, T, d].
+pub fn merge_res(m_res: &MuMatrix, f: &tch::Tensor) -> tch::Tensor {
+    let (n, b, t, d) = f.size4().unwrap_or((0, 0, 0, 0));
+    m_res.merge(&f.view([n, b * t, d])).view([b, t, d])
+}
+
 pub fn unit_blocks(units: &Range<usize>) -> Range<usize> {
     units.start.max(1) - 1..units.end.saturating_sub(1)
 }

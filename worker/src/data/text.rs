@@ -1,4 +1,4 @@
-//! The text data of the BERT merge (`dataset = "spam-names"`), two different tasks on real text:
+//! The text data of the BERT and Llama merges (`dataset = "spam-names"`), two different tasks on real text:
 //! the SpamAssassin public mail corpus (class 0 ham, 1 spam) and English first names (class 2
 //! female, 3 male; names on both lists are dropped). Each text becomes one row of `max_tokens`
 //! WordPiece ids (`[CLS] … [SEP]`, `[PAD]` = 0), stored as f32 (exact: ids < 2²⁴) so text rows
@@ -9,6 +9,7 @@ use crate::data::wordpiece::WordPiece;
 use fsmerge_common::{Error, Result};
 use std::collections::HashSet;
 use std::path::Path;
+use tch::{Kind, Tensor};
 
 /// The dataset's class names, by class id.
 pub const CLASSES: [&str; 4] = ["ham", "spam", "female", "male"];
@@ -132,6 +133,13 @@ fn strip_tags(html: &str) -> String {
         }
     }
     out
+}
+
+/// Token ids [N, T] (i64) and their attention mask (1 = token, 0 = `[PAD]`) of text rows.
+pub fn tokens(x: &Tensor) -> (Tensor, Tensor) {
+    let ids = x.to_kind(Kind::Int64);
+    let mask = ids.ne(0).to_kind(Kind::Int64);
+    (ids, mask)
 }
 
 #[cfg(test)]

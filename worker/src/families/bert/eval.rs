@@ -4,10 +4,10 @@
 
 use crate::core::baselines::{regmean_block, RegmeanSums};
 use crate::core::linear::Linear;
+use crate::data::text::tokens;
 use crate::dist::distill::StudentPart;
 use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
-use crate::families::bert::merge::tokens;
 use crate::families::bert::model::{mask_bias, BertPart, BERT_BLOCK, TABLE_NAMES};
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::Result;

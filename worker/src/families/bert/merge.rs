@@ -5,8 +5,9 @@
 //! hold token ids as f32 (`data::text`); `[PAD]` = 0 is what the attention mask hides.
 
 use crate::core::linear::Linear;
-use crate::core::loss::reconstruction_loss;
+use crate::core::loss::{reconstruction_loss, token_loss};
 use crate::core::tensor::{chunked, F32};
+use crate::data::text::tokens;
 use crate::families::bert::model::Bert;
 use crate::families::bert::supernet::{BertSuperNet, LocalProblem};
 use crate::train::optim::{Classifier, OriginalSpec};
@@ -14,14 +15,7 @@ use crate::train::progress::{LogRow, Progress};
 use fsmerge_common::config::StepForm;
 use fsmerge_common::hf::BertConfig;
 use fsmerge_common::Result;
-use tch::{Kind, Tensor};
-
-/// Token ids [N, T] (i64) and their attention mask (1 = token, 0 = `[PAD]`) of text rows.
-pub fn tokens(x: &Tensor) -> (Tensor, Tensor) {
-    let ids = x.to_kind(Kind::Int64);
-    let mask = ids.ne(0).to_kind(Kind::Int64);
-    (ids, mask)
-}
+use tch::Tensor;
 
 /// The pooler's output of `model` on text rows [N, T] (in chunks): what a sequence classifier
 /// reads and FS-Merge reconstructs. A BERT without a pooler reads `[CLS]` of the last state.
@@ -54,27 +48,6 @@ pub fn original_logits(model: &Bert, x: &Tensor) -> Tensor {
 
 /// Decoupled weight decay of the originals' AdamW (BERT's usual 0.01).
 const ORIGINAL_WEIGHT_DECAY: f64 = 0.01;
-
-/// Reconstruction of token states [n, B, T, d] over the real tokens only (`tokens` [B, T], 1 =
-/// token): each text's mean over its real tokens, then the mean over texts, so every text weighs
-/// the same whatever its length, and a batch's loss is the mean of its samples' (replicas that
-/// split a batch by rows sum to it exactly). `all` averages every model's slice, `own` (one-hot
-/// [n, B]) takes each input's own model's.
-fn token_loss(pred: &Tensor, target: &Tensor, tokens: &Tensor, own: Option<&Tensor>) -> Tensor {
-    let (n, b, _, d) = pred.size4().unwrap_or((0, 0, 0, 0));
-    let weight = tokens.to_kind(Kind::Float);
-    let per_text = weight.sum_dim_intlist(1, false, None).clamp_min(1.0) * d as f64;
-    // Σ over tokens and features, per model and text: [n, B].
-    let sq = ((pred - target).square() * weight.unsqueeze(0).unsqueeze(-1)).sum_dim_intlist(
-        [2, 3].as_slice(),
-        false,
-        None,
-    ) / per_text.unsqueeze(0);
-    match own {
-        None => sq.sum(Kind::Float) / (b * n) as f64,
-        Some(m) => (sq * m).sum(Kind::Float) / b as f64,
-    }
-}
 
 /// The local loss of a SuperNet part on a batch, term by term to `emit`: each held unit's
 /// reconstruction of the next stream over the real tokens plus the residual round-trip drift

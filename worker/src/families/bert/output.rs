@@ -88,6 +88,7 @@ pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn 
     let outputs = job.tasks.iter().map(|t| t.classes.len() as i64).sum();
     let layout = HfLayout {
         prefix: "bert.",
+        head: ("classifier", true),
         encoder: encoder_names(&cfg),
         config: Box::new(move |labels| config_json(&cfg, labels, Some(outputs))),
         class_name: |c| CLASSES.get(c).unwrap_or(&"?").to_string(),

@@ -598,20 +598,14 @@ impl BertSuperNet {
         Some(o.u_final.unmerge(&y.tanh()))
     }
 
-    /// U_res y [n, B, T, d] of a merged stream y [B, T, d], and the residual basis' drift: the
-    /// mean square of M_res U_res y − y.
+    /// U_res y [n, B, T, d] of a merged stream y [B, T, d] and the residual drift.
     fn unmerge_res(&self, y: &Tensor) -> (Tensor, Tensor) {
-        let (b, t, d) = y.size3().unwrap_or((0, 0, 0));
-        let flat = y.view([-1, d]);
-        let pred = self.mu.u_res.unmerge(&flat);
-        let drift = (self.mu.m_emb.merge(&pred) - &flat).square().mean(None);
-        (pred.view([-1, b, t, d]), drift)
+        crate::core::transformer::unmerge_res(&self.mu.m_emb, &self.mu.u_res, y)
     }
 
     /// M_res f [B, T, d] of the originals' streams f [n, B, T, d].
     fn merge_res(&self, f: &Tensor) -> Tensor {
-        let (n, b, t, d) = f.size4().unwrap_or((0, 0, 0, 0));
-        self.mu.m_emb.merge(&f.view([n, b * t, d])).view([b, t, d])
+        crate::core::transformer::merge_res(&self.mu.m_emb, f)
     }
 
     /// The local problems of the held units on a batch, one at a time to `each` (so a caller

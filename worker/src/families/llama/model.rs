@@ -5,6 +5,7 @@
 
 use crate::core::tensor::{to_tch, write_hf_weights};
 use crate::families::llama::config::LlamaConfig;
+use crate::families::llama::part::{score_linear, LlamaPart};
 use fsmerge_common::checkpoint::write_json;
 use fsmerge_common::hf::WeightFiles;
 use fsmerge_common::hf_writer::DEFAULT_MAX_SHARD_BYTES;
@@ -63,6 +64,22 @@ pub const BLOCK_PROJ: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// HF names of a block's two RMSNorms (before attention, before the MLP).
+pub const BLOCK_NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
+
+/// Remove tensor `name` from `tensors`; a missing one is an error naming it and `file`.
+pub fn take_tensor(
+    tensors: &mut BTreeMap<String, Tensor>,
+    name: &str,
+    file: &Path,
+) -> Result<Tensor> {
+    tensors.remove(name).ok_or_else(|| Error::Tensor {
+        file: file.to_path_buf(),
+        tensor: name.to_string(),
+        msg: "missing".into(),
+    })
+}
+
 /// What attention needs besides the stream: the rotary tables and the additive mask.
 pub struct AttentionContext {
     /// cos, sin [T, head_dim] of each position's angles.
@@ -113,6 +130,113 @@ impl AttentionContext {
 }
 
 impl DecoderBlock {
+    /// The names of block `l`'s tensors under `{prefix}layers.{l}.`, a bias where `has` says
+    /// the model has it.
+    pub fn names(prefix: &str, l: usize, has: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let mut names = Vec::new();
+        for p in BLOCK_PROJ {
+            names.push(format!("{prefix}layers.{l}.{p}.weight"));
+            let bias = format!("{prefix}layers.{l}.{p}.bias");
+            if has(&bias) {
+                names.push(bias);
+            }
+        }
+        for n in BLOCK_NORMS {
+            names.push(format!("{prefix}layers.{l}.{n}.weight"));
+        }
+        names
+    }
+
+    /// Block `l` from its tensors under `names`' names, removed from `tensors` (`file` names
+    /// a missing one).
+    pub fn take(
+        prefix: &str,
+        l: usize,
+        eps: f64,
+        tensors: &mut BTreeMap<String, Tensor>,
+        file: &Path,
+    ) -> Result<Self> {
+        let mut take = |name: String| take_tensor(tensors, &name, file);
+        let mut proj = |p: &str| -> Result<Proj> {
+            let w = take(format!("{prefix}layers.{l}.{p}.weight"))?;
+            let b = take(format!("{prefix}layers.{l}.{p}.bias")).ok();
+            Ok(Proj { w, b })
+        };
+        let [q, k, v, o, gate, up, down] = BLOCK_PROJ.map(&mut proj);
+        let [ln_attn, ln_mlp] = BLOCK_NORMS.map(|n| {
+            take_tensor(tensors, &format!("{prefix}layers.{l}.{n}.weight"), file)
+                .map(|w| RmsNorm { w, eps })
+        });
+        Ok(Self {
+            ln_attn: ln_attn?,
+            q: q?,
+            k: k?,
+            v: v?,
+            o: o?,
+            ln_mlp: ln_mlp?,
+            gate: gate?,
+            up: up?,
+            down: down?,
+        })
+    }
+
+    /// The block's tensors under `{prefix}layers.{l}.` (biases only where it has them).
+    pub fn named(&self, prefix: &str, l: usize) -> Vec<(String, &Tensor)> {
+        let mut v = Vec::new();
+        for (name, p) in BLOCK_PROJ.iter().zip(self.projs()) {
+            v.push((format!("{prefix}layers.{l}.{name}.weight"), &p.w));
+            if let Some(bias) = &p.b {
+                v.push((format!("{prefix}layers.{l}.{name}.bias"), bias));
+            }
+        }
+        for (name, n) in BLOCK_NORMS.iter().zip([&self.ln_attn, &self.ln_mlp]) {
+            v.push((format!("{prefix}layers.{l}.{name}.weight"), &n.w));
+        }
+        v
+    }
+
+    /// The seven linear maps, in `BLOCK_PROJ` order.
+    pub fn projs(&self) -> [&Proj; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    /// The block with `f` applied to every tensor (device moves, precision, copies).
+    pub fn map(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
+        let proj = |p: &Proj| Proj {
+            w: f(&p.w),
+            b: p.b.as_ref().map(f),
+        };
+        let norm = |n: &RmsNorm| RmsNorm {
+            w: f(&n.w),
+            eps: n.eps,
+        };
+        Self {
+            ln_attn: norm(&self.ln_attn),
+            q: proj(&self.q),
+            k: proj(&self.k),
+            v: proj(&self.v),
+            o: proj(&self.o),
+            ln_mlp: norm(&self.ln_mlp),
+            gate: proj(&self.gate),
+            up: proj(&self.up),
+            down: proj(&self.down),
+        }
+    }
+
+    /// The inputs of the block's linear maps on its input x [B, T, d] (RegMean): q/k/v's
+    /// (the attention norm of x), o's (the attention before it), gate/up's (the MLP norm of
+    /// the stream after attention) and down's (silu(gate) ⊙ up), each [B, T, k].
+    pub fn linear_inputs(&self, x: &Tensor, ctx: &AttentionContext) -> [Tensor; 4] {
+        let h = self.ln_attn.forward(x);
+        let att = self.attention(&h, ctx);
+        let x = x + self.o.forward(&att);
+        let h2 = self.ln_mlp.forward(&x);
+        let gated = self.gate.forward(&h2).silu() * self.up.forward(&h2);
+        [h, att, h2, gated]
+    }
+
     pub fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> Tensor {
         let x = x + self
             .o
@@ -161,6 +285,19 @@ impl AttentionContext {
     }
 }
 
+/// Each row's state at its last real token (the last position whose mask is 1, as
+/// transformers' sequence classifiers read it): h [.., B, T, d] → [.., B, d].
+pub fn last_token(h: &Tensor, mask: &Tensor) -> Tensor {
+    let (b, t) = mask.size2().unwrap_or((0, 0));
+    let positions = Tensor::arange(t, (Kind::Int64, mask.device())).unsqueeze(0);
+    let last = (positions * mask.to_kind(Kind::Int64)).argmax(-1, false);
+    let mut shape = h.size();
+    let k = shape.len();
+    shape[k - 2] = 1;
+    let index = last.view([b, 1, 1]).expand(shape.as_slice(), false);
+    h.gather(-2, &index, false).squeeze_dim(-2)
+}
+
 /// A whole Llama-family model: the token embeddings, the blocks, the final norm, and the heads
 /// its folder has (an LM head, tied to the embeddings or its own; a sequence classifier's
 /// `score`).
@@ -185,16 +322,7 @@ impl Llama {
             "model.norm.weight".to_string(),
         ];
         for l in 0..cfg.num_hidden_layers {
-            for p in BLOCK_PROJ {
-                names.push(format!("model.layers.{l}.{p}.weight"));
-                let bias = format!("model.layers.{l}.{p}.bias");
-                if files.contains(&bias) {
-                    names.push(bias);
-                }
-            }
-            for n in ["input_layernorm", "post_attention_layernorm"] {
-                names.push(format!("model.layers.{l}.{n}.weight"));
-            }
+            names.extend(DecoderBlock::names("model.", l, &|n| files.contains(n)));
         }
         for head in ["lm_head.weight", "score.weight"] {
             if files.contains(head) {
@@ -204,40 +332,11 @@ impl Llama {
         let mut t: BTreeMap<String, Tensor> = (files.read(&names)?.into_iter())
             .map(|(n, h)| (n, to_tch(&h)))
             .collect();
-        let mut take = |name: &str| -> Result<Tensor> {
-            t.remove(name).ok_or_else(|| Error::Tensor {
-                file: dir.to_path_buf(),
-                tensor: name.to_string(),
-                msg: "missing".into(),
-            })
-        };
         let eps = cfg.rms_norm_eps;
-        let mut blocks = Vec::new();
-        for l in 0..cfg.num_hidden_layers {
-            let mut proj = |p: &str| -> Result<Proj> {
-                let w = take(&format!("model.layers.{l}.{p}.weight"))?;
-                let b = take(&format!("model.layers.{l}.{p}.bias")).ok();
-                Ok(Proj { w, b })
-            };
-            let [q, k, v, o, gate, up, down] = BLOCK_PROJ.map(&mut proj);
-            blocks.push(DecoderBlock {
-                q: q?,
-                k: k?,
-                v: v?,
-                o: o?,
-                gate: gate?,
-                up: up?,
-                down: down?,
-                ln_attn: RmsNorm {
-                    w: take(&format!("model.layers.{l}.input_layernorm.weight"))?,
-                    eps,
-                },
-                ln_mlp: RmsNorm {
-                    w: take(&format!("model.layers.{l}.post_attention_layernorm.weight"))?,
-                    eps,
-                },
-            });
-        }
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderBlock::take("model.", l, eps, &mut t, dir))
+            .collect::<Result<Vec<_>>>()?;
+        let mut take = |name: &str| take_tensor(&mut t, name, dir);
         Ok(Self {
             embed: take("model.embed_tokens.weight")?,
             norm: RmsNorm {
@@ -293,6 +392,64 @@ impl Llama {
         }
     }
 
+    /// The model's units as a part holding all of them (views; a classifier's `score` too).
+    pub fn part(&self) -> LlamaPart {
+        let units = 0..self.cfg.num_hidden_layers + 1;
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| b.map(&Tensor::shallow_clone))
+            .collect();
+        LlamaPart {
+            cfg: self.cfg.clone(),
+            embed: Some(self.embed.shallow_clone()),
+            blocks,
+            norm: Some(RmsNorm {
+                w: self.norm.w.shallow_clone(),
+                eps: self.norm.eps,
+            }),
+            score: self.score.as_ref().map(score_linear),
+            units,
+        }
+    }
+
+    /// The whole model from a part holding every unit (no LM head: tied embeddings until one
+    /// is set).
+    pub fn from_part(part: LlamaPart) -> Result<Self> {
+        let (Some(embed), Some(norm)) = (part.embed, part.norm) else {
+            return Err(Error::Compute(format!(
+                "units {:?} are not the whole Llama",
+                part.units
+            )));
+        };
+        Ok(Self {
+            cfg: LlamaConfig {
+                tie_word_embeddings: false,
+                ..part.cfg
+            },
+            embed,
+            blocks: part.blocks,
+            norm,
+            lm_head: None,
+            score: part.score.map(|s| s.w),
+        })
+    }
+
+    /// The model with `f` applied to every tensor (a detached copy, a device move).
+    pub fn map(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            embed: f(&self.embed),
+            blocks: self.blocks.iter().map(|b| b.map(f)).collect(),
+            norm: RmsNorm {
+                w: f(&self.norm.w),
+                eps: self.norm.eps,
+            },
+            lm_head: self.lm_head.as_ref().map(f),
+            score: self.score.as_ref().map(f),
+        }
+    }
+
     /// The final hidden states [B, T, d] (after the final norm) of token ids [B, T] (i64) with
     /// attention mask [B, T].
     pub fn hidden(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
@@ -327,13 +484,7 @@ impl Llama {
         let score = self.score.as_ref().ok_or_else(|| {
             Error::Compute("the model has no score.weight (not a sequence classifier)".into())
         })?;
-        let t = ids.size()[1];
-        let positions = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
-        let last = (positions * mask.to_kind(Kind::Int64)).argmax(-1, false);
-        let h = self.hidden(ids, mask);
-        let rows = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
-        let pooled = h.index(&[Some(rows), Some(last)]);
-        Ok(pooled.matmul(&score.tr()))
+        Ok(last_token(&self.hidden(ids, mask), mask).matmul(&score.tr()))
     }
 
     /// Every tensor under its HF name: the body under `model.`, then `lm_head.weight` and
@@ -341,21 +492,7 @@ impl Llama {
     pub fn named(&self) -> Vec<(String, &Tensor)> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
         for (l, b) in self.blocks.iter().enumerate() {
-            let projs = [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down];
-            for (name, p) in BLOCK_PROJ.iter().zip(projs) {
-                v.push((format!("model.layers.{l}.{name}.weight"), &p.w));
-                if let Some(bias) = &p.b {
-                    v.push((format!("model.layers.{l}.{name}.bias"), bias));
-                }
-            }
-            v.push((
-                format!("model.layers.{l}.input_layernorm.weight"),
-                &b.ln_attn.w,
-            ));
-            v.push((
-                format!("model.layers.{l}.post_attention_layernorm.weight"),
-                &b.ln_mlp.w,
-            ));
+            v.extend(b.named("model.", l));
         }
         v.push(("model.norm.weight".to_string(), &self.norm.w));
         if let Some(h) = &self.lm_head {
@@ -368,50 +505,83 @@ impl Llama {
     }
 
     /// Save as an HF folder transformers loads: a `…ForSequenceClassification` when the model
-    /// has `score`, else a `…ForCausalLM` (its own `lm_head`, or tied embeddings).
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        write_hf_weights(dir, self.named(), DEFAULT_MAX_SHARD_BYTES)?;
-        write_json(&dir.join("config.json"), &self.config_json())
+    /// has `score` (its labels `labels`, else `LABEL_i`), else a `…ForCausalLM` (its own
+    /// `lm_head`, or tied embeddings); shards of at most `max_shard_bytes`.
+    pub fn save_labeled(&self, dir: &Path, labels: &[String], max_shard_bytes: u64) -> Result<()> {
+        write_hf_weights(dir, self.named(), max_shard_bytes)?;
+        write_json(&dir.join("config.json"), &self.config_json(labels))
     }
 
-    /// The HF `config.json` of the model as `save` writes it.
-    pub fn config_json(&self) -> serde_json::Value {
-        let c = &self.cfg;
-        let family = match c.model_type.as_str() {
-            "qwen2" => "Qwen2",
-            "mistral" => "Mistral",
-            _ => "Llama",
-        };
-        let head = if self.score.is_some() {
-            "ForSequenceClassification"
-        } else {
-            "ForCausalLM"
-        };
-        let mut v = serde_json::json!({
-            "architectures": [format!("{family}{head}")],
-            "model_type": c.model_type,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.kv_heads(),
-            "head_dim": c.head_dim(),
-            "vocab_size": c.vocab_size,
-            "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta,
-            "hidden_act": c.hidden_act,
-            "attention_bias": c.attention_bias,
-            "mlp_bias": c.mlp_bias,
-            "tie_word_embeddings": self.lm_head.is_none() && self.score.is_none(),
-            "pad_token_id": c.pad_token_id,
-            "torch_dtype": "float32",
-        });
-        if let Some(s) = &self.score {
-            let labels: serde_json::Map<String, serde_json::Value> = (0..s.size()[0])
-                .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
-                .collect();
-            v["id2label"] = labels.into();
-        }
-        v
+    /// `save_labeled` with `LABEL_i` labels in one shard of the default size.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_labeled(dir, &[], DEFAULT_MAX_SHARD_BYTES)
     }
+
+    /// The HF `config.json` of the model as `save_labeled` writes it.
+    pub fn config_json(&self, labels: &[String]) -> serde_json::Value {
+        let head = match &self.score {
+            Some(s) => {
+                let names: Vec<String> = (0..s.size()[0] as usize)
+                    .map(|i| labels.get(i).cloned().unwrap_or(format!("LABEL_{i}")))
+                    .collect();
+                Head::Classifier(names)
+            }
+            None => Head::CausalLm {
+                tied: self.lm_head.is_none(),
+            },
+        };
+        config_json(&self.cfg, &head)
+    }
+}
+
+/// What a saved Llama's head is, for its `config.json`.
+pub enum Head {
+    /// `…ForCausalLM`, its LM head tied to the embeddings or its own.
+    CausalLm { tied: bool },
+    /// `…ForSequenceClassification` with these labels.
+    Classifier(Vec<String>),
+}
+
+/// The HF `config.json` of a Llama-family model of `c` with head `head` (fp32; a writer in
+/// another precision overrides `torch_dtype`).
+pub fn config_json(c: &LlamaConfig, head: &Head) -> serde_json::Value {
+    let family = match c.model_type.as_str() {
+        "qwen2" => "Qwen2",
+        "mistral" => "Mistral",
+        _ => "Llama",
+    };
+    let (class, tied) = match head {
+        Head::Classifier(_) => ("ForSequenceClassification", false),
+        Head::CausalLm { tied } => ("ForCausalLM", *tied),
+    };
+    let mut v = serde_json::json!({
+        "architectures": [format!("{family}{class}")],
+        "model_type": c.model_type,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.kv_heads(),
+        "head_dim": c.head_dim(),
+        "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "hidden_act": c.hidden_act,
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+        "tie_word_embeddings": tied,
+        "pad_token_id": c.pad_token_id,
+        "torch_dtype": "float32",
+    });
+    if let Head::Classifier(labels) = head {
+        let id2label: serde_json::Map<String, serde_json::Value> = (labels.iter().enumerate())
+            .map(|(i, l)| (i.to_string(), l.clone().into()))
+            .collect();
+        let label2id: serde_json::Map<String, serde_json::Value> = (labels.iter().enumerate())
+            .map(|(i, l)| (l.clone(), i.into()))
+            .collect();
+        v["id2label"] = id2label.into();
+        v["label2id"] = label2id.into();
+    }
+    v
 }

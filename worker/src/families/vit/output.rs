@@ -77,6 +77,7 @@ pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn 
     let cfg = VitConfig::load(&job.original_dir(models_dir, 0))?;
     let layout = HfLayout {
         prefix: "vit.",
+        head: ("classifier", true),
         encoder: encoder_names(&cfg),
         config: Box::new(move |labels| config_json(&cfg, labels, true)),
         class_name: |c| format!("class {c}"),
