@@ -7,7 +7,7 @@
 use fsmerge_common::checkpoint::{read_json, write_tensors};
 use fsmerge_common::config::JobConfig;
 use fsmerge_common::metrics::Metrics;
-use fsmerge_tests::{fsmerge, max_rel_diff, python_fixture, root, scores, stderr};
+use fsmerge_tests::{fsmerge, launch_config, max_rel_diff, python_fixture, root, scores, stderr};
 use fsmerge_worker::core::eval::{evaluate, EvalSet};
 use fsmerge_worker::core::tensor::to_host;
 use fsmerge_worker::data;
@@ -148,8 +148,10 @@ fn llama_merge_on_text_and_transformers_reproduces_it() {
 }
 
 /// The distributed Llama merge gives the single-process one: 3 stages (embeddings, block 0,
-/// block 1 + final norm) × 2 replicas with 3 micro-batches and the features on disk, and 2
-/// stages recomputing the teacher each batch (with RegMean, which reads them materialized);
+/// block 1 + final norm) × 2 replicas with 3 micro-batches and the features on disk, 2
+/// stages recomputing the teacher each batch (with RegMean, which reads them materialized),
+/// worker processes (`fsmerge coordinator` + 2 × `fsmerge worker`) on 2 stages, and bf16
+/// originals within a point of fp32;
 /// local-then-global, so the shared M_res/U_res, the local chain and the pipeline all take
 /// part. Diagonal + low-rank M/U: with `att_heads` the replicas' rounding (per-step losses
 /// equal within 3e-7) grows to 4.6e-4 in the weights over the run, along directions the loss
@@ -202,4 +204,78 @@ fn distributed_llama_merge_equals_the_single_process_merge() {
         assert!(diff <= 1e-4, "{name}: folded weights differ by {diff:e}");
         assert_eq!(scores(&metrics(name)), scores(&reference), "{name}");
     }
+
+    // The originals stored and run in bf16 on 2 stages (M/U, their training and the fold in
+    // fp32, the merged model written in bf16): within a point of the fp32 merge.
+    let mut sets: Vec<&str> = small.to_vec();
+    sets.extend([
+        models.as_str(),
+        "cluster.stages=2",
+        "merge.features=\"disk\"",
+        "merge.precision=\"bf16\"",
+    ]);
+    let o = merge(&dir.join("bf16"), &sets);
+    assert!(o.status.success(), "bf16 failed: {}", stderr(&o));
+    let fs = |m: &Metrics| {
+        let r = m.results.iter().find(|r| r.method == "fs-merge").unwrap();
+        r.mean_task_acc
+    };
+    let (half, full) = (fs(&metrics("bf16")), fs(&reference));
+    println!("bf16: fs-merge mean task accuracy {half:.4} (fp32 {full:.4})");
+    assert!((half - full).abs() < 0.01, "bf16 {half} vs fp32 {full}");
+    let written: serde_json::Value = read_json(&dir.join("bf16/merged/config.json")).unwrap();
+    assert_eq!(written["torch_dtype"], "bfloat16");
+
+    // Worker processes, started apart from the coordinator.
+    let mut sets: Vec<String> = [
+        "data.max_tokens=32",
+        "train.epochs=2",
+        "merge.epochs=10",
+        "merge.lr=1e-2",
+        models.as_str(),
+    ]
+    .iter()
+    .chain(&small)
+    .flat_map(|s| ["--set".to_string(), s.to_string()])
+    .collect();
+    sets.extend(["--threads".into(), "1".into()]);
+    let config = root().join("configs/spam-names-llama.toml");
+    let job = launch_config(
+        &config.display().to_string(),
+        dir,
+        "processes",
+        2,
+        1,
+        &sets,
+        false,
+    );
+    let log = job.log.clone();
+    assert!(
+        job.finish(std::time::Duration::from_secs(300)),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    let diff = max_rel_diff(&merged("processes"), &merged("single"));
+    println!("processes 2x1: folded weights differ by {diff:.2e} (relative)");
+    assert!(diff <= 1e-4, "processes: folded weights differ by {diff:e}");
+    assert_eq!(scores(&metrics("processes")), scores(&reference));
+
+    // Originals whose tokenizers differ are refused before any work, naming the file.
+    let odd = dir.join("odd-originals");
+    for (task, text) in [("spam", "{\"a\": 1}"), ("names", "{\"a\": 2}")] {
+        let to = odd.join(task);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(dir.join("single/originals").join(task).join(f), to.join(f)).unwrap();
+        }
+        std::fs::write(to.join("tokenizer.json"), text).unwrap();
+    }
+    let odd_models = format!("train.models_dir=\"{}\"", odd.display());
+    let o = fsmerge(&["check", config.to_str().unwrap(), "--set", &odd_models]);
+    assert!(!o.status.success(), "different tokenizers were accepted");
+    let err = stderr(&o);
+    assert!(
+        err.contains("names/tokenizer.json") && err.contains("tokenizer"),
+        "{err}"
+    );
 }

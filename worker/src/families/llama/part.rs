@@ -168,6 +168,14 @@ impl LlamaPart {
         }
     }
 
+    /// The kind the body is stored in (`merge.precision`).
+    fn kind(&self) -> Kind {
+        let first = self.blocks.first().map(|b| &b.ln_attn.w);
+        first
+            .or(self.norm.as_ref().map(|n| &n.w))
+            .map_or(Kind::Float, Tensor::kind)
+    }
+
     /// Bytes of the body's tensors.
     pub fn bytes(&self) -> u64 {
         self.named().iter().map(|(_, t)| bytes_of(t)).sum()
@@ -186,7 +194,8 @@ impl LlamaPart {
                 out.push(x.shallow_clone());
                 x
             }
-            None => input.shallow_clone(),
+            // A stream in another precision (evaluation sends fp32) runs in the part's.
+            None => input.to_kind(self.kind()),
         };
         for b in &self.blocks {
             x = b.forward(&x, &ctx);
