@@ -1636,6 +1636,33 @@ mod tests {
     }
 
     #[test]
+    fn llama_shape_is_checked_by_field() {
+        let job = |llama: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("job.toml");
+            let text = format!(
+                "[data]\ndataset = \"spam-names\"\n[[tasks]]\nname = \"spam\"\nclasses = [0, 1]\n\
+                 [[tasks]]\nname = \"names\"\nclasses = [2, 3]\n\
+                 [model]\narch = \"llama\"\n[model.llama]\n{llama}\n[merge]\nn_augmented = 0"
+            );
+            std::fs::write(&p, text).unwrap();
+            JobConfig::load(&p)
+        };
+        let c = job("").unwrap();
+        assert_eq!((c.model.arch, c.model.llama.kv_heads), (Arch::Llama, 2));
+        assert_eq!(c.stream_floats(), 64 * 64);
+        for (shape, field) in [
+            ("kv_heads = 3", "model.llama.kv_heads"),
+            ("width = 60\nheads = 4", "model.llama.width"),
+            ("width = 66", "model.llama.width"),
+            ("rope_theta = 0.5", "model.llama.rope_theta"),
+        ] {
+            let e = job(shape).unwrap_err().to_string();
+            assert!(e.contains(field), "{shape}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_class_and_duplicate_task() {
         let e = load("[[tasks]]\nname = \"a\"\nclasses = [1, 2]")
             .unwrap_err()

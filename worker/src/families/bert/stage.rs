@@ -65,7 +65,7 @@ impl BertStage {
         rows: &Tensor,
         precision: Precision,
     ) -> Result<Self> {
-        let parts = dirs
+        let mut parts = dirs
             .iter()
             .map(|d| {
                 let mut part = BertPart::load(d, units.clone())?;
@@ -77,6 +77,12 @@ impl BertStage {
         let sn = with_mu_seed(seed, || {
             BertSuperNet::from_parts_without_blocks(&refs, merge.mu_type, merge.init, merge.rank)
         })?;
+        // The originals' tables become views of the SuperNet's stacked copy (one copy held).
+        for (i, p) in parts.iter_mut().enumerate() {
+            if let Some(e) = sn.model_embeddings(i) {
+                p.embeddings = Some(e);
+            }
+        }
         let classifiers = if sn.has_output() {
             let heads: Vec<_> = parts.iter().map(|p| p.classifier.as_ref()).collect();
             task_classifiers(dirs, &heads)?

@@ -356,6 +356,15 @@ impl BertSuperNet {
             .collect()
     }
 
+    /// Model i's embedding tables and LayerNorm, views of the stacked ones (with the
+    /// embeddings): a stage that recomputes its teacher keeps these, not a second copy.
+    pub fn model_embeddings(&self, i: usize) -> Option<([Tensor; 3], LayerNorm)> {
+        let e = self.frozen.embeddings.as_ref()?;
+        let i64 = i as i64;
+        let tables = [e.word.get(i64), e.position.get(i64), e.token_type.get(i64)];
+        Some((tables, e.ln.model(i, self.frozen.cfg.layer_norm_eps)))
+    }
+
     /// The held units.
     pub fn units(&self) -> Range<usize> {
         self.frozen.units.clone()

@@ -65,7 +65,7 @@ impl LlamaStage {
         rows: &Tensor,
         precision: Precision,
     ) -> Result<Self> {
-        let parts = dirs
+        let mut parts = dirs
             .iter()
             .map(|d| {
                 let mut part = LlamaPart::load(d, units.clone())?;
@@ -77,6 +77,12 @@ impl LlamaStage {
         let sn = with_mu_seed(seed, || {
             LlamaSuperNet::from_parts(&refs, (merge.mu_type, merge.init, merge.rank), false)
         })?;
+        // The originals' tables become views of the SuperNet's stacked copy (one copy held).
+        for (i, p) in parts.iter_mut().enumerate() {
+            if let Some(e) = sn.model_embed(i) {
+                p.embed = Some(e);
+            }
+        }
         let heads =
             if sn.has_output() {
                 (dirs.iter().zip(&parts))

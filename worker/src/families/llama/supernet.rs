@@ -394,6 +394,11 @@ impl LlamaSuperNet {
         self.blocks.iter().map(|b| b.model(i, eps)).collect()
     }
 
+    /// Model i's token embeddings, a view of the stacked ones (with the embeddings).
+    pub fn model_embed(&self, i: usize) -> Option<Tensor> {
+        self.embed.as_ref().map(|e| e.get(i as i64))
+    }
+
     pub fn units(&self) -> Range<usize> {
         self.units.clone()
     }
