@@ -22,23 +22,32 @@ type Fixture = (PathBuf, BTreeMap<String, f64>);
 /// The ViT fixture (models, data, transformers' accuracies), made once per test binary.
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| make_fixture("make_user_vits.py", "user_vits", "300"))
+    FIXTURE.get_or_init(|| make_fixture("make_user_vits.py", "user_vits", &["300"]))
 }
 
 /// The BERT fixture, made once per test binary.
 fn text_fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| make_fixture("make_user_berts.py", "user_berts", "200"))
+    FIXTURE.get_or_init(|| make_fixture("make_user_berts.py", "user_berts", &["200"]))
+}
+
+/// The Llama fixture (the same tokenizer, tasks and data as the BERTs'), made once per test
+/// binary.
+fn llama_fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| make_fixture("make_user_berts.py", "user_llamas", &["200", "llama"]))
 }
 
 /// Run fixture `script` into a folder of the target dir (rewritten on every run); returns the
 /// folder and the accuracies transformers printed.
-fn make_fixture(script: &str, name: &str, steps: &str) -> Fixture {
+fn make_fixture(script: &str, name: &str, args: &[&str]) -> Fixture {
     {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let out = python_fixture(script, &[&dir, Path::new(steps)]);
+        let mut all = vec![dir.as_path()];
+        all.extend(args.iter().map(Path::new));
+        let out = python_fixture(script, &all);
         let acc = out
             .lines()
             .filter_map(|l| {
@@ -278,6 +287,23 @@ fn user_berts_merge_with_their_tokenizer_and_load_back_in_transformers() {
     );
     std::fs::remove_file(names.join("tokenizer.json")).unwrap();
     fails(&cfg, tmp.path(), &["names/tokenizer.json", "missing"]);
+}
+
+/// Two Llama sequence classifiers fine-tuned by transformers (GQA, RoPE, their own tokenizer)
+/// merge from their folders; transformers reads `merged/` back to fsmerge's accuracies.
+#[test]
+fn user_llamas_merge_with_their_tokenizer_and_load_back_in_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = &llama_fixture().0;
+    let cfg = text_config(tmp.path(), root, "user-llamas", &|_, e| e);
+    let m = merge_and_load_back(&cfg, llama_fixture(), &TEXT_TASKS, "32");
+    let merged = cfg.with_extension("run").join("merged");
+    assert!(merged.join("tokenizer.json").is_file());
+    let config: serde_json::Value = read_json(&merged.join("config.json")).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(config["num_key_value_heads"], 2);
+    let fs = row(&m, "fs-merge").mean_task_acc;
+    assert!(fs > row(&m, "first").mean_task_acc + 0.05, "{fs}");
 }
 
 /// A `[[models]]` entry without its `eval_data` line.
