@@ -150,8 +150,8 @@ fn llama_merge_on_text_and_transformers_reproduces_it() {
 /// The distributed Llama merge gives the single-process one: 3 stages (embeddings, block 0,
 /// block 1 + final norm) × 2 replicas with 3 micro-batches and the features on disk, 2
 /// stages recomputing the teacher each batch (with RegMean, which reads them materialized),
-/// worker processes (`fsmerge coordinator` + 2 × `fsmerge worker`) on 2 stages, and bf16
-/// originals within a point of fp32;
+/// worker processes (`fsmerge coordinator` + 2 × `fsmerge worker`) on 2 stages, bf16
+/// originals within a point of fp32, and activation checkpointing bit for bit;
 /// local-then-global, so the shared M_res/U_res, the local chain and the pipeline all take
 /// part. Diagonal + low-rank M/U: with `att_heads` the replicas' rounding (per-step losses
 /// equal within 3e-7) grows to 4.6e-4 in the weights over the run, along directions the loss
@@ -225,6 +225,22 @@ fn distributed_llama_merge_equals_the_single_process_merge() {
     assert!((half - full).abs() < 0.01, "bf16 {half} vs fp32 {full}");
     let written: serde_json::Value = read_json(&dir.join("bf16/merged/config.json")).unwrap();
     assert_eq!(written["torch_dtype"], "bfloat16");
+
+    // Activation checkpointing (each block's input kept, the block recomputed in the
+    // backward) changes nothing: the same weights bit for bit on 2 stages × 2 micro-batches.
+    for (name, on) in [("ckpt-off", "false"), ("ckpt-on", "true")] {
+        let ckpt = format!("merge.checkpoint_activations={on}");
+        let mut sets: Vec<&str> = small.to_vec();
+        sets.extend([
+            models.as_str(),
+            "cluster.stages=2",
+            "cluster.micro_batches=2",
+            &ckpt,
+        ]);
+        let o = merge(&dir.join(name), &sets);
+        assert!(o.status.success(), "{name} failed: {}", stderr(&o));
+    }
+    assert_eq!(max_rel_diff(&merged("ckpt-on"), &merged("ckpt-off")), 0.0);
 
     // Worker processes, started apart from the coordinator.
     let mut sets: Vec<String> = [
