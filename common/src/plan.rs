@@ -149,7 +149,9 @@ impl Plan {
         Plan::balanced(units, 1, 1).expect("one stage always fits")
     }
 
-    pub fn describe(&self) -> String {
+    /// One line per stage: its units, compute, the frozen weights it holds in `precision` (the
+    /// unit costs count fp32 bytes), where its teacher features live.
+    pub fn describe(&self, precision: crate::precision::Precision) -> String {
         let mut s = format!(
             "{} stage(s) × {} replica(s)",
             self.stages.len(),
@@ -161,11 +163,12 @@ impl Plan {
                 .map(|u| u.name.as_str())
                 .collect();
             s.push_str(&format!(
-                "\n  stage {}: {} ({:.2} MFLOP/sample, {:.2} MB frozen in fp32, teacher features {})",
+                "\n  stage {}: {} ({:.2} MFLOP/sample, {:.2} MB frozen in {}, teacher features {})",
                 st.index,
                 names.join(", "),
                 st.flops as f64 / 1e6,
-                st.bytes as f64 / 1e6,
+                st.bytes as f64 / 4.0 * precision.bytes() as f64 / 1e6,
+                precision.torch_dtype(),
                 match st.features {
                     FeaturesAt::Memory => "in memory",
                     FeaturesAt::Disk => "in a memory-mapped file",

@@ -53,7 +53,7 @@ pub fn run(args: &JobArgs) -> Result<()> {
     let plan = memory::plan(cfg, family.unit_costs(cfg, &job.models_dir)?, precision)?;
     println!(
         "plan: {}; originals and features in {}",
-        plan.describe(),
+        plan.describe(precision),
         precision.torch_dtype()
     );
     for s in memory::estimate(cfg, &plan, precision) {

@@ -34,7 +34,7 @@ pub fn run(job: &Job, launch: &Launch, resume: bool) -> Result<()> {
     let plan = memory::plan(cfg, family.unit_costs(cfg, &job.models_dir)?, precision)?;
     tracing::info!(
         "plan: {}; originals and features in {}",
-        plan.describe(),
+        plan.describe(precision),
         precision.torch_dtype()
     );
     memory::check_fits(cfg, &plan, precision)?;
