@@ -38,6 +38,12 @@ fn llama_fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| make_fixture("make_user_berts.py", "user_llamas", &["200", "llama"]))
 }
 
+/// The same as Qwen2 models (biases on q, k, v), made once per test binary.
+fn qwen2_fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| make_fixture("make_user_berts.py", "user_qwen2", &["200", "qwen2"]))
+}
+
 /// Run fixture `script` into a folder of the target dir (rewritten on every run); returns the
 /// folder and the accuracies transformers printed.
 fn make_fixture(script: &str, name: &str, args: &[&str]) -> Fixture {
@@ -290,20 +296,39 @@ fn user_berts_merge_with_their_tokenizer_and_load_back_in_transformers() {
 }
 
 /// Two Llama sequence classifiers fine-tuned by transformers (GQA, RoPE, their own tokenizer)
-/// merge from their folders; transformers reads `merged/` back to fsmerge's accuracies.
+/// merge from their folders, and two Qwen2 ones (biases on q, k, v); transformers reads
+/// `merged/` back to fsmerge's accuracies.
 #[test]
 fn user_llamas_merge_with_their_tokenizer_and_load_back_in_transformers() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = &llama_fixture().0;
-    let cfg = text_config(tmp.path(), root, "user-llamas", &|_, e| e);
-    let m = merge_and_load_back(&cfg, llama_fixture(), &TEXT_TASKS, "32");
-    let merged = cfg.with_extension("run").join("merged");
-    assert!(merged.join("tokenizer.json").is_file());
-    let config: serde_json::Value = read_json(&merged.join("config.json")).unwrap();
-    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
-    assert_eq!(config["num_key_value_heads"], 2);
-    let fs = row(&m, "fs-merge").mean_task_acc;
-    assert!(fs > row(&m, "first").mean_task_acc + 0.05, "{fs}");
+    for (fixture, name, class) in [
+        (
+            llama_fixture(),
+            "user-llamas",
+            "LlamaForSequenceClassification",
+        ),
+        (
+            qwen2_fixture(),
+            "user-qwen2",
+            "Qwen2ForSequenceClassification",
+        ),
+    ] {
+        let cfg = text_config(tmp.path(), &fixture.0, name, &|_, e| e);
+        let m = merge_and_load_back(&cfg, fixture, &TEXT_TASKS, "32");
+        let merged = cfg.with_extension("run").join("merged");
+        assert!(merged.join("tokenizer.json").is_file());
+        let config: serde_json::Value = read_json(&merged.join("config.json")).unwrap();
+        assert_eq!(config["architectures"][0], class);
+        assert_eq!(config["num_key_value_heads"], 2);
+        let fs = row(&m, "fs-merge").mean_task_acc;
+        assert!(fs > row(&m, "first").mean_task_acc + 0.05, "{name}: {fs}");
+    }
+    let shapes = fsmerge_common::checkpoint::tensor_shapes(
+        &tmp.path().join("user-qwen2.run/merged/model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(shapes["model.layers.0.self_attn.k_proj.bias"], [32]);
+    assert!(!shapes.contains_key("model.layers.0.self_attn.o_proj.bias"));
 }
 
 /// A `[[models]]` entry without its `eval_data` line.
