@@ -80,6 +80,18 @@ pub fn remove_registered() -> usize {
     removed
 }
 
+/// End the process now with `code`, from any thread, after flushing stdout and stderr: no
+/// atexit handlers or static destructors run. `std::process::exit` runs them, and libtorch's
+/// tearing down its thread pools while another thread still trains in them crashed the
+/// process (SIGSEGV instead of the signal's exit code) when a signal came mid-training.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` only ends the process; nothing of this process runs after it.
+    unsafe { libc::_exit(code) }
+}
+
 /// A directory that collects a job's outputs and moves them into the final directory only on
 /// `commit`. Dropped without commit, it deletes itself and, if the final directory did not
 /// exist before, that too.
