@@ -27,14 +27,15 @@ pub fn block_shapes(l: usize, layout: &Layout, d: usize, h: usize) -> Vec<(Strin
 
 /// The encoder's tensors in the HF folder `dir` have the shapes its `config.json` implies
 /// (`expected`, names with or without `prefix`), from the safetensors headers alone, and no
-/// block lies beyond `layers`: a checkpoint whose config disagrees with its weights is an
+/// block (`{blocks}{l}.…`: `encoder.layer.`, `model.layers.`) lies beyond `layers`: a
+/// checkpoint whose config disagrees with its weights is an
 /// error naming the tensor, before any tensor op.
 pub fn check_shapes(
     dir: &Path,
     files: &WeightFiles,
     prefix: &str,
     expected: &[(String, Vec<usize>)],
-    layers: usize,
+    (blocks, layers): (&str, usize),
 ) -> Result<()> {
     let shapes = files.shapes()?;
     let pre = match expected.first() {
@@ -54,7 +55,7 @@ pub fn check_shapes(
             msg,
         });
     }
-    let beyond = format!("{pre}encoder.layer.{layers}.");
+    let beyond = format!("{pre}{blocks}{layers}.");
     if let Some(name) = shapes.keys().find(|k| k.starts_with(&beyond)) {
         return Err(Error::Tensor {
             file: dir.to_path_buf(),

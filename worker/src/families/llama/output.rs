@@ -2,7 +2,7 @@
 //! from their configs and safetensors headers, and the merged model written as the stages send
 //! it, one `LlamaForSequenceClassification` whose `score` stacks every task's head.
 
-use crate::core::checks::{check_classifier, check_rank};
+use crate::core::checks::{check_classifier, check_rank, check_shapes};
 use crate::core::merged_output::{HfClassifierWriter, HfLayout};
 use crate::data::text::CLASSES;
 use crate::families::llama::config::LlamaConfig;
@@ -54,29 +54,16 @@ pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
     for (task, dir) in job.tasks.iter().zip(job.original_dirs(models_dir)) {
         let cfg = LlamaConfig::load(&dir)?;
         let files = WeightFiles::open(&dir)?;
-        let shapes = files.shapes()?;
-        for (name, shape) in expected_shapes(&cfg, &|n| files.contains(n)) {
-            let msg = match shapes.get(&name) {
-                None => "missing from the model's weights".to_string(),
-                Some(s) if *s != shape => {
-                    format!("shape {s:?}, but config.json implies {shape:?}")
-                }
-                Some(_) => continue,
-            };
-            return Err(Error::Tensor {
-                file: dir,
-                tensor: name,
-                msg,
-            });
-        }
-        let beyond = format!("{BODY_PREFIX}layers.{}.", cfg.num_hidden_layers);
-        if let Some(name) = shapes.keys().find(|k| k.starts_with(&beyond)) {
-            return Err(Error::Tensor {
-                file: dir.clone(),
-                tensor: name.clone(),
-                msg: "a block beyond config.json's num_hidden_layers".into(),
-            });
-        }
+        // Full HF names, no optional prefix: fsmerge reads a Llama's body under `model.`.
+        let expected = expected_shapes(&cfg, &|n| files.contains(n));
+        let blocks = format!("{BODY_PREFIX}layers.");
+        check_shapes(
+            &dir,
+            &files,
+            "",
+            &expected,
+            (&blocks, cfg.num_hidden_layers),
+        )?;
         let outputs = files
             .shape("score.weight")?
             .and_then(|s| s.first().copied());

@@ -25,7 +25,7 @@ pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
             &files,
             "vit.",
             &expected_shapes(&cfg),
-            cfg.num_hidden_layers,
+            ("encoder.layer.", cfg.num_hidden_layers),
         )?;
         let outputs = files
             .shape("classifier.weight")?
