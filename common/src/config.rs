@@ -243,6 +243,11 @@ pub struct DataConfig {
     /// Text: the WordPiece vocabulary (`vocab.txt`, BERT uncased).
     #[serde(default = "default_vocab")]
     pub vocab: PathBuf,
+    /// Text: keep only the vocabulary's first `vocab_size` tokens (BERT's `vocab.txt` lists
+    /// the special tokens, the characters, then word pieces by frequency): a causal LM's
+    /// output layer is vocabulary-sized. Absent: the whole file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
     /// `[[models]]` jobs: the input, from the models' `config.json` (filled when the config
     /// is loaded, never written by hand).
     #[serde(default)]
@@ -258,6 +263,7 @@ impl Default for DataConfig {
             test_fraction: default_test_fraction(),
             max_tokens: default_max_tokens(),
             vocab: default_vocab(),
+            vocab_size: None,
             models_input: None,
         }
     }
@@ -345,6 +351,22 @@ pub struct LlamaShape {
     pub mlp_dim: usize,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// What the decoders are: sequence classifiers (`classify`), or causal language models
+    /// of their task's texts (`lm`), scored by per-domain perplexity.
+    #[serde(default)]
+    pub objective: Objective,
+}
+
+/// What a job's originals are trained for and scored by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Class logits of each task's head (accuracy, fidelity of the predicted class).
+    #[default]
+    Classify,
+    /// Next-token prediction over each task's texts (per-domain perplexity, next-token
+    /// accuracy and agreement): a Llama `…ForCausalLM` per task.
+    Lm,
 }
 
 fn default_kv_heads() -> usize {
@@ -363,6 +385,7 @@ impl Default for LlamaShape {
             kv_heads: default_kv_heads(),
             mlp_dim: default_vit_mlp(),
             rope_theta: default_rope_theta(),
+            objective: Objective::Classify,
         }
     }
 }
@@ -1092,6 +1115,9 @@ impl JobConfig {
                         .map_or(heads, |v| v as usize),
                     mlp_dim: size("intermediate_size"),
                     rope_theta: c["rope_theta"].as_f64().unwrap_or(default_rope_theta()),
+                    // `[[models]]` Llamas are sequence classifiers (`fsmerge check` names a
+                    // model without `score.weight`); causal LMs come from `fsmerge train`.
+                    objective: Objective::Classify,
                 };
                 (0, 0)
             }
@@ -1126,6 +1152,14 @@ impl JobConfig {
             }
             Arch::Bert => self.data.max_tokens * m.bert.width,
             Arch::Llama => self.data.max_tokens * m.llama.width,
+        }
+    }
+
+    /// What the originals are trained for and scored by (only Llamas can be causal LMs).
+    pub fn objective(&self) -> Objective {
+        match self.model.arch {
+            Arch::Llama => self.model.llama.objective,
+            _ => Objective::Classify,
         }
     }
 

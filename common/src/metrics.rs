@@ -25,6 +25,10 @@ pub struct MethodResult {
     /// final unmerge into the heads).
     #[serde(default)]
     pub per_task_logit_error: BTreeMap<String, f64>,
+    /// Causal LMs: test perplexity of each task's head (outer key) on each task's text domain
+    /// (inner key); empty for classifiers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_task_perplexity: BTreeMap<String, BTreeMap<String, f64>>,
     /// Validation-split mean task accuracy (used to choose defaults).
     pub val_mean_task_acc: f64,
     /// Wall time of the method (merge/training, not evaluation).
@@ -42,6 +46,10 @@ pub struct SplitScores {
     pub fidelity: Vec<f64>,
     /// Per task: relative error of the task head's logits against the original's.
     pub logit_error: Vec<f64>,
+    /// Causal LMs: perplexity[d][h] of task h's head on domain d's texts (empty for
+    /// classifiers).
+    #[serde(default)]
+    pub perplexity: Vec<Vec<f64>>,
 }
 
 /// Mean of a per-task map's values (0 when it is empty).
@@ -136,8 +144,17 @@ fn pct(v: f64) -> String {
 impl Metrics {
     /// The Markdown results table: one row per method, accuracies in percent.
     pub fn markdown(&self, tasks: &[String]) -> String {
+        let lm = self
+            .results
+            .iter()
+            .any(|r| !r.per_task_perplexity.is_empty());
+        let measure = if lm {
+            "test next-token accuracy (%) of each task's head on its own domain's texts"
+        } else {
+            "test accuracy (%)"
+        };
         let mut s = format!(
-            "# fsmerge results: {}\n\nseed {}, merge data {} originals + {} augmented per task; test accuracy (%).\n\n",
+            "# fsmerge results: {}\n\nseed {}, merge data {} originals + {} augmented per task; {measure}.\n\n",
             self.job, self.seed, self.n_originals, self.n_augmented
         );
         s.push_str("| method | variant |");
@@ -186,10 +203,49 @@ impl Metrics {
             ));
         }
         s.push_str(&self.fidelity_markdown(tasks));
+        s.push_str(&self.perplexity_markdown(tasks));
         s.push_str(&format!(
             "\npeak RSS {:.0} MiB, total {:.1} s\n",
             self.peak_rss_mib, self.total_seconds
         ));
+        s
+    }
+
+    /// The causal LMs' perplexity table: each task's head on each task's test texts (the
+    /// mean over the heads on their own domains last); empty for classifiers.
+    fn perplexity_markdown(&self, tasks: &[String]) -> String {
+        let rows: Vec<&MethodResult> = (self.results.iter())
+            .filter(|r| !r.per_task_perplexity.is_empty())
+            .collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from(
+            "\nPerplexity of each task's head on each task's test texts (`head @ domain`; lower is better; an original has only its own head).\n\n| method |",
+        );
+        for h in tasks {
+            for d in tasks {
+                s.push_str(&format!(" {h} @ {d} |"));
+            }
+        }
+        s.push_str(" mean own |\n|---|");
+        for _ in 0..=tasks.len() * tasks.len() {
+            s.push_str("---:|");
+        }
+        s.push('\n');
+        for r in rows {
+            s.push_str(&format!("| {} |", r.method));
+            let at = |h: &String, d: &String| r.per_task_perplexity.get(h)?.get(d).copied();
+            for h in tasks {
+                for d in tasks {
+                    let cell = at(h, d).map_or_else(|| "–".into(), |p| format!("{p:.2}"));
+                    s.push_str(&format!(" {cell} |"));
+                }
+            }
+            let own: Vec<f64> = tasks.iter().filter_map(|t| at(t, t)).collect();
+            let mean = own.iter().sum::<f64>() / own.len().max(1) as f64;
+            s.push_str(&format!(" {mean:.2} |\n"));
+        }
         s
     }
 

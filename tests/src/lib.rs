@@ -315,3 +315,15 @@ pub fn scores(m: &fsmerge_common::metrics::Metrics) -> Vec<(String, String, Stri
         })
         .collect()
 }
+
+/// The test split of the job that ran into `out` (its `config.json`), read as the job read
+/// it (data and vocabulary from the repository).
+pub fn job_test_split(out: &Path) -> fsmerge_worker::core::eval::EvalSet {
+    let cfg: fsmerge_common::config::JobConfig =
+        fsmerge_common::checkpoint::read_json(&out.join("config.json")).unwrap();
+    let mut data_cfg = cfg.data.clone();
+    data_cfg.path = Some(root().join("data"));
+    data_cfg.vocab = root().join(&cfg.data.vocab);
+    let splits = fsmerge_worker::data::load(&data_cfg).unwrap();
+    fsmerge_worker::core::eval::EvalSet::new(&splits.test, &cfg.tasks)
+}

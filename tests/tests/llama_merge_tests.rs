@@ -1,16 +1,15 @@
 //! The Llama merge on the text tasks end to end: two tiny Llama sequence classifiers trained by
 //! fsmerge from their own seeds (GQA: 4 query / 2 key-value heads, RoPE), every baseline and
 //! FS-Merge, a merged `LlamaForSequenceClassification` that fsmerge's loader and transformers
-//! both read back to the reported accuracy and logits; the distributed merge against the
-//! single-process one.
+//! both read back to the reported accuracy and logits; the same decoders as causal LMs, merged
+//! into one `LlamaForCausalLM` per task sharing one body, scored by per-domain perplexity; the
+//! distributed merge against the single-process one.
 
 use fsmerge_common::checkpoint::{read_json, write_tensors};
-use fsmerge_common::config::JobConfig;
 use fsmerge_common::metrics::Metrics;
 use fsmerge_tests::{fsmerge, launch_config, max_rel_diff, python_fixture, root, scores, stderr};
-use fsmerge_worker::core::eval::{evaluate, EvalSet};
+use fsmerge_worker::core::eval::evaluate;
 use fsmerge_worker::core::tensor::to_host;
-use fsmerge_worker::data;
 use fsmerge_worker::data::text::tokens;
 use fsmerge_worker::families::llama::model::Llama;
 use std::collections::BTreeMap;
@@ -19,12 +18,14 @@ use std::path::Path;
 /// The Llama merge of the spam and names tasks, small enough for CI: 32 tokens, 2 epochs of
 /// originals, 10 of FS-Merge (at a higher peak lr than the config).
 fn merge(out: &Path, extra: &[&str]) -> std::process::Output {
+    merge_config("spam-names-llama.toml", out, extra)
+}
+
+/// `merge` of `configs/<config>`.
+fn merge_config(config: &str, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "merge".to_string(),
-        root()
-            .join("configs/spam-names-llama.toml")
-            .display()
-            .to_string(),
+        root().join("configs").join(config).display().to_string(),
         "--out".into(),
         out.display().to_string(),
         "--threads".into(),
@@ -86,12 +87,7 @@ fn llama_merge_on_text_and_transformers_reproduces_it() {
     // reads its slice of the stacked `score`.
     let merged = Llama::load(&out.join("merged")).unwrap();
     assert_eq!(merged.score.as_ref().unwrap().size(), [4, 64]);
-    let cfg: JobConfig = read_json(&out.join("config.json")).unwrap();
-    let mut data_cfg = cfg.data.clone();
-    data_cfg.path = Some(root().join("data"));
-    data_cfg.vocab = root().join(&cfg.data.vocab);
-    let splits = data::load(&data_cfg).unwrap();
-    let test = EvalSet::new(&splits.test, &cfg.tasks);
+    let test = fsmerge_tests::job_test_split(&out);
     let logits_of = |x: &tch::Tensor| {
         let (ids, mask) = tokens(x);
         merged.sequence_logits(&ids, &mask).unwrap()
@@ -119,32 +115,121 @@ fn llama_merge_on_text_and_transformers_reproduces_it() {
     );
     let (ids, mask) = tokens(&x);
     let want = tch::no_grad(|| logits_of(&x));
+    transformers_gives(dir.path(), &out.join("merged"), (&ids, &mask), &want);
+    // An original fsmerge trained is a transformers Llama too (its own reported logits).
+    let original = Llama::load(&out.join("originals/spam")).unwrap();
+    let want = tch::no_grad(|| original.sequence_logits(&ids, &mask).unwrap());
+    transformers_gives(
+        dir.path(),
+        &out.join("originals/spam"),
+        (&ids, &mask),
+        &want,
+    );
+}
+
+/// transformers loads the HF folder `model` (check_llama_merged.py) and gives `logits` on
+/// token ids and attention mask `input` (the reference is written into `tmp`).
+fn transformers_gives(
+    tmp: &Path,
+    model: &Path,
+    input: (&tch::Tensor, &tch::Tensor),
+    logits: &tch::Tensor,
+) {
     let mut reference = BTreeMap::new();
-    for (name, t) in [("input_ids", &ids), ("attention_mask", &mask)] {
+    for (name, t) in [("input_ids", input.0), ("attention_mask", input.1)] {
         reference.insert(
             name.to_string(),
             to_host(&t.to_kind(tch::Kind::Float)).unwrap(),
         );
     }
-    reference.insert("logits".to_string(), to_host(&want).unwrap());
-    let ref_file = dir.path().join("reference.safetensors");
+    reference.insert("logits".to_string(), to_host(logits).unwrap());
+    let ref_file = tmp.join("reference.safetensors");
     write_tensors(&ref_file, &reference).unwrap();
     println!(
         "{}",
-        python_fixture("check_llama_merged.py", &[&out.join("merged"), &ref_file])
+        python_fixture("check_llama_merged.py", &[model, &ref_file])
     );
-    // An original fsmerge trained is a transformers Llama too (its own reported logits).
-    let original = Llama::load(&out.join("originals/spam")).unwrap();
-    let want = tch::no_grad(|| original.sequence_logits(&ids, &mask).unwrap());
-    reference.insert("logits".to_string(), to_host(&want).unwrap());
-    write_tensors(&ref_file, &reference).unwrap();
-    println!(
-        "{}",
-        python_fixture(
-            "check_llama_merged.py",
-            &[&out.join("originals/spam"), &ref_file]
-        )
+}
+
+/// Causal LMs of the mails and of the names merged: every method's perplexity of each head on
+/// each domain, FS-Merge's own-domain perplexity far below `first`'s and `average`'s; one
+/// `LlamaForCausalLM` per task whose body is one file on disk (hard links), which fsmerge's
+/// loader reads back to the reported perplexity and transformers to the same logits.
+#[test]
+fn causal_lm_merge_scores_perplexity_and_writes_one_lm_per_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = merge_config("spam-names-llama-lm.toml", &out, &["merge.mode=\"global\""]);
+    assert!(o.status.success(), "merge failed: {}", stderr(&o));
+    let m: Metrics = read_json(&out.join("metrics.json")).unwrap();
+    let get = |name: &str| m.results.iter().find(|r| r.method == name).unwrap();
+    let ppl = |method: &str, head: &str, domain: &str| -> f64 {
+        get(method).per_task_perplexity[head][domain]
+    };
+    let own = |method: &str| (ppl(method, "spam", "spam") + ppl(method, "names", "names")) / 2.0;
+    eprintln!(
+        "mean own-domain perplexity: ensemble {:.2}, first {:.2}, average {:.2}, regmean {:.2}, kd {:.2}, fs-merge {:.2}",
+        own("ensemble"), own("first"), own("average"), own("regmean"), own("kd"), own("fs-merge")
     );
+    // An original has only its own head, on both domains; the ensemble is the originals.
+    assert_eq!(get("original:spam").per_task_perplexity.len(), 1);
+    assert_eq!(
+        ppl("ensemble", "names", "names"),
+        ppl("original:names", "names", "names")
+    );
+    assert!(get("fs-merge").joint_acc.is_none());
+    // Each original models its own domain better than the other's.
+    assert!(ppl("ensemble", "spam", "spam") < ppl("ensemble", "spam", "names"));
+    assert!(ppl("ensemble", "names", "names") < ppl("ensemble", "names", "spam"));
+    // `first` reads the names through the mails model, `average` mixes unrelated weights:
+    // FS-Merge stays near the originals.
+    let fs = own("fs-merge");
+    assert!(fs < 0.5 * own("first") && fs < 0.5 * own("average"), "{fs}");
+    assert!(fs < 2.0 * own("ensemble"), "{fs}");
+
+    // One folder per task; the body is written once and hard-linked.
+    let merged = out.join("merged");
+    let inode = |task: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(merged.join(task).join("model-body.safetensors"))
+            .unwrap()
+            .ino()
+    };
+    assert_eq!(inode("spam"), inode("names"));
+    assert!(!merged.join(".body").exists());
+
+    // fsmerge's loader reads each task's folder back to the reported perplexity on its domain.
+    let test = fsmerge_tests::job_test_split(&out);
+    for (t, task) in ["spam", "names"].into_iter().enumerate() {
+        let model = Llama::load(&merged.join(task)).unwrap();
+        assert!(model.score.is_none() && model.lm_head.is_some());
+        let (ids, mask) = tokens(&test.tasks[t].0);
+        let logits = tch::no_grad(|| model.lm_logits(&ids, &mask).unwrap());
+        let n = ids.size()[1];
+        let target = ids.narrow(1, 1, n - 1);
+        let nll = -logits
+            .narrow(1, 0, n - 1)
+            .log_softmax(-1, tch::Kind::Float)
+            .gather(2, &target.unsqueeze(-1), false)
+            .squeeze_dim(-1);
+        let real = target.ne(0).to_kind(tch::Kind::Double);
+        let mean = (nll.to_kind(tch::Kind::Double) * &real)
+            .sum(tch::Kind::Double)
+            .double_value(&[])
+            / real.sum(tch::Kind::Double).double_value(&[]);
+        let reported = ppl("fs-merge", task, task);
+        assert!(
+            (mean.exp() - reported).abs() < 1e-4 * reported,
+            "{task}: {} vs reported {reported}",
+            mean.exp()
+        );
+        // transformers loads it as a LlamaForCausalLM (the body from the shared file) and
+        // gives the same logits.
+        let rows = test.tasks[t].0.narrow(0, 0, 8);
+        let (ids, mask) = tokens(&rows);
+        let want = tch::no_grad(|| model.lm_logits(&ids, &mask).unwrap());
+        transformers_gives(dir.path(), &merged.join(task), (&ids, &mask), &want);
+    }
 }
 
 /// The distributed Llama merge gives the single-process one: 3 stages (embeddings, block 0,

@@ -5,12 +5,10 @@
 //! reported accuracy); the distributed merge against the single-process one; refused settings.
 
 use fsmerge_common::checkpoint::{read_json, write_tensors};
-use fsmerge_common::config::JobConfig;
 use fsmerge_common::metrics::Metrics;
 use fsmerge_tests::{fsmerge, launch_config, max_rel_diff, python_fixture, root, scores, stderr};
-use fsmerge_worker::core::eval::{evaluate, EvalSet};
+use fsmerge_worker::core::eval::evaluate;
 use fsmerge_worker::core::tensor::to_host;
-use fsmerge_worker::data;
 use fsmerge_worker::data::preprocess::text::TextProcessor;
 use fsmerge_worker::data::text;
 use fsmerge_worker::data::text::tokens;
@@ -146,12 +144,7 @@ fn bert_merge_on_text_and_transformers_reproduces_it() {
     // The merged checkpoint alone (fsmerge's loader) reproduces the reported accuracies: task t
     // reads its slice of the stacked classifier.
     let merged = Bert::load(&out.join("merged")).unwrap();
-    let cfg: JobConfig = read_json(&out.join("config.json")).unwrap();
-    let mut data_cfg = cfg.data.clone();
-    data_cfg.path = Some(root().join("data"));
-    data_cfg.vocab = root().join(&cfg.data.vocab);
-    let splits = data::load(&data_cfg).unwrap();
-    let test = EvalSet::new(&splits.test, &cfg.tasks);
+    let test = fsmerge_tests::job_test_split(&out);
     let logits_of = |x: &tch::Tensor| {
         let (ids, mask) = tokens(x);
         merged.logits(&ids, &mask).unwrap()

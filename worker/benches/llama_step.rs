@@ -43,6 +43,7 @@ impl Shape {
                 heads: env_usize("FSMERGE_BENCH_HEADS", 4),
                 kv_heads: env_usize("FSMERGE_BENCH_KV_HEADS", 2),
                 rope_theta: 10000.0,
+                ..LlamaShape::default()
             },
             tokens: env_usize("FSMERGE_BENCH_TOKENS", 64),
             vocab: env_usize("FSMERGE_BENCH_VOCAB", 30522),

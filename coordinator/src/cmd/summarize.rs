@@ -1,5 +1,5 @@
 //! `fsmerge summarize`: mean and standard deviation of each method's accuracies (and mean
-//! fidelity) over runs.
+//! fidelity; causal LMs: mean own-domain perplexity) over runs.
 
 use anyhow::{Context, Result};
 use fsmerge_common::checkpoint::read_json;
@@ -15,6 +15,17 @@ struct Collected {
     joint: Vec<f64>,
     per_task: BTreeMap<String, Vec<f64>>,
     fidelity: Vec<f64>,
+    /// Causal LMs: the mean over the method's heads of each head's perplexity on its own
+    /// domain.
+    perplexity: Vec<f64>,
+}
+
+/// A causal LM's mean own-domain perplexity (None for classifiers).
+fn own_perplexity(r: &fsmerge_common::metrics::MethodResult) -> Option<f64> {
+    let own: Vec<f64> = (r.per_task_perplexity.iter())
+        .filter_map(|(head, by_domain)| by_domain.get(head).copied())
+        .collect();
+    (!own.is_empty()).then(|| own.iter().sum::<f64>() / own.len() as f64)
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -58,6 +69,9 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
             if let Some(j) = r.joint_acc {
                 e.joint.push(j);
             }
+            if let Some(p) = own_perplexity(&r) {
+                e.perplexity.push(p);
+            }
             for (t, a) in r.per_task_acc {
                 if !tasks.contains(&t) {
                     tasks.push(t.clone());
@@ -73,8 +87,13 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
     for t in &tasks {
         s.push_str(&format!(" {t} |"));
     }
-    s.push_str(" mean task | joint | mean fidelity |\n|---|");
-    s.push_str(&"---:|".repeat(tasks.len() + 3));
+    let lm = per.values().any(|c| !c.perplexity.is_empty());
+    s.push_str(" mean task | joint | mean fidelity |");
+    if lm {
+        s.push_str(" mean own-domain perplexity |");
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(tasks.len() + 3 + usize::from(lm)));
     s.push('\n');
     for key in &order {
         let Collected {
@@ -82,17 +101,23 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
             joint,
             per_task: pt,
             fidelity,
+            perplexity,
         } = &per[key];
         s.push_str(&format!("| {key} |"));
         for t in &tasks {
             s.push_str(&format!(" {} |", pt.get(t).map_or("–".into(), |v| cell(v))));
         }
         s.push_str(&format!(
-            " {} | {} | {} |\n",
+            " {} | {} | {} |",
             cell(mean),
             cell(joint),
             cell(fidelity)
         ));
+        if lm {
+            let (m, sd) = mean_std(perplexity);
+            s.push_str(&format!(" {m:.2} ± {sd:.2} |"));
+        }
+        s.push('\n');
     }
     println!("{s}");
     Ok(())

@@ -130,14 +130,17 @@ impl<'a> Evaluated<'a> {
             percent(any_labels.then_some(e.test.joint)),
             100.0 * mean_of(&fidelity)
         );
+        // Causal LMs have no joint prediction over the heads.
+        let lm = !e.test.perplexity.is_empty();
         Some(MethodResult {
             method: method.to_string(),
             variant,
             mean_task_acc: mean_of(&per_task_acc),
             per_task_acc,
-            joint_acc: any_labels.then_some(e.test.joint),
+            joint_acc: (any_labels && !lm).then_some(e.test.joint),
             per_task_fidelity: fidelity,
             per_task_logit_error: self.per_task(&e.test.logit_error),
+            per_task_perplexity: self.perplexity(&e.test.perplexity, None),
             val_mean_task_acc: mean_of(&self.labeled_only(&e.val.per_task)),
             seconds: if method == "ensemble" { 0.0 } else { e.seconds },
         })
@@ -171,11 +174,30 @@ impl<'a> Evaluated<'a> {
                     joint_acc: None,
                     per_task_fidelity: own(&e.test.fidelity),
                     per_task_logit_error: own(&e.test.logit_error),
+                    per_task_perplexity: self.perplexity(&e.test.perplexity, Some(t)),
                     val_mean_task_acc: if labeled { e.val.per_task[t] } else { 0.0 },
                     seconds: 0.0,
                 }
             })
             .collect())
+    }
+
+    /// A causal LM's perplexity of each head (only head `only`'s, when given) on each
+    /// domain, by task names, from `ppl[domain][head]`; empty for classifiers.
+    fn perplexity(
+        &self,
+        ppl: &[Vec<f64>],
+        only: Option<usize>,
+    ) -> BTreeMap<String, BTreeMap<String, f64>> {
+        (self.names.iter().enumerate())
+            .filter(|(h, _)| only.is_none_or(|o| o == *h) && !ppl.is_empty())
+            .map(|(h, head)| {
+                let by_domain = (self.names.iter().zip(ppl))
+                    .filter_map(|(d, row)| row.get(h).map(|&p| (d.clone(), p)))
+                    .collect();
+                (head.clone(), by_domain)
+            })
+            .collect()
     }
 
     /// Every task's value of `v`, by task name.

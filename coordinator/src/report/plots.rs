@@ -298,6 +298,7 @@ mod tests {
             joint_acc: joint,
             per_task_fidelity: BTreeMap::new(),
             per_task_logit_error: BTreeMap::new(),
+            per_task_perplexity: BTreeMap::new(),
             val_mean_task_acc: acc,
             seconds: 1.0,
         };

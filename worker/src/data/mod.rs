@@ -97,7 +97,7 @@ fn load_with(cfg: &DataConfig, pixels: bool) -> Result<Splits> {
             })
         }
         Dataset::SpamNames => {
-            let vocab = WordPiece::load(&cfg.vocab)?;
+            let vocab = WordPiece::load_first(&cfg.vocab, cfg.vocab_size)?;
             let all = text::load(&path, &vocab, cfg.max_tokens)?;
             let (test, train) = split(&all, cfg.test_fraction, SPLIT_SEED ^ 1);
             (0, train, test)

@@ -29,16 +29,27 @@ pub struct WordPiece {
 impl WordPiece {
     /// Read `vocab.txt`; it must hold `[PAD]`, `[UNK]`, `[CLS]` and `[SEP]`.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_first(path, None)
+    }
+
+    /// Read the first `limit` tokens of `vocab.txt` (`data.vocab_size`; None: all of it).
+    pub fn load_first(path: &Path, limit: Option<usize>) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let vocab: HashMap<String, u32> = text
             .lines()
+            .take(limit.unwrap_or(usize::MAX))
             .enumerate()
             .map(|(i, l)| (l.trim_end_matches('\r').to_string(), i as u32))
             .collect();
         let special = |name: &str| {
             vocab.get(name).copied().ok_or_else(|| Error::Data {
                 path: path.to_path_buf(),
-                msg: format!("the vocabulary has no `{name}` token"),
+                msg: match limit {
+                    Some(n) => format!(
+                        "the vocabulary's first {n} tokens (data.vocab_size) have no `{name}` token"
+                    ),
+                    None => format!("the vocabulary has no `{name}` token"),
+                },
             })
         };
         Ok(Self {

@@ -7,7 +7,7 @@ use crate::core::eval::EvalSet;
 use crate::core::tensor::CHUNK;
 use crate::data::rows::Splits;
 use crate::dist::collective::Collective;
-use fsmerge_common::config::JobConfig;
+use fsmerge_common::config::{JobConfig, Objective};
 use fsmerge_common::metrics::SplitScores;
 use fsmerge_common::{Error, Result};
 use std::collections::BTreeMap;
@@ -29,11 +29,31 @@ pub trait ModelPart {
     fn output(&self, rows: &Tensor, stream: Option<Tensor>) -> Tensor;
 }
 
+/// What a model's last stage reads its heads out as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readout {
+    /// Every task's class logits, concatenated in task order [B, Σ classes].
+    Classes,
+    /// A causal LM's next-token statistics (`next_token_stats`): the part's output is the
+    /// final hidden state of every token, each head an LM head.
+    NextToken,
+}
+
+impl From<Objective> for Readout {
+    fn from(o: Objective) -> Self {
+        match o {
+            Objective::Classify => Readout::Classes,
+            Objective::Lm => Readout::NextToken,
+        }
+    }
+}
+
 /// Every original's part of a stage; on the last stage each read through its own task's
 /// classifier (`classifiers`, empty elsewhere).
 pub struct OriginalsPart<'a, P> {
     pub parts: &'a [P],
     pub classifiers: &'a [crate::core::linear::Linear],
+    pub readout: Readout,
 }
 
 impl<P: ModelPart> EvalPart for OriginalsPart<'_, P> {
@@ -41,11 +61,12 @@ impl<P: ModelPart> EvalPart for OriginalsPart<'_, P> {
         let outs: Vec<Tensor> = (self.parts.iter().enumerate())
             .map(|(i, p)| p.output(rows, input.map(|s| s.get(i as i64))))
             .collect();
-        let stacked = Tensor::stack(&outs, 0);
         if self.classifiers.is_empty() {
-            stacked
-        } else {
-            own_heads_logits(self.classifiers, &stacked)
+            return Tensor::stack(&outs, 0);
+        }
+        match self.readout {
+            Readout::Classes => own_heads_logits(self.classifiers, &Tensor::stack(&outs, 0)),
+            Readout::NextToken => next_token_stats(self.classifiers, &|t| &outs[t], rows),
         }
     }
 }
@@ -55,15 +76,16 @@ impl<P: ModelPart> EvalPart for OriginalsPart<'_, P> {
 pub struct MergedPart<P> {
     pub part: P,
     pub heads: Vec<crate::core::linear::Linear>,
+    pub readout: Readout,
 }
 
 impl<P: ModelPart> EvalPart for MergedPart<P> {
     fn forward(&self, rows: &Tensor, input: Option<&Tensor>) -> Tensor {
         let out = self.part.output(rows, input.map(Tensor::shallow_clone));
-        if self.heads.is_empty() {
-            out
-        } else {
-            merged_logits(&self.heads, &out)
+        match (self.heads.is_empty(), self.readout) {
+            (true, _) => out,
+            (false, Readout::Classes) => merged_logits(&self.heads, &out),
+            (false, Readout::NextToken) => next_token_stats(&self.heads, &|_| &out, rows),
         }
     }
 }
@@ -77,6 +99,8 @@ pub struct EvalRows {
     classes: Vec<i64>,
     /// Whether each task's rows carry labels (else they are held-out merge inputs).
     labeled: Vec<bool>,
+    /// Class logits, or causal LMs' next-token statistics of every task's text domain.
+    readout: Readout,
     reference: Option<SplitLogits>,
 }
 
@@ -92,6 +116,7 @@ impl EvalRows {
             ],
             classes: job.tasks.iter().map(|t| t.classes.len() as i64).collect(),
             labeled: (0..job.tasks.len()).map(|t| job.labeled(t)).collect(),
+            readout: job.objective().into(),
             reference: None,
         }
     }
@@ -108,6 +133,7 @@ impl EvalRows {
             splits: [moved(&self.splits[0]), moved(&self.splits[1])],
             classes: self.classes.clone(),
             labeled: self.labeled.clone(),
+            readout: self.readout,
             reference: None,
         }
     }
@@ -115,6 +141,15 @@ impl EvalRows {
     /// The originals' logits, which later models' fidelity is measured against.
     pub fn set_reference(&mut self, logits: SplitLogits) {
         self.reference = Some(logits);
+    }
+
+    /// Width of the last stage's output per row for text rows of `tokens` tokens: every
+    /// task's classes, or each head's two rows of next-token statistics.
+    fn output_width(&self, tokens: i64) -> i64 {
+        match self.readout {
+            Readout::Classes => self.classes.iter().sum(),
+            Readout::NextToken => self.classes.len() as i64 * 2 * (tokens - 1).max(0),
+        }
     }
 }
 
@@ -148,7 +183,7 @@ pub fn evaluate(
                 }
             }
             if last {
-                let total: i64 = rows.classes.iter().sum();
+                let total = rows.output_width(x.size()[1]);
                 per_task.push(if chunks.is_empty() {
                     Tensor::zeros([0, total], (Kind::Float, x.device()))
                 } else {
@@ -168,7 +203,12 @@ pub fn evaluate(
     let reference = rows.reference.as_ref().unwrap_or(&logits);
     let score = |i: usize| -> Result<SplitScores> {
         let counts = (rows.splits[i].tasks.iter().enumerate())
-            .map(|(t, (_, y))| count(rows, t, &logits[i][t], y, &reference[i][t]))
+            .map(|(t, (x, y))| match rows.readout {
+                Readout::Classes => count(rows, t, &logits[i][t], y, &reference[i][t]),
+                Readout::NextToken => {
+                    count_next_tokens(rows, t, x, &logits[i][t], &reference[i][t])
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(split_scores(&counts, &rows.labeled))
     };
@@ -184,9 +224,13 @@ struct Counts {
     /// Own-head predictions equal to the original's.
     agree: i64,
     rows: i64,
-    /// ‖z − z_orig‖² and ‖z_orig‖² of the task head's logits.
+    /// ‖z − z_orig‖² and ‖z_orig‖² of the task head's logits (a causal LM: of its per-token
+    /// negative log-likelihoods).
     error_sq: f64,
     reference_sq: f64,
+    /// A causal LM's summed negative log-likelihood of the rows' next tokens under each head
+    /// (task order; empty for classifiers); `rows` then counts the predicted tokens.
+    nll: Vec<f64>,
 }
 
 /// Score task t's `logits` against its labels `y` (its own slice; and the argmax over every
@@ -232,6 +276,54 @@ fn count(
         rows: n,
         error_sq: sq(&(&own - &theirs)),
         reference_sq: sq(&theirs),
+        nll: Vec::new(),
+    })
+}
+
+/// Score domain t's texts `x` from every head's next-token statistics `stats` (and the
+/// originals' `reference`): the own head's next-token accuracy and agreement with original t,
+/// the relative error of its per-token NLL, and every head's summed NLL.
+fn count_next_tokens(
+    rows: &EvalRows,
+    t: usize,
+    x: &Tensor,
+    stats: &Tensor,
+    reference: &Tensor,
+) -> Result<Counts> {
+    let (n, tokens) = (x.size()[0], x.size()[1]);
+    let heads = rows.classes.len() as i64;
+    let width = rows.output_width(tokens);
+    if stats.size() != [n, width] || reference.size() != [n, width] {
+        return Err(Error::Compute(format!(
+            "the last stage gave next-token statistics of shape {:?} (reference {:?}) for {n} texts of {tokens} tokens and {heads} heads",
+            stats.size(),
+            reference.size(),
+        )));
+    }
+    let split = |s: &Tensor| s.view([n, heads, 2, tokens - 1]).to_kind(Kind::Double);
+    let (stats, reference) = (split(stats), split(reference));
+    let target = crate::data::text::tokens(x).0.narrow(1, 1, tokens - 1);
+    let real = target.ne(0);
+    let sum = |v: &Tensor| v.sum(Kind::Double).double_value(&[]);
+    let own = stats.select(1, t as i64);
+    let theirs = reference.select(1, t as i64);
+    let (nll, predicted) = (own.select(1, 0), own.select(1, 1).to_kind(Kind::Int64));
+    let (ref_nll, ref_predicted) = (
+        theirs.select(1, 0),
+        theirs.select(1, 1).to_kind(Kind::Int64),
+    );
+    let real_and = |b: Tensor| b.logical_and(&real).to_kind(Kind::Int64);
+    let count = |b: Tensor| real_and(b).sum(Kind::Int64).int64_value(&[]);
+    Ok(Counts {
+        own: count(predicted.eq_tensor(&target)),
+        joint: 0,
+        agree: count(predicted.eq_tensor(&ref_predicted)),
+        rows: real.sum(Kind::Int64).int64_value(&[]),
+        error_sq: sum(&(&nll - &ref_nll).square()),
+        reference_sq: sum(&ref_nll.square()),
+        nll: (0..heads)
+            .map(|h| sum(&stats.select(1, h).select(1, 0)))
+            .collect(),
     })
 }
 
@@ -261,6 +353,14 @@ fn split_scores(counts: &[Counts], labeled: &[bool]) -> SplitScores {
                 } else {
                     0.0
                 }
+            })
+            .collect(),
+        perplexity: (counts.iter())
+            .filter(|c| !c.nll.is_empty())
+            .map(|c| {
+                (c.nll.iter())
+                    .map(|&nll| (nll / c.rows.max(1) as f64).exp())
+                    .collect()
             })
             .collect(),
     }
@@ -316,6 +416,33 @@ pub fn own_heads_logits(heads: &[crate::core::linear::Linear], outputs: &Tensor)
         .map(|(t, h)| h.forward(&crate::core::tensor::f32(&outputs.get(t as i64))))
         .collect();
     Tensor::cat(&logits, 1)
+}
+
+/// Next-token statistics of causal LMs on text rows `rows` [B, T]: for each head h, read on
+/// `output(h)` (final hidden states [B, T, d]), the negative log-likelihood of every next
+/// token and the token it predicts (both 0 where the next token is `[PAD]`), as
+/// [B, heads · 2 · (T − 1)] (head, then NLL / prediction, then position).
+pub fn next_token_stats<'a>(
+    heads: &[crate::core::linear::Linear],
+    output: &dyn Fn(usize) -> &'a Tensor,
+    rows: &Tensor,
+) -> Tensor {
+    let (ids, _) = crate::data::text::tokens(rows);
+    let t = ids.size()[1];
+    let target = ids.narrow(1, 1, t - 1);
+    let real = target.ne(0).to_kind(Kind::Float);
+    let per_head: Vec<Tensor> = (heads.iter().enumerate())
+        .map(|(h, head)| {
+            let states = crate::core::tensor::f32(&output(h).narrow(1, 0, t - 1));
+            let log_p = head.forward(&states).log_softmax(-1, Kind::Float);
+            let nll = -log_p
+                .gather(2, &target.unsqueeze(-1), false)
+                .squeeze_dim(-1);
+            let predicted = log_p.argmax(-1, false).to_kind(Kind::Float);
+            Tensor::stack(&[nll * &real, predicted * &real], 1)
+        })
+        .collect();
+    Tensor::stack(&per_head, 1).flatten(1, -1)
 }
 
 /// Every task's head on one shared output [B, ..], concatenated in task order: a merged

@@ -195,6 +195,22 @@ impl OriginalSpec<'_> {
         logits: impl Fn(&Tensor) -> Tensor,
     ) -> Result<Vec<LogRow>> {
         let n = train.0.size()[0] as usize;
+        self.fit_loss(params, weight_decay, n, progress, |idx| {
+            logits(&train.0.index_select(0, idx))
+                .cross_entropy_for_logits(&train.1.index_select(0, idx))
+        })
+    }
+
+    /// `fit` with any loss of a batch of the `n` training samples' indices (a causal LM's
+    /// next-token loss).
+    pub fn fit_loss(
+        &self,
+        params: &[Tensor],
+        weight_decay: f64,
+        n: usize,
+        progress: &dyn Progress,
+        loss_of: impl FnMut(&Tensor) -> Tensor,
+    ) -> Result<Vec<LogRow>> {
         let run = Run {
             phase: &format!("train {}", self.task),
             epochs: self.epochs,
@@ -207,10 +223,7 @@ impl OriginalSpec<'_> {
             weight_decay,
             lr_field: "train.lr",
         };
-        run.optimise(params, n, progress, |idx| {
-            logits(&train.0.index_select(0, idx))
-                .cross_entropy_for_logits(&train.1.index_select(0, idx))
-        })
+        run.optimise(params, n, progress, loss_of)
     }
 }
 

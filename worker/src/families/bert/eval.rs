@@ -6,7 +6,7 @@ use crate::core::baselines::{regmean_block, RegmeanSums};
 use crate::core::linear::Linear;
 use crate::data::text::tokens;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart};
+use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart, Readout};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::bert::model::{mask_bias, BertPart, BERT_BLOCK, TABLE_NAMES};
 use fsmerge_common::hf::BertConfig;
@@ -55,7 +55,11 @@ pub fn merged_part(
         Vec::new()
     };
     let part = BertPart::from_tensors(cfg, units, "", tensors)?;
-    Ok(MergedPart { part, heads })
+    Ok(MergedPart {
+        part,
+        heads,
+        readout: Readout::Classes,
+    })
 }
 
 /// One original's tensors of its part under the merged model's names, with `classifier` as

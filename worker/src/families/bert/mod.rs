@@ -59,7 +59,7 @@ impl Family for BertFamily {
         progress: &dyn Progress,
     ) -> Result<Vec<LogRow>> {
         // The vocabulary's size sets the embedding tables: read it once.
-        let vocab = WordPiece::load(&job.data.vocab)?;
+        let vocab = WordPiece::load_first(&job.data.vocab, job.data.vocab_size)?;
         let config = BertConfig::for_text(&job.model.bert, vocab.vocab_size(), job.data.max_tokens);
         train_each(job, tasks, splits, &mut |task, spec, (train, val)| {
             let (bert, val_acc, rows) =

@@ -19,7 +19,7 @@ use crate::core::tensor::{f32, to_host};
 use crate::data::text::tokens;
 use crate::dist::collective::Collective;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart};
+use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart, Readout};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
 use crate::families::bert::eval;
@@ -271,6 +271,7 @@ impl WorkerStage for BertStage {
         Box::new(OriginalsPart {
             parts: &self.originals,
             classifiers: &self.classifiers,
+            readout: Readout::Classes,
         })
     }
 

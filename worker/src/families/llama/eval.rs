@@ -1,5 +1,6 @@
 //! A Llama stage's models for evaluation on the workers: every original's units (on the last
-//! stage each read at its last real token through its own `score`), a standard Llama's units
+//! stage each read at its last real token through its own `score`, or at every token through
+//! its own `lm_head`), a standard Llama's units
 //! from merged tensors, RegMean and KD's student. Every stage reads the attention mask from
 //! the evaluation rows it holds.
 
@@ -7,7 +8,7 @@ use crate::core::baselines::RegmeanSums;
 use crate::core::linear::Linear;
 use crate::data::text::tokens;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart};
+use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart, Readout};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::llama::config::LlamaConfig;
 use crate::families::llama::model::{last_token, AttentionContext, BLOCK_PROJ};
@@ -21,14 +22,15 @@ use tch::Tensor;
 impl ModelPart for LlamaPart {
     /// On text rows `rows` (token ids on the stage with the embeddings, else the stream), with
     /// their attention mask: the last unit's stream, or on the last stage the final hidden
-    /// state at each text's last real token (what `score` reads).
+    /// state at each text's last real token (what `score` reads; an LM head reads them all).
     fn output(&self, rows: &Tensor, stream: Option<Tensor>) -> Tensor {
         let (ids, mask) = tokens(rows);
         let input = match (&self.embed, stream) {
             (None, Some(s)) => s,
             _ => ids,
         };
-        read_out(self.is_last(), run_part(self, &input, &mask), &mask)
+        let last = self.is_last() && self.readout == Readout::Classes;
+        read_out(last, run_part(self, &input, &mask), &mask)
     }
 }
 
@@ -39,10 +41,10 @@ fn run_part(part: &LlamaPart, input: &Tensor, mask: &Tensor) -> Tensor {
         .unwrap_or_else(|| input.shallow_clone())
 }
 
-/// What leaves a stage in evaluation: the stream, or on the last stage the state the heads
-/// read at each text's last real token.
-pub fn read_out(last: bool, out: Tensor, mask: &Tensor) -> Tensor {
-    if last {
+/// What leaves a stage in evaluation: the stream, or (`at_last_token`: the last stage of a
+/// classifier) the state the heads read at each text's last real token.
+pub fn read_out(at_last_token: bool, out: Tensor, mask: &Tensor) -> Tensor {
+    if at_last_token {
         last_token(&out, mask)
     } else {
         out
@@ -50,12 +52,13 @@ pub fn read_out(last: bool, out: Tensor, mask: &Tensor) -> Tensor {
 }
 
 /// A standard Llama's units `units` from tensors under the merged names, with every task's
-/// head on the last stage.
+/// head on the last stage, read out as `readout`.
 pub fn merged_part(
     cfg: LlamaConfig,
     units: Range<usize>,
     tasks: &[String],
     mut tensors: BTreeMap<String, Tensor>,
+    readout: Readout,
 ) -> Result<MergedPart<LlamaPart>> {
     let last = units.end == cfg.num_hidden_layers + 1;
     let heads = if last {
@@ -63,8 +66,13 @@ pub fn merged_part(
     } else {
         Vec::new()
     };
-    let part = LlamaPart::from_tensors(cfg, units, tensors, Path::new("the merged model"))?;
-    Ok(MergedPart { part, heads })
+    let mut part = LlamaPart::from_tensors(cfg, units, tensors, Path::new("the merged model"))?;
+    part.readout = readout;
+    Ok(MergedPart {
+        part,
+        heads,
+        readout,
+    })
 }
 
 /// One original's tensors of its part under the merged names, with `head` as task `task`'s

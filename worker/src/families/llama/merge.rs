@@ -2,7 +2,7 @@
 //! attention mask), the loss (each model's final hidden states reconstructed at every real
 //! token, a per-text mean as BERT's token loss; local unit problems through the shared
 //! residual merge) and the training of the originals (`fsmerge train`: sequence classifiers
-//! reading the last real token, each from its own seed).
+//! reading the last real token, or causal LMs of their task's texts, each from its own seed).
 
 use crate::core::loss::token_loss;
 use crate::data::text::tokens;
@@ -107,4 +107,58 @@ pub fn train_original(
         model
     };
     spec.train(ORIGINAL_WEIGHT_DECAY, init, train, val, progress)
+}
+
+/// Train one causal LM of its task's texts from its own seed (transformers' init, its own
+/// `lm_head`): AdamW + OneCycle on the next-token cross-entropy over the real tokens. Returns
+/// it frozen, its next-token accuracy on the validation texts `val` and the training log.
+pub fn train_language_model(
+    config: LlamaConfig,
+    spec: &OriginalSpec,
+    train: &Tensor,
+    val: &Tensor,
+    progress: &dyn Progress,
+) -> Result<(Llama, f64, Vec<LogRow>)> {
+    tch::manual_seed(spec.seed as i64);
+    let model = Llama::init(config);
+    let params = Classifier::params(&model);
+    for p in &params {
+        let _ = p.set_requires_grad(true);
+    }
+    let n = train.size()[0] as usize;
+    let log = spec.fit_loss(&params, ORIGINAL_WEIGHT_DECAY, n, progress, |idx| {
+        let (logits, target) = next_token_logits(&model, &train.index_select(0, idx));
+        logits.flatten(0, 1).cross_entropy_loss::<Tensor>(
+            &target.flatten(0, 1),
+            None,
+            tch::Reduction::Mean,
+            PAD_ID,
+            0.0,
+        )
+    })?;
+    let frozen = model.frozen();
+    let val_acc = tch::no_grad(|| {
+        let (logits, target) = next_token_logits(&frozen, val);
+        let real = target.ne(PAD_ID);
+        let right = logits
+            .argmax(-1, false)
+            .eq_tensor(&target)
+            .logical_and(&real);
+        let count = |t: Tensor| t.sum(tch::Kind::Int64).int64_value(&[]) as f64;
+        count(right) / count(real).max(1.0)
+    });
+    Ok((frozen, val_acc, log))
+}
+
+/// `[PAD]`: the token id a causal LM never learns to predict.
+const PAD_ID: i64 = 0;
+
+/// A causal LM's logits at positions 0..T-1 of text rows `x` [B, T] [B, T-1, V], and the
+/// next tokens they predict [B, T-1].
+fn next_token_logits(model: &Llama, x: &Tensor) -> (Tensor, Tensor) {
+    let (ids, mask) = tokens(x);
+    let t = ids.size()[1];
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed);
+    let h = model.hidden(&ids, &mask).narrow(1, 0, t - 1);
+    (h.matmul(&head.tr()), ids.narrow(1, 1, t - 1))
 }

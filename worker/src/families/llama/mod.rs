@@ -2,7 +2,8 @@
 //! SwiGLU) as sequence classifiers on text, issue 16's fourth family: the HF config, the
 //! model's forward (checked against transformers, `tests/tests/llama_tests.rs`), the SuperNet
 //! with its exact fold, the loss, the pipeline stage, evaluation and the merged model's
-//! writer. Causal-LM merging (per-domain perplexity) is still to come.
+//! writer; the same decoders as causal LMs of their task's texts (`model.llama.objective =
+//! "lm"`), scored by per-domain perplexity and written as one `…ForCausalLM` per task.
 
 pub mod config;
 pub mod eval;
@@ -21,7 +22,7 @@ use crate::family::{Family, MergedWriter, StageSpec};
 use crate::train::originals::train_each;
 use crate::train::progress::{LogRow, Progress};
 use config::LlamaConfig;
-use fsmerge_common::config::JobConfig;
+use fsmerge_common::config::{JobConfig, Objective};
 use fsmerge_common::plan::{UnitCost, MU_COST_PER_FEATURE};
 use fsmerge_common::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,7 @@ impl Family for LlamaFamily {
             j.seed,
             rows,
             spec.precision()?,
+            j.objective().into(),
         )?;
         Ok(Box::new(stage))
     }
@@ -64,11 +66,15 @@ impl Family for LlamaFamily {
         out: &Path,
         progress: &dyn Progress,
     ) -> Result<Vec<LogRow>> {
-        let vocab = WordPiece::load(&job.data.vocab)?;
+        let vocab = WordPiece::load_first(&job.data.vocab, job.data.vocab_size)?;
         let config = merge::config_for_text(&job.model.llama, vocab.vocab_size());
+        let lm = job.objective() == Objective::Lm;
         train_each(job, tasks, splits, &mut |task, spec, (train, val)| {
-            let (model, val_acc, rows) =
-                merge::train_original(config.clone(), spec, train, val, progress)?;
+            let (model, val_acc, rows) = if lm {
+                merge::train_language_model(config.clone(), spec, train.0, val.0, progress)?
+            } else {
+                merge::train_original(config.clone(), spec, train, val, progress)?
+            };
             let labels: Vec<String> = (task.classes.iter())
                 .map(|&c| {
                     CLASSES

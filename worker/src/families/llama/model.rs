@@ -4,6 +4,7 @@
 //! (norms and softmax in fp32), so a checkpoint transformers writes gives its logits.
 
 use crate::core::tensor::{to_tch, write_hf_weights};
+use crate::dist::evaluate::Readout;
 use crate::families::llama::config::LlamaConfig;
 use crate::families::llama::part::{score_linear, LlamaPart};
 use fsmerge_common::checkpoint::write_json;
@@ -408,13 +409,19 @@ impl Llama {
                 w: self.norm.w.shallow_clone(),
                 eps: self.norm.eps,
             }),
-            score: self.score.as_ref().map(score_linear),
+            head: (self.score.as_ref().map(score_linear))
+                .or_else(|| self.lm_head.as_ref().map(score_linear)),
+            readout: if self.score.is_some() {
+                Readout::Classes
+            } else {
+                Readout::NextToken
+            },
             units,
         }
     }
 
-    /// The whole model from a part holding every unit (no LM head: tied embeddings until one
-    /// is set).
+    /// The whole model from a part holding every unit, with its head as `score` or `lm_head`
+    /// (none: tied embeddings until one is set).
     pub fn from_part(part: LlamaPart) -> Result<Self> {
         let (Some(embed), Some(norm)) = (part.embed, part.norm) else {
             return Err(Error::Compute(format!(
@@ -430,8 +437,12 @@ impl Llama {
             embed,
             blocks: part.blocks,
             norm,
-            lm_head: None,
-            score: part.score.map(|s| s.w),
+            lm_head: (part.readout == Readout::NextToken)
+                .then(|| part.head.as_ref().map(|h| h.w.shallow_clone()))
+                .flatten(),
+            score: (part.readout == Readout::Classes)
+                .then(|| part.head.as_ref().map(|h| h.w.shallow_clone()))
+                .flatten(),
         })
     }
 

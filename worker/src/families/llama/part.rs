@@ -1,12 +1,14 @@
 //! Plan units of one Llama, as a pipeline stage and evaluation hold them: unit 0 is the token
 //! embeddings, unit 1 + l is block l; the part with the last block also holds the final RMSNorm
-//! and, for a sequence classifier, its `score` head. Tensors go by the merged model's names:
+//! and its head: a sequence classifier's `score`, or a causal LM's own `lm_head` (a tied one
+//! is refused by `fsmerge check`). Tensors go by the merged model's names:
 //! the HF names without the `model.` prefix (`embed_tokens.weight`, `layers.0.…`,
 //! `norm.weight`).
 
 use crate::core::linear::Linear;
 use crate::core::tensor::{bytes_of, to_tch};
 use crate::core::transformer::{check_part_units, unit_blocks};
+use crate::dist::evaluate::Readout;
 use crate::families::llama::config::LlamaConfig;
 use crate::families::llama::model::{take_tensor, AttentionContext, DecoderBlock, RmsNorm};
 use fsmerge_common::hf::WeightFiles;
@@ -36,9 +38,19 @@ pub struct LlamaPart {
     pub blocks: Vec<DecoderBlock>,
     /// The final RMSNorm (with the last block).
     pub norm: Option<RmsNorm>,
-    /// A sequence classifier's `score` [labels, d] as a linear map with a zero bias (with the
-    /// last block, when the folder has one).
-    pub score: Option<Linear>,
+    /// The head, with the last block when the folder has one, as a linear map with a zero
+    /// bias: a sequence classifier's `score` [labels, d] or a causal LM's `lm_head` [V, d].
+    pub head: Option<Linear>,
+    /// What the head reads: the last real token (`score`) or every token (`lm_head`).
+    pub readout: Readout,
+}
+
+/// The HF name of a head read out as `readout`.
+pub fn head_name(readout: Readout) -> &'static str {
+    match readout {
+        Readout::Classes => "score.weight",
+        Readout::NextToken => "lm_head.weight",
+    }
 }
 
 impl LlamaPart {
@@ -68,8 +80,8 @@ impl LlamaPart {
         names
     }
 
-    /// Read units `units` of the HF Llama folder `dir` (only their tensors; `score.weight` too
-    /// on the last part when the folder has it).
+    /// Read units `units` of the HF Llama folder `dir` (only their tensors; `score.weight`, or
+    /// else `lm_head.weight`, too on the last part when the folder has it).
     pub fn load(dir: &Path, units: Range<usize>) -> Result<Self> {
         let cfg = LlamaConfig::load(dir)?;
         check_part_units(dir, &units, cfg.num_hidden_layers, "Llama")?;
@@ -79,8 +91,11 @@ impl LlamaPart {
             .map(|n| format!("{BODY_PREFIX}{n}"))
             .collect();
         let last = units.end == cfg.num_hidden_layers + 1;
-        if last && files.contains("score.weight") {
-            hf.push("score.weight".into());
+        let head = ["score.weight", "lm_head.weight"]
+            .into_iter()
+            .find(|h| files.contains(h));
+        if let (true, Some(h)) = (last, head) {
+            hf.push(h.into());
         }
         let tensors = (files.read(&hf)?.into_iter())
             .map(|(n, h)| {
@@ -93,8 +108,8 @@ impl LlamaPart {
         Self::from_tensors(cfg, units, tensors, dir)
     }
 
-    /// The part from its tensors under the merged names (`score.weight` taken when there);
-    /// `file` names a missing one.
+    /// The part from its tensors under the merged names (`score.weight`, else
+    /// `lm_head.weight`, taken when there); `file` names a missing one.
     pub fn from_tensors(
         cfg: LlamaConfig,
         units: Range<usize>,
@@ -119,18 +134,31 @@ impl LlamaPart {
         } else {
             None
         };
-        let score = tensors.remove("score.weight").as_ref().map(score_linear);
+        let (head, readout) = match tensors.remove("score.weight") {
+            Some(s) => (Some(score_linear(&s)), Readout::Classes),
+            None => (
+                tensors.remove("lm_head.weight").as_ref().map(score_linear),
+                Readout::NextToken,
+            ),
+        };
+        // A part without a head (not the last) reads nothing out.
+        let readout = if head.is_some() {
+            readout
+        } else {
+            Readout::Classes
+        };
         Ok(Self {
             cfg,
             units,
             embed,
             blocks,
             norm,
-            score,
+            head,
+            readout,
         })
     }
 
-    /// The units' tensors under the merged names (views; no `score`).
+    /// The units' tensors under the merged names (views; no head).
     pub fn named(&self) -> Vec<(String, Tensor)> {
         let mut v = Vec::new();
         if let Some(e) = &self.embed {
@@ -146,7 +174,7 @@ impl LlamaPart {
         v
     }
 
-    /// The part with `f` applied to every tensor but the score head (device moves, precision).
+    /// The part with `f` applied to every tensor but the head (device moves, precision).
     fn map_body(&mut self, f: &dyn Fn(&Tensor) -> Tensor) {
         self.embed = self.embed.as_ref().map(f);
         self.blocks = self.blocks.iter().map(|b| b.map(f)).collect();
@@ -155,14 +183,14 @@ impl LlamaPart {
         }
     }
 
-    /// Store the body's tensors in `kind` (`merge.precision`); the score head stays fp32.
+    /// Store the body's tensors in `kind` (`merge.precision`); the head stays fp32.
     pub fn store_in(&mut self, kind: Kind) {
         self.map_body(&|t| t.to_kind(kind));
     }
 
     pub fn to_device(&mut self, device: Device) {
         self.map_body(&|t| t.to_device(device));
-        if let Some(s) = &mut self.score {
+        if let Some(s) = &mut self.head {
             s.w = s.w.to_device(device);
             s.b = s.b.to_device(device);
         }

@@ -18,12 +18,12 @@ use crate::core::tensor::{f32, to_host};
 use crate::data::text::tokens;
 use crate::dist::collective::Collective;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart};
+use crate::dist::evaluate::{next_token_stats, own_heads_logits, EvalPart, OriginalsPart, Readout};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, PipelineStage, StageData, WorkerStage};
 use crate::families::llama::eval::{self, read_out};
 use crate::families::llama::merge::local_loss;
-use crate::families::llama::part::LlamaPart;
+use crate::families::llama::part::{head_name, LlamaPart};
 use crate::families::llama::supernet::LlamaSuperNet;
 use crate::train::progress::{LogRow, Progress};
 use crate::train::settings::{TrainSettings, GLOBAL_SEED_OFFSET};
@@ -42,8 +42,10 @@ pub struct LlamaStage {
     /// The originals' parts, for the teacher features (their blocks go to the SuperNet in
     /// `prepare`).
     originals: Vec<LlamaPart>,
-    /// On the last stage, each task's `score` (a linear map with a zero bias).
+    /// On the last stage, each task's `score` or `lm_head` (a linear map with a zero bias).
     heads: Vec<Linear>,
+    /// What the heads read: the last real token (classifiers) or every token (causal LMs).
+    readout: Readout,
     /// Attention mask of every merge row [N, T] (1 = token, 0 = `[PAD]`).
     mask: Tensor,
     res_consistency: f64,
@@ -55,7 +57,9 @@ pub struct LlamaStage {
 
 impl LlamaStage {
     /// Read units `units` of every task's Llama (`dirs`, in task order) and draw the job's
-    /// M/U; `rows` are the merge rows (token ids as f32 [N, T]), for the attention mask.
+    /// M/U; `rows` are the merge rows (token ids as f32 [N, T]), for the attention mask. The
+    /// heads are read out as `readout` (the job's objective).
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         dirs: &[PathBuf],
         tasks: &[String],
@@ -64,6 +68,7 @@ impl LlamaStage {
         seed: u64,
         rows: &Tensor,
         precision: Precision,
+        readout: Readout,
     ) -> Result<Self> {
         let mut parts = dirs
             .iter()
@@ -83,29 +88,28 @@ impl LlamaStage {
                 p.embed = Some(e);
             }
         }
-        let heads =
-            if sn.has_output() {
-                (dirs.iter().zip(&parts))
-                    .map(|(dir, p)| {
-                        p.score.as_ref().map(Linear::copy).ok_or_else(|| {
-                            Error::Tensor {
+        let heads = if sn.has_output() {
+            (dirs.iter().zip(&parts))
+                .map(|(dir, p)| match &p.head {
+                    Some(h) if p.readout == readout => Ok(h.copy()),
+                    _ => Err(Error::Tensor {
                         file: dir.clone(),
-                        tensor: "score.weight".into(),
-                        msg: "the model has no sequence-classifier head to fold its read-out into"
+                        tensor: head_name(readout).into(),
+                        msg: "the model has no such head to fold its read-out into (the job's model.llama.objective says which)"
                             .into(),
-                    }
-                        })
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            };
+                    }),
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             sn,
             task_names: tasks.to_vec(),
             weight_bytes: parts.iter().map(LlamaPart::bytes).sum(),
             originals: parts,
             heads,
+            readout,
             mask: tokens(rows).1,
             res_consistency: merge.res_consistency,
             precision,
@@ -288,6 +292,7 @@ impl WorkerStage for LlamaStage {
         Box::new(OriginalsPart {
             parts: &self.originals,
             classifiers: &self.heads,
+            readout: self.readout,
         })
     }
 
@@ -316,7 +321,7 @@ impl WorkerStage for LlamaStage {
 
     fn merged_part(&self, tensors: BTreeMap<String, Tensor>) -> Result<Box<dyn EvalPart>> {
         let cfg = self.sn.cfg.clone();
-        let part = eval::merged_part(cfg, self.units(), &self.task_names, tensors)?;
+        let part = eval::merged_part(cfg, self.units(), &self.task_names, tensors, self.readout)?;
         Ok(Box::new(part))
     }
 
@@ -351,10 +356,15 @@ impl EvalPart for LocalChain<'_> {
             _ => ids,
         };
         let out = st.sn.forward_local_chain(&x, &mask);
-        if st.is_last() {
-            own_heads_logits(&st.heads, &read_out(true, out, &mask))
-        } else {
-            out
+        if !st.is_last() {
+            return out;
+        }
+        match st.readout {
+            Readout::Classes => own_heads_logits(&st.heads, &read_out(true, out, &mask)),
+            Readout::NextToken => {
+                let per_model: Vec<Tensor> = (0..st.n()).map(|i| out.get(i as i64)).collect();
+                next_token_stats(&st.heads, &|t| &per_model[t], rows)
+            }
         }
     }
 }

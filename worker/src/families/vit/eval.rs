@@ -5,7 +5,7 @@ use crate::core::baselines::regmean_block;
 use crate::core::linear::Linear;
 use crate::core::tensor::to_host;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart};
+use crate::dist::evaluate::{first_or_average, MergedPart, ModelPart, Readout};
 use crate::dist::stage::{head_pair, own_rows, take_task_heads, StageData};
 use crate::families::vit::merge::images;
 use crate::families::vit::model::{VitPart, EMBEDDING_NAMES, VIT_BLOCK};
@@ -46,7 +46,11 @@ pub fn merged_part(
         .map(|(n, t)| Ok((n, to_host(&t)?)))
         .collect::<Result<_>>()?;
     let part = VitPart::from_tensors(cfg, units, "", host)?;
-    Ok(MergedPart { part, heads })
+    Ok(MergedPart {
+        part,
+        heads,
+        readout: Readout::Classes,
+    })
 }
 
 /// One original's tensors of its part under the merged model's names, with `classifier` as

@@ -23,7 +23,7 @@ use crate::core::transformer::{check_mergeable, unit_blocks, MuDraw};
 use crate::data::preprocess::image::ChannelAffine;
 use crate::dist::collective::Collective;
 use crate::dist::distill::StudentPart;
-use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart};
+use crate::dist::evaluate::{own_heads_logits, EvalPart, OriginalsPart, Readout};
 use crate::dist::pipeline::{stacked_traces, train_local_shared, Collectives};
 use crate::dist::stage::{named_heads, task_classifiers, PipelineStage, StageData, WorkerStage};
 use crate::families::vit::eval;
@@ -488,6 +488,7 @@ impl WorkerStage for VitStage {
         Box::new(OriginalsPart {
             parts: &self.originals,
             classifiers: self.out.as_ref().map_or(&[], |o| &o.classifiers),
+            readout: Readout::Classes,
         })
     }
 
