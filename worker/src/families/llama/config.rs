@@ -41,6 +41,13 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub pad_token_id: Option<i64>,
+    /// Mistral/Qwen2 sliding-window attention: each token sees only the last `sliding_window`
+    /// tokens (Qwen2 only when `use_sliding_window`). fsmerge attends over the whole text, the
+    /// same while texts are no longer than the window (`window_fits` checks).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
 }
 
 fn default_eps() -> f64 {
@@ -123,6 +130,29 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
+    /// The attention window in use, if any.
+    pub fn window(&self) -> Option<usize> {
+        let on = match self.model_type.as_str() {
+            "qwen2" => self.use_sliding_window == Some(true),
+            _ => self.use_sliding_window != Some(false),
+        };
+        self.sliding_window.filter(|_| on)
+    }
+
+    /// Texts of `tokens` tokens fit the attention window (fsmerge's full causal attention is
+    /// the model's own); else an error naming `file`'s `sliding_window`.
+    pub fn window_fits(&self, tokens: usize, file: &Path) -> Result<()> {
+        match self.window() {
+            Some(w) if tokens > w => Err(Error::Checkpoint {
+                file: file.to_path_buf(),
+                msg: format!(
+                    "sliding_window {w} is shorter than the job's {tokens} tokens (data.max_tokens): sliding-window attention is not implemented"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -145,6 +175,27 @@ mod tests {
         let c = LlamaConfig::parse(TINY, Path::new("config.json")).unwrap();
         assert_eq!((c.kv_heads(), c.head_dim()), (2, 16));
         assert_eq!((c.rope_theta, c.rms_norm_eps), (10000.0, 1e-6));
+    }
+
+    #[test]
+    fn a_sliding_window_shorter_than_the_texts_is_named() {
+        let with = |extra: &str| {
+            let text = TINY.replace("\"llama\"", extra);
+            LlamaConfig::parse(&text, Path::new("m/config.json")).unwrap()
+        };
+        let f = Path::new("m/config.json");
+        let mistral = with("\"mistral\", \"sliding_window\": 16");
+        let e = mistral.window_fits(32, f).unwrap_err().to_string();
+        assert!(
+            e.contains("sliding_window 16") && e.contains("m/config.json"),
+            "{e}"
+        );
+        assert!(mistral.window_fits(16, f).is_ok());
+        // Qwen2 slides only when `use_sliding_window` says so.
+        let qwen = with("\"qwen2\", \"sliding_window\": 16, \"use_sliding_window\": false");
+        assert!(qwen.window_fits(32, f).is_ok());
+        let qwen = with("\"qwen2\", \"sliding_window\": 16, \"use_sliding_window\": true");
+        assert!(qwen.window_fits(32, f).is_err());
     }
 
     #[test]

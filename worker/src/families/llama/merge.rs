@@ -60,6 +60,8 @@ pub fn config_for_text(shape: &LlamaShape, vocab: usize) -> LlamaConfig {
         mlp_bias: false,
         tie_word_embeddings: false,
         pad_token_id: Some(0),
+        sliding_window: None,
+        use_sliding_window: None,
     }
 }
 

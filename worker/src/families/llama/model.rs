@@ -584,6 +584,13 @@ pub fn config_json(c: &LlamaConfig, head: &Head) -> serde_json::Value {
         "pad_token_id": c.pad_token_id,
         "torch_dtype": "float32",
     });
+    // The originals' window as they had it (Mistral's config defaults one when absent).
+    if let Some(w) = c.sliding_window {
+        v["sliding_window"] = w.into();
+    }
+    if let Some(u) = c.use_sliding_window {
+        v["use_sliding_window"] = u.into();
+    }
     if let Head::Classifier(labels) = head {
         let id2label: serde_json::Map<String, serde_json::Value> = (labels.iter().enumerate())
             .map(|(i, l)| (i.to_string(), l.clone().into()))

@@ -58,6 +58,7 @@ pub fn check(job: &JobConfig, models_dir: &Path) -> Result<()> {
     let mut first: Option<(LlamaConfig, std::path::PathBuf)> = None;
     for (task, dir) in job.tasks.iter().zip(job.original_dirs(models_dir)) {
         let cfg = LlamaConfig::load(&dir)?;
+        cfg.window_fits(job.data.max_tokens, &dir.join("config.json"))?;
         let files = WeightFiles::open(&dir)?;
         // Full HF names, no optional prefix: fsmerge reads a Llama's body under `model.`.
         let expected = expected_shapes(&cfg, &|n| files.contains(n));
