@@ -301,3 +301,81 @@ pub fn peak_rss_mib() -> f64 {
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(method: &str, ppl: &[(&str, &str, f64)]) -> MethodResult {
+        let mut per_task_perplexity: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+        for &(h, d, p) in ppl {
+            per_task_perplexity
+                .entry(h.into())
+                .or_default()
+                .insert(d.into(), p);
+        }
+        MethodResult {
+            method: method.into(),
+            variant: BTreeMap::new(),
+            per_task_acc: BTreeMap::from([("a".to_string(), 0.5)]),
+            mean_task_acc: 0.5,
+            joint_acc: None,
+            per_task_fidelity: BTreeMap::new(),
+            per_task_logit_error: BTreeMap::new(),
+            per_task_perplexity,
+            val_mean_task_acc: 0.5,
+            seconds: 1.0,
+        }
+    }
+
+    /// Causal LMs get the perplexity matrix (an original only its own head) and say their
+    /// accuracy is next-token accuracy; classifiers get neither.
+    #[test]
+    fn causal_lms_get_a_perplexity_table() {
+        let tasks = ["a".to_string(), "b".to_string()];
+        let mut m = Metrics {
+            job: "j".into(),
+            seed: 0,
+            n_originals: 1,
+            n_augmented: 0,
+            plan: serde_json::Value::Null,
+            results: vec![
+                result("original:a", &[("a", "a", 10.0), ("a", "b", 90.0)]),
+                result(
+                    "fs-merge",
+                    &[
+                        ("a", "a", 12.0),
+                        ("a", "b", 80.0),
+                        ("b", "a", 70.0),
+                        ("b", "b", 14.0),
+                    ],
+                ),
+            ],
+            peak_rss_mib: 0.0,
+            total_seconds: 0.0,
+            workers: Vec::new(),
+        };
+        let md = m.markdown(&tasks);
+        assert!(md.contains("next-token accuracy"), "{md}");
+        assert!(
+            md.contains("| a @ a | a @ b | b @ a | b @ b | mean own |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| original:a | 10.00 | 90.00 | – | – | 10.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| fs-merge | 12.00 | 80.00 | 70.00 | 14.00 | 13.00 |"),
+            "{md}"
+        );
+        for r in &mut m.results {
+            r.per_task_perplexity.clear();
+        }
+        let md = m.markdown(&tasks);
+        assert!(
+            !md.contains("Perplexity") && md.contains("test accuracy (%)"),
+            "{md}"
+        );
+    }
+}
