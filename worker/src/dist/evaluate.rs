@@ -428,22 +428,40 @@ pub fn next_token_stats<'a>(
     rows: &Tensor,
 ) -> Tensor {
     let (ids, _) = crate::data::text::tokens(rows);
-    let t = ids.size()[1];
+    let (b, t) = (ids.size()[0], ids.size()[1]);
     let target = ids.narrow(1, 1, t - 1);
     let real = target.ne(0).to_kind(Kind::Float);
+    if b == 0 {
+        let width = heads.len() as i64 * 2 * (t - 1);
+        return Tensor::zeros([0, width], (Kind::Float, ids.device()));
+    }
+    // Vocabulary-wide logits of a few rows at a time: a real LM's head is ~10⁵ wide.
+    let vocab = heads.first().map_or(1, |h| h.w.size()[0]);
+    let per_slice = (LOGITS_PER_SLICE / ((t - 1).max(1) * vocab)).max(1);
     let per_head: Vec<Tensor> = (heads.iter().enumerate())
         .map(|(h, head)| {
-            let states = crate::core::tensor::f32(&output(h).narrow(1, 0, t - 1));
-            let log_p = head.forward(&states).log_softmax(-1, Kind::Float);
-            let nll = -log_p
-                .gather(2, &target.unsqueeze(-1), false)
-                .squeeze_dim(-1);
-            let predicted = log_p.argmax(-1, false).to_kind(Kind::Float);
-            Tensor::stack(&[nll * &real, predicted * &real], 1)
+            let states = output(h).narrow(1, 0, t - 1);
+            let slices: Vec<Tensor> = (0..b)
+                .step_by(per_slice as usize)
+                .map(|start| {
+                    let len = per_slice.min(b - start);
+                    let x = crate::core::tensor::f32(&states.narrow(0, start, len));
+                    let log_p = head.forward(&x).log_softmax(-1, Kind::Float);
+                    let next = target.narrow(0, start, len).unsqueeze(-1);
+                    let nll = -log_p.gather(2, &next, false).squeeze_dim(-1);
+                    let predicted = log_p.argmax(-1, false).to_kind(Kind::Float);
+                    let real = real.narrow(0, start, len);
+                    Tensor::stack(&[nll * &real, predicted * &real], 1)
+                })
+                .collect();
+            Tensor::cat(&slices, 0)
         })
         .collect();
     Tensor::stack(&per_head, 1).flatten(1, -1)
 }
+
+/// Most logits `next_token_stats` holds at once (64 MiB in fp32).
+const LOGITS_PER_SLICE: i64 = 1 << 24;
 
 /// Every task's head on one shared output [B, ..], concatenated in task order: a merged
 /// model's last stage.
