@@ -4,7 +4,7 @@
 use crate::data::rows::Splits;
 use crate::train::optim::OriginalSpec;
 use crate::train::progress::LogRow;
-use fsmerge_common::config::{JobConfig, TaskConfig};
+use fsmerge_common::config::{JobConfig, Objective, TaskConfig};
 use fsmerge_common::Result;
 use tch::Tensor;
 
@@ -39,8 +39,12 @@ pub fn train_each(
         };
         let data = ((&train.0, &train.1), (&val.0, &val.1));
         let (val_acc, rows) = train_one(task, &spec, data)?;
+        let measure = match job.objective() {
+            Objective::Classify => "validation accuracy",
+            Objective::Lm => "validation next-token accuracy",
+        };
         tracing::info!(
-            "original {:?} `{}` (seed {seed}): validation accuracy {:.2}%",
+            "original {:?} `{}` (seed {seed}): {measure} {:.2}%",
             job.model.arch,
             task.name,
             100.0 * val_acc
