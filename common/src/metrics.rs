@@ -62,6 +62,15 @@ impl MethodResult {
     pub fn mean_fidelity(&self) -> f64 {
         mean_of(&self.per_task_fidelity)
     }
+
+    /// A causal LM's perplexity of each head on its own domain, averaged over the heads
+    /// (None for classifiers).
+    pub fn mean_own_perplexity(&self) -> Option<f64> {
+        let own: Vec<f64> = (self.per_task_perplexity.iter())
+            .filter_map(|(head, by_domain)| by_domain.get(head).copied())
+            .collect();
+        (!own.is_empty()).then(|| own.iter().sum::<f64>() / own.len() as f64)
+    }
 }
 
 /// A model evaluated on the workers (pipelined over the stages), as the last stage reports it.
@@ -220,19 +229,14 @@ impl Metrics {
         if rows.is_empty() {
             return String::new();
         }
-        let mut s = String::from(
-            "\nPerplexity of each task's head on each task's test texts (`head @ domain`; lower is better; an original has only its own head).\n\n| method |",
+        let mut columns: Vec<String> = (tasks.iter())
+            .flat_map(|h| tasks.iter().map(move |d| format!("{h} @ {d}")))
+            .collect();
+        columns.push("mean own".into());
+        let mut s = table_head(
+            "Perplexity of each task's head on each task's test texts (`head @ domain`; lower is better; an original has only its own head).",
+            &columns,
         );
-        for h in tasks {
-            for d in tasks {
-                s.push_str(&format!(" {h} @ {d} |"));
-            }
-        }
-        s.push_str(" mean own |\n|---|");
-        for _ in 0..=tasks.len() * tasks.len() {
-            s.push_str("---:|");
-        }
-        s.push('\n');
         for r in rows {
             s.push_str(&format!("| {} |", r.method));
             let at = |h: &String, d: &String| r.per_task_perplexity.get(h)?.get(d).copied();
@@ -242,8 +246,7 @@ impl Metrics {
                     s.push_str(&format!(" {cell} |"));
                 }
             }
-            let own: Vec<f64> = tasks.iter().filter_map(|t| at(t, t)).collect();
-            let mean = own.iter().sum::<f64>() / own.len().max(1) as f64;
+            let mean = r.mean_own_perplexity().unwrap_or(0.0);
             s.push_str(&format!(" {mean:.2} |\n"));
         }
         s
@@ -258,17 +261,12 @@ impl Metrics {
         if rows.is_empty() {
             return String::new();
         }
-        let mut s = String::from(
-            "\nFidelity: agreement of each task's head with its original's predictions (%) / relative logit error, on the test inputs (held-out merge inputs for a task without labels).\n\n| method |",
+        let mut columns = tasks.to_vec();
+        columns.push("mean".into());
+        let mut s = table_head(
+            "Fidelity: agreement of each task's head with its original's predictions (%) / relative logit error, on the test inputs (held-out merge inputs for a task without labels).",
+            &columns,
         );
-        for t in tasks {
-            s.push_str(&format!(" {t} |"));
-        }
-        s.push_str(" mean |\n|---|");
-        for _ in 0..=tasks.len() {
-            s.push_str("---:|");
-        }
-        s.push('\n');
         let cell = |f: f64, e: f64| format!("{} / {e:.3}", pct(f));
         for r in rows {
             s.push_str(&format!("| {} |", r.method));
@@ -286,6 +284,18 @@ impl Metrics {
         }
         s
     }
+}
+
+/// A results table's caption and header: `| method |` then `columns`, right-aligned.
+fn table_head(caption: &str, columns: &[String]) -> String {
+    let mut s = format!("\n{caption}\n\n| method |");
+    for c in columns {
+        s.push_str(&format!(" {c} |"));
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(columns.len()));
+    s.push('\n');
+    s
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 where unavailable.

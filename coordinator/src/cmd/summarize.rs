@@ -20,14 +20,6 @@ struct Collected {
     perplexity: Vec<f64>,
 }
 
-/// A causal LM's mean own-domain perplexity (None for classifiers).
-fn own_perplexity(r: &fsmerge_common::metrics::MethodResult) -> Option<f64> {
-    let own: Vec<f64> = (r.per_task_perplexity.iter())
-        .filter_map(|(head, by_domain)| by_domain.get(head).copied())
-        .collect();
-    (!own.is_empty()).then(|| own.iter().sum::<f64>() / own.len() as f64)
-}
-
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -69,7 +61,7 @@ pub fn run(runs: &[PathBuf]) -> Result<()> {
             if let Some(j) = r.joint_acc {
                 e.joint.push(j);
             }
-            if let Some(p) = own_perplexity(&r) {
+            if let Some(p) = r.mean_own_perplexity() {
                 e.perplexity.push(p);
             }
             for (t, a) in r.per_task_acc {

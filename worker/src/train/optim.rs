@@ -184,26 +184,9 @@ pub struct OriginalSpec<'a> {
 }
 
 impl OriginalSpec<'_> {
-    /// AdamW (decoupled `weight_decay`) + OneCycle on the cross-entropy of `logits` of each
-    /// batch of `train` (inputs, labels). Returns the log rows.
-    pub fn fit(
-        &self,
-        params: &[Tensor],
-        weight_decay: f64,
-        train: (&Tensor, &Tensor),
-        progress: &dyn Progress,
-        logits: impl Fn(&Tensor) -> Tensor,
-    ) -> Result<Vec<LogRow>> {
-        let n = train.0.size()[0] as usize;
-        self.fit_loss(params, weight_decay, n, progress, |idx| {
-            logits(&train.0.index_select(0, idx))
-                .cross_entropy_for_logits(&train.1.index_select(0, idx))
-        })
-    }
-
-    /// `fit` with any loss of a batch of the `n` training samples' indices (a causal LM's
-    /// next-token loss).
-    pub fn fit_loss(
+    /// AdamW (decoupled `weight_decay`) + OneCycle on `loss_of` of each batch of the `n`
+    /// training samples' indices. Returns the log rows.
+    fn fit(
         &self,
         params: &[Tensor],
         weight_decay: f64,
@@ -238,8 +221,32 @@ pub trait Classifier: Sized {
 }
 
 impl OriginalSpec<'_> {
-    /// Train the classifier `init` draws (after seeding libtorch with `seed`) with `fit`;
-    /// returns it frozen, its validation accuracy and the training log.
+    /// Train the model `init` draws (after seeding libtorch with `seed`) with `fit` on
+    /// `loss_of(model, batch)` over the `n` training samples (a batch: their indices); returns
+    /// it frozen and the training log.
+    pub fn train_by<M: Classifier>(
+        &self,
+        weight_decay: f64,
+        init: impl FnOnce() -> M,
+        n: usize,
+        progress: &dyn Progress,
+        loss_of: impl Fn(&M, &Tensor) -> Tensor,
+    ) -> Result<(M, Vec<LogRow>)> {
+        tch::manual_seed(self.seed as i64);
+        let model = init();
+        let params = model.params();
+        for p in &params {
+            let _ = p.set_requires_grad(true);
+        }
+        let log = self.fit(&params, weight_decay, n, progress, |idx| {
+            loss_of(&model, idx)
+        })?;
+        Ok((model.frozen(), log))
+    }
+
+    /// Train the classifier `init` draws on the cross-entropy of its logits of each batch of
+    /// `train` (inputs, labels) with `train_by`; returns it frozen, its validation accuracy
+    /// and the training log.
     pub fn train<M: Classifier>(
         &self,
         weight_decay: f64,
@@ -248,14 +255,12 @@ impl OriginalSpec<'_> {
         val: (&Tensor, &Tensor),
         progress: &dyn Progress,
     ) -> Result<(M, f64, Vec<LogRow>)> {
-        tch::manual_seed(self.seed as i64);
-        let model = init();
-        let params = model.params();
-        for p in &params {
-            let _ = p.set_requires_grad(true);
-        }
-        let log = self.fit(&params, weight_decay, train, progress, |x| model.logits(x))?;
-        let frozen = model.frozen();
+        let n = train.0.size()[0] as usize;
+        let (frozen, log) = self.train_by(weight_decay, init, n, progress, |model, idx| {
+            model
+                .logits(&train.0.index_select(0, idx))
+                .cross_entropy_for_logits(&train.1.index_select(0, idx))
+        })?;
         let val_acc = tch::no_grad(|| accuracy(&frozen.logits(val.0), val.1));
         Ok((frozen, val_acc, log))
     }

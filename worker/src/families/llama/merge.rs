@@ -121,24 +121,23 @@ pub fn train_language_model(
     val: &Tensor,
     progress: &dyn Progress,
 ) -> Result<(Llama, f64, Vec<LogRow>)> {
-    tch::manual_seed(spec.seed as i64);
-    let model = Llama::init(config);
-    let params = Classifier::params(&model);
-    for p in &params {
-        let _ = p.set_requires_grad(true);
-    }
     let n = train.size()[0] as usize;
-    let log = spec.fit_loss(&params, ORIGINAL_WEIGHT_DECAY, n, progress, |idx| {
-        let (logits, target) = next_token_logits(&model, &train.index_select(0, idx));
-        logits.flatten(0, 1).cross_entropy_loss::<Tensor>(
-            &target.flatten(0, 1),
-            None,
-            tch::Reduction::Mean,
-            PAD_ID,
-            0.0,
-        )
-    })?;
-    let frozen = model.frozen();
+    let (frozen, log) = spec.train_by(
+        ORIGINAL_WEIGHT_DECAY,
+        || Llama::init(config),
+        n,
+        progress,
+        |model, idx| {
+            let (logits, target) = next_token_logits(model, &train.index_select(0, idx));
+            logits.flatten(0, 1).cross_entropy_loss::<Tensor>(
+                &target.flatten(0, 1),
+                None,
+                tch::Reduction::Mean,
+                PAD_ID,
+                0.0,
+            )
+        },
+    )?;
     let val_acc = tch::no_grad(|| {
         let (logits, target) = next_token_logits(&frozen, val);
         let real = target.ne(PAD_ID);
@@ -156,7 +155,7 @@ pub fn train_language_model(
 const PAD_ID: i64 = 0;
 
 /// A causal LM's logits at positions 0..T-1 of text rows `x` [B, T] [B, T-1, V], and the
-/// next tokens they predict [B, T-1].
+/// next tokens they predict [B, T-1]. The model is `Llama::init`'s, with its own `lm_head`.
 fn next_token_logits(model: &Llama, x: &Tensor) -> (Tensor, Tensor) {
     let (ids, mask) = tokens(x);
     let t = ids.size()[1];

@@ -423,6 +423,11 @@ impl Llama {
     /// The whole model from a part holding every unit, with its head as `score` or `lm_head`
     /// (none: tied embeddings until one is set).
     pub fn from_part(part: LlamaPart) -> Result<Self> {
+        let head = part.head.map(|h| h.w);
+        let (lm_head, score) = match part.readout {
+            Readout::NextToken => (head, None),
+            Readout::Classes => (None, head),
+        };
         let (Some(embed), Some(norm)) = (part.embed, part.norm) else {
             return Err(Error::Compute(format!(
                 "units {:?} are not the whole Llama",
@@ -437,12 +442,8 @@ impl Llama {
             embed,
             blocks: part.blocks,
             norm,
-            lm_head: (part.readout == Readout::NextToken)
-                .then(|| part.head.as_ref().map(|h| h.w.shallow_clone()))
-                .flatten(),
-            score: (part.readout == Readout::Classes)
-                .then(|| part.head.as_ref().map(|h| h.w.shallow_clone()))
-                .flatten(),
+            lm_head,
+            score,
         })
     }
 

@@ -157,13 +157,7 @@ pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn 
     if job.objective() == Objective::Lm {
         return Ok(Box::new(CausalLmWriter::new(job, models_dir, out)?));
     }
-    let dir = job.original_dir(models_dir, 0);
-    let cfg = LlamaConfig::load(&dir)?;
-    let files = WeightFiles::open(&dir)?;
-    let units = 0..cfg.num_hidden_layers + 1;
-    let encoder = LlamaPart::names(&cfg, &units, &|n| files.contains(n))
-        .into_iter()
-        .collect();
+    let (cfg, encoder) = merged_body(job, models_dir)?;
     let layout = HfLayout {
         prefix: BODY_PREFIX,
         head: ("score", false),
@@ -184,6 +178,17 @@ pub fn writer(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Box<dyn 
     )?))
 }
 
+/// The first original's config and the merged body's tensors (merged names, a bias where that
+/// model has one), which the stages send.
+fn merged_body(job: &JobConfig, models_dir: &Path) -> Result<(LlamaConfig, BTreeSet<String>)> {
+    let dir = job.original_dir(models_dir, 0);
+    let cfg = LlamaConfig::load(&dir)?;
+    let files = WeightFiles::open(&dir)?;
+    let units = 0..cfg.num_hidden_layers + 1;
+    let names = LlamaPart::names(&cfg, &units, &|n| files.contains(n));
+    Ok((cfg, names.into_iter().collect()))
+}
+
 /// `merged/<task>/` for every task of a causal-LM job: one `…ForCausalLM` each, task t's
 /// `lm_head` (its U_final⁽ᵗ⁾ folded in) in `lm_head.safetensors` and the one merged body in
 /// shards that every task's folder hard-links (copies where the file system cannot), indexed
@@ -197,7 +202,6 @@ pub struct CausalLmWriter {
     /// `total_size`, with a head's).
     body_names: Vec<String>,
     body_bytes: u64,
-    head_bytes: u64,
     precision: Precision,
     left: BTreeSet<String>,
 }
@@ -207,13 +211,7 @@ const BODY_STAGING: &str = ".body";
 
 impl CausalLmWriter {
     pub fn new(job: &JobConfig, models_dir: &Path, out: &Path) -> Result<Self> {
-        let first = job.original_dir(models_dir, 0);
-        let cfg = LlamaConfig::load(&first)?;
-        let files = WeightFiles::open(&first)?;
-        let units = 0..cfg.num_hidden_layers + 1;
-        let mut left: BTreeSet<String> = LlamaPart::names(&cfg, &units, &|n| files.contains(n))
-            .into_iter()
-            .collect();
+        let (cfg, mut left) = merged_body(job, models_dir)?;
         for t in &job.tasks {
             left.insert(head_weight(Some(&t.name)));
             left.insert(head_bias(Some(&t.name)));
@@ -229,7 +227,6 @@ impl CausalLmWriter {
             body: Some(body),
             body_names: Vec::new(),
             body_bytes: 0,
-            head_bytes: 0,
             precision,
             left,
         })
@@ -246,7 +243,6 @@ impl CausalLmWriter {
             }
             return Ok(());
         }
-        self.head_bytes = (self.precision.bytes() * t.data.len()) as u64;
         let staging = self.dir.join(BODY_STAGING).join("heads").join(task);
         let mut w = ShardedWriter::new(&staging, u64::MAX)?.with_precision(self.precision);
         w.add("lm_head.weight".into(), t)?;
@@ -319,6 +315,7 @@ impl MergedWriter for CausalLmWriter {
             }
         }
         weight_map.insert("lm_head.weight".into(), "lm_head.safetensors".into());
+        let head_bytes = me.cfg.vocab_size * me.cfg.hidden_size * me.precision.bytes();
         let mut config = config_json(&me.cfg, &Head::CausalLm { tied: false });
         config["torch_dtype"] = me.precision.torch_dtype().into();
         for task in &me.tasks {
@@ -329,7 +326,7 @@ impl MergedWriter for CausalLmWriter {
             write_json(
                 &dir.join("model.safetensors.index.json"),
                 &serde_json::json!({
-                    "metadata": {"total_size": me.body_bytes + me.head_bytes},
+                    "metadata": {"total_size": me.body_bytes + head_bytes as u64},
                     "weight_map": weight_map,
                 }),
             )?;
